@@ -1,0 +1,31 @@
+# storage-agent — developer entry points (run as root on Debian; see README.md)
+SHARED ?= ../shared
+PY := .venv/bin/python
+
+.PHONY: serve test deps test-deps lint unit conformance bench clean
+
+serve: deps
+	.venv/bin/storage-agent serve
+
+test: test-deps lint unit conformance
+
+deps:
+	@packaging/dev-deps.sh
+
+test-deps:
+	@packaging/dev-deps.sh --test
+
+lint:
+	.venv/bin/ruff check .
+
+unit:
+	$(PY) -m pytest tests
+
+conformance:
+	$(PY) tests/run_conformance.py --shared $(SHARED)
+
+bench: deps
+	$(PY) bench/usage_bench.py
+
+clean:
+	rm -rf .venv build *.egg-info backends/*.so

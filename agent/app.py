@@ -1,0 +1,33 @@
+"""The two aiohttp applications: the manager API and the client API."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from agent.auth import manager_auth
+from agent.context import AGENT_KEY, Agent
+from agent.errors import error_middleware
+from agent.params import MAX_METADATA
+from agent.routes import files, folders, quota, service
+
+MANAGER_MAX_BODY = MAX_METADATA + 2**20  # a metadata payload at the cap plus its JSON envelope
+
+
+def manager_app(agent: Agent) -> web.Application:
+    secret = agent.config.api.manager.secret.get_secret_value()
+    app = web.Application(middlewares=[error_middleware, manager_auth(secret)], client_max_size=MANAGER_MAX_BODY)
+    app[AGENT_KEY] = agent
+    for module in (service, quota, folders, files):
+        app.add_routes(module.routes)
+    return app
+
+
+def client_app(agent: Agent) -> web.Application:
+    app = web.Application(middlewares=[error_middleware])
+    app[AGENT_KEY] = agent
+    try:
+        from agent.routes import client
+    except ImportError:  # the client API lands in its own module
+        return app
+    app.add_routes(client.routes)
+    return app

@@ -1,0 +1,213 @@
+"""Configuration: the upstream storage-proxy TOML, validated, plus the agent's own sections.
+
+A config written for the upstream proxy loads unchanged; keys the agent does
+not use (``etcd``, ``num-proc``, …) are accepted and reported once in the log.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import socket
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, ValidationError
+
+DEFAULT_CATALOG = Path("/var/lib/storage-agent/catalog.db")
+
+
+class ConfigError(Exception):
+    """A config that cannot be used; the message names the key and the problem."""
+
+
+_SIZE_UNITS = {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40, "p": 2**50, "e": 2**60}
+_DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_size(value: object) -> int:
+    """'100g', '512m', '1T' (binary units, like the upstream proxy) or a plain integer."""
+    if isinstance(value, bool):
+        raise ValueError("must be a size such as 100g")
+    if isinstance(value, int):
+        return value
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgtpeb]?)(?:i?b)?\s*", str(value).lower())
+    if not m:
+        raise ValueError(f"{value!r} is not a size (use e.g. 100g, 512m or a number of bytes)")
+    return int(float(m.group(1)) * _SIZE_UNITS[m.group(2)])
+
+
+def parse_duration(value: object) -> float:
+    """'1d', '12h', '30m', '45s' or a number of seconds."""
+    if isinstance(value, bool):
+        raise ValueError("must be a duration such as 1d")
+    if isinstance(value, int | float):
+        return float(value)
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*", str(value).lower())
+    if not m:
+        raise ValueError(f"{value!r} is not a duration (use e.g. 1d, 12h, 30m or seconds)")
+    return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+
+
+Size = Annotated[int, BeforeValidator(parse_size), Field(ge=0)]
+Duration = Annotated[float, BeforeValidator(parse_duration), Field(gt=0)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="allow", populate_by_name=True, frozen=True)
+
+
+class HostPort(_Section):
+    host: str
+    port: int = Field(ge=0, le=65535)
+
+
+class StorageProxy(_Section):
+    node_id: str = Field(default_factory=socket.gethostname, alias="node-id")
+    secret: SecretStr = Field(min_length=1)
+    session_expire: Duration = Field(default=86400.0, alias="session-expire")
+    scandir_limit: int = Field(default=1000, ge=1, alias="scandir-limit")
+    max_upload_size: Size = Field(default=100 * 2**30, alias="max-upload-size")
+    user: int | str | None = None
+    group: int | str | None = None
+    pid_file: Path | None = Field(default=None, alias="pid-file")
+
+
+class Listener(_Section):
+    service_addr: HostPort = Field(alias="service-addr")
+    ssl_enabled: bool = Field(default=False, alias="ssl-enabled")
+    ssl_cert: Path | None = Field(default=None, alias="ssl-cert")
+    ssl_privkey: Path | None = Field(default=None, alias="ssl-privkey")
+
+
+class ManagerListener(Listener):
+    secret: SecretStr = Field(min_length=1)
+
+
+class Api(_Section):
+    client: Listener
+    manager: ManagerListener
+
+
+class VolumeConfig(_Section):
+    backend: str
+    path: Path
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class CatalogConfig(_Section):
+    path: Path = DEFAULT_CATALOG
+
+
+class LoggingConfig(_Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL", "debug", "info", "warning", "error"] = "INFO"
+    format: Literal["text", "json"] = "text"
+
+
+class Config(_Section):
+    storage_proxy: StorageProxy = Field(alias="storage-proxy")
+    api: Api
+    volume: dict[str, VolumeConfig] = Field(min_length=1)
+    catalog: CatalogConfig = CatalogConfig()
+    logging: LoggingConfig = LoggingConfig()
+    debug: dict[str, Any] = Field(default_factory=dict)
+
+    def ignored_keys(self) -> list[str]:
+        """Dotted names of keys present in the file that the agent does not use."""
+        return sorted(_extras(self, ""))
+
+
+def _extras(model: BaseModel, prefix: str) -> set[str]:
+    found = {f"{prefix}{k}" for k in (model.model_extra or {})}
+    for name, field in type(model).model_fields.items():
+        value = getattr(model, name)
+        key = f"{prefix}{field.alias or name}."
+        if isinstance(value, BaseModel):
+            found |= _extras(value, key)
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                if isinstance(v, BaseModel):
+                    found |= _extras(v, f"{key}{k}.")
+    return found
+
+
+def _describe(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"]
+        if e["type"] == "missing":
+            msg = "is required but missing"
+        lines.append(f"{loc}: {msg}")
+    return "; ".join(lines)
+
+
+def validate(data: dict[str, Any], source: str) -> Config:
+    try:
+        config = Config.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(f"{source}: {_describe(e)}") from None
+    for name, listener in (("api.client", config.api.client), ("api.manager", config.api.manager)):
+        if listener.ssl_enabled and not (listener.ssl_cert and listener.ssl_privkey):
+            raise ConfigError(f"{source}: {name}.ssl-enabled is true but ssl-cert and ssl-privkey are not both set")
+    for name, vol in config.volume.items():
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+            raise ConfigError(f"{source}: volume.{name}: volume names are letters, digits, '.', '_' and '-'")
+        if not vol.path.is_absolute():
+            raise ConfigError(f"{source}: volume.{name}.path: must be an absolute path, got {str(vol.path)!r}")
+    return config
+
+
+def load(path: Path) -> Config:
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot be read: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    return validate(data, str(path))
+
+
+def embedded(var_dir: Path) -> Config:
+    """The zero-config default of ``make serve``: a vfs volume ``local`` under ``var_dir``.
+
+    Secrets are generated on first use and kept in ``var_dir/secrets.json`` (mode 0600).
+    """
+    var_dir = var_dir.resolve()
+    volume = var_dir / "volumes" / "local"
+    volume.mkdir(parents=True, exist_ok=True)
+    version = volume / "version.txt"
+    if not version.exists():
+        version.write_text("3\n")
+    secrets_file = var_dir / "secrets.json"
+    if secrets_file.exists():
+        stored = json.loads(secrets_file.read_text())
+    else:
+        stored = {"manager-secret": secrets.token_urlsafe(32), "jwt-secret": secrets.token_urlsafe(32)}
+        fd = os.open(secrets_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(stored, f, indent=2)
+    data = {
+        "storage-proxy": {"node-id": socket.gethostname(), "secret": stored["jwt-secret"]},
+        "api": {
+            "client": {"service-addr": {"host": "127.0.0.1", "port": 6021}},
+            "manager": {"service-addr": {"host": "127.0.0.1", "port": 6022}, "secret": stored["manager-secret"]},
+        },
+        "volume": {"local": {"backend": "vfs", "path": str(volume)}},
+        "catalog": {"path": str(var_dir / "catalog.db")},
+    }
+    return validate(data, "embedded default")
+
+
+def masked(config: Config) -> dict[str, Any]:
+    """The effective config as TOML-ready data, secrets replaced by '***'."""
+    data = config.model_dump(mode="json", by_alias=True, exclude_none=True)
+    data["storage-proxy"]["secret"] = "***"
+    data["api"]["manager"]["secret"] = "***"
+    return data

@@ -1,0 +1,65 @@
+"""What every request handler reaches: the config, the catalogue and the volumes."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+from agent.config import Config
+from agent.errors import ApiError
+from backends.base import Volume
+from backends.errors import VolumeUnavailable
+from backends.mounted import LAYOUT_VERSION
+from catalog import Catalog
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class VolumeState:
+    serving: bool
+    info: str | None = None
+
+
+@dataclass
+class Agent:
+    config: Config
+    catalog: Catalog
+    volumes: dict[str, Volume]
+    states: dict[str, VolumeState] = field(default_factory=dict)
+    walks: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(8))
+
+    def volume(self, name: str) -> Volume:
+        """A volume that is being served, or a 4xx naming the problem."""
+        vol = self.volumes.get(name)
+        if vol is None:
+            raise ApiError(404, f"unknown volume {name!r}", "invalid-volume")
+        state = self.states.get(name)
+        if state is not None and not state.serving:
+            raise VolumeUnavailable(f"volume {name!r} is not served: {state.info}")
+        return vol
+
+    def refresh_state(self, vol: Volume) -> VolumeState:
+        version = vol.layout_version()
+        if not vol.root.is_dir():
+            state = VolumeState(False, f"volume root {vol.root} does not exist")
+        elif version != LAYOUT_VERSION:
+            state = VolumeState(
+                False,
+                f"volume root {vol.root} has layout version {version or 2} and needs migration "
+                f"(storage-agent migrate --volume {vol.name})",
+            )
+        else:
+            state = VolumeState(True)
+        self.states[vol.name] = state
+        return state
+
+
+AGENT_KEY = web.AppKey("agent", Agent)
+
+
+def agent_of(request: web.Request) -> Agent:
+    return request.app[AGENT_KEY]

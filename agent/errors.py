@@ -1,0 +1,112 @@
+"""The one error mapper: every failure becomes a JSON problem with a ``msg``.
+
+Handlers raise :class:`ApiError` or let backend exceptions through; the
+middleware turns both into answers. Anything unexpected is logged with its
+traceback under a request id and answered as a 500 that carries only that id.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from backends import errors as be
+from backends.errors import BackendError
+
+log = logging.getLogger(__name__)
+
+PROBLEM_BASE = "https://api.backend.ai/probs/storage/"
+REQUEST_ID = "request_id"
+
+
+class ApiError(Exception):
+    """An error answer: HTTP status, optional problem type and the user-facing message."""
+
+    def __init__(self, status: int, msg: str, problem: str | None = None, **extra: Any) -> None:
+        super().__init__(msg)
+        self.status = status
+        self.msg = msg
+        self.problem = problem
+        self.extra = extra
+
+
+def malformed(msg: str) -> ApiError:
+    return ApiError(400, msg, "malformed-request")
+
+
+def invalid_params(fields: dict[str, str]) -> ApiError:
+    detail = "; ".join(f"{k}: {v}" for k, v in fields.items())
+    return ApiError(400, f"invalid parameters: {detail}", "invalid-api-params", data=fields)
+
+
+# backend exception -> (status, problem type)
+_BACKEND_MAP: dict[type[BackendError], tuple[int, str | None]] = {
+    be.InvalidPath: (400, "invalid-api-params"),
+    be.VFolderNotFound: (404, "vfolder-not-found"),
+    be.VFolderExists: (409, "vfolder-exists"),
+    be.QuotaScopeNotFound: (404, "invalid-quota-scope"),
+    be.QuotaScopeNotEmpty: (409, "quota-scope-not-empty"),
+    be.NotEnoughSpace: (400, "not-enough-space"),
+    be.QuotaExceeded: (400, "quota-exceeded"),
+    be.UnsupportedOperation: (400, "unsupported-operation"),
+    be.VolumeUnavailable: (503, "volume-unavailable"),
+    be.ExternalError: (502, "external-error"),
+}
+
+
+def from_backend(e: BackendError) -> ApiError:
+    if isinstance(e, be.FileOpError):
+        if e.errno == errno.EDQUOT:
+            return ApiError(400, f"quota exceeded: {e.strerror}", "quota-exceeded", errno=e.errno, paths=e.paths)
+        return ApiError(400, e.strerror, None, errno=e.errno, paths=e.paths)
+    for cls in type(e).__mro__:
+        if cls in _BACKEND_MAP:
+            status, problem = _BACKEND_MAP[cls]
+            extra = {"paths": [e.relpath]} if isinstance(e, be.InvalidPath) else {}
+            return ApiError(status, str(e), problem, **extra)
+    return ApiError(500, str(e), None)
+
+
+def problem_response(err: ApiError, request_id: str | None = None) -> web.Response:
+    body: dict[str, Any] = {}
+    if err.problem:
+        body["type"] = PROBLEM_BASE + err.problem
+        body["title"] = err.msg
+    body["msg"] = err.msg
+    body.update(err.extra)
+    if request_id:
+        body["request_id"] = request_id
+    content_type = "application/problem+json" if err.problem else "application/json"
+    return web.json_response(body, status=err.status, content_type=content_type)
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    request_id = request.headers.get("X-Request-ID") or uuid.uuid4().hex[:16]
+    request[REQUEST_ID] = request_id
+    try:
+        return await handler(request)
+    except ApiError as e:
+        return problem_response(e, request_id)
+    except BackendError as e:
+        return problem_response(from_backend(e), request_id)
+    except web.HTTPRequestEntityTooLarge as e:
+        return problem_response(ApiError(413, f"request body too large ({e.text})", "request-too-large"), request_id)
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        msg = e.reason if e.status != 404 else f"no route {request.method} {request.path}"
+        return problem_response(ApiError(e.status, msg, None), request_id)
+    except ConnectionResetError:
+        raise
+    except Exception:
+        log.exception("unexpected error in %s %s [request %s]", request.method, request.path, request_id)
+        return problem_response(ApiError(500, "internal error; see the agent log", None), request_id)

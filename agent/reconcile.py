@@ -1,0 +1,101 @@
+"""Start-up reconciliation of the catalogue with what is on disk.
+
+A vfolder directory on disk that the catalogue does not know is adopted; one
+the catalogue knows but that is gone from disk is marked missing (and logged),
+never silently forgotten. Leftovers of interrupted work (clone and trash
+directories under a scope's staging area, jobs still marked running) are
+cleaned up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+from dataclasses import dataclass, field
+
+from backends.base import Volume
+from backends.mounted import STAGING, MountedVolume
+from catalog import Catalog
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Report:
+    adopted_scopes: list[str] = field(default_factory=list)
+    adopted_vfolders: list[str] = field(default_factory=list)
+    missing_scopes: list[str] = field(default_factory=list)
+    missing_vfolders: list[str] = field(default_factory=list)
+    swept: list[str] = field(default_factory=list)
+
+
+def _sweep_staging(vol: MountedVolume, qsid: str, keep: set[str]) -> list[str]:
+    staging = vol.staging_path(qsid)
+    swept = []
+    if not staging.is_dir():
+        return swept
+    for entry in staging.iterdir():
+        if entry.name in keep:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        swept.append(f"{qsid}/{STAGING}/{entry.name}")
+    try:
+        staging.rmdir()
+    except OSError:
+        pass
+    return swept
+
+
+async def reconcile(catalog: Catalog, vol: Volume, *, keep_staged: set[str] | None = None) -> Report:
+    report = Report()
+    on_disk_scopes = await asyncio.to_thread(vol.scopes_on_disk)
+    known_scopes = {s.qsid: s for s in await catalog.quota_scopes(vol.name)}
+    for qsid in on_disk_scopes:
+        if await catalog.adopt_quota_scope(vol.name, qsid):
+            report.adopted_scopes.append(qsid)
+    for qsid, row in known_scopes.items():
+        if qsid not in on_disk_scopes and row.state != "missing":
+            await catalog.mark_quota_scope_missing(vol.name, qsid)
+            report.missing_scopes.append(qsid)
+
+    known_vfolders = {f"{r.qsid}/{r.folder_id}": r for r in await catalog.vfolders(vol.name)}
+    on_disk: set[str] = set()
+    for qsid in on_disk_scopes:
+        for vfid in await asyncio.to_thread(vol.vfolders_on_disk, qsid):
+            on_disk.add(str(vfid))
+            if await catalog.add_vfolder(vol.name, vfid.qsid, vfid.hex):
+                report.adopted_vfolders.append(str(vfid))
+        if isinstance(vol, MountedVolume):
+            report.swept += await asyncio.to_thread(_sweep_staging, vol, qsid, keep_staged or set())
+    for key, row in known_vfolders.items():
+        if key not in on_disk and row.state != "missing":
+            await catalog.mark_vfolder_missing(vol.name, row.qsid, row.folder_id)
+            report.missing_vfolders.append(key)
+
+    for job in await catalog.running_jobs():
+        if job.volume == vol.name:
+            await catalog.finish_job(job.id, error="interrupted by an agent restart; staged work was removed")
+
+    if report.adopted_scopes or report.adopted_vfolders:
+        log.info(
+            "volume %s: adopted %d quota scope(s) and %d vfolder(s) found on disk",
+            vol.name,
+            len(report.adopted_scopes),
+            len(report.adopted_vfolders),
+        )
+    for key in report.missing_scopes:
+        log.warning("volume %s: quota scope %s is in the catalogue but gone from disk; marked missing", vol.name, key)
+    for key in report.missing_vfolders:
+        log.warning("volume %s: vfolder %s is in the catalogue but gone from disk; marked missing", vol.name, key)
+    if report.swept:
+        log.info(
+            "volume %s: removed %d leftover(s) of interrupted work: %s",
+            vol.name,
+            len(report.swept),
+            ", ".join(report.swept),
+        )
+    return report

@@ -1,0 +1,155 @@
+"""File operations inside a vfolder (/folder/file/*) and the token-issuing calls."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from datetime import UTC, datetime
+
+from aiohttp import web
+
+from agent import tokens, vfolders
+from agent.context import agent_of
+from agent.errors import ApiError
+from agent.params import (
+    DeleteFilesParams,
+    DownloadParams,
+    MkdirParams,
+    MoveParams,
+    RelPathParams,
+    RenameParams,
+    UploadParams,
+    parse,
+)
+from backends import files
+from backends.errors import FileOpError
+from backends.resolver import check_relpath
+
+routes = web.RouteTableDef()
+CHUNK = 1 << 20
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, tz=UTC).isoformat()
+
+
+@routes.post("/folder/file/mkdir")
+async def mkdir(request: web.Request) -> web.Response:
+    p = await parse(request, MkdirParams)
+    vol = agent_of(request).volume(p.volume)
+    await vfolders.in_vfolder(vol, p.vfid, files.mkdir, p.relpath, parents=p.parents, exist_ok=p.exist_ok)
+    return web.Response(status=204)
+
+
+@routes.post("/folder/file/list")
+async def listdir(request: web.Request) -> web.Response:
+    p = await parse(request, RelPathParams)
+    agent = agent_of(request)
+    vol = agent.volume(p.volume)
+    limit = agent.config.storage_proxy.scandir_limit
+    entries = await vfolders.in_vfolder(vol, p.vfid, files.listdir, p.relpath or ".", limit=limit)
+    items = [
+        {
+            "name": e.name,
+            "type": e.type,
+            "stat": {"mode": e.mode, "size": e.size, "created": _iso(e.ctime), "modified": _iso(e.mtime)},
+            "symlink_target": e.symlink_target,
+        }
+        for e in entries
+    ]
+    return web.json_response({"items": items})
+
+
+@routes.post("/folder/file/rename")
+async def rename(request: web.Request) -> web.Response:
+    p = await parse(request, RenameParams)
+    vol = agent_of(request).volume(p.volume)
+    await vfolders.in_vfolder(vol, p.vfid, files.rename, p.relpath, p.new_name)
+    return web.Response(status=204)
+
+
+@routes.post("/folder/file/move")
+async def move(request: web.Request) -> web.Response:
+    p = await parse(request, MoveParams)
+    vol = agent_of(request).volume(p.volume)
+    await vfolders.in_vfolder(vol, p.vfid, files.move, p.src_relpath, p.dst_relpath)
+    return web.Response(status=204)
+
+
+@routes.post("/folder/file/delete")
+async def delete(request: web.Request) -> web.Response:
+    p = await parse(request, DeleteFilesParams)
+    vol = agent_of(request).volume(p.volume)
+    await vfolders.in_vfolder(vol, p.vfid, files.delete, list(p.relpaths), recursive=p.recursive)
+    return web.json_response({"status": "ok"})
+
+
+@routes.post("/folder/file/fetch")
+async def fetch(request: web.Request) -> web.StreamResponse:
+    p = await parse(request, RelPathParams)
+    vol = agent_of(request).volume(p.volume)
+    try:
+        fd, st = await vfolders.in_vfolder(vol, p.vfid, files.open_regular, p.relpath)
+    except FileOpError as e:
+        if e.errno == 2:
+            raise ApiError(404, f"no such file: {p.relpath}", "file-not-found", errno=2, paths=[p.relpath]) from None
+        raise
+    try:
+        resp = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+        resp.content_length = st.st_size
+        await resp.prepare(request)
+        while chunk := await asyncio.to_thread(os.read, fd, CHUNK):
+            await resp.write(chunk)
+        await resp.write_eof()
+        return resp
+    finally:
+        os.close(fd)
+
+
+@routes.post("/folder/file/download")
+async def download_token(request: web.Request) -> web.Response:
+    p = await parse(request, DownloadParams)
+    agent = agent_of(request)
+    vol = agent.volume(p.volume)
+    check_relpath(p.relpath)
+    (await vfolders.open_root(vol, p.vfid)).close()
+    sp = agent.config.storage_proxy
+    token = tokens.issue(
+        sp.secret.get_secret_value(),
+        sp.session_expire,
+        "download",
+        volume=p.volume,
+        vfid=str(p.vfid),
+        relpath=p.relpath,
+        archive=p.archive,
+        unmanaged_path=p.unmanaged_path,
+    )
+    return web.json_response({"token": token})
+
+
+@routes.post("/folder/file/upload")
+async def upload_token(request: web.Request) -> web.Response:
+    p = await parse(request, UploadParams)
+    agent = agent_of(request)
+    vol = agent.volume(p.volume)
+    check_relpath(p.relpath)
+    sp = agent.config.storage_proxy
+    if p.size > sp.max_upload_size:
+        raise ApiError(413, f"declared size {p.size} exceeds max-upload-size {sp.max_upload_size}", "upload-too-large")
+    (await vfolders.open_root(vol, p.vfid)).close()
+    expires = sp.session_expire
+    session = await agent.catalog.create_upload_session(
+        vol.name, p.vfid.qsid, p.vfid.hex, p.relpath, p.size, expires_at=time.time() + expires
+    )
+    token = tokens.issue(
+        sp.secret.get_secret_value(),
+        expires,
+        "upload",
+        volume=p.volume,
+        vfid=str(p.vfid),
+        relpath=p.relpath,
+        session=session.session_id,
+        size=p.size,
+    )
+    return web.json_response({"token": token})

@@ -1,0 +1,53 @@
+"""Quota scopes: POST (upstream) and GET / PATCH / DELETE (beyond)."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from agent import vfolders
+from agent.context import agent_of
+from agent.params import QuotaScopeCreate, QuotaScopeParams, QuotaScopeUpdate, parse
+
+routes = web.RouteTableDef()
+
+
+def _limit(options: object) -> int | None:
+    limit = getattr(options, "limit_bytes", None)
+    return None if limit is None or limit < 0 else limit
+
+
+@routes.post("/quota-scope")
+async def create(request: web.Request) -> web.Response:
+    p = await parse(request, QuotaScopeCreate)
+    agent = agent_of(request)
+    await vfolders.create_scope(agent, agent.volume(p.volume), p.qsid, _limit(p.options))
+    return web.Response(status=204)
+
+
+@routes.get("/quota-scope")
+async def describe(request: web.Request) -> web.Response:
+    p = await parse(request, QuotaScopeParams)
+    agent = agent_of(request)
+    usage = await vfolders.describe_scope(agent, agent.volume(p.volume), p.qsid)
+    return web.json_response(
+        {
+            "used_bytes": -1 if usage.used_bytes is None else usage.used_bytes,
+            "limit_bytes": -1 if usage.limit_bytes is None else usage.limit_bytes,
+        }
+    )
+
+
+@routes.patch("/quota-scope")
+async def update(request: web.Request) -> web.Response:
+    p = await parse(request, QuotaScopeUpdate)
+    agent = agent_of(request)
+    await vfolders.update_scope(agent, agent.volume(p.volume), p.qsid, _limit(p.options))
+    return web.Response(status=204)
+
+
+@routes.delete("/quota-scope")
+async def delete(request: web.Request) -> web.Response:
+    p = await parse(request, QuotaScopeParams)
+    agent = agent_of(request)
+    await vfolders.delete_scope(agent, agent.volume(p.volume), p.qsid)
+    return web.Response(status=204)

@@ -1,0 +1,84 @@
+"""Service and volume routes: /, /status, /volumes, /volume/hwinfo, /volume/performance-metric, /folder/fs-usage."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from aiohttp import web
+
+from agent.context import agent_of
+from agent.errors import ApiError
+from agent.params import VFolderParams, VolumeParams, VolumeQuotaParams, no_body, parse
+from backends.base import HwInfo
+
+routes = web.RouteTableDef()
+
+
+@routes.get("/")
+async def root(request: web.Request) -> web.Response:
+    await no_body(request)
+    return web.json_response({"status": "ok"})
+
+
+@routes.get("/status")
+async def status(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+@routes.get("/volumes")
+async def volumes(request: web.Request) -> web.Response:
+    await no_body(request)
+    agent = agent_of(request)
+    out = []
+    for name, vol in agent.volumes.items():
+        state = agent.refresh_state(vol)
+        out.append(
+            {
+                "name": name,
+                "backend": vol.backend,
+                "path": str(vol.root),
+                "fsprefix": vol.fsprefix,
+                "capabilities": sorted(str(c) for c in vol.capabilities),
+                "status": "serving" if state.serving else "unavailable",
+                "status_info": state.info,
+            }
+        )
+    return web.json_response({"volumes": out})
+
+
+@routes.get("/volume/hwinfo")
+async def hwinfo(request: web.Request) -> web.Response:
+    p = await parse(request, VolumeParams)
+    agent = agent_of(request)
+    vol = agent.volumes.get(p.volume)
+    if vol is None:
+        agent.volume(p.volume)  # raises the unknown-volume answer
+    state = agent.refresh_state(vol)
+    info = await vol.hwinfo() if state.serving else HwInfo("unavailable", state.info, {"backend": vol.backend})
+    return web.json_response({"status": info.status, "status_info": info.status_info, "metadata": dict(info.metadata)})
+
+
+@routes.get("/volume/performance-metric")
+async def performance_metric(request: web.Request) -> web.Response:
+    p = await parse(request, VolumeParams)
+    metric = await agent_of(request).volume(p.volume).performance_metric()
+    return web.json_response({"metric": dataclasses.asdict(metric)})
+
+
+@routes.get("/folder/fs-usage")
+async def fs_usage(request: web.Request) -> web.Response:
+    p = await parse(request, VolumeParams)
+    usage = await agent_of(request).volume(p.volume).fs_usage()
+    return web.json_response({"capacity_bytes": usage.capacity_bytes, "used_bytes": usage.used_bytes})
+
+
+@routes.get("/volume/quota")
+@routes.patch("/volume/quota")
+async def deprecated_volume_quota(request: web.Request) -> web.Response:
+    p = await parse(request, VolumeQuotaParams if request.method == "PATCH" else VFolderParams)
+    agent_of(request).volume(p.volume)
+    raise ApiError(
+        400,
+        "per-vfolder quota is deprecated; set a limit on the quota scope instead (PATCH /quota-scope)",
+        "unsupported-operation",
+    )

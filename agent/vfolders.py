@@ -1,0 +1,112 @@
+"""vfolder and quota-scope operations: a backend call plus the catalogue kept in step."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import TypeVar
+
+from agent.context import Agent
+from agent.errors import ApiError
+from backends.base import ScopeUsage, Volume
+from backends.errors import QuotaScopeNotEmpty, QuotaScopeNotFound, VFolderNotFound
+from backends.ids import VFolderID
+from backends.resolver import VFolderRoot
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+async def in_vfolder(vol: Volume, vfid: VFolderID, fn: Callable[..., T], *args: object, **kwargs: object) -> T:
+    """Run a blocking file operation on an open vfolder root in a worker thread."""
+
+    def work() -> T:
+        with vol.open_vfolder(vfid) as root:
+            return fn(root, *args, **kwargs)
+
+    return await asyncio.to_thread(work)
+
+
+async def open_root(vol: Volume, vfid: VFolderID) -> VFolderRoot:
+    """An open vfolder root (the caller closes it)."""
+    return await asyncio.to_thread(vol.open_vfolder, vfid)
+
+
+# -- quota scopes ----------------------------------------------------------------
+
+
+async def create_scope(agent: Agent, vol: Volume, qsid: str, limit_bytes: int | None) -> None:
+    await vol.quota.create(qsid, limit_bytes)
+    await agent.catalog.add_quota_scope(vol.name, qsid, limit_bytes)
+
+
+async def describe_scope(agent: Agent, vol: Volume, qsid: str) -> ScopeUsage:
+    own = await vol.quota.describe(qsid)  # raises QuotaScopeNotFound
+    row = await agent.catalog.get_quota_scope(vol.name, qsid)
+    if row is None:
+        await agent.catalog.adopt_quota_scope(vol.name, qsid)
+    used = own.used_bytes
+    if used is None:
+        used = await agent.catalog.scope_used_bytes(vol.name, qsid)
+    limit = own.limit_bytes if own.limit_bytes is not None else (row.limit_bytes if row else None)
+    return ScopeUsage(used, limit)
+
+
+async def update_scope(agent: Agent, vol: Volume, qsid: str, limit_bytes: int | None) -> None:
+    await vol.quota.update(qsid, limit_bytes)
+    if await agent.catalog.get_quota_scope(vol.name, qsid) is None:
+        await agent.catalog.adopt_quota_scope(vol.name, qsid)
+    await agent.catalog.set_quota_limit(vol.name, qsid, limit_bytes)
+
+
+async def delete_scope(agent: Agent, vol: Volume, qsid: str) -> None:
+    known = [vf for vf in await agent.catalog.vfolders(vol.name, qsid) if vf.state == "ready"]
+    if known:
+        raise QuotaScopeNotEmpty(f"quota scope {qsid!r} still holds {len(known)} vfolder(s); delete them first")
+    await vol.quota.delete(qsid)
+    for vf in await agent.catalog.vfolders(vol.name, qsid):
+        await agent.catalog.remove_vfolder(vol.name, qsid, vf.folder_id)
+    await agent.catalog.remove_quota_scope(vol.name, qsid)
+
+
+# -- vfolders --------------------------------------------------------------------
+
+
+async def create_vfolder(agent: Agent, vol: Volume, vfid: VFolderID) -> None:
+    if not await asyncio.to_thread(vol.scopes_on_disk().__contains__, vfid.qsid):
+        raise QuotaScopeNotFound(
+            f"quota scope {vfid.qsid!r} does not exist on volume {vol.name!r}; create it first (POST /quota-scope)"
+        )
+    await vol.create_vfolder(vfid)
+    await agent.catalog.add_vfolder(vol.name, vfid.qsid, vfid.hex)
+
+
+async def delete_vfolder(agent: Agent, vol: Volume, vfid: VFolderID) -> None:
+    try:
+        await vol.delete_vfolder(vfid)
+    except VFolderNotFound:
+        if await agent.catalog.get_vfolder(vol.name, vfid.qsid, vfid.hex) is None:
+            raise
+        log.info("vfolder %s on %s was already gone from disk; forgetting it", vfid, vol.name)
+    await agent.catalog.remove_vfolder(vol.name, vfid.qsid, vfid.hex)
+
+
+async def clone_vfolder(agent: Agent, vol: Volume, src: VFolderID, dst: VFolderID) -> None:
+    job = await agent.catalog.start_job("clone", vol.name, {"src": str(src), "dst": str(dst)})
+    try:
+        await vol.clone_vfolder(src, dst)
+    except BaseException as e:
+        await asyncio.shield(agent.catalog.finish_job(job, error=str(e) or type(e).__name__))
+        raise
+    await agent.catalog.add_vfolder(vol.name, dst.qsid, dst.hex)
+    await agent.catalog.finish_job(job)
+
+
+def cross_volume(src_volume: str, dst_volume: str | None) -> None:
+    if dst_volume is not None and dst_volume != src_volume:
+        raise ApiError(
+            400,
+            f"cannot clone across volumes ({src_volume!r} to {dst_volume!r}); clone within one volume",
+            "unsupported-operation",
+        )

@@ -1,0 +1,61 @@
+"""Exceptions raised by backends; the agent's one error mapper turns them into HTTP answers."""
+
+from __future__ import annotations
+
+
+class BackendError(Exception):
+    """Base of every error a backend raises on purpose. ``str()`` is the user-facing message."""
+
+
+class InvalidPath(BackendError):
+    """A path from a request is malformed or would leave its vfolder."""
+
+    def __init__(self, relpath: str, reason: str) -> None:
+        super().__init__(f"invalid path {relpath!r}: {reason}")
+        self.relpath = relpath
+
+
+class VFolderNotFound(BackendError):
+    pass
+
+
+class VFolderExists(BackendError):
+    pass
+
+
+class QuotaScopeNotFound(BackendError):
+    pass
+
+
+class QuotaScopeNotEmpty(BackendError):
+    pass
+
+
+class NotEnoughSpace(BackendError):
+    pass
+
+
+class QuotaExceeded(BackendError):
+    """A write hit a quota scope's limit (EDQUOT)."""
+
+
+class UnsupportedOperation(BackendError):
+    pass
+
+
+class VolumeUnavailable(BackendError):
+    pass
+
+
+class ExternalError(BackendError):
+    """An external command or appliance failed; the message names it and the operation."""
+
+
+class FileOpError(BackendError):
+    """A filesystem error on a file operation, with paths relative to the vfolder."""
+
+    def __init__(self, errno: int, strerror: str, paths: list[str]) -> None:
+        super().__init__(strerror)
+        self.errno = errno
+        self.strerror = strerror
+        self.paths = paths

@@ -1,0 +1,225 @@
+"""A volume whose data is a mounted filesystem: the file-operation model shared by all backends.
+
+vfs uses it as is; btrfs, xfs, cephfs and the vendor appliances add their own
+quota model on top. Blocking work runs in worker threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+from backends.base import FSUsage, HwInfo, Volume
+from backends.copytree import copy_tree
+from backends.errors import (
+    FileOpError,
+    NotEnoughSpace,
+    QuotaExceeded,
+    QuotaScopeNotFound,
+    VFolderExists,
+    VFolderNotFound,
+)
+from backends.ids import VFolderID, parse_folder_id, parse_qsid
+from backends.resolver import VFolderRoot, rename_noreplace
+from backends.walk import TreeUsage, tree_usage
+
+STAGING = ".staging"  # per quota scope: same filesystem (and subvolume) as its vfolders, outside every vfolder
+LAYOUT_VERSION = 3
+
+
+def _rmdir_if_empty(path: Path) -> None:
+    try:
+        path.rmdir()
+    except OSError:
+        pass
+
+
+class MountedVolume(Volume):
+    """Vfolders are directories ``<root>/<qsid>/aa/bb/rest`` on a local or network mount."""
+
+    def layout_version(self) -> int | None:
+        try:
+            text = (self.root / "version.txt").read_text().strip()
+        except FileNotFoundError:
+            return None
+        return int(text) if text.isdigit() else None
+
+    def scope_path(self, qsid: str) -> Path:
+        return self.root / qsid
+
+    def staging_path(self, qsid: str) -> Path:
+        return self.root / qsid / STAGING
+
+    def vfolder_path(self, vfid: VFolderID) -> Path:
+        return self.root / vfid.relpath
+
+    def open_vfolder(self, vfid: VFolderID) -> VFolderRoot:
+        try:
+            return VFolderRoot.at(str(self.root), vfid.relpath)
+        except (FileNotFoundError, NotADirectoryError):
+            raise VFolderNotFound(f"vfolder {vfid} does not exist on volume {self.name!r}") from None
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise VFolderNotFound(f"vfolder {vfid} on volume {self.name!r} is not a plain directory") from None
+            raise
+
+    # -- vfolders --------------------------------------------------------------
+
+    async def create_vfolder(self, vfid: VFolderID) -> None:
+        await asyncio.to_thread(self._create_vfolder, vfid)
+
+    def _create_vfolder(self, vfid: VFolderID) -> None:
+        path = self.vfolder_path(vfid)
+        if os.path.lexists(path):
+            raise VFolderExists(f"vfolder {vfid} already exists on volume {self.name!r}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.mkdir(mode=0o755)
+
+    async def delete_vfolder(self, vfid: VFolderID) -> None:
+        await asyncio.to_thread(self._delete_vfolder, vfid)
+
+    def _delete_vfolder(self, vfid: VFolderID) -> None:
+        """Move the tree aside atomically (so no half-deleted folder is ever visible), then remove it."""
+        path = self.vfolder_path(vfid)
+        if not os.path.lexists(path):
+            raise VFolderNotFound(f"vfolder {vfid} does not exist on volume {self.name!r}")
+        staging = self.staging_path(vfid.qsid)
+        staging.mkdir(exist_ok=True)
+        trash = staging / f"trash-{uuid.uuid4().hex}"
+        os.rename(path, trash)
+        _rmdir_if_empty(path.parent)
+        _rmdir_if_empty(path.parent.parent)
+        shutil.rmtree(trash, ignore_errors=True)
+        _rmdir_if_empty(staging)
+
+    async def clone_vfolder(self, src: VFolderID, dst: VFolderID) -> None:
+        await asyncio.to_thread(self._clone_vfolder, src, dst)
+
+    def _clone_vfolder(self, src: VFolderID, dst: VFolderID) -> None:
+        dst_path = self.vfolder_path(dst)
+        if os.path.lexists(dst_path):
+            raise VFolderExists(f"destination vfolder {dst} already exists on volume {self.name!r}")
+        if not self.scope_path(dst.qsid).is_dir():
+            raise QuotaScopeNotFound(f"quota scope {dst.qsid!r} does not exist on volume {self.name!r}")
+        with self.open_vfolder(src) as root:
+            need = tree_usage(self.vfolder_path(src)).allocated_bytes
+            st = os.statvfs(self.scope_path(dst.qsid))
+            free = st.f_bavail * st.f_frsize
+            if need > free:
+                raise NotEnoughSpace(
+                    f"not enough free space on volume {self.name!r} to clone {src}: "
+                    f"needs {need} bytes, {free} available"
+                )
+            staging = self.staging_path(dst.qsid)
+            staging.mkdir(exist_ok=True)
+            work = staging / f"clone-{uuid.uuid4().hex}"
+            work.mkdir(mode=0o700)
+            try:
+                src_fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY, dir_fd=root.fd)
+                dst_fd = os.open(work, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+                try:
+                    copy_tree(src_fd, dst_fd)
+                finally:
+                    os.close(src_fd)
+                    os.close(dst_fd)
+                dst_path.parent.mkdir(parents=True, exist_ok=True)
+                _publish(work, dst_path)
+            except FileExistsError:
+                shutil.rmtree(work, ignore_errors=True)
+                raise VFolderExists(f"destination vfolder {dst} already exists on volume {self.name!r}") from None
+            except OSError as e:
+                shutil.rmtree(work, ignore_errors=True)
+                _rmdir_if_empty(dst_path.parent)
+                _rmdir_if_empty(dst_path.parent.parent)
+                if e.errno == errno.EDQUOT:
+                    raise QuotaExceeded(f"quota of scope {dst.qsid!r} exceeded while cloning {src}") from None
+                if e.errno == errno.ENOSPC:
+                    raise NotEnoughSpace(f"volume {self.name!r} ran out of space while cloning {src}") from None
+                raise FileOpError(e.errno or errno.EIO, e.strerror or str(e), []) from None
+            finally:
+                _rmdir_if_empty(staging)
+
+    async def tree_usage(self, vfid: VFolderID) -> TreeUsage:
+        path = self.vfolder_path(vfid)
+        with self.open_vfolder(vfid):
+            pass
+        return await asyncio.to_thread(tree_usage, path)
+
+    # -- volume-wide -----------------------------------------------------------
+
+    async def fs_usage(self) -> FSUsage:
+        st = await asyncio.to_thread(os.statvfs, self.root)
+        return FSUsage(st.f_frsize * st.f_blocks, st.f_frsize * (st.f_blocks - st.f_bavail))
+
+    async def hwinfo(self) -> HwInfo:
+        meta = {"backend": self.backend, "path": str(self.root)}
+        try:
+            st = await asyncio.to_thread(os.statvfs, self.root)
+        except OSError as e:
+            return HwInfo("unavailable", f"volume root {self.root} is not accessible: {e.strerror}", meta)
+        version = self.layout_version()
+        meta["layout_version"] = str(version) if version is not None else "none"
+        if version != LAYOUT_VERSION:
+            return HwInfo(
+                "unavailable",
+                f"volume root {self.root} has no layout-3 version.txt and needs migration "
+                f"(storage-agent migrate --volume {self.name})",
+                meta,
+            )
+        if st.f_flag & os.ST_RDONLY:
+            return HwInfo("degraded", f"volume root {self.root} is mounted read-only", meta)
+        return HwInfo("healthy", None, meta)
+
+    # -- reconciliation --------------------------------------------------------
+
+    def scopes_on_disk(self) -> list[str]:
+        found = []
+        with os.scandir(self.root) as it:
+            for e in it:
+                if e.is_dir(follow_symlinks=False):
+                    try:
+                        found.append(parse_qsid(e.name))
+                    except ValueError:
+                        continue
+        return sorted(found)
+
+    def vfolders_on_disk(self, qsid: str) -> list[VFolderID]:
+        found = []
+        base = self.scope_path(qsid)
+        for a in _subdirs(base, 2):
+            for b in _subdirs(base / a, 2):
+                for rest in _subdirs(base / a / b, 28):
+                    try:
+                        found.append(VFolderID(qsid, parse_folder_id(a + b + rest)))
+                    except ValueError:
+                        continue
+        return sorted(found, key=str)
+
+
+def _publish(staged: Path, dst: Path) -> None:
+    """Move a finished staging directory into place; never replaces an existing one."""
+    sfd = os.open(staged.parent, os.O_PATH | os.O_DIRECTORY)
+    try:
+        dfd = os.open(dst.parent, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW)
+        try:
+            rename_noreplace(sfd, staged.name, dfd, dst.name)
+        finally:
+            os.close(dfd)
+    finally:
+        os.close(sfd)
+
+
+def _subdirs(path: Path, length: int) -> list[str]:
+    try:
+        with os.scandir(path) as it:
+            return [
+                e.name
+                for e in it
+                if len(e.name) == length and not e.name.startswith(".") and e.is_dir(follow_symlinks=False)
+            ]
+    except (FileNotFoundError, NotADirectoryError):
+        return []

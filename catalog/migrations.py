@@ -1,0 +1,61 @@
+"""The catalogue's schema history: one list of forward upgrades.
+
+Each step takes the schema from version ``n - 1`` to ``n`` and is written as
+plain DDL so that history never changes when :mod:`catalog.schema` evolves.
+The version lives in ``PRAGMA user_version``; every step runs in the same
+transaction as the version bump, so a crash mid-upgrade leaves the old schema.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+STEPS: Sequence[Sequence[str]] = (
+    # 1: what the agent manages
+    (
+        """CREATE TABLE volumes (
+            name TEXT PRIMARY KEY, backend TEXT NOT NULL, path TEXT NOT NULL,
+            state TEXT NOT NULL, state_info TEXT,
+            first_seen REAL NOT NULL, last_seen REAL NOT NULL)""",
+        """CREATE TABLE quota_scopes (
+            volume TEXT NOT NULL, qsid TEXT NOT NULL, limit_bytes INTEGER,
+            state TEXT NOT NULL, created_at REAL NOT NULL, missing_since REAL,
+            PRIMARY KEY (volume, qsid))""",
+        """CREATE TABLE vfolders (
+            volume TEXT NOT NULL, qsid TEXT NOT NULL, folder_id TEXT NOT NULL,
+            state TEXT NOT NULL, created_at REAL NOT NULL, missing_since REAL,
+            PRIMARY KEY (volume, qsid, folder_id))""",
+        """CREATE TABLE vfolder_metadata (
+            volume TEXT NOT NULL, qsid TEXT NOT NULL, folder_id TEXT NOT NULL,
+            payload TEXT NOT NULL, updated_at REAL NOT NULL,
+            PRIMARY KEY (volume, qsid, folder_id))""",
+    ),
+    # 2: cached usage, per-directory aggregates, upload sessions and jobs
+    (
+        """CREATE TABLE vfolder_usage (
+            volume TEXT NOT NULL, qsid TEXT NOT NULL, folder_id TEXT NOT NULL,
+            used_bytes INTEGER NOT NULL, file_count INTEGER NOT NULL, allocated_bytes INTEGER NOT NULL,
+            measured_at REAL NOT NULL, source TEXT NOT NULL, stale BOOLEAN NOT NULL,
+            PRIMARY KEY (volume, qsid, folder_id))""",
+        """CREATE TABLE scope_usage (
+            volume TEXT NOT NULL, qsid TEXT NOT NULL, used_bytes INTEGER NOT NULL,
+            measured_at REAL NOT NULL, source TEXT NOT NULL,
+            PRIMARY KEY (volume, qsid))""",
+        """CREATE TABLE dir_usage (
+            id INTEGER PRIMARY KEY, volume TEXT NOT NULL, qsid TEXT NOT NULL, folder_id TEXT NOT NULL,
+            relpath TEXT NOT NULL, entries INTEGER NOT NULL, size_bytes INTEGER NOT NULL,
+            allocated_bytes INTEGER NOT NULL)""",
+        "CREATE UNIQUE INDEX dir_usage_path ON dir_usage (volume, qsid, folder_id, relpath)",
+        """CREATE TABLE upload_sessions (
+            session_id TEXT PRIMARY KEY, volume TEXT NOT NULL, qsid TEXT NOT NULL, folder_id TEXT NOT NULL,
+            relpath TEXT NOT NULL, size INTEGER NOT NULL, received INTEGER NOT NULL,
+            created_at REAL NOT NULL, expires_at REAL NOT NULL, state TEXT NOT NULL)""",
+        "CREATE INDEX upload_sessions_expiry ON upload_sessions (expires_at)",
+        """CREATE TABLE jobs (
+            id TEXT PRIMARY KEY, kind TEXT NOT NULL, volume TEXT NOT NULL, params TEXT NOT NULL,
+            state TEXT NOT NULL, done INTEGER NOT NULL, total INTEGER, error TEXT,
+            created_at REAL NOT NULL, updated_at REAL NOT NULL)""",
+    ),
+)
+
+SCHEMA_VERSION = len(STEPS)

@@ -1,0 +1,122 @@
+"""Table definitions (SQLAlchemy Core) used by the queries in :mod:`catalog.store`.
+
+The DDL that creates them lives in :mod:`catalog.migrations` as a versioned
+history; a test checks that the two agree.
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+
+metadata = sa.MetaData()
+
+volumes = sa.Table(
+    "volumes",
+    metadata,
+    sa.Column("name", sa.Text, primary_key=True),
+    sa.Column("backend", sa.Text, nullable=False),
+    sa.Column("path", sa.Text, nullable=False),
+    sa.Column("state", sa.Text, nullable=False),  # serving | needs-migration | unavailable
+    sa.Column("state_info", sa.Text),
+    sa.Column("first_seen", sa.Float, nullable=False),
+    sa.Column("last_seen", sa.Float, nullable=False),
+)
+
+quota_scopes = sa.Table(
+    "quota_scopes",
+    metadata,
+    sa.Column("volume", sa.Text, primary_key=True),
+    sa.Column("qsid", sa.Text, primary_key=True),
+    sa.Column("limit_bytes", sa.Integer),  # NULL = unlimited
+    sa.Column("state", sa.Text, nullable=False),  # active | missing
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("missing_since", sa.Float),
+)
+
+vfolders = sa.Table(
+    "vfolders",
+    metadata,
+    sa.Column("volume", sa.Text, primary_key=True),
+    sa.Column("qsid", sa.Text, primary_key=True),
+    sa.Column("folder_id", sa.Text, primary_key=True),  # 32 lowercase hex digits
+    sa.Column("state", sa.Text, nullable=False),  # ready | missing
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("missing_since", sa.Float),
+)
+
+vfolder_metadata = sa.Table(
+    "vfolder_metadata",
+    metadata,
+    sa.Column("volume", sa.Text, primary_key=True),
+    sa.Column("qsid", sa.Text, primary_key=True),
+    sa.Column("folder_id", sa.Text, primary_key=True),
+    sa.Column("payload", sa.Text, nullable=False),
+    sa.Column("updated_at", sa.Float, nullable=False),
+)
+
+vfolder_usage = sa.Table(
+    "vfolder_usage",
+    metadata,
+    sa.Column("volume", sa.Text, primary_key=True),
+    sa.Column("qsid", sa.Text, primary_key=True),
+    sa.Column("folder_id", sa.Text, primary_key=True),
+    sa.Column("used_bytes", sa.Integer, nullable=False),
+    sa.Column("file_count", sa.Integer, nullable=False),
+    sa.Column("allocated_bytes", sa.Integer, nullable=False),
+    sa.Column("measured_at", sa.Float, nullable=False),
+    sa.Column("source", sa.Text, nullable=False),  # fast | watch | scan
+    sa.Column("stale", sa.Boolean, nullable=False),
+)
+
+scope_usage = sa.Table(
+    "scope_usage",
+    metadata,
+    sa.Column("volume", sa.Text, primary_key=True),
+    sa.Column("qsid", sa.Text, primary_key=True),
+    sa.Column("used_bytes", sa.Integer, nullable=False),
+    sa.Column("measured_at", sa.Float, nullable=False),
+    sa.Column("source", sa.Text, nullable=False),
+)
+
+dir_usage = sa.Table(
+    "dir_usage",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("volume", sa.Text, nullable=False),
+    sa.Column("qsid", sa.Text, nullable=False),
+    sa.Column("folder_id", sa.Text, nullable=False),
+    sa.Column("relpath", sa.Text, nullable=False),
+    sa.Column("entries", sa.Integer, nullable=False),
+    sa.Column("size_bytes", sa.Integer, nullable=False),
+    sa.Column("allocated_bytes", sa.Integer, nullable=False),
+)
+
+upload_sessions = sa.Table(
+    "upload_sessions",
+    metadata,
+    sa.Column("session_id", sa.Text, primary_key=True),
+    sa.Column("volume", sa.Text, nullable=False),
+    sa.Column("qsid", sa.Text, nullable=False),
+    sa.Column("folder_id", sa.Text, nullable=False),
+    sa.Column("relpath", sa.Text, nullable=False),
+    sa.Column("size", sa.Integer, nullable=False),
+    sa.Column("received", sa.Integer, nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("expires_at", sa.Float, nullable=False),
+    sa.Column("state", sa.Text, nullable=False),  # open | complete
+)
+
+jobs = sa.Table(
+    "jobs",
+    metadata,
+    sa.Column("id", sa.Text, primary_key=True),
+    sa.Column("kind", sa.Text, nullable=False),  # clone | scan | migrate | delete
+    sa.Column("volume", sa.Text, nullable=False),
+    sa.Column("params", sa.Text, nullable=False),  # JSON
+    sa.Column("state", sa.Text, nullable=False),  # running | done | failed
+    sa.Column("done", sa.Integer, nullable=False),
+    sa.Column("total", sa.Integer),
+    sa.Column("error", sa.Text),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("updated_at", sa.Float, nullable=False),
+)

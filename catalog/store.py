@@ -1,0 +1,455 @@
+"""Queries over the catalogue, returning plain rows.
+
+Callers never see SQL or SQLAlchemy objects: every method takes and returns
+simple values and dataclasses, so the HTTP layer and the backends stay free of
+database code (the Datasette split).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects.sqlite import insert
+
+from catalog.db import CatalogError, Database, check_integrity
+from catalog.migrations import SCHEMA_VERSION
+from catalog.schema import (
+    dir_usage,
+    jobs,
+    quota_scopes,
+    scope_usage,
+    upload_sessions,
+    vfolder_metadata,
+    vfolder_usage,
+    vfolders,
+    volumes,
+)
+
+
+@dataclass(frozen=True)
+class VolumeRow:
+    name: str
+    backend: str
+    path: str
+    state: str
+    state_info: str | None
+
+
+@dataclass(frozen=True)
+class QuotaScopeRow:
+    volume: str
+    qsid: str
+    limit_bytes: int | None
+    state: str
+    created_at: float
+
+
+@dataclass(frozen=True)
+class VFolderRow:
+    volume: str
+    qsid: str
+    folder_id: str
+    state: str
+    created_at: float
+    missing_since: float | None
+
+
+@dataclass(frozen=True)
+class UsageRow:
+    used_bytes: int
+    file_count: int
+    allocated_bytes: int
+    measured_at: float
+    source: str
+    stale: bool
+
+
+@dataclass(frozen=True)
+class UploadSessionRow:
+    session_id: str
+    volume: str
+    qsid: str
+    folder_id: str
+    relpath: str
+    size: int
+    received: int
+    created_at: float
+    expires_at: float
+    state: str
+
+
+@dataclass(frozen=True)
+class JobRow:
+    id: str
+    kind: str
+    volume: str
+    params: dict[str, Any]
+    state: str
+    done: int
+    total: int | None
+    error: str | None
+
+
+def _vf_key(table: sa.Table, volume: str, qsid: str, folder_id: str) -> sa.ColumnElement[bool]:
+    return sa.and_(table.c.volume == volume, table.c.qsid == qsid, table.c.folder_id == folder_id)
+
+
+def _qs_key(table: sa.Table, volume: str, qsid: str) -> sa.ColumnElement[bool]:
+    return sa.and_(table.c.volume == volume, table.c.qsid == qsid)
+
+
+class Catalog:
+    """The agent's catalogue. Open with :meth:`open`; one instance per process."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    @classmethod
+    async def open(cls, path: str | Path, *, readonly: bool = False, upgrade: bool = True) -> Catalog:
+        path = Path(path)
+        if not readonly:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        db = Database(path, readonly=readonly)
+        try:
+            if not readonly:
+                if await check_integrity(db) != "ok":
+                    raise CatalogError(f"catalogue {path} failed its integrity check")
+                if upgrade:
+                    await db.upgrade()
+            elif await db.schema_version() != SCHEMA_VERSION:
+                raise CatalogError(f"catalogue {path} is not at schema version {SCHEMA_VERSION}")
+        except CatalogError:
+            await db.close()
+            raise
+        except sa.exc.DBAPIError as e:
+            await db.close()
+            raise CatalogError(f"catalogue {path} cannot be opened: {e.orig}") from e
+        return cls(db)
+
+    async def close(self) -> None:
+        await self.db.close()
+
+    async def schema_version(self) -> int:
+        return await self.db.schema_version()
+
+    # -- volumes ---------------------------------------------------------------
+
+    async def record_volume(self, name: str, backend: str, path: str, state: str, state_info: str | None) -> None:
+        now = time.time()
+        stmt = insert(volumes).values(
+            name=name, backend=backend, path=path, state=state, state_info=state_info, first_seen=now, last_seen=now
+        )
+        stmt = stmt.on_conflict_do_update(
+            index_elements=[volumes.c.name],
+            set_={"backend": backend, "path": path, "state": state, "state_info": state_info, "last_seen": now},
+        )
+        async with self.db.write() as conn:
+            await conn.execute(stmt)
+
+    async def volumes(self) -> list[VolumeRow]:
+        async with self.db.read() as conn:
+            rows = await conn.execute(sa.select(volumes).order_by(volumes.c.name))
+            return [VolumeRow(r.name, r.backend, r.path, r.state, r.state_info) for r in rows]
+
+    # -- quota scopes ----------------------------------------------------------
+
+    async def add_quota_scope(self, volume: str, qsid: str, limit_bytes: int | None) -> None:
+        """Record a scope as active (re-activating one that was marked missing)."""
+        stmt = insert(quota_scopes).values(
+            volume=volume, qsid=qsid, limit_bytes=limit_bytes, state="active", created_at=time.time()
+        )
+        stmt = stmt.on_conflict_do_update(
+            index_elements=[quota_scopes.c.volume, quota_scopes.c.qsid],
+            set_={"limit_bytes": limit_bytes, "state": "active", "missing_since": None},
+        )
+        async with self.db.write() as conn:
+            await conn.execute(stmt)
+
+    async def adopt_quota_scope(self, volume: str, qsid: str) -> bool:
+        """Record a scope found on disk; keeps a known limit. True if it was new."""
+        async with self.db.write() as conn:
+            row = (
+                await conn.execute(sa.select(quota_scopes.c.state).where(_qs_key(quota_scopes, volume, qsid)))
+            ).first()
+            if row is None:
+                await conn.execute(
+                    quota_scopes.insert().values(
+                        volume=volume, qsid=qsid, limit_bytes=None, state="active", created_at=time.time()
+                    )
+                )
+                return True
+            if row.state != "active":
+                await conn.execute(
+                    quota_scopes.update()
+                    .where(_qs_key(quota_scopes, volume, qsid))
+                    .values(state="active", missing_since=None)
+                )
+            return False
+
+    async def get_quota_scope(self, volume: str, qsid: str) -> QuotaScopeRow | None:
+        async with self.db.read() as conn:
+            r = (await conn.execute(sa.select(quota_scopes).where(_qs_key(quota_scopes, volume, qsid)))).first()
+        return None if r is None else QuotaScopeRow(r.volume, r.qsid, r.limit_bytes, r.state, r.created_at)
+
+    async def quota_scopes(self, volume: str) -> list[QuotaScopeRow]:
+        async with self.db.read() as conn:
+            rows = await conn.execute(
+                sa.select(quota_scopes).where(quota_scopes.c.volume == volume).order_by(quota_scopes.c.qsid)
+            )
+            return [QuotaScopeRow(r.volume, r.qsid, r.limit_bytes, r.state, r.created_at) for r in rows]
+
+    async def set_quota_limit(self, volume: str, qsid: str, limit_bytes: int | None) -> None:
+        async with self.db.write() as conn:
+            await conn.execute(
+                quota_scopes.update().where(_qs_key(quota_scopes, volume, qsid)).values(limit_bytes=limit_bytes)
+            )
+
+    async def remove_quota_scope(self, volume: str, qsid: str) -> None:
+        async with self.db.write() as conn:
+            for table in (quota_scopes, scope_usage):
+                await conn.execute(table.delete().where(_qs_key(table, volume, qsid)))
+
+    async def mark_quota_scope_missing(self, volume: str, qsid: str) -> None:
+        async with self.db.write() as conn:
+            await conn.execute(
+                quota_scopes.update()
+                .where(_qs_key(quota_scopes, volume, qsid), quota_scopes.c.state != "missing")
+                .values(state="missing", missing_since=time.time())
+            )
+
+    # -- vfolders --------------------------------------------------------------
+
+    async def add_vfolder(self, volume: str, qsid: str, folder_id: str, *, adopted: bool = False) -> bool:
+        """Record a vfolder as ready; True if it was not known before."""
+        async with self.db.write() as conn:
+            row = (
+                await conn.execute(sa.select(vfolders.c.state).where(_vf_key(vfolders, volume, qsid, folder_id)))
+            ).first()
+            if row is None:
+                await conn.execute(
+                    vfolders.insert().values(
+                        volume=volume, qsid=qsid, folder_id=folder_id, state="ready", created_at=time.time()
+                    )
+                )
+                return True
+            if row.state != "ready":
+                await conn.execute(
+                    vfolders.update()
+                    .where(_vf_key(vfolders, volume, qsid, folder_id))
+                    .values(state="ready", missing_since=None)
+                )
+            return False
+
+    async def get_vfolder(self, volume: str, qsid: str, folder_id: str) -> VFolderRow | None:
+        async with self.db.read() as conn:
+            r = (await conn.execute(sa.select(vfolders).where(_vf_key(vfolders, volume, qsid, folder_id)))).first()
+        return None if r is None else VFolderRow(r.volume, r.qsid, r.folder_id, r.state, r.created_at, r.missing_since)
+
+    async def vfolders(self, volume: str, qsid: str | None = None) -> list[VFolderRow]:
+        stmt = sa.select(vfolders).where(vfolders.c.volume == volume)
+        if qsid is not None:
+            stmt = stmt.where(vfolders.c.qsid == qsid)
+        async with self.db.read() as conn:
+            rows = await conn.execute(stmt.order_by(vfolders.c.qsid, vfolders.c.folder_id))
+            return [VFolderRow(r.volume, r.qsid, r.folder_id, r.state, r.created_at, r.missing_since) for r in rows]
+
+    async def count_vfolders(self, volume: str, qsid: str) -> int:
+        async with self.db.read() as conn:
+            stmt = sa.select(sa.func.count()).select_from(vfolders).where(_qs_key(vfolders, volume, qsid))
+            return (await conn.execute(stmt)).scalar_one()
+
+    async def mark_vfolder_missing(self, volume: str, qsid: str, folder_id: str) -> None:
+        async with self.db.write() as conn:
+            await conn.execute(
+                vfolders.update()
+                .where(_vf_key(vfolders, volume, qsid, folder_id), vfolders.c.state != "missing")
+                .values(state="missing", missing_since=time.time())
+            )
+
+    async def remove_vfolder(self, volume: str, qsid: str, folder_id: str) -> None:
+        """Forget a vfolder and everything stored about it, in one transaction."""
+        async with self.db.write() as conn:
+            for table in (vfolders, vfolder_metadata, vfolder_usage, dir_usage):
+                await conn.execute(table.delete().where(_vf_key(table, volume, qsid, folder_id)))
+
+    # -- metadata --------------------------------------------------------------
+
+    async def set_metadata(self, volume: str, qsid: str, folder_id: str, payload: str) -> None:
+        stmt = insert(vfolder_metadata).values(
+            volume=volume, qsid=qsid, folder_id=folder_id, payload=payload, updated_at=time.time()
+        )
+        stmt = stmt.on_conflict_do_update(
+            index_elements=[vfolder_metadata.c.volume, vfolder_metadata.c.qsid, vfolder_metadata.c.folder_id],
+            set_={"payload": payload, "updated_at": time.time()},
+        )
+        async with self.db.write() as conn:
+            await conn.execute(stmt)
+
+    async def get_metadata(self, volume: str, qsid: str, folder_id: str) -> str | None:
+        async with self.db.read() as conn:
+            stmt = sa.select(vfolder_metadata.c.payload).where(_vf_key(vfolder_metadata, volume, qsid, folder_id))
+            return (await conn.execute(stmt)).scalar_one_or_none()
+
+    # -- usage -----------------------------------------------------------------
+
+    async def put_usage(
+        self,
+        volume: str,
+        qsid: str,
+        folder_id: str,
+        *,
+        used_bytes: int,
+        file_count: int,
+        allocated_bytes: int,
+        source: str,
+        measured_at: float | None = None,
+        stale: bool = False,
+    ) -> None:
+        values = {
+            "used_bytes": used_bytes,
+            "file_count": file_count,
+            "allocated_bytes": allocated_bytes,
+            "measured_at": measured_at if measured_at is not None else time.time(),
+            "source": source,
+            "stale": stale,
+        }
+        stmt = insert(vfolder_usage).values(volume=volume, qsid=qsid, folder_id=folder_id, **values)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=[vfolder_usage.c.volume, vfolder_usage.c.qsid, vfolder_usage.c.folder_id], set_=values
+        )
+        async with self.db.write() as conn:
+            await conn.execute(stmt)
+
+    async def get_usage(self, volume: str, qsid: str, folder_id: str) -> UsageRow | None:
+        async with self.db.read() as conn:
+            stmt = sa.select(vfolder_usage).where(_vf_key(vfolder_usage, volume, qsid, folder_id))
+            r = (await conn.execute(stmt)).first()
+        if r is None:
+            return None
+        return UsageRow(r.used_bytes, r.file_count, r.allocated_bytes, r.measured_at, r.source, bool(r.stale))
+
+    async def scope_used_bytes(self, volume: str, qsid: str) -> int | None:
+        """The backend's own figure for a scope if it reported one, else the sum of its vfolders."""
+        async with self.db.read() as conn:
+            own = (
+                await conn.execute(sa.select(scope_usage.c.used_bytes).where(_qs_key(scope_usage, volume, qsid)))
+            ).scalar_one_or_none()
+            if own is not None:
+                return own
+            stmt = sa.select(sa.func.sum(vfolder_usage.c.allocated_bytes), sa.func.count()).where(
+                _qs_key(vfolder_usage, volume, qsid)
+            )
+            total, measured = (await conn.execute(stmt)).one()
+            known = (
+                await conn.execute(
+                    sa.select(sa.func.count()).select_from(vfolders).where(_qs_key(vfolders, volume, qsid))
+                )
+            ).scalar_one()
+        if measured < known:
+            return None
+        return int(total or 0)
+
+    async def put_scope_usage(self, volume: str, qsid: str, used_bytes: int, source: str) -> None:
+        values = {"used_bytes": used_bytes, "measured_at": time.time(), "source": source}
+        stmt = insert(scope_usage).values(volume=volume, qsid=qsid, **values)
+        stmt = stmt.on_conflict_do_update(index_elements=[scope_usage.c.volume, scope_usage.c.qsid], set_=values)
+        async with self.db.write() as conn:
+            await conn.execute(stmt)
+
+    # -- upload sessions -------------------------------------------------------
+
+    async def create_upload_session(
+        self, volume: str, qsid: str, folder_id: str, relpath: str, size: int, expires_at: float
+    ) -> UploadSessionRow:
+        row = UploadSessionRow(
+            session_id=uuid.uuid4().hex,
+            volume=volume,
+            qsid=qsid,
+            folder_id=folder_id,
+            relpath=relpath,
+            size=size,
+            received=0,
+            created_at=time.time(),
+            expires_at=expires_at,
+            state="open",
+        )
+        async with self.db.write() as conn:
+            await conn.execute(upload_sessions.insert().values(**row.__dict__))
+        return row
+
+    async def get_upload_session(self, session_id: str) -> UploadSessionRow | None:
+        async with self.db.read() as conn:
+            stmt = sa.select(upload_sessions).where(upload_sessions.c.session_id == session_id)
+            r = (await conn.execute(stmt)).first()
+        return None if r is None else UploadSessionRow(**r._asdict())
+
+    async def update_upload_session(self, session_id: str, *, received: int, state: str = "open") -> None:
+        async with self.db.write() as conn:
+            await conn.execute(
+                upload_sessions.update()
+                .where(upload_sessions.c.session_id == session_id)
+                .values(received=received, state=state)
+            )
+
+    async def upload_sessions(self) -> list[UploadSessionRow]:
+        async with self.db.read() as conn:
+            rows = await conn.execute(sa.select(upload_sessions))
+            return [UploadSessionRow(**r._asdict()) for r in rows]
+
+    async def delete_upload_session(self, session_id: str) -> None:
+        async with self.db.write() as conn:
+            await conn.execute(upload_sessions.delete().where(upload_sessions.c.session_id == session_id))
+
+    # -- jobs ------------------------------------------------------------------
+
+    async def start_job(self, kind: str, volume: str, params: dict[str, Any], total: int | None = None) -> str:
+        job_id = uuid.uuid4().hex
+        now = time.time()
+        async with self.db.write() as conn:
+            await conn.execute(
+                jobs.insert().values(
+                    id=job_id,
+                    kind=kind,
+                    volume=volume,
+                    params=json.dumps(params, sort_keys=True),
+                    state="running",
+                    done=0,
+                    total=total,
+                    created_at=now,
+                    updated_at=now,
+                )
+            )
+        return job_id
+
+    async def update_job(self, job_id: str, *, done: int | None = None, total: int | None = None) -> None:
+        values: dict[str, Any] = {"updated_at": time.time()}
+        if done is not None:
+            values["done"] = done
+        if total is not None:
+            values["total"] = total
+        async with self.db.write() as conn:
+            await conn.execute(jobs.update().where(jobs.c.id == job_id).values(**values))
+
+    async def finish_job(self, job_id: str, *, error: str | None = None) -> None:
+        async with self.db.write() as conn:
+            await conn.execute(
+                jobs.update()
+                .where(jobs.c.id == job_id)
+                .values(state="failed" if error else "done", error=error, updated_at=time.time())
+            )
+
+    async def running_jobs(self, kind: str | None = None) -> list[JobRow]:
+        stmt = sa.select(jobs).where(jobs.c.state == "running")
+        if kind is not None:
+            stmt = stmt.where(jobs.c.kind == kind)
+        async with self.db.read() as conn:
+            rows = await conn.execute(stmt.order_by(jobs.c.created_at))
+            return [
+                JobRow(r.id, r.kind, r.volume, json.loads(r.params), r.state, r.done, r.total, r.error) for r in rows
+            ]

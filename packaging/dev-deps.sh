@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Install what `make serve` / `make test` need on a Debian machine, only what is missing:
+# Debian packages (as root, with apt-get) and the project's virtualenv in .venv.
+#   packaging/dev-deps.sh [--test]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES=(fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv attr)
+if [[ "${1:-}" == "--test" ]]; then
+    APT_PACKAGES+=(btrfs-progs xfsprogs e2fsprogs util-linux)
+fi
+
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+    if [[ $(id -u) -ne 0 ]]; then
+        echo "dev-deps: missing Debian packages: ${missing[*]} (run as root, or apt-get install them)" >&2
+        exit 1
+    fi
+    echo "dev-deps: installing ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+PY=${PYTHON:-python3}
+if [[ ! -x .venv/bin/python ]]; then
+    "$PY" -m venv .venv
+    .venv/bin/python -m pip install -q --upgrade pip
+fi
+extras="fuse"
+[[ "${1:-}" == "--test" ]] && extras="fuse,test"
+stamp=".venv/.installed-$extras"
+if [[ ! -f "$stamp" || pyproject.toml -nt "$stamp" || setup.py -nt "$stamp" || backends/_fastwalk.c -nt "$stamp" ]]; then
+    .venv/bin/python -m pip install -q -e ".[$extras]"
+    if [[ "${1:-}" == "--test" && -f ../shared/conformance/requirements.txt ]]; then
+        .venv/bin/python -m pip install -q -r ../shared/conformance/requirements.txt
+    fi
+    touch "$stamp"
+fi

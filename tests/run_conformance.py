@@ -1,0 +1,69 @@
+"""Run ../shared/conformance against a freshly started agent (free ports, temporary vfs volume).
+
+Tests listed in tests/conformance-pending.txt (one id a line; '#' comments) are
+deselected. Exits with pytest's status; fails too if the agent logged a server error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tests.support import ROOT, assert_clean_log, make_agent  # noqa: E402
+
+PENDING = ROOT / "tests" / "conformance-pending.txt"
+
+
+def pending_ids() -> list[str]:
+    if not PENDING.exists():
+        return []
+    lines = (line.split("#", 1)[0].strip() for line in PENDING.read_text().splitlines())
+    return [line for line in lines if line]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--shared", default=str(ROOT.parent / "shared"))
+    parser.add_argument("pytest_args", nargs="*")
+    args = parser.parse_args()
+    suite = Path(args.shared).resolve() / "conformance"
+    if not suite.is_dir():
+        print(f"run_conformance: no conformance suite at {suite}", file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory(prefix="sa-conformance-") as tmp, \
+            tempfile.TemporaryDirectory(prefix="sa-outside-") as outside:
+        agent = make_agent(Path(tmp)).start()
+        env = dict(
+            os.environ,
+            ACC_MANAGER_URL=agent.manager_url,
+            ACC_CLIENT_URL=agent.client_url,
+            ACC_SECRET=agent.secret,
+            ACC_VOLUME="local",
+            ACC_VOLUME_ROOT=str(agent.volume_root()),
+            ACC_JWT_SECRET=agent.jwt_secret,
+            ACC_OUTSIDE_BASE=outside,
+        )
+        env.pop("ACC_PEER", None)
+        cmd = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", str(suite)]
+        for test_id in pending_ids():
+            cmd += ["--deselect", test_id]
+        try:
+            rc = subprocess.call(cmd + args.pytest_args, env=env, cwd=suite)
+        finally:
+            agent.stop()
+        try:
+            assert_clean_log(agent)
+        except AssertionError as e:
+            print(e, file=sys.stderr)
+            rc = rc or 1
+        return rc
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

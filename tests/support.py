@@ -1,0 +1,171 @@
+"""Start a real ``storage-agent serve`` process on free loopback ports, for tests and the conformance run."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+AUTH_HEADER = "X-BackendAI-Storage-Auth-Token"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return str(value)
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + " }"
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def to_toml(data: dict[str, Any]) -> str:
+    """Enough TOML for agent configs: tables of scalars and inline tables."""
+    lines: list[str] = []
+
+    def table(prefix: str, body: dict[str, Any]) -> None:
+        scalars = {k: v for k, v in body.items() if not (isinstance(v, dict) and v and _is_table(v))}
+        tables = {k: v for k, v in body.items() if k not in scalars}
+        if prefix and scalars:
+            lines.append(f"[{prefix}]")
+        for k, v in scalars.items():
+            lines.append(f"{k} = {_toml_value(v)}")
+        if scalars:
+            lines.append("")
+        for k, v in tables.items():
+            table(f"{prefix}.{k}" if prefix else k, v)
+
+    table("", data)
+    return "\n".join(lines) + "\n"
+
+
+def _is_table(v: dict[str, Any]) -> bool:
+    return any(isinstance(x, dict) for x in v.values()) or "backend" in v or "service-addr" in v
+
+
+@dataclass
+class AgentProcess:
+    """A running agent; ``stop`` / ``kill`` / ``start`` act on the real process."""
+
+    workdir: Path
+    config: dict[str, Any]
+    proc: subprocess.Popen | None = None
+    log_path: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.log_path = self.workdir / "agent.log"
+
+    @property
+    def manager_url(self) -> str:
+        return f"http://127.0.0.1:{self.config['api']['manager']['service-addr']['port']}"
+
+    @property
+    def client_url(self) -> str:
+        return f"http://127.0.0.1:{self.config['api']['client']['service-addr']['port']}"
+
+    @property
+    def secret(self) -> str:
+        return self.config["api"]["manager"]["secret"]
+
+    @property
+    def jwt_secret(self) -> str:
+        return self.config["storage-proxy"]["secret"]
+
+    @property
+    def config_path(self) -> Path:
+        return self.workdir / "agent.toml"
+
+    def volume_root(self, name: str = "local") -> Path:
+        return Path(self.config["volume"][name]["path"])
+
+    def start(self, timeout: float = 30.0) -> AgentProcess:
+        self.config_path.write_text(to_toml(self.config))
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "agent", "serve", "--config", str(self.config_path)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=self.workdir,
+        )
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"agent exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                if httpx.get(self.manager_url + "/status", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        self.kill()
+        raise RuntimeError(f"agent did not answer within {timeout} s:\n{self.log()}")
+
+    def stop(self) -> int | None:
+        if self.proc is None or self.proc.poll() is not None:
+            return None if self.proc is None else self.proc.returncode
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def client(self) -> httpx.Client:
+        return httpx.Client(base_url=self.manager_url, headers={AUTH_HEADER: self.secret}, timeout=60)
+
+
+def make_agent(workdir: Path, *, volumes: dict[str, dict[str, Any]] | None = None, **sections: Any) -> AgentProcess:
+    """An agent config with a fresh vfs volume ``local`` (layout 3) under ``workdir``, on free ports."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    if volumes is None:
+        root = workdir / "volume"
+        root.mkdir(exist_ok=True)
+        (root / "version.txt").write_text("3\n")
+        volumes = {"local": {"backend": "vfs", "path": str(root)}}
+    config: dict[str, Any] = {
+        "storage-proxy": {"node-id": "test-node", "secret": secrets.token_hex(16), "session-expire": "1d"},
+        "api": {
+            "client": {"service-addr": {"host": "127.0.0.1", "port": free_port()}},
+            "manager": {"service-addr": {"host": "127.0.0.1", "port": free_port()}, "secret": secrets.token_hex(16)},
+        },
+        "volume": volumes,
+        "catalog": {"path": str(workdir / "catalog.db")},
+    }
+    for key, value in sections.items():
+        config.setdefault(key.replace("_", "-"), {}).update(value)
+    return AgentProcess(workdir, config)
+
+
+def assert_clean_log(agent: AgentProcess) -> None:
+    text = agent.log()
+    assert "Traceback" not in text and "unexpected error" not in text, f"agent log shows a server error:\n{text}"
+
+
+__all__ = ["ROOT", "AgentProcess", "assert_clean_log", "free_port", "make_agent", "os"]
