@@ -10,6 +10,7 @@ from aiohttp import web
 
 from agent.config import Config
 from agent.errors import ApiError
+from agent.services import Service
 from backends.base import Volume
 from backends.errors import VolumeUnavailable
 from backends.mounted import LAYOUT_VERSION
@@ -31,6 +32,7 @@ class Agent:
     volumes: dict[str, Volume]
     states: dict[str, VolumeState] = field(default_factory=dict)
     walks: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(8))
+    services: list[Service] = field(default_factory=list)
 
     def volume(self, name: str) -> Volume:
         """A volume that is being served, or a 4xx naming the problem."""

@@ -17,6 +17,7 @@ from agent.app import client_app, manager_app
 from agent.config import Config, Listener
 from agent.context import Agent
 from agent.reconcile import reconcile
+from agent.services import factories
 from backends import build_volume
 from backends.base import Volume
 from catalog import Catalog
@@ -74,6 +75,13 @@ async def start(config: Config) -> tuple[Agent, list[web.AppRunner], Bound]:
         await reconcile(catalog, vol, keep_staged=keep)
         log.info("volume %s (%s) at %s: serving", vol.name, vol.backend, vol.root)
 
+    for factory in factories():
+        service = factory(agent)
+        if service is not None:
+            await service.start()
+            agent.services.append(service)
+            log.info("started %s", service.name)
+
     runners = []
     urls = []
     for app, listener in (
@@ -95,6 +103,11 @@ async def start(config: Config) -> tuple[Agent, list[web.AppRunner], Bound]:
 async def stop(agent: Agent, runners: list[web.AppRunner]) -> None:
     for runner in runners:
         await runner.cleanup()
+    for service in reversed(agent.services):
+        try:
+            await service.stop()
+        except Exception:
+            log.exception("stopping %s failed", service.name)
     for vol in agent.volumes.values():
         await vol.shutdown()
     await agent.catalog.close()
