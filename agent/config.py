@@ -17,6 +17,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, ValidationError
 
+from backends import BACKENDS
+
 DEFAULT_CATALOG = Path("/var/lib/storage-agent/catalog.db")
 
 
@@ -156,6 +158,10 @@ def validate(data: dict[str, Any], source: str) -> Config:
     for name, vol in config.volume.items():
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
             raise ConfigError(f"{source}: volume.{name}: volume names are letters, digits, '.', '_' and '-'")
+        if vol.backend not in BACKENDS:
+            known = ", ".join(sorted(BACKENDS))
+            raise ConfigError(f"{source}: volume.{name}.backend: unknown or unavailable backend {vol.backend!r} "
+                              f"(available: {known})")
         if not vol.path.is_absolute():
             raise ConfigError(f"{source}: volume.{name}.path: must be an absolute path, got {str(vol.path)!r}")
     return config

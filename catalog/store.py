@@ -122,8 +122,8 @@ class Catalog:
                     raise CatalogError(f"catalogue {path} failed its integrity check")
                 if upgrade:
                     await db.upgrade()
-            elif await db.schema_version() != SCHEMA_VERSION:
-                raise CatalogError(f"catalogue {path} is not at schema version {SCHEMA_VERSION}")
+            elif await db.schema_version() < SCHEMA_VERSION:
+                raise CatalogError(f"catalogue {path} is older than schema version {SCHEMA_VERSION}; start serve once")
         except CatalogError:
             await db.close()
             raise
