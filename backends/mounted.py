@@ -19,6 +19,7 @@ from backends.errors import (
     FileOpError,
     NotEnoughSpace,
     QuotaExceeded,
+    QuotaScopeNotEmpty,
     QuotaScopeNotFound,
     VFolderExists,
     VFolderNotFound,
@@ -50,6 +51,29 @@ class MountedVolume(Volume):
 
     def scope_path(self, qsid: str) -> Path:
         return self.root / qsid
+
+    def require_scope(self, qsid: str) -> Path:
+        """The scope's directory, or QuotaScopeNotFound naming it."""
+        path = self.scope_path(qsid)
+        if not path.is_dir():
+            raise QuotaScopeNotFound(f"quota scope {qsid!r} does not exist on volume {self.name!r}")
+        return path
+
+    def prepare_scope_removal(self, qsid: str) -> Path:
+        """Refuse to remove a scope that holds vfolders or work in progress; drop an empty staging dir.
+
+        Every backend's quota model calls this before removing the scope's directory (or subvolume).
+        """
+        path = self.require_scope(qsid)
+        if any(name != STAGING for name in os.listdir(path)):
+            raise QuotaScopeNotEmpty(f"quota scope {qsid!r} still holds vfolders; delete them first")
+        try:
+            os.rmdir(path / STAGING)
+        except FileNotFoundError:
+            pass
+        except OSError:
+            raise QuotaScopeNotEmpty(f"quota scope {qsid!r} has work in progress (uploads or clones)") from None
+        return path
 
     def staging_path(self, qsid: str) -> Path:
         return self.root / qsid / STAGING
