@@ -34,9 +34,15 @@ extras="fuse"
 [[ "${1:-}" == "--test" ]] && extras="fuse,test"
 stamp=".venv/.installed-$extras"
 if [[ ! -f "$stamp" || pyproject.toml -nt "$stamp" || setup.py -nt "$stamp" || backends/_fastwalk.c -nt "$stamp" ]]; then
-    .venv/bin/python -m pip install -q -e ".[$extras]"
+    echo "dev-deps: installing the project into .venv ($extras)"
+    reqs=()
     if [[ "${1:-}" == "--test" && -f ../shared/conformance/requirements.txt ]]; then
-        .venv/bin/python -m pip install -q -r ../shared/conformance/requirements.txt
+        reqs=(-r ../shared/conformance/requirements.txt)
+    fi
+    # build noise goes to a log, shown only when the install fails
+    if ! .venv/bin/python -m pip install -q -e ".[$extras]" "${reqs[@]}" >.venv/pip-install.log 2>&1; then
+        cat .venv/pip-install.log >&2
+        exit 1
     fi
     touch "$stamp"
 fi
