@@ -2,7 +2,7 @@
 SHARED ?= ../shared
 PY := .venv/bin/python
 
-.PHONY: serve test deps test-deps lint unit conformance bench clean
+.PHONY: serve test deps test-deps lint unit conformance bench clean deb
 
 serve: deps
 	.venv/bin/storage-agent serve
@@ -26,6 +26,10 @@ conformance:
 
 bench: deps
 	$(PY) bench/usage_bench.py
+
+# dist/storage-agent_<version>_<arch>.deb (dpkg-buildpackage from packaging/debian, then lintian)
+deb:
+	packaging/build-deb.sh
 
 clean:
 	rm -rf .venv build *.egg-info backends/*.so

@@ -1,5 +1,10 @@
-"""Declares the optional C accelerator for backends.walk; metadata lives in pyproject.toml."""
+"""Declares the optional C accelerators (backends.walk, the usage engine's reader); metadata: pyproject.toml."""
 
 from setuptools import Extension, setup
 
-setup(ext_modules=[Extension("backends._fastwalk", ["backends/_fastwalk.c"], extra_compile_args=["-O2"])])
+setup(
+    ext_modules=[
+        Extension("backends._fastwalk", ["backends/_fastwalk.c"], extra_compile_args=["-O2"]),
+        Extension("agent.usage_engine._dirread", ["agent/usage_engine/_dirread.c"], extra_compile_args=["-O2"]),
+    ]
+)

@@ -8,7 +8,7 @@ from agent.auth import manager_auth
 from agent.context import AGENT_KEY, Agent
 from agent.errors import error_middleware
 from agent.params import MAX_METADATA
-from agent.routes import files, folders, quota, service
+from agent.routes import client, files, folders, quota, service
 
 MANAGER_MAX_BODY = MAX_METADATA + 2**20  # a metadata payload at the cap plus its JSON envelope
 
@@ -25,9 +25,6 @@ def manager_app(agent: Agent) -> web.Application:
 def client_app(agent: Agent) -> web.Application:
     app = web.Application(middlewares=[error_middleware])
     app[AGENT_KEY] = agent
-    try:
-        from agent.routes import client
-    except ImportError:  # the client API lands in its own module
-        return app
     app.add_routes(client.routes)
+    app.on_response_prepare.append(client.add_cors_headers)
     return app

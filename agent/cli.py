@@ -7,6 +7,7 @@ import asyncio
 import json
 import logging
 import sys
+import textwrap
 from pathlib import Path
 
 from agent import __version__, logs
@@ -44,7 +45,79 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(p)
     p = sub.add_parser("check-config", help="validate a config and print it with secrets masked")
     _add_config(p)
+    _add_operator_commands(sub)
     return parser
+
+
+EXIT_CODES = """exit status:
+  0  success (status: every volume healthy and the agent answering)
+  1  an operating-system error (permission, missing file, ...)
+  2  unusable config, arguments or mapping
+  3  the catalogue cannot be used
+  4  migrate: some folders were not moved (unmapped, conflicting or failed); version.txt not written
+  5  status: a volume is not healthy or the agent does not answer"""
+
+
+def _para(text: str) -> str:
+    return textwrap.fill(text, 79)
+
+
+def _add_operator_commands(sub: argparse._SubParsersAction) -> None:
+    fmt = argparse.RawDescriptionHelpFormatter
+    p = sub.add_parser(
+        "migrate",
+        help="move a layout-2 volume to layout 3 (per quota scope)",
+        description=_para("Move every <root>/aa/bb/rest folder of a layout-2 volume to <root>/<qsid>/aa/bb/rest by "
+        "renames (no copies), recording each step in the catalogue so that an interrupted run resumes "
+        "where it stopped. Folders missing from the mapping are listed and left in place; version.txt "
+        "(= 3) is written last, only when no old-layout folder is left. Stop the agent or let it refuse "
+        "the volume meanwhile: it serves the volume once version.txt is written."),
+        epilog=EXIT_CODES,
+        formatter_class=fmt,
+    )
+    _add_config(p)
+    p.add_argument("--volume", required=True, help="name of the volume in the config ([volume.NAME])")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--mapping", type=Path, metavar="FILE.csv", help="CSV of folder_id,qsid rows")
+    source.add_argument(
+        "--dsn", metavar="postgresql://...", help="the manager's database (table vfolders: id, quota_scope_id)"
+    )
+    p.add_argument("--dry-run", action="store_true", help="show what would move; change nothing")
+    p.add_argument("--max-rate", type=float, metavar="N", help="move at most N folders per second")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p = sub.add_parser(
+        "status",
+        help="volumes, health, quota scopes with usage and limits, running jobs",
+        description=_para("Show the configured volumes (health, layout, capacity), the catalogue's quota scopes "
+        "(usage, limit, stale or missing figures) and running jobs. Reads the catalogue read-only."),
+        epilog=EXIT_CODES,
+        formatter_class=fmt,
+    )
+    _add_config(p)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p = sub.add_parser(
+        "scan",
+        help="force a full usage scan of vfolders (progress shown on a terminal)",
+        description=_para("Walk vfolders now and record their usage and per-directory aggregates in the "
+        "catalogue; a running agent picks the request up and rescans too. Without --vfid, every vfolder "
+        "of the selected volume(s)."),
+        epilog=EXIT_CODES,
+        formatter_class=fmt,
+    )
+    _add_config(p)
+    p.add_argument("--volume", help="only this volume ([volume.NAME])")
+    p.add_argument("--vfid", help="only this vfolder (<qsid>/<folder-uuid>)")
+    p = sub.add_parser(
+        "view",
+        help="mount the read-only FUSE view of the quota scopes ([view] section)",
+        description=_para("Mount one read-only FUSE filesystem at [view] mount-root showing "
+        "<volume>/<qsid>/<folder-uuid>/ for each quota scope selected by [view] scopes, with a .usage file "
+        "per scope and user.storage_agent.* xattrs per vfolder; runs until SIGTERM/SIGINT, then unmounts. "
+        "`serve` runs it itself when [view] enabled = true. --config - reads the config as JSON on stdin."),
+        epilog=EXIT_CODES,
+        formatter_class=fmt,
+    )
+    _add_config(p)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -57,7 +130,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    from backends import build_volume
+
     config = _config(args)
+    for name, vc in config.volume.items():
+        try:
+            build_volume(name, vc.backend, vc.path, vc.options)  # checks the backend's options; no I/O
+        except ValueError as e:
+            raise ConfigError(f"[volume.{name}]: {e}") from None
     print(json.dumps(masked(config), indent=2, default=str))
     ignored = config.ignored_keys()
     if ignored:
@@ -65,7 +145,51 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"serve": cmd_serve, "check-config": cmd_check_config}
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from agent.migrate_cli import run_migrate
+
+    return run_migrate(_config(args), args)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from agent.status import collect, render
+
+    data = collect(_config(args))
+    render(data, as_json=args.json)
+    return 0 if data["healthy"] else 5
+
+
+def cmd_view(args: argparse.Namespace) -> int:
+    from agent.view import process
+
+    if str(args.config) == "-":  # spawned by serve: the config arrives on stdin, secrets masked
+        from agent.config import validate
+
+        process.die_with_parent()
+        config = validate(json.load(sys.stdin), "config from serve")
+    else:
+        config = _config(args)
+    logs.setup(config.logging.level, config.logging.format)
+    process.run(config)
+    return 0
+
+
+def cmd_scan(args: argparse.Namespace) -> int:
+    from agent.usage_engine.cli_scan import run as run_scan
+
+    config = _config(args)
+    logs.setup("WARNING", config.logging.format)
+    return asyncio.run(run_scan(config, args.volume, args.vfid))
+
+
+COMMANDS = {
+    "serve": cmd_serve,
+    "check-config": cmd_check_config,
+    "migrate": cmd_migrate,
+    "status": cmd_status,
+    "scan": cmd_scan,
+    "view": cmd_view,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -109,12 +109,38 @@ class LoggingConfig(_Section):
     format: Literal["text", "json"] = "text"
 
 
+class UsageConfig(_Section):
+    """``[usage]``: the live usage engine (per-volume ``usage-rescan-interval`` / ``usage-watch`` options too)."""
+
+    enabled: bool = True
+    watcher: Literal["auto", "fanotify", "inotify", "none"] = "auto"
+    coalesce: float = Field(default=0.05, ge=0, le=10)  # seconds a burst of events is gathered before a re-read
+    first_answer_wait: float = Field(default=3.0, ge=0, le=60, alias="first-answer-wait")
+    scan_concurrency: int = Field(default=2, ge=1, le=64, alias="scan-concurrency")  # vfolders scanned at once
+    scan_threads: int = Field(default=0, ge=0, le=64, alias="scan-threads")  # 0 = picked from the CPU count
+    fast_poll_interval: Duration = Field(default=10.0, alias="fast-poll-interval")
+    fallback_rescan_interval: Duration = Field(default=300.0, alias="fallback-rescan-interval")
+
+
+class ViewConfig(_Section):
+    """``[view]``: the read-only FUSE view, mounted by ``storage-agent view`` (spawned by ``serve`` when enabled)."""
+
+    enabled: bool = False
+    mount_root: Path = Field(default=Path("/mnt/storage-agent"), alias="mount-root")
+    scopes: Literal["*"] | list[Annotated[str, Field(pattern=r"^[A-Za-z0-9]+(?:[_-][A-Za-z0-9]+)*$")]] = "*"
+
+    def shows(self, qsid: str) -> bool:
+        return self.scopes == "*" or qsid in self.scopes
+
+
 class Config(_Section):
     storage_proxy: StorageProxy = Field(alias="storage-proxy")
     api: Api
     volume: dict[str, VolumeConfig] = Field(min_length=1)
     catalog: CatalogConfig = CatalogConfig()
     logging: LoggingConfig = LoggingConfig()
+    usage: UsageConfig = UsageConfig()
+    view: ViewConfig = ViewConfig()
     debug: dict[str, Any] = Field(default_factory=dict)
 
     def ignored_keys(self) -> list[str]:
@@ -164,19 +190,41 @@ def validate(data: dict[str, Any], source: str) -> Config:
                               f"(available: {known})")
         if not vol.path.is_absolute():
             raise ConfigError(f"{source}: volume.{name}.path: must be an absolute path, got {str(vol.path)!r}")
+    if not config.view.mount_root.is_absolute():
+        raise ConfigError(f"{source}: view.mount-root: must be an absolute path, got {str(config.view.mount_root)!r}")
+    for name, vol in config.volume.items() if config.view.enabled else ():
+        # walks of a volume must never enter the view's mount (a stopped view would hang them), nor the reverse
+        if config.view.mount_root.is_relative_to(vol.path) or vol.path.is_relative_to(config.view.mount_root):
+            raise ConfigError(f"{source}: view.mount-root: {str(config.view.mount_root)!r} overlaps volume.{name}.path")
     return config
 
 
-def load(path: Path) -> Config:
+def _read_toml(path: Path) -> dict[str, Any]:
     try:
         with open(path, "rb") as f:
-            data = tomllib.load(f)
+            return tomllib.load(f)
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such file") from None
     except OSError as e:
         raise ConfigError(f"{path}: cannot be read: {e.strerror}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def load(path: Path) -> Config:
+    """Read a TOML config; a top-level ``include = [files]`` (e.g. the packaged secrets.toml, mode 0600)
+    is merged in, so that the main file can stay world-readable and free of secrets."""
+    data = _read_toml(path)
+    includes = data.pop("include", [])
+    for inc in [includes] if isinstance(includes, str) else includes:
+        data = _merge(data, _read_toml(Path(path).parent / inc))
     return validate(data, str(path))
 
 
@@ -216,4 +264,9 @@ def masked(config: Config) -> dict[str, Any]:
     data = config.model_dump(mode="json", by_alias=True, exclude_none=True)
     data["storage-proxy"]["secret"] = "***"
     data["api"]["manager"]["secret"] = "***"
+    for vol in data.get("volume", {}).values():  # appliance passwords and API tokens in volume options
+        opts = vol.get("options") or {}
+        for key in opts:
+            if any(word in key.lower() for word in ("password", "token", "secret")):
+                opts[key] = "***"
     return data

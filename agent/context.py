@@ -41,6 +41,8 @@ class Agent:
             raise ApiError(404, f"unknown volume {name!r}", "invalid-volume")
         state = self.states.get(name)
         if state is not None and not state.serving:
+            state = self.refresh_state(vol)  # e.g. `storage-agent migrate` finished since start-up
+        if state is not None and not state.serving:
             raise VolumeUnavailable(f"volume {name!r} is not served: {state.info}")
         return vol
 

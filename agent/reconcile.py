@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import shutil
 from dataclasses import dataclass, field
 
 from backends.base import Volume
 from backends.mounted import STAGING, MountedVolume
+from backends.rmtree import remove_tree
 from catalog import Catalog
 
 log = logging.getLogger(__name__)
@@ -38,10 +38,7 @@ def _sweep_staging(vol: MountedVolume, qsid: str, keep: set[str]) -> list[str]:
     for entry in staging.iterdir():
         if entry.name in keep:
             continue
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry, ignore_errors=True)
-        else:
-            entry.unlink(missing_ok=True)
+        remove_tree(entry, ignore_errors=True)
         swept.append(f"{qsid}/{STAGING}/{entry.name}")
     try:
         staging.rmdir()

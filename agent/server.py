@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from agent.app import client_app, manager_app
-from agent.config import Config, Listener
+from agent.config import Config, ConfigError, Listener
 from agent.context import Agent
 from agent.reconcile import reconcile
 from agent.services import factories
@@ -60,7 +60,10 @@ async def start(config: Config) -> tuple[Agent, list[web.AppRunner], Bound]:
     log.info("catalogue %s at schema version %d", config.catalog.path, await catalog.schema_version())
     volumes: dict[str, Volume] = {}
     for name, vc in config.volume.items():
-        volumes[name] = build_volume(name, vc.backend, vc.path, vc.options)
+        try:
+            volumes[name] = build_volume(name, vc.backend, vc.path, vc.options)
+        except ValueError as e:  # unknown backend or unusable options: a config error, not a traceback
+            raise ConfigError(f"[volume.{name}]: {e}") from None
     agent = Agent(config=config, catalog=catalog, volumes=volumes)
     keep = {f"upload-{s.session_id}" for s in await catalog.upload_sessions()}
     for vol in volumes.values():

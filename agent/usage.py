@@ -1,43 +1,99 @@
-"""Usage answers for vfolders.
+"""Usage answers for vfolders: the public face of the usage engine used by the routes.
 
-The counting rules (the same everywhere): ``used_bytes`` is the sum of
-``st_size`` of every entry below the vfolder root, links not followed, and
-``file_count`` the number of those entries; ``allocated_bytes`` is
-``st_blocks * 512`` of the root and every entry, each hard-linked inode once,
+The counting rules (the same everywhere): ``used_bytes`` is the sum of ``st_size`` of every entry below
+the vfolder root, links not followed, and ``file_count`` the number of those entries;
+``allocated_bytes`` is ``st_blocks * 512`` of the root and every entry, each hard-linked inode once,
 exactly what ``du -s -B1`` prints.
 
-Until the live usage engine lands, each answer comes from a fresh walk in a
-worker thread (never on the event loop); the result is stored in the
-catalogue with ``source = "scan"`` and ``measured_at``.
+Answers come from the engine's figures (memory in front of the catalogue, written through): no walk on
+the request path. A vfolder never measured yet is scanned at once; the call waits a bounded time
+(``[usage] first-answer-wait``) and otherwise answers -1 ("not known"), as the contract says. With the
+engine disabled by config, each answer is a fresh walk in a worker thread.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from agent.context import Agent
+from agent.usage_engine import Usage, UsageEngine
 from backends.base import Volume
 from backends.ids import VFolderID
 
+if TYPE_CHECKING:
+    from agent.context import Agent
+    from agent.services import Service
 
-@dataclass(frozen=True)
-class Usage:
-    file_count: int
-    used_bytes: int
-    allocated_bytes: int
-    measured_at: float
-    source: str
-    stale: bool
+UNKNOWN = Usage(-1, -1, -1, 0.0, "scan", True)
 
-    def as_json(self) -> dict[str, object]:
-        return {
-            "file_count": self.file_count,
-            "used_bytes": self.used_bytes,
-            "measured_at": self.measured_at,
-            "source": self.source,
-            "stale": self.stale,
-        }
+__all__ = ["UNKNOWN", "Usage", "as_json", "engine_of", "factory", "get", "registered", "scope_used", "unregistered"]
+
+
+def factory(agent: Agent) -> Service | None:
+    """The ``usage-engine`` service, unless ``[usage] enabled = false``."""
+    settings = agent.config.usage
+    return UsageEngine(agent, settings) if settings.enabled else None
+
+
+def engine_of(agent: Agent) -> UsageEngine | None:
+    for service in agent.services:
+        if isinstance(service, UsageEngine):
+            return service
+    return None
+
+
+def as_json(u: Usage) -> dict[str, object]:
+    return {
+        "file_count": u.file_count,
+        "used_bytes": u.used_bytes,
+        "measured_at": u.measured_at,
+        "source": u.source,
+        "stale": u.stale,
+    }
+
+
+async def get(agent: Agent, vol: Volume, vfid: VFolderID) -> Usage:
+    """The current figure of a vfolder (UNKNOWN when not measured within the wait). Raises
+    VFolderNotFound for a vfolder that does not exist."""
+    engine = engine_of(agent)
+    if engine is None:
+        return await measure(agent, vol, vfid)
+    figure = engine.cached(vol, vfid)
+    if figure is not None:
+        return figure
+    figure = await engine.usage(vol, vfid)
+    return UNKNOWN if figure is None else figure
+
+
+async def scope_used(agent: Agent, vol: Volume, qsid: str) -> int | None:
+    """A quota scope's usage as the sum of its vfolders' allocated bytes (the same figures
+    ``/folder/used-bytes`` answers); None until every vfolder of the scope has been measured."""
+    engine = engine_of(agent)
+    if engine is None:
+        return await agent.catalog.scope_used_bytes(vol.name, qsid)
+    total = 0
+    for row in await agent.catalog.vfolders(vol.name, qsid):
+        if row.state != "ready":
+            continue
+        figure = engine.cached_key((vol.name, qsid, row.folder_id))
+        if figure is None:
+            return None
+        total += figure.allocated_bytes
+    return total
+
+
+def registered(agent: Agent, vol: Volume, vfid: VFolderID, *, fresh: bool) -> None:
+    """A vfolder was created or cloned through the API: start keeping its figure."""
+    engine = engine_of(agent)
+    if engine is not None:
+        engine.register(vol, vfid, fresh=fresh)
+
+
+async def unregistered(agent: Agent, vol: Volume, vfid: VFolderID) -> None:
+    """A vfolder was deleted through the API: forget its figure and aggregates."""
+    engine = engine_of(agent)
+    if engine is not None:
+        await engine.unregister(vol, vfid)
 
 
 async def measure(agent: Agent, vol: Volume, vfid: VFolderID) -> Usage:

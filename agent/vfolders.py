@@ -7,6 +7,7 @@ import logging
 from collections.abc import Callable
 from typing import TypeVar
 
+from agent import usage
 from agent.context import Agent
 from agent.errors import ApiError
 from backends.base import ScopeUsage, Volume
@@ -48,7 +49,7 @@ async def describe_scope(agent: Agent, vol: Volume, qsid: str) -> ScopeUsage:
         await agent.catalog.adopt_quota_scope(vol.name, qsid)
     used = own.used_bytes
     if used is None:
-        used = await agent.catalog.scope_used_bytes(vol.name, qsid)
+        used = await usage.scope_used(agent, vol, qsid)
     limit = own.limit_bytes if own.limit_bytes is not None else (row.limit_bytes if row else None)
     return ScopeUsage(used, limit)
 
@@ -80,6 +81,7 @@ async def create_vfolder(agent: Agent, vol: Volume, vfid: VFolderID) -> None:
         )
     await vol.create_vfolder(vfid)
     await agent.catalog.add_vfolder(vol.name, vfid.qsid, vfid.hex)
+    usage.registered(agent, vol, vfid, fresh=True)
 
 
 async def delete_vfolder(agent: Agent, vol: Volume, vfid: VFolderID) -> None:
@@ -89,6 +91,7 @@ async def delete_vfolder(agent: Agent, vol: Volume, vfid: VFolderID) -> None:
         if await agent.catalog.get_vfolder(vol.name, vfid.qsid, vfid.hex) is None:
             raise
         log.info("vfolder %s on %s was already gone from disk; forgetting it", vfid, vol.name)
+    await usage.unregistered(agent, vol, vfid)
     await agent.catalog.remove_vfolder(vol.name, vfid.qsid, vfid.hex)
 
 
@@ -100,6 +103,7 @@ async def clone_vfolder(agent: Agent, vol: Volume, src: VFolderID, dst: VFolderI
         await asyncio.shield(agent.catalog.finish_job(job, error=str(e) or type(e).__name__))
         raise
     await agent.catalog.add_vfolder(vol.name, dst.qsid, dst.hex)
+    usage.registered(agent, vol, dst, fresh=False)
     await agent.catalog.finish_job(job)
 
 

@@ -11,11 +11,19 @@ from pathlib import Path
 from typing import Any
 
 from backends.base import Capability, Volume
+from backends.btrfs import BtrfsVolume
+from backends.cephfs import CephFSVolume
+from backends.vendors import VENDOR_BACKENDS
 from backends.vfs import VfsVolume
+from backends.xfs import XfsVolume
 
 BACKENDS: dict[str, type[Volume]] = {
     "vfs": VfsVolume,
+    "btrfs": BtrfsVolume,
+    "xfs": XfsVolume,
+    "cephfs": CephFSVolume,
 }
+BACKENDS.update(VENDOR_BACKENDS)  # gpfs (alias spectrumscale), weka, netapp, purestorage, dellemc-onefs
 
 # Names the storage-proxy configuration accepts; those not in BACKENDS yet are refused with a clear message.
 KNOWN_NAMES = (

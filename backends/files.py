@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
 import stat
 from dataclasses import dataclass
 
 from backends.errors import FileOpError
 from backends.resolver import VFolderRoot, check_name, fs_errors, rename_noreplace
+from backends.rmtree import remove_tree_at
 
 
 @dataclass(frozen=True)
@@ -119,7 +119,7 @@ def delete(root: VFolderRoot, relpaths: list[str], *, recursive: bool) -> None:
             if not stat.S_ISDIR(st.st_mode):
                 os.unlink(name, dir_fd=fd)
             elif recursive:
-                shutil.rmtree(name, dir_fd=fd)
+                remove_tree_at(fd, name)
             else:
                 os.rmdir(name, dir_fd=fd)
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
-import shutil
 import uuid
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from backends.errors import (
 )
 from backends.ids import VFolderID, parse_folder_id, parse_qsid
 from backends.resolver import VFolderRoot, rename_noreplace
+from backends.rmtree import remove_tree
 from backends.walk import TreeUsage, tree_usage
 
 STAGING = ".staging"  # per quota scope: same filesystem (and subvolume) as its vfolders, outside every vfolder
@@ -117,7 +117,7 @@ class MountedVolume(Volume):
         os.rename(path, trash)
         _rmdir_if_empty(path.parent)
         _rmdir_if_empty(path.parent.parent)
-        shutil.rmtree(trash, ignore_errors=True)
+        remove_tree(trash, ignore_errors=True)
         _rmdir_if_empty(staging)
 
     async def clone_vfolder(self, src: VFolderID, dst: VFolderID) -> None:
@@ -153,10 +153,10 @@ class MountedVolume(Volume):
                 dst_path.parent.mkdir(parents=True, exist_ok=True)
                 _publish(work, dst_path)
             except FileExistsError:
-                shutil.rmtree(work, ignore_errors=True)
+                remove_tree(work, ignore_errors=True)
                 raise VFolderExists(f"destination vfolder {dst} already exists on volume {self.name!r}") from None
             except OSError as e:
-                shutil.rmtree(work, ignore_errors=True)
+                remove_tree(work, ignore_errors=True)
                 _rmdir_if_empty(dst_path.parent)
                 _rmdir_if_empty(dst_path.parent.parent)
                 if e.errno == errno.EDQUOT:

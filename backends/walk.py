@@ -58,7 +58,8 @@ def _tree_usage_c(root: str | os.PathLike[str], *, threads: int = 1, max_open_di
     """C walk; ``max_open_dirs`` caps parked directory fds (0 = derived from RLIMIT_NOFILE)."""
     if _fastwalk is None:
         raise RuntimeError("backends._fastwalk is not built (pip install -e . or setup.py build_ext --inplace)")
-    return TreeUsage(*_fastwalk.tree_usage(os.fspath(root), threads, max_open_dirs))
+    entries, size, alloc, errors, _chain_reopens = _fastwalk.tree_usage(os.fspath(root), threads, max_open_dirs)
+    return TreeUsage(entries, size, alloc, errors)
 
 
 def _default_max_open_dirs() -> int:
@@ -97,12 +98,13 @@ def _open_verified(name: str, dir_fd: int, node: _Node) -> int:
     return fd
 
 
-def _open_node(node: _Node) -> int:
+def _open_node(node: _Node, stats: dict[str, int]) -> int:
     """Open ``node`` from its parent's parked fd, or re-walk the chain from the nearest open ancestor."""
     parent = node.parent
     assert parent is not None
     if parent.fd >= 0:
         return _open_verified(node.name, parent.fd, node)
+    stats["chain_reopens"] += 1
     chain: list[_Node] = []
     anc = parent
     while anc.fd < 0:  # the root's fd stays open for the whole walk
@@ -120,8 +122,16 @@ def _open_node(node: _Node) -> int:
         os.close(cur)
 
 
-def _tree_usage_py(root: str | os.PathLike[str], *, max_open_dirs: int = 0) -> TreeUsage:
-    """Pure-Python walk with exactly the C module's semantics (and fd discipline)."""
+def _tree_usage_py(
+    root: str | os.PathLike[str], *, max_open_dirs: int = 0, stats: dict[str, int] | None = None
+) -> TreeUsage:
+    """Pure-Python walk with exactly the C module's semantics (and fd discipline).
+
+    ``stats`` (tests) receives ``chain_reopens``: directories opened by re-walking from an ancestor.
+    """
+    if stats is None:
+        stats = {}
+    stats["chain_reopens"] = 0
     cap = max_open_dirs or _default_max_open_dirs()
     rootfd = os.open(root, _DIR_FLAGS)
     entries = size = alloc = errors = 0
@@ -137,7 +147,7 @@ def _tree_usage_py(root: str | os.PathLike[str], *, max_open_dirs: int = 0) -> T
             node = stack.pop()
             fd = -1
             try:
-                fd = rootfd if node is root_node else _open_node(node)
+                fd = rootfd if node is root_node else _open_node(node, stats)
             except OSError:
                 errors += 1
             children: list[_Node] = []

@@ -3,8 +3,9 @@
 Builds trees of N files in two shapes -- "flat" (1000 files per directory, all directories under the
 root) and "bushy" (10 files per directory, directories nested as a 10-ary tree) -- then times
 ``du -sb``, ``du -s -B1`` and ``tree_usage``.  Warm numbers are the median of --repeat runs; cold runs
-drop the page/dentry/inode caches before every measurement (needs root).  du times include spawning
-the process (~1 ms); tree_usage is timed in-process.  Exits 1 if any result disagrees with du.
+drop the page/dentry/inode caches before every measurement (needs root) and report the median of
+--cold-repeat runs.  du times include spawning the process (~1 ms); tree_usage is timed in-process.
+Exits 1 if any result disagrees with du.
 
     .venv/bin/python bench/usage_walk_bench.py [--sizes 10000,100000] [--dir /tmp/x] [--keep]
 """
@@ -72,9 +73,8 @@ def drop_caches() -> bool:
     return True
 
 
-def measure(root: Path, repeat: int, threads: int, cold: bool) -> tuple[float, float, float, int, int, walk.TreeUsage]:
-    """Return (du -sb s, du -s -B1 s, tree_usage s, du -sb value, du -s -B1 value, usage)."""
-    runs = 1 if cold else repeat
+def measure(root: Path, runs: int, threads: int, cold: bool) -> tuple[float, float, float, int, int, walk.TreeUsage]:
+    """Median times over ``runs`` and the last answers: (t du -sb, t du -s -B1, t tree_usage, sb, b1, usage)."""
     t_sb: list[float] = []
     t_b1: list[float] = []
     t_tu: list[float] = []
@@ -104,6 +104,7 @@ def main() -> int:
     ap.add_argument("--dir", help="base directory for the trees (default: a new temp dir under /tmp)")
     ap.add_argument("--repeat", type=int, default=5, help="warm runs per measurement (median is printed)")
     ap.add_argument("--threads", type=int, default=0, help="tree_usage threads (0 = default policy)")
+    ap.add_argument("--cold-repeat", type=int, default=3, help="cold runs per measurement (median is printed)")
     ap.add_argument("--no-cold", action="store_true", help="skip the cold-cache rows")
     ap.add_argument("--keep", action="store_true", help="keep the generated trees")
     args = ap.parse_args()
@@ -112,16 +113,21 @@ def main() -> int:
     base = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="usage-walk-bench-", dir="/tmp"))
     base.mkdir(parents=True, exist_ok=True)
     cold_ok = not args.no_cold and drop_caches()
-    print(f"implementation={walk.IMPLEMENTATION} threads={args.threads or min(4, os.cpu_count() or 1)} "
-          f"cpus={os.cpu_count()} base={base}")
+    print(
+        f"implementation={walk.IMPLEMENTATION} threads={args.threads or min(4, os.cpu_count() or 1)} "
+        f"cpus={os.cpu_count()} base={base}"
+    )
     if not args.no_cold and not cold_ok:
         print("cold: skipped (not root)")
 
-    header = f"{'files':>7} {'shape':>6} {'dirs':>6} {'cache':>5} {'du -sb':>8} {'du -B1':>8} {'tree_usage':>10} " \
-             f"{'ratio':>6}  check"
+    header = (
+        f"{'files':>7} {'shape':>6} {'dirs':>6} {'cache':>5} {'du -sb':>8} {'du -B1':>8} {'tree_usage':>10} "
+        f"{'ratio':>6}  check"
+    )
     print(header)
     print("-" * len(header))
     failed = False
+    runs = {"warm": args.repeat, "cold": args.cold_repeat}
     try:
         for nfiles in sizes:
             for shape, per_dir in SHAPES.items():
@@ -132,7 +138,7 @@ def main() -> int:
                 ndirs = build_tree(root, nfiles, per_dir)
                 modes = ["warm", "cold"] if cold_ok else ["warm"]
                 for mode in modes:
-                    t_sb, t_b1, t_tu, sb, b1, u = measure(root, args.repeat, args.threads, mode == "cold")
+                    t_sb, t_b1, t_tu, sb, b1, u = measure(root, runs[mode], args.threads, mode == "cold")
                     ok = (
                         sb == u.size_bytes + os.lstat(root).st_size
                         and b1 == u.allocated_bytes
@@ -142,8 +148,11 @@ def main() -> int:
                     failed |= not ok
                     verdict = "MATCH" if ok else f"MISMATCH du-sb={sb} du-B1={b1} {u}"
                     ratio = t_tu / min(t_sb, t_b1)
-                    print(f"{nfiles:>7} {shape:>6} {ndirs:>6} {mode:>5} {t_sb:>8.4f} {t_b1:>8.4f} {t_tu:>10.4f} "
-                          f"{ratio:>6.2f}  {verdict}", flush=True)
+                    print(
+                        f"{nfiles:>7} {shape:>6} {ndirs:>6} {mode:>5} {t_sb:>8.4f} {t_b1:>8.4f} {t_tu:>10.4f} "
+                        f"{ratio:>6.2f}  {verdict}",
+                        flush=True,
+                    )
                 if not args.keep:
                     shutil.rmtree(root)
     finally:

@@ -56,6 +56,25 @@ STEPS: Sequence[Sequence[str]] = (
             state TEXT NOT NULL, done INTEGER NOT NULL, total INTEGER, error TEXT,
             created_at REAL NOT NULL, updated_at REAL NOT NULL)""",
     ),
+    # 3: layout-2 -> 3 migration, one row per folder: intent recorded before the rename, done after
+    (
+        """CREATE TABLE layout_moves (
+            volume TEXT NOT NULL, folder_id TEXT NOT NULL, qsid TEXT NOT NULL,
+            state TEXT NOT NULL, job_id TEXT, updated_at REAL NOT NULL,
+            PRIMARY KEY (volume, folder_id))""",
+    ),
+    # 4: the usage engine's compact per-directory aggregates (integer vfolder ids keep rows small)
+    (
+        """CREATE TABLE usage_vfolders (
+            id INTEGER PRIMARY KEY, volume TEXT NOT NULL, qsid TEXT NOT NULL, folder_id TEXT NOT NULL,
+            scanned_at REAL, rescan_requested REAL,
+            UNIQUE (volume, qsid, folder_id))""",
+        """CREATE TABLE usage_dirs (
+            vf INTEGER NOT NULL, relpath TEXT NOT NULL, ino INTEGER NOT NULL,
+            entries INTEGER NOT NULL, size_bytes INTEGER NOT NULL, allocated_bytes INTEGER NOT NULL,
+            own_allocated INTEGER NOT NULL, links TEXT,
+            PRIMARY KEY (vf, relpath)) WITHOUT ROWID""",
+    ),
 )
 
 SCHEMA_VERSION = len(STEPS)

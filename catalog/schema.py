@@ -120,3 +120,40 @@ jobs = sa.Table(
     sa.Column("created_at", sa.Float, nullable=False),
     sa.Column("updated_at", sa.Float, nullable=False),
 )
+
+layout_moves = sa.Table(
+    "layout_moves",
+    metadata,
+    sa.Column("volume", sa.Text, primary_key=True),
+    sa.Column("folder_id", sa.Text, primary_key=True),  # 32 lowercase hex digits
+    sa.Column("qsid", sa.Text, nullable=False),
+    sa.Column("state", sa.Text, nullable=False),  # intent | done
+    sa.Column("job_id", sa.Text),
+    sa.Column("updated_at", sa.Float, nullable=False),
+)
+
+usage_vfolders = sa.Table(
+    "usage_vfolders",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("volume", sa.Text, nullable=False),
+    sa.Column("qsid", sa.Text, nullable=False),
+    sa.Column("folder_id", sa.Text, nullable=False),
+    sa.Column("scanned_at", sa.Float),  # when the last full scan landed
+    sa.Column("rescan_requested", sa.Float),  # set by `storage-agent scan` for a running agent to pick up
+    sa.UniqueConstraint("volume", "qsid", "folder_id"),
+)
+
+usage_dirs = sa.Table(
+    "usage_dirs",
+    metadata,
+    sa.Column("vf", sa.Integer, primary_key=True),  # usage_vfolders.id
+    sa.Column("relpath", sa.Text, primary_key=True),  # "" = the vfolder root
+    sa.Column("ino", sa.Integer, nullable=False),
+    sa.Column("entries", sa.Integer, nullable=False),  # the directory's own entries only
+    sa.Column("size_bytes", sa.Integer, nullable=False),
+    sa.Column("allocated_bytes", sa.Integer, nullable=False),  # hard-linked non-directories excluded
+    sa.Column("own_allocated", sa.Integer, nullable=False),
+    sa.Column("links", sa.Text),  # "dev:ino:allocated:size;..." of entries with nlink > 1, NULL if none
+    sqlite_with_rowid=False,
+)

@@ -8,6 +8,7 @@ cd "$(dirname "$0")/.."
 APT_PACKAGES=(fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv attr)
 if [[ "${1:-}" == "--test" ]]; then
     APT_PACKAGES+=(btrfs-progs xfsprogs e2fsprogs util-linux)
+    APT_PACKAGES+=(postgresql systemd)  # migration tests (a throwaway cluster); systemd-analyze for the .deb test
 fi
 
 missing=()
@@ -33,7 +34,7 @@ fi
 extras="fuse"
 [[ "${1:-}" == "--test" ]] && extras="fuse,test"
 stamp=".venv/.installed-$extras"
-if [[ ! -f "$stamp" || pyproject.toml -nt "$stamp" || setup.py -nt "$stamp" || backends/_fastwalk.c -nt "$stamp" ]]; then
+if [[ ! -f "$stamp" || pyproject.toml -nt "$stamp" || setup.py -nt "$stamp" || backends/_fastwalk.c -nt "$stamp" || agent/usage_engine/_dirread.c -nt "$stamp" ]]; then
     echo "dev-deps: installing the project into .venv ($extras)"
     reqs=()
     if [[ "${1:-}" == "--test" && -f ../shared/conformance/requirements.txt ]]; then

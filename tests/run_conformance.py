@@ -1,5 +1,8 @@
 """Run ../shared/conformance against a freshly started agent (free ports, temporary vfs volume).
 
+With ``--volume-backend btrfs --volume-path <dir on a btrfs mount>`` the volume under test is of that
+backend instead (tests/test_backend_btrfs.py runs it so on a loop-mounted image).
+
 Tests listed in tests/conformance-pending.txt (one id a line; '#' comments) are
 deselected. Exits with pytest's status; fails too if the agent logged a server error.
 """
@@ -30,6 +33,8 @@ def pending_ids() -> list[str]:
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--shared", default=str(ROOT.parent / "shared"))
+    parser.add_argument("--volume-backend", default="vfs", help="backend of the volume under test (default vfs)")
+    parser.add_argument("--volume-path", help="root of the volume under test (default: a fresh temporary directory)")
     parser.add_argument("pytest_args", nargs="*")
     args = parser.parse_args()
     suite = Path(args.shared).resolve() / "conformance"
@@ -38,7 +43,14 @@ def main() -> int:
         return 2
     with tempfile.TemporaryDirectory(prefix="sa-conformance-") as tmp, \
             tempfile.TemporaryDirectory(prefix="sa-outside-") as outside:
-        agent = make_agent(Path(tmp)).start()
+        volumes = None
+        if args.volume_path or args.volume_backend != "vfs":
+            root = Path(args.volume_path or Path(tmp) / "volume")
+            root.mkdir(parents=True, exist_ok=True)
+            if not (root / "version.txt").exists():
+                (root / "version.txt").write_text("3\n")
+            volumes = {"local": {"backend": args.volume_backend, "path": str(root)}}
+        agent = make_agent(Path(tmp), volumes=volumes).start()
         env = dict(
             os.environ,
             ACC_MANAGER_URL=agent.manager_url,

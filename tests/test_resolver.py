@@ -158,3 +158,25 @@ def test_directory_swapped_for_a_symlink_never_leaks(root: VFolderRoot, layout) 
         t.join()
     assert seen_inside > 0
     assert (outside / "secret.txt").read_bytes() == CANARY
+
+
+def test_deep_trees_are_deleted_without_recursion_limits(root: VFolderRoot, layout) -> None:  # noqa: ANN001
+    """A user's tree thousands of levels deep: delete works (Python's rmtree would hit RecursionError)."""
+    _, vf, outside = layout
+    fd = os.open(vf, os.O_RDONLY | os.O_DIRECTORY)
+    top = fd
+    os.mkdir("deep", dir_fd=fd)
+    fd = os.open("deep", os.O_RDONLY | os.O_DIRECTORY, dir_fd=top)
+    for _ in range(3000):
+        os.mkdir("d", dir_fd=fd)
+        with open(os.open("f", os.O_WRONLY | os.O_CREAT, dir_fd=fd), "wb") as f:
+            f.write(b"x")
+        nxt = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+        os.close(fd)
+        fd = nxt
+    os.symlink(outside, "link-out", dir_fd=fd)
+    os.close(fd)
+    os.close(top)
+    files.delete(root, ["deep"], recursive=True)
+    assert os.listdir(vf) == []
+    assert (outside / "secret.txt").read_bytes() == CANARY

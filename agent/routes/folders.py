@@ -79,13 +79,15 @@ async def set_metadata(request: web.Request) -> web.Response:
 async def folder_usage(request: web.Request) -> web.Response:
     p = await parse(request, VFolderParams)
     agent = agent_of(request)
-    u = await usage.measure(agent, agent.volume(p.volume), p.vfid)
-    return web.json_response(u.as_json())
+    u = await usage.get(agent, agent.volume(p.volume), p.vfid)
+    return web.json_response(usage.as_json(u))
 
 
 @routes.get("/folder/used-bytes")
 async def used_bytes(request: web.Request) -> web.Response:
     p = await parse(request, VFolderParams)
     agent = agent_of(request)
-    u = await usage.measure(agent, agent.volume(p.volume), p.vfid)
-    return web.json_response({"used_bytes": u.allocated_bytes, "measured_at": u.measured_at, "source": u.source})
+    u = await usage.get(agent, agent.volume(p.volume), p.vfid)
+    return web.json_response(
+        {"used_bytes": u.allocated_bytes, "measured_at": u.measured_at, "source": u.source, "stale": u.stale}
+    )

@@ -1,0 +1,122 @@
+"""The terminal side of ``storage-agent migrate``: mapping source, progress bar, report, exit status."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from agent.config import Config
+from agent.migrate import MigrationError, Progress, Report, mapping_from_csv, mapping_from_postgres, migrate
+from catalog import Catalog
+
+SHOWN = 20  # folder ids listed per problem kind; --json lists them all
+
+
+def _match_owner(db_path: Path) -> None:
+    """Run as root, keep the catalogue files owned by the user that owns their directory (the agent's)."""
+    if os.geteuid() != 0:
+        return
+    st = os.stat(db_path.parent)
+    for suffix in ("", "-wal", "-shm"):
+        path = Path(f"{db_path}{suffix}")
+        try:
+            if path.stat().st_uid != st.st_uid:
+                os.chown(path, st.st_uid, st.st_gid)
+        except FileNotFoundError:
+            pass
+
+
+@contextmanager
+def _progress_bar(enabled: bool) -> Iterator[Progress | None]:
+    if not enabled:
+        yield None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(
+        TextColumn("migrating"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), transient=False
+    ) as bar:
+        task = bar.add_task("migrate", total=None)
+
+        def update(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        yield update
+
+
+async def _run(config: Config, args: argparse.Namespace, mapping: dict[str, str], progress: Progress | None) -> Report:
+    db_path = Path(config.catalog.path)
+    catalog = await Catalog.open(db_path)
+    _match_owner(db_path)
+    try:
+        return await migrate(
+            config.volume[args.volume].path,
+            args.volume,
+            catalog,
+            mapping,
+            dry_run=args.dry_run,
+            progress=progress,
+            max_rate=args.max_rate,
+        )
+    finally:
+        await catalog.close()
+        _match_owner(db_path)
+
+
+def _print(report: Report) -> None:
+    def listing(title: str, items: list[str]) -> None:
+        if not items:
+            return
+        print(f"{title} ({len(items)}):")
+        for item in items[:SHOWN]:
+            print(f"  {item}")
+        if len(items) > SHOWN:
+            print(f"  ... and {len(items) - SHOWN} more (--json lists all)")
+
+    if report.already_migrated:
+        print(f"volume {report.volume}: {report.root} is already at layout 3; nothing to do")
+        return
+    verb = "would move" if report.dry_run else "moved"
+    print(
+        f"volume {report.volume}: {report.found} old-layout folder(s) found, {verb} "
+        f"{report.planned if report.dry_run else report.moved}"
+        + (f", {report.recovered} finished from an interrupted run" if report.recovered else "")
+        + f" in {report.seconds:.1f} s"
+    )
+    listing("NOT in the mapping, left in place", report.unmapped)
+    listing("conflicts, left in place", report.conflicts)
+    listing("failed", report.failed)
+    if report.version_written:
+        print(f"wrote {report.root}/version.txt = 3: the agent serves this volume "
+              "(a running one from its next request)")
+    elif not report.dry_run:
+        print("version.txt NOT written: fix the mapping or the problems above and run migrate again")
+
+
+def run_migrate(config: Config, args: argparse.Namespace) -> int:
+    if args.volume not in config.volume:
+        print(f"storage-agent: no volume {args.volume!r} in the config (have: {', '.join(config.volume)})",
+              file=sys.stderr)
+        return 2
+    try:
+        mapping = mapping_from_csv(args.mapping) if args.mapping else mapping_from_postgres(args.dsn)
+        with _progress_bar(sys.stderr.isatty() and not args.json and not args.dry_run) as progress:
+            report = asyncio.run(_run(config, args, mapping, progress))
+    except MigrationError as e:
+        print(f"storage-agent: migrate: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(dataclasses.asdict(report) | {"complete": report.complete}, indent=2))
+    else:
+        _print(report)
+    return 0 if report.complete else 4
+
+
+__all__ = ["run_migrate"]

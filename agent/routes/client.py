@@ -1,0 +1,220 @@
+"""The client API: ``GET /download`` and tus ``OPTIONS``/``HEAD``/``PATCH /upload``.
+
+End users' browsers and SDKs call these with a token the manager obtained
+from the manager API. The token is verified before anything touches a file;
+the paths it carries (and ``dst_dir`` from the query) are then resolved by the
+one resolver beneath the vfolder root, so a valid token is never a way out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import stat
+from typing import Any
+
+from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+
+from agent import downloads, tokens, uploads
+from agent.context import Agent, agent_of
+from agent.errors import ApiError, malformed
+from backends.base import Volume
+from backends.ids import VFolderID
+from backends.resolver import VFolderRoot, check_relpath, fs_errors
+
+routes = web.RouteTableDef()
+
+TUS_VERSION = "1.0.0"
+TUS_CONTENT_TYPE = "application/offset+octet-stream"
+CORS_HEADERS = {
+    "Access-Control-Allow-Origin": "*",
+    "Access-Control-Allow-Methods": "GET, HEAD, OPTIONS, PATCH",
+    "Access-Control-Allow-Headers": (
+        "Authorization, Content-Type, Range, If-Range, Tus-Resumable, Upload-Offset, Upload-Length, "
+        "Upload-Metadata, X-Requested-With, X-HTTP-Method-Override"
+    ),
+    "Access-Control-Expose-Headers": (
+        "Upload-Offset, Upload-Length, Tus-Resumable, Tus-Version, Tus-Max-Size, Content-Disposition, "
+        "Content-Range, Content-Length, Last-Modified, ETag"
+    ),
+    "Access-Control-Max-Age": "86400",
+}
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+async def add_cors_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """``on_response_prepare`` hook of the client app: browsers may call every route (and read its errors)."""
+    for key, value in CORS_HEADERS.items():
+        response.headers.setdefault(key, value)
+
+
+def _flag(request: web.Request, name: str) -> bool | None:
+    value = request.query.get(name)
+    if value is None:
+        return None
+    if value.lower() in _TRUE:
+        return True
+    if value.lower() in _FALSE:
+        return False
+    raise malformed(f"query parameter {name} must be true or false, not {value!r}")
+
+
+def _claims(request: web.Request, op: tokens.Op) -> dict[str, Any]:
+    agent = agent_of(request)
+    return tokens.verify(agent.config.storage_proxy.secret.get_secret_value(), request.query.get("token"), op)
+
+
+def _claim_str(claims: dict[str, Any], name: str) -> str:
+    value = claims.get(name)
+    if not isinstance(value, str):
+        raise ApiError(403, f"invalid token: the {name} claim is missing or not a string", "invalid-token")
+    return value
+
+
+def _join(dst_dir: str | None, relpath: str) -> str:
+    check_relpath(relpath)
+    if not dst_dir:
+        return relpath
+    check_relpath(dst_dir)
+    return f"{dst_dir.rstrip('/')}/{relpath}"
+
+
+# -- download ---------------------------------------------------------------------
+
+
+def _open_root(agent: Agent, claims: dict[str, Any]) -> tuple[VFolderRoot, str]:
+    """The root the token grants (its vfolder, or the manager's unmanaged host path) and a fallback name."""
+    vol: Volume = agent.volume(_claim_str(claims, "volume"))
+    unmanaged = claims.get("unmanaged_path")
+    if unmanaged is not None:
+        if not isinstance(unmanaged, str) or not os.path.isabs(unmanaged):
+            raise ApiError(403, "invalid token: unmanaged_path must be an absolute path", "invalid-token")
+        try:
+            fd = os.open(unmanaged, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as e:
+            raise ApiError(
+                404, f"unmanaged path {unmanaged} is not a directory: {e.strerror}", "file-not-found"
+            ) from None
+        return VFolderRoot(fd, unmanaged), os.path.basename(unmanaged.rstrip("/")) or "download"
+    try:
+        vfid = VFolderID.parse(claims.get("vfid"))
+    except ValueError:
+        raise ApiError(403, "invalid token: bad vfid claim", "invalid-token") from None
+    return vol.open_vfolder(vfid), vfid.hex
+
+
+def _open_entry(root: VFolderRoot, path: str) -> tuple[int, os.stat_result]:
+    """Open what ``path`` names beneath the root: a regular file (blocking reads) or a directory."""
+    with fs_errors(path):
+        try:
+            fd = root.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO cannot hang the worker
+        except (FileNotFoundError, NotADirectoryError):
+            raise ApiError(404, f"no such file: {path}", "file-not-found", errno=errno.ENOENT, paths=[path]) from None
+        try:
+            st = os.fstat(fd)
+            if stat.S_ISREG(st.st_mode):
+                os.set_blocking(fd, True)
+            elif not stat.S_ISDIR(st.st_mode):
+                raise ApiError(400, f"{path} is not a regular file or directory", "invalid-api-params", paths=[path])
+        except BaseException:
+            os.close(fd)
+            raise
+    return fd, st
+
+
+def _open_download(agent: Agent, claims: dict[str, Any], path: str) -> tuple[int, os.stat_result, str]:
+    root, fallback = _open_root(agent, claims)
+    with root:
+        fd, st = _open_entry(root, path)
+    name = path.rstrip("/").rpartition("/")[2]
+    return fd, st, fallback if name in ("", ".", "..") else name
+
+
+@routes.get("/download")
+async def download(request: web.Request) -> web.StreamResponse:
+    claims = _claims(request, "download")
+    agent = agent_of(request)
+    path = _join(request.query.get("dst_dir") or None, _claim_str(claims, "relpath"))
+    archive = _flag(request, "archive")
+    if archive is None:
+        archive = claims.get("archive") is True
+    no_cache = bool(_flag(request, "no_cache"))
+    fd, st, name = await asyncio.to_thread(_open_download, agent, claims, path)
+    if stat.S_ISDIR(st.st_mode):
+        if not archive:
+            os.close(fd)
+            raise ApiError(
+                400,
+                f"{path} is a directory; ask for it with archive=true to get a zip",
+                "invalid-api-params",
+                paths=[path],
+            )
+        with fs_errors(path):
+            return await downloads.send_zip(request, fd, name, no_cache=no_cache)
+    try:
+        return await downloads.send_file(request, fd, st, name, no_cache=no_cache)
+    finally:
+        os.close(fd)
+
+
+# -- tus upload -------------------------------------------------------------------------
+
+
+def _tus_headers(**extra: str) -> dict[str, str]:
+    return {"Tus-Resumable": TUS_VERSION, **extra}
+
+
+def _check_tus_version(request: web.Request) -> None:
+    version = request.headers.get("Tus-Resumable")
+    if version is not None and version.strip() != TUS_VERSION:
+        raise ApiError(
+            412,
+            f"Tus-Resumable {version!r} is not supported; this server speaks {TUS_VERSION}",
+            "unsupported-tus-version",
+            tus_version=TUS_VERSION,
+        )
+
+
+@routes.options("/upload")
+async def upload_options(request: web.Request) -> web.Response:
+    max_size = agent_of(request).config.storage_proxy.max_upload_size
+    return web.Response(status=204, headers=_tus_headers(**{"Tus-Version": TUS_VERSION, "Tus-Max-Size": str(max_size)}))
+
+
+@routes.head("/upload")
+async def upload_head(request: web.Request) -> web.Response:
+    claims = _claims(request, "upload")
+    _check_tus_version(request)
+    agent = agent_of(request)
+    upload = await uploads.open_upload(agent, claims, request.query.get("dst_dir") or None)
+    offset = await uploads.offset_of(agent, upload)
+    headers = _tus_headers(
+        **{"Upload-Offset": str(offset), "Upload-Length": str(upload.row.size), "Cache-Control": "no-store"}
+    )
+    return web.Response(status=200, headers=headers)
+
+
+@routes.patch("/upload")
+async def upload_patch(request: web.Request) -> web.Response:
+    claims = _claims(request, "upload")
+    _check_tus_version(request)
+    content_type = request.headers.get("Content-Type", "").split(";")[0].strip().lower()
+    if content_type != TUS_CONTENT_TYPE:
+        raise ApiError(
+            415,
+            f"a tus PATCH body must be {TUS_CONTENT_TYPE}, not {content_type or 'untyped'}",
+            "unsupported-media-type",
+        )
+    raw = request.headers.get("Upload-Offset")
+    if raw is None or not raw.strip().isdigit():
+        raise malformed("the Upload-Offset header (a non-negative integer) is required")
+    agent = agent_of(request)
+    upload = await uploads.open_upload(agent, claims, request.query.get("dst_dir") or None)
+    try:
+        new = await uploads.append(agent, upload, int(raw), request.content, request.content_length)
+    except (ConnectionError, HttpProcessingError):  # the body broke off; what arrived was kept and HEAD reports it
+        raise malformed("the connection was lost before the whole PATCH body arrived") from None
+    return web.Response(status=204, headers=_tus_headers(**{"Upload-Offset": str(new)}))

@@ -1,0 +1,596 @@
+"""tus 1.0.0 upload sessions: bytes staged outside every vfolder, durable offsets, atomic publication.
+
+A session is a catalogue row (created by ``POST /folder/file/upload``). Its
+bytes go to ``<volume root>/<qsid>/.staging/upload-<session>``: the same
+filesystem (and btrfs subvolume / XFS project) as the scope's vfolders, so the
+final move is a rename, but outside every vfolder's tree, so a partial upload
+is never listed and never counted as vfolder usage.
+
+Durability rule: a PATCH writes its bytes, ``fdatasync``\\ s the staged file
+and only then records the new offset (``received``) in the catalogue. So the
+recorded offset never runs ahead of the bytes on disk, and after a kill -9
+(or a power cut) ``HEAD`` reports only bytes that are really there. Bytes in
+the staged file past the recorded offset were never acknowledged to the
+client (the PATCH that wrote them did not complete, or its ``fdatasync`` had
+not returned) and may not even be durable, so on restart and before every
+PATCH the staged file is truncated back to the recorded offset; adopting the
+longer length instead could hand the client a file with a torn or zero-filled
+tail after a power cut.
+
+Publication (when ``received`` reaches ``size``): parents are created through
+the resolver, the staged file is renamed onto ``[dst_dir/]relpath`` and the
+directory fsynced, then the session is marked complete. An existing regular
+file (or symlink) at the destination is replaced atomically — re-uploading a
+file overwrites it, as with the upstream proxy — but a directory never is
+(the kernel refuses with EISDIR → 409). If the agent dies between recording
+the last bytes and publishing, the next ``HEAD`` or ``PATCH`` publishes; if it
+dies after publishing but before marking complete, the staged file is gone
+and the session is marked complete then.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import ctypes
+import dataclasses
+import errno
+import logging
+import os
+import posixpath
+import stat
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import StreamReader
+
+from agent.errors import ApiError
+from backends import files
+from backends.errors import BackendError, FileOpError, InvalidPath
+from backends.ids import VFolderID
+from backends.mounted import STAGING, MountedVolume
+from backends.resolver import RESOLVE_BENEATH, RESOLVE_NO_SYMLINKS, check_relpath, fs_errors, openat2
+
+if TYPE_CHECKING:
+    from agent.context import Agent
+    from catalog.store import UploadSessionRow
+
+log = logging.getLogger(__name__)
+
+PREFIX = "upload-"
+WRITE_BATCH = 4 << 20  # bytes gathered from the socket before one pwritev
+MAX_PARTS = 512  # buffers in one pwritev (IOV_MAX is 1024 on Linux)
+_STAGED_FLAGS = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def staged_name(session_id: str) -> str:
+    return PREFIX + session_id
+
+
+def _start_writeback(fd: int, offset: int, length: int) -> None:
+    """Ask the kernel to start writing a range back now, so the closing fdatasync has little left to wait for."""
+    try:
+        _libc.sync_file_range(fd, ctypes.c_int64(offset), ctypes.c_int64(length), _SYNC_FILE_RANGE_WRITE)
+    except AttributeError:  # pragma: no cover - non-glibc
+        pass
+
+
+# -- per-session serialisation ----------------------------------------------------
+
+_locks: dict[str, asyncio.Lock] = {}
+_users: collections.Counter[str] = collections.Counter()
+
+
+@asynccontextmanager
+async def _session_lock(session_id: str) -> AsyncIterator[bool]:
+    """Hold the session's lock and yield True, or yield False at once when someone else holds it.
+
+    Never waiting keeps a second PATCH from queueing behind a long one (it gets 409 and HEADs again)."""
+    lock = _locks.setdefault(session_id, asyncio.Lock())
+    _users[session_id] += 1
+    try:
+        if lock.locked():
+            yield False
+            return
+        async with lock:
+            yield True
+    finally:
+        _users[session_id] -= 1
+        if _users[session_id] <= 0:
+            del _users[session_id]
+            _locks.pop(session_id, None)
+
+
+# -- the session named by a token ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Upload:
+    row: UploadSessionRow
+    vol: MountedVolume
+    vfid: VFolderID
+    target: str  # path inside the vfolder where the finished file goes
+
+    @property
+    def session_id(self) -> str:
+        return self.row.session_id
+
+
+def _no_session(session_id: object) -> ApiError:
+    return ApiError(404, f"no such upload session: {session_id}", "no-such-upload-session")
+
+
+def target_path(relpath: str, dst_dir: str | None) -> str:
+    """``[dst_dir/]relpath``, refused early (before any byte is written) when it cannot name a file inside."""
+    check_relpath(relpath)
+    path = relpath
+    if dst_dir:
+        check_relpath(dst_dir)
+        path = f"{dst_dir.rstrip('/')}/{relpath}"
+    norm = posixpath.normpath(path)
+    if norm == ".." or norm.startswith("../"):
+        raise InvalidPath(path, "resolves outside the vfolder")
+    name = path.rstrip("/").rpartition("/")[2]
+    if name in ("", ".", ".."):
+        raise InvalidPath(path, "does not name a file inside the vfolder")
+    return path
+
+
+async def open_upload(agent: Agent, claims: dict[str, Any], dst_dir: str | None) -> Upload:
+    """The live session a verified upload token names, cross-checked against the catalogue row."""
+    session_id = claims.get("session")
+    if not isinstance(session_id, str) or not session_id:
+        raise ApiError(403, "invalid token: it names no upload session", "invalid-token")
+    row = await agent.catalog.get_upload_session(session_id)
+    if row is None or row.expires_at < time.time():
+        raise _no_session(session_id)
+    try:
+        vfid = VFolderID.parse(claims.get("vfid"))
+    except ValueError:
+        raise ApiError(403, "invalid token: bad vfid claim", "invalid-token") from None
+    if (claims.get("volume"), vfid.qsid, vfid.hex, claims.get("relpath"), claims.get("size")) != (
+        row.volume,
+        row.qsid,
+        row.folder_id,
+        row.relpath,
+        row.size,
+    ):
+        raise ApiError(403, "invalid token: its claims do not match the upload session", "invalid-token")
+    vol = agent.volume(row.volume)
+    if not isinstance(vol, MountedVolume):
+        raise ApiError(400, f"volume {vol.name!r} does not take uploads", "unsupported-operation")
+    upload = Upload(row, vol, vfid, target_path(row.relpath, dst_dir))
+    await asyncio.to_thread(_check_target, upload)
+    return upload
+
+
+def _check_target(upload: Upload) -> None:
+    """Refuse, before any byte is written, a target that escapes (through the deepest existing
+    directory on the way) or that is an existing directory."""
+    target = upload.target
+    head = target.rpartition("/")[0] or "."
+    with fs_errors(target), upload.vol.open_vfolder(upload.vfid) as root:
+        parts = [p for p in head.split("/") if p not in ("", ".")]
+        for i in range(len(parts), -1, -1):
+            try:
+                fd = root.open("/".join(parts[:i]) or ".", os.O_PATH)
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            os.close(fd)
+            break
+        try:
+            with root.parent(target) as (dfd, name):
+                st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        if stat.S_ISDIR(st.st_mode):
+            raise ApiError(
+                409, f"{target} is an existing directory; an upload cannot replace it", "conflict", paths=[target]
+            )
+
+
+# -- staging area -------------------------------------------------------------------
+
+
+def _open_staging(vol: MountedVolume, qsid: str, *, create: bool) -> int:
+    """An O_PATH descriptor of the scope's staging directory, reached with no symlink anywhere."""
+    base = os.open(vol.root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for _ in range(5):
+            try:
+                return openat2(
+                    base, f"{qsid}/{STAGING}", os.O_PATH | os.O_DIRECTORY, RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS
+                )
+            except FileNotFoundError:
+                if not create:
+                    raise
+            scope = openat2(base, qsid, os.O_PATH | os.O_DIRECTORY, RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)
+            try:
+                os.mkdir(STAGING, 0o700, dir_fd=scope)
+            except FileExistsError:
+                pass
+            finally:
+                os.close(scope)
+        raise OSError(errno.ENOENT, "staging directory keeps disappearing", STAGING)
+    finally:
+        os.close(base)
+
+
+def _open_staged(vol: MountedVolume, qsid: str, session_id: str) -> int:
+    """The staged file, created empty if needed. Retries when a concurrent cleanup removed the empty staging dir."""
+    for _ in range(5):
+        sdir = _open_staging(vol, qsid, create=True)
+        try:
+            return os.open(staged_name(session_id), _STAGED_FLAGS, 0o600, dir_fd=sdir)
+        except FileNotFoundError:
+            continue
+        finally:
+            os.close(sdir)
+    raise OSError(errno.ENOENT, "staging directory keeps disappearing", STAGING)
+
+
+def staged_size(vol: MountedVolume, qsid: str, session_id: str) -> int | None:
+    try:
+        sdir = _open_staging(vol, qsid, create=False)
+    except FileNotFoundError:
+        return None
+    try:
+        return os.stat(staged_name(session_id), dir_fd=sdir, follow_symlinks=False).st_size
+    except FileNotFoundError:
+        return None
+    finally:
+        os.close(sdir)
+
+
+def remove_staged(vol: MountedVolume, qsid: str, session_id: str) -> None:
+    try:
+        sdir = _open_staging(vol, qsid, create=False)
+    except FileNotFoundError:
+        return
+    try:
+        os.unlink(staged_name(session_id), dir_fd=sdir)
+    except FileNotFoundError:
+        pass
+    finally:
+        os.close(sdir)
+
+
+def truncate_staged(vol: MountedVolume, qsid: str, session_id: str, length: int) -> None:
+    sdir = _open_staging(vol, qsid, create=False)
+    try:
+        fd = os.open(staged_name(session_id), os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=sdir)
+    finally:
+        os.close(sdir)
+    try:
+        os.ftruncate(fd, length)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _pwrite_all(fd: int, parts: list[bytes], pos: int) -> None:
+    """Write the buffers at ``pos`` with one pwritev (no joining copy); a short write finishes with pwrite."""
+    length = sum(len(p) for p in parts)
+    done = os.pwritev(fd, parts, pos) if parts else 0
+    if done < length:
+        rest = memoryview(b"".join(parts))[done:]
+        while rest:
+            n = os.pwrite(fd, rest, pos + done)
+            rest = rest[n:]
+            done += n
+    _start_writeback(fd, pos, length)
+
+
+# -- HEAD and PATCH -------------------------------------------------------------------
+
+
+async def offset_of(agent: Agent, upload: Upload) -> int:
+    """The durable offset for HEAD.
+
+    A session whose bytes have all arrived but that is not published yet (the agent died in between, or it
+    is a zero-byte upload, for which tus clients send no PATCH at all) is published now.
+    """
+    row = upload.row
+    if row.state == "complete":
+        return row.size
+    if row.received == row.size:
+        async with _session_lock(row.session_id) as mine:
+            if mine:
+                try:
+                    await _publish(agent, upload)
+                except (ApiError, BackendError) as e:  # HEAD has no body to explain it; the next PATCH will
+                    log.warning("upload %s: cannot publish to %s: %s", row.session_id, upload.target, e)
+    return row.received
+
+
+class _TooMuch(Exception):
+    """The body carries bytes past the declared size."""
+
+
+async def append(agent: Agent, upload: Upload, offset: int, body: StreamReader, declared: int | None) -> int:
+    """Append a PATCH body at ``offset``; returns the new durable offset."""
+    async with _session_lock(upload.session_id) as mine:
+        if not mine:
+            raise ApiError(
+                409, "another PATCH for this upload is in progress; HEAD for the offset and retry", "conflict"
+            )
+        row = await agent.catalog.get_upload_session(upload.session_id)  # fresh, under the lock
+        if row is None:
+            raise _no_session(upload.session_id)
+        upload = Upload(row, upload.vol, upload.vfid, upload.target)
+        max_size = agent.config.storage_proxy.max_upload_size
+        if row.size > max_size:
+            raise ApiError(413, f"upload size {row.size} exceeds max-upload-size {max_size}", "upload-too-large")
+        if offset != row.received:
+            raise ApiError(
+                409,
+                f"Upload-Offset {offset} does not match the current offset {row.received}",
+                "conflict",
+                offset=row.received,
+            )
+        if row.state == "complete":
+            if declared:
+                raise ApiError(413, "the upload is already complete", "upload-too-large")
+            return row.size
+        remaining = row.size - offset
+        if declared is not None and declared > remaining:
+            raise ApiError(
+                413, f"the body ({declared} bytes) goes past the declared size ({row.size} bytes)", "upload-too-large"
+            )
+        fd = await asyncio.to_thread(_prepare_staged, upload)
+        try:
+            got = await _receive(body, fd, offset, remaining)
+        except _TooMuch:
+            await asyncio.to_thread(_rollback, fd, offset)
+            raise ApiError(
+                413, f"the body goes past the declared size ({row.size} bytes); nothing was written", "upload-too-large"
+            ) from None
+        except BaseException as e:
+            # the client went away or a write failed: keep what was written durably (tus: store as much as possible)
+            got = await asyncio.shield(asyncio.to_thread(_durable_length, fd, offset))
+            if got:
+                await asyncio.shield(agent.catalog.update_upload_session(row.session_id, received=offset + got))
+            if isinstance(e, OSError) and not isinstance(e, ConnectionError):  # ENOSPC, EDQUOT, EIO ...
+                raise FileOpError(e.errno or errno.EIO, e.strerror or str(e), [upload.target]) from None
+            raise
+        finally:
+            await asyncio.shield(asyncio.to_thread(os.close, fd))
+        new = offset + got
+        if got:
+            await agent.catalog.update_upload_session(row.session_id, received=new)
+        if new == row.size:
+            await _publish(agent, dataclasses.replace(upload, row=dataclasses.replace(row, received=new)))
+        return new
+
+
+def _prepare_staged(upload: Upload) -> int:
+    """Open the staged file at exactly the recorded offset: cut an unacknowledged tail, notice lost bytes."""
+    row = upload.row
+    with fs_errors(upload.target):
+        fd = _open_staged(upload.vol, row.qsid, row.session_id)
+        try:
+            size = os.fstat(fd).st_size
+            if size > row.received:
+                os.ftruncate(fd, row.received)
+            elif size < row.received:
+                raise OSError(errno.EIO, f"staged bytes were lost ({size} of {row.received} left)")
+        except BaseException:
+            os.close(fd)
+            raise
+    return fd
+
+
+async def _receive(body: StreamReader, fd: int, offset: int, limit: int) -> int:
+    """Copy the body into the staged file from ``offset``; at most ``limit`` bytes, then fdatasync.
+
+    Writing one batch overlaps with reading the next from the socket.
+    """
+    pos = offset
+    total = 0
+    parts: list[bytes] = []
+    gathered = 0
+    pending: asyncio.Future[None] | None = None
+    try:
+        while True:
+            chunk = await body.readany()
+            if not chunk:
+                break
+            total += len(chunk)
+            if total > limit:
+                raise _TooMuch
+            parts.append(chunk)
+            gathered += len(chunk)
+            if gathered >= WRITE_BATCH or len(parts) >= MAX_PARTS:
+                if pending is not None:
+                    await pending
+                pending = asyncio.ensure_future(asyncio.to_thread(_pwrite_all, fd, parts, pos))
+                pos += gathered
+                parts, gathered = [], 0
+        if pending is not None:
+            await pending
+            pending = None
+        if parts:
+            await asyncio.to_thread(_pwrite_all, fd, parts, pos)
+            pos += gathered
+        await asyncio.to_thread(os.fdatasync, fd)
+    finally:
+        if pending is not None:
+            try:
+                await asyncio.shield(pending)
+            except Exception:
+                pass
+    return pos - offset
+
+
+def _rollback(fd: int, offset: int) -> None:
+    os.ftruncate(fd, offset)
+
+
+def _durable_length(fd: int, offset: int) -> int:
+    """After an interrupted PATCH: make what reached the file durable and say how much of this PATCH that is."""
+    try:
+        length = os.fstat(fd).st_size
+        os.fdatasync(fd)
+    except OSError:
+        os.ftruncate(fd, offset)
+        return 0
+    return max(0, length - offset)
+
+
+# -- publication ----------------------------------------------------------------------
+
+
+async def _publish(agent: Agent, upload: Upload) -> None:
+    row = upload.row
+    published = await asyncio.to_thread(_move_into_place, upload)
+    if not published:
+        log.info("upload %s had already been moved into place before a restart", row.session_id)
+    await agent.catalog.update_upload_session(row.session_id, received=row.size, state="complete")
+
+
+def _move_into_place(upload: Upload) -> bool:
+    """Rename the staged file onto the target (parents created). False when it was already published."""
+    row = upload.row
+    target = upload.target
+    try:
+        sdir = _open_staging(upload.vol, row.qsid, create=row.size == 0)
+    except FileNotFoundError:
+        return False
+    try:
+        name = staged_name(row.session_id)
+        try:
+            os.stat(name, dir_fd=sdir, follow_symlinks=False)
+        except FileNotFoundError:
+            if row.size > 0:
+                return False
+            os.close(os.open(name, _STAGED_FLAGS, 0o600, dir_fd=sdir))  # a zero-byte upload never had a PATCH body
+        with upload.vol.open_vfolder(upload.vfid) as root:
+            head = target.rpartition("/")[0]
+            if head:
+                files.mkdir(root, head, parents=True, exist_ok=True)
+            with fs_errors(target), root.parent(target) as (dfd, dname):
+                try:
+                    os.rename(name, dname, src_dir_fd=sdir, dst_dir_fd=dfd)
+                except IsADirectoryError:
+                    raise ApiError(
+                        409, f"{target} is a directory; the upload was not moved there", "conflict", paths=[target]
+                    ) from None
+                dir_fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=dfd)
+                try:
+                    os.fsync(dir_fd)
+                finally:
+                    os.close(dir_fd)
+        return True
+    finally:
+        os.close(sdir)
+
+
+# -- restart and expiry ---------------------------------------------------------------
+
+
+async def reconcile(agent: Agent) -> None:
+    """At start-up: bring every open session's staged file in line with its recorded (durable) offset."""
+    for row in await agent.catalog.upload_sessions():
+        vol = agent.volumes.get(row.volume)
+        if row.state != "open" or not isinstance(vol, MountedVolume):
+            continue
+        state = agent.states.get(row.volume)
+        if state is not None and not state.serving:
+            continue
+        try:
+            length = await asyncio.to_thread(staged_size, vol, row.qsid, row.session_id)
+            if length is None:
+                if row.received == row.size and row.size > 0:
+                    await agent.catalog.update_upload_session(row.session_id, received=row.size, state="complete")
+                elif row.received:
+                    log.warning("upload %s: staged bytes are gone; the client must start again", row.session_id)
+                    await agent.catalog.update_upload_session(row.session_id, received=0)
+            elif length > row.received:
+                await asyncio.to_thread(truncate_staged, vol, row.qsid, row.session_id, row.received)
+                log.info(
+                    "upload %s: cut %d unacknowledged byte(s) back to the recorded offset %d",
+                    row.session_id,
+                    length - row.received,
+                    row.received,
+                )
+            elif length < row.received:
+                log.warning(
+                    "upload %s: staged file holds %d of %d recorded bytes; resuming from %d",
+                    row.session_id,
+                    length,
+                    row.received,
+                    length,
+                )
+                await agent.catalog.update_upload_session(row.session_id, received=length)
+        except OSError as e:
+            log.warning("upload %s: cannot check its staged file: %s", row.session_id, e)
+
+
+async def sweep(agent: Agent, now: float | None = None) -> int:
+    """Remove expired sessions (open or complete) and their staged bytes; returns how many."""
+    now = time.time() if now is None else now
+    swept = 0
+    for row in await agent.catalog.upload_sessions():
+        if row.expires_at >= now:
+            continue
+        async with _session_lock(row.session_id) as mine:
+            if not mine:
+                continue  # a PATCH is running; the next round gets it
+            vol = agent.volumes.get(row.volume)
+            if isinstance(vol, MountedVolume):
+                try:
+                    await asyncio.to_thread(remove_staged, vol, row.qsid, row.session_id)
+                except OSError as e:
+                    log.warning("upload %s: cannot remove its staged file: %s", row.session_id, e)
+                    continue
+            await agent.catalog.delete_upload_session(row.session_id)
+            swept += 1
+    if swept:
+        log.info("swept %d expired upload session(s)", swept)
+    return swept
+
+
+class UploadSweeper:
+    """Reconciles staged uploads at start-up, then removes expired sessions periodically."""
+
+    name = "upload sweeper"
+
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+        # a quarter of the session lifetime, between one second and five minutes
+        self.interval = min(300.0, max(1.0, agent.config.storage_proxy.session_expire / 4))
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await reconcile(self.agent)
+        await sweep(self.agent)
+        self._task = asyncio.create_task(self._run(), name=self.name)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                await sweep(self.agent)
+            except Exception:
+                log.exception("sweeping expired upload sessions failed")
+
+
+def sweeper(agent: Agent) -> UploadSweeper:
+    return UploadSweeper(agent)
+
+
+__all__ = ["FileOpError", "Upload", "UploadSweeper", "append", "offset_of", "open_upload", "sweep", "sweeper"]

@@ -1,0 +1,575 @@
+"""The usage engine: figures kept right by watchers, deltas and scans; answers from memory + catalogue.
+
+Every vfolder the agent serves has a :class:`VFState`: its per-directory tree (memory), the figure being
+served (written through to the catalogue), the directories events have named since the last flush, and
+its scan. Flow:
+
+* first sight / overflow / schedule -> a full scan (bounded by ``scan-concurrency``, off the event loop,
+  cancellable); it replaces the tree and every catalogue row of the vfolder at once;
+* an event names a directory -> after ``coalesce`` seconds every named directory is re-read (one scandir +
+  lstat per entry, in a worker thread), the delta applied to the tree, and all changed rows plus the new
+  totals written in one transaction; a directory that appeared is scanned as a subtree, one that left is
+  dropped with everything below it;
+* events lost (queue overflow, no more watches) -> the vfolder is flagged stale and rescanned; the last
+  figure is served with ``stale: true`` meanwhile;
+* backends that know usage (``fast-size``) are polled instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import logging
+import os
+import threading
+import time
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from agent.config import parse_duration
+from agent.usage_engine.aggregates import DirAgg, VFolderTree, encode_links, join, split
+from agent.usage_engine.scanner import ScanCancelled, scan
+from agent.usage_engine.watchers import Watcher, WatchLimit, pick_watcher
+from backends.base import Capability, Volume
+from backends.errors import VFolderNotFound
+from backends.ids import VFolderID
+from catalog.usage_store import DirRow, Totals, UsageStore, VFKey, VFolderChange
+
+if TYPE_CHECKING:
+    from agent.config import UsageConfig
+    from agent.context import Agent
+
+log = logging.getLogger(__name__)
+
+SCAN_RETRY = 30  # seconds before a scan that failed unexpectedly is tried again
+
+
+@dataclass(frozen=True)
+class Usage:
+    file_count: int
+    used_bytes: int
+    allocated_bytes: int
+    measured_at: float
+    source: str  # fast | watch | scan
+    stale: bool
+
+
+@dataclass(eq=False)
+class VFState:
+    key: VFKey
+    vol: Volume
+    vfid: VFolderID
+    mode: str  # watch | fast | scan
+    tree: VFolderTree | None = None
+    figure: Usage | None = None
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+    dirty: set[str] = field(default_factory=set)
+    pending: dict[str, DirAgg | None] = field(default_factory=dict)  # rows to write at the next flush
+    scan_task: asyncio.Task[None] | None = None
+    scan_again: bool = False
+    cancel: threading.Event = field(default_factory=threading.Event)
+    subtree_jobs: int = 0
+    stale: bool = False
+    incomplete_watches: bool = False
+    gone: bool = False
+    last_scan: float = 0.0
+
+    @property
+    def scanning(self) -> bool:
+        return self.scan_task is not None and not self.scan_task.done()
+
+
+def _row(rel: str, agg: DirAgg) -> DirRow:
+    return DirRow(rel, agg.ino, agg.entries, agg.size, agg.alloc, agg.own_alloc, encode_links(agg.links))
+
+
+class UsageEngine:
+    """The ``usage-engine`` service (see :func:`agent.usage.factory`)."""
+
+    name = "usage-engine"
+
+    def __init__(self, agent: Agent, settings: UsageConfig) -> None:
+        self.agent = agent
+        self.settings = settings
+        self.store = UsageStore(agent.catalog.db)
+        self.watcher: Watcher | None = None
+        self._vfs: dict[VFKey, VFState] = {}
+        self._wake = asyncio.Event()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._scan_slots = asyncio.Semaphore(settings.scan_concurrency)
+        self._stopping = False
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.store.take_rescan_requests()  # every vfolder is scanned at start-up anyway
+        dropped = await self.store.forget_orphans()
+        if dropped:
+            log.info("usage engine: dropped aggregates of %d vfolder(s) no longer known", dropped)
+        roots = [str(v.root) for v in self._served_volumes() if self._wants_watch(v)]
+        self.watcher = pick_watcher(self.settings.watcher, roots)
+        if self.watcher is not None:
+            self._spawn(self.watcher.run(self))
+        self._spawn(self._flush_loop())
+        self._spawn(self._schedule_loop())
+        for vol in self._served_volumes():
+            last = await self.store.all_totals(vol.name)
+            for row in await self.agent.catalog.vfolders(vol.name):
+                if row.state != "ready":
+                    continue
+                vfid = VFolderID.parse(f"{row.qsid}/{row.folder_id}")
+                self.register(vol, vfid, last=last.get((vol.name, row.qsid, row.folder_id)))
+        log.info("usage engine: %d vfolder(s) registered", len(self._vfs))
+
+    async def stop(self) -> None:
+        self._stopping = True
+        for st in self._vfs.values():
+            st.cancel.set()
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(BaseException):
+                await task
+        if self.watcher is not None:
+            self.watcher.close()
+
+    def _served_volumes(self) -> list[Volume]:
+        return [
+            v for n, v in self.agent.volumes.items() if self.agent.states.get(n) is None or self.agent.states[n].serving
+        ]
+
+    def _wants_watch(self, vol: Volume) -> bool:
+        return Capability.FAST_SIZE not in vol.capabilities and bool(vol.options.get("usage-watch", True))
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # -- registration ------------------------------------------------------------------------------
+
+    def register(self, vol: Volume, vfid: VFolderID, *, last: Totals | None = None, fresh: bool = False) -> VFState:
+        """Start keeping a vfolder's figure (idempotent)."""
+        key = (vol.name, vfid.qsid, vfid.hex)
+        st = self._vfs.get(key)
+        if st is not None and not st.gone:
+            return st
+        if Capability.FAST_SIZE in vol.capabilities:
+            mode = "fast"
+        elif self.watcher is not None and self._wants_watch(vol):
+            mode = "watch"
+        else:
+            mode = "scan"
+        st = VFState(key, vol, vfid, mode)
+        if mode == "watch" and self.watcher is not None:
+            self.watcher.add_vfolder(st, os.path.realpath(vol.vfolder_path(vfid)), -1)
+        if last is not None:
+            # events were not watched while the agent was down: the old figure is served as stale until
+            # the start-up scan lands
+            st.figure = Usage(
+                last.file_count, last.used_bytes, last.allocated_bytes, last.measured_at, last.source, True
+            )
+            st.stale = True
+            st.ready.set()
+        self._vfs[key] = st
+        if mode == "fast":
+            self._spawn(self._poll_fast(st))
+        else:
+            self.request_scan(st, fast_lane=fresh)
+        return st
+
+    async def unregister(self, vol: Volume, vfid: VFolderID) -> None:
+        """Forget a vfolder (deleted through the API): stop its scan, drop its watches and rows."""
+        key = (vol.name, vfid.qsid, vfid.hex)
+        st = self._vfs.pop(key, None)
+        if st is not None:
+            self._forget_state(st)
+        await self.store.forget(key)
+
+    def _forget_state(self, st: VFState) -> None:
+        st.gone = True
+        st.cancel.set()
+        if self.watcher is not None:
+            self.watcher.forget_vfolder(st)
+
+    # -- answers -----------------------------------------------------------------------------------
+
+    def cached(self, vol: Volume, vfid: VFolderID) -> Usage | None:
+        return self.cached_key((vol.name, vfid.qsid, vfid.hex))
+
+    def cached_key(self, key: VFKey) -> Usage | None:
+        st = self._vfs.get(key)
+        return None if st is None or st.gone else st.figure
+
+    async def usage(self, vol: Volume, vfid: VFolderID) -> Usage | None:
+        """The figure being served; a vfolder never measured is scanned now and waited for a bounded time
+        (None = not known yet). Raises VFolderNotFound for a vfolder that does not exist."""
+        st = self._vfs.get((vol.name, vfid.qsid, vfid.hex))
+        if st is not None and not st.gone and st.figure is not None:
+            return st.figure
+        if st is None or st.gone:
+            await asyncio.to_thread(lambda: vol.open_vfolder(vfid).close())
+            st = self.register(vol, vfid, fresh=True)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(st.ready.wait(), self.settings.first_answer_wait)
+        return st.figure
+
+    def _figure(self, st: VFState, source: str) -> Usage:
+        assert st.tree is not None
+        count, used, alloc = st.tree.totals()
+        return Usage(count, used, alloc, time.time(), source, st.stale or st.incomplete_watches)
+
+    # -- watcher sink (called on the event loop) ------------------------------------------------------
+
+    def dirty(self, vf: object, relpath: str) -> None:
+        st: VFState = vf  # type: ignore[assignment]
+        if st.gone:
+            return
+        st.dirty.add(relpath)
+        self._wake.set()
+
+    def lost(self, vf: object, relpath: str) -> None:
+        st: VFState = vf  # type: ignore[assignment]
+        if st.gone:
+            return
+        if relpath:
+            st.dirty.add(split(relpath)[0])
+            self._wake.set()
+        else:
+            self._spawn(self._check_root(st))
+
+    def overflow(self) -> None:
+        stale = [st for st in self._vfs.values() if st.mode == "watch" and not st.gone]
+        for st in stale:
+            self._mark_stale(st)
+            self.request_scan(st)
+        self._spawn(self.store.mark_stale([st.key for st in stale]))
+
+    def watch_lost(self, vf: object) -> None:
+        """A watcher could not keep watching a vfolder (no more watches): stale until rescanned."""
+        st: VFState = vf  # type: ignore[assignment]
+        if not st.gone:
+            self._mark_stale(st)
+            self.request_scan(st)
+
+    def _mark_stale(self, st: VFState) -> None:
+        st.stale = True
+        if st.figure is not None and not st.figure.stale:
+            f = st.figure
+            st.figure = Usage(f.file_count, f.used_bytes, f.allocated_bytes, f.measured_at, f.source, True)
+
+    async def _check_root(self, st: VFState) -> None:
+        try:
+            await asyncio.to_thread(lambda: st.vol.open_vfolder(st.vfid).close())
+        except VFolderNotFound:
+            log.info("usage engine: vfolder %s on %s is gone from disk", st.vfid, st.vol.name)
+            if self._vfs.get(st.key) is st:
+                del self._vfs[st.key]
+            self._forget_state(st)
+            return
+        self._mark_stale(st)  # moved away and back, or replaced: watches point elsewhere now
+        self.request_scan(st)
+
+    # -- scans -------------------------------------------------------------------------------------
+
+    def request_scan(self, st: VFState, *, fast_lane: bool = False) -> None:
+        if st.gone or self._stopping:
+            return
+        if st.scanning:
+            st.scan_again = True
+            return
+        st.scan_task = self._spawn(self._full_scan(st, fast_lane))
+
+    async def _full_scan(self, st: VFState, fast_lane: bool) -> None:
+        while True:
+            st.scan_again = False
+            if fast_lane:
+                await self._scan_once(st)
+            else:
+                async with self._scan_slots:
+                    await self._scan_once(st)
+            if not st.scan_again or st.gone or self._stopping:
+                return
+            fast_lane = False
+
+    def _on_open(self, st: VFState):  # noqa: ANN202 - a callback for scanner threads
+        watcher = self.watcher if st.mode == "watch" else None
+        state = {"full": False}
+
+        def on_open(rel: str, fd: int) -> None:
+            if watcher is None or state["full"]:
+                return
+            try:
+                watcher.watch(st, rel, fd)
+            except WatchLimit as e:
+                state["full"] = True
+                log.warning(
+                    "usage engine: cannot watch all of vfolder %s (%s); it is rescanned periodically", st.vfid, e
+                )
+
+        return on_open, state
+
+    async def _scan_once(self, st: VFState) -> None:
+        if st.gone:
+            return
+        st.cancel = threading.Event()
+        cancel = st.cancel
+        on_open, state = self._on_open(st)
+        started = time.time()
+
+        def work() -> tuple[VFolderTree, list[DirRow]]:
+            # the tree and the rows are built here too: 100k directories would hold the event loop up
+            with st.vol.open_vfolder(st.vfid) as root:
+                dirs = scan(root.fd, "", threads=self.settings.scan_threads, cancel=cancel, on_open=on_open)
+            tree = VFolderTree()
+            for rel, agg in dirs.items():
+                tree.put(rel, agg)
+            tree.unplaced_links = False  # a full walk has placed every name
+            return tree, [_row(rel, agg) for rel, agg in dirs.items()]
+
+        try:
+            tree, rows = await asyncio.to_thread(work)
+        except VFolderNotFound:
+            await self._check_root(st)
+            return
+        except ScanCancelled:
+            return
+        except Exception:
+            log.exception("usage engine: scanning vfolder %s failed; retrying in %d s", st.vfid, SCAN_RETRY)
+            self._spawn(self._retry(st))
+            return
+        if st.gone:
+            return
+        st.tree = tree
+        st.pending.clear()
+        st.stale = False
+        st.incomplete_watches = bool(state["full"])
+        st.last_scan = started
+        st.figure = self._figure(st, "scan")
+        st.ready.set()
+        # a tree of 100k directories is long-lived: keep the cyclic GC from re-traversing it on every full
+        # collection (those pauses would show up as slow answers); freed objects still go by refcount
+        gc.collect(1)
+        gc.freeze()
+        t = st.figure
+        totals = Totals(t.file_count, t.used_bytes, t.allocated_bytes, "scan", t.stale, t.measured_at)
+        try:
+            await self.store.apply([VFolderChange(st.key, totals, rows, [], replace_all=True)])
+        except Exception:
+            log.exception("usage engine: recording the scan of %s failed", st.vfid)
+        log.debug("usage engine: scanned %s: %d dirs in %.3f s", st.vfid, len(rows), time.time() - started)
+        if st.dirty:
+            self._wake.set()
+
+    async def _retry(self, st: VFState) -> None:
+        await asyncio.sleep(SCAN_RETRY)
+        self.request_scan(st)
+
+    async def _scan_subtree(self, st: VFState, rel: str) -> None:
+        """A directory appeared (created, or moved in with its contents): walk it and merge it in."""
+        st.subtree_jobs += 1
+        try:
+            on_open, state = self._on_open(st)
+
+            def work() -> dict[str, DirAgg]:
+                with st.vol.open_vfolder(st.vfid) as root:
+                    return scan(root.fd, rel, threads=2, cancel=st.cancel, on_open=on_open)
+
+            try:
+                dirs = await asyncio.to_thread(work)
+            except (VFolderNotFound, ScanCancelled):
+                return
+            if state["full"]:
+                st.incomplete_watches = True
+            tree = st.tree
+            if tree is None or st.scanning or st.gone or rel not in dirs:
+                return
+            parent_rel, name = split(rel)
+            parent = tree.dirs.get(parent_rel)
+            rec = parent.subdirs.get(name) if parent is not None else None
+            if rec is None or rec[0] != dirs[rel].ino:
+                return  # gone or replaced again since: the parent's next re-read decides
+            for r in tree.drop(rel):
+                st.pending[r] = None
+            for r, agg in dirs.items():
+                st.dirty |= tree.put(r, agg)
+                st.pending[r] = agg
+            if tree.refresh_entry(rel, dirs[rel]):
+                st.pending[parent_rel] = tree.dirs[parent_rel]
+            if tree.unplaced_links:
+                self._hunt_links(st)
+            st.figure = self._figure(st, "watch")
+        except Exception:
+            log.exception("usage engine: scanning new directory %r of %s failed; rescanning", rel, st.vfid)
+            self._mark_stale(st)
+            self.request_scan(st)
+        finally:
+            st.subtree_jobs -= 1
+            self._wake.set()
+
+    # -- deltas ------------------------------------------------------------------------------------
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            if self.settings.coalesce:
+                await asyncio.sleep(self.settings.coalesce)
+            self._wake.clear()
+            try:
+                await self._flush()
+            except Exception:
+                log.exception("usage engine: applying changes failed")
+
+    async def _flush(self) -> None:
+        for st in list(self._vfs.values()):
+            if not st.dirty or st.tree is None or st.scanning or st.gone:
+                continue
+            rels, st.dirty = st.dirty, set()
+            known = [r for r in rels if r in st.tree.dirs]
+            if st.subtree_jobs:
+                st.dirty |= {r for r in rels if r not in st.tree.dirs}  # may belong to a subtree being walked
+            if not known:
+                continue
+            try:
+                results = await asyncio.to_thread(self._read_many, st, known)
+            except VFolderNotFound:
+                await self._check_root(st)
+                continue
+            if st.scanning or st.tree is None or st.gone:
+                st.dirty |= set(known)
+                continue
+            self._apply(st, results)
+        changes = []
+        for st in self._vfs.values():
+            if not st.pending or st.figure is None or st.scanning:
+                continue
+            upserts = [_row(r, a) for r, a in st.pending.items() if a is not None]
+            deletes = [r for r, a in st.pending.items() if a is None]
+            st.pending = {}
+            f = st.figure
+            totals = Totals(f.file_count, f.used_bytes, f.allocated_bytes, f.source, f.stale, f.measured_at)
+            changes.append(VFolderChange(st.key, totals, upserts, deletes))
+        if changes:
+            await self.store.apply(changes)
+
+    @staticmethod
+    def _read_many(st: VFState, rels: list[str]) -> list[tuple[str, DirAgg | None]]:
+        from agent.usage_engine.aggregates import read_dir
+
+        with st.vol.open_vfolder(st.vfid) as root:
+            return [(rel, read_dir(root.fd, rel)) for rel in rels]
+
+    def _apply(self, st: VFState, results: list[tuple[str, DirAgg | None]]) -> None:
+        tree = st.tree
+        assert tree is not None
+        changed = False
+        for rel, agg in results:
+            old = tree.dirs.get(rel)
+            if old is None:
+                continue  # dropped by an earlier result of this batch
+            if agg is None or agg.ino != old.ino:
+                if rel:
+                    st.dirty.add(split(rel)[0])  # gone or replaced: its parent's re-read settles it
+                    self._wake.set()
+                else:
+                    self._spawn(self._check_root(st))
+                continue
+            appeared = []
+            for name, rec in old.subdirs.items():
+                new = agg.subdirs.get(name)
+                if new is None or new[0] != rec[0]:
+                    gone = tree.drop(join(rel, name))
+                    for r in gone:
+                        st.pending[r] = None
+                    if self.watcher is not None:
+                        self.watcher.forget(st, gone)
+            for name, rec in agg.subdirs.items():
+                prev = old.subdirs.get(name)
+                if prev is None or prev[0] != rec[0]:
+                    appeared.append(join(rel, name))
+            others = tree.put(rel, agg)
+            st.pending[rel] = agg
+            if others:
+                st.dirty |= others
+                self._wake.set()
+            if tree.refresh_entry(rel, agg):
+                parent_rel = split(rel)[0]
+                st.pending[parent_rel] = tree.dirs[parent_rel]
+            for sub in appeared:
+                self._spawn(self._scan_subtree(st, sub))
+            changed = True
+        if tree.unplaced_links:
+            self._hunt_links(st)
+        if changed:
+            st.figure = self._figure(st, "watch")
+
+    def _hunt_links(self, st: VFState) -> None:
+        """A new hard link to a file whose older name is elsewhere: only a walk finds that name (which
+        may still be counted as a plain file), so the vfolder is rescanned, stale meanwhile."""
+        assert st.tree is not None
+        st.tree.unplaced_links = False
+        log.debug("usage engine: new hard link(s) in %s; rescanning to place them", st.vfid)
+        self._mark_stale(st)
+        self.request_scan(st)
+
+    # -- polling and schedules ----------------------------------------------------------------------
+
+    async def _poll_fast(self, st: VFState) -> None:
+        """Backends that know usage themselves: ask them now and then (cheap), never walk."""
+        while not st.gone:
+            try:
+                tree = await st.vol.fast_usage(st.vfid)
+            except VFolderNotFound:
+                await self._check_root(st)
+                return
+            except Exception:
+                log.exception("usage engine: %s could not report usage of %s", st.vol.name, st.vfid)
+                tree = None
+            if tree is None and st.figure is None:
+                st.mode = "scan"  # the backend has no figure for this one: walk it instead
+                self.request_scan(st)
+                return
+            if tree is not None:
+                now = time.time()
+                st.figure = Usage(tree.entries, tree.size_bytes, tree.allocated_bytes, now, "fast", False)
+                st.ready.set()
+                t = Totals(tree.entries, tree.size_bytes, tree.allocated_bytes, "fast", False, now)
+                await self.store.put_totals(st.key, t)
+            await asyncio.sleep(self.settings.fast_poll_interval)
+
+    async def _schedule_loop(self) -> None:
+        """Rescans on a schedule (network filesystems, vfolders not fully watched) and on request from
+        ``storage-agent scan``."""
+        while True:
+            await asyncio.sleep(2.0)
+            try:
+                for key in await self.store.take_rescan_requests():
+                    st = self._vfs.get(key)
+                    if st is not None and st.mode != "fast":
+                        log.info("usage engine: rescan of %s requested from the command line", st.vfid)
+                        self.request_scan(st)
+                now = time.time()
+                for st in list(self._vfs.values()):
+                    if st.mode == "fast" or st.scanning or st.gone or not st.last_scan:
+                        continue
+                    interval = st.vol.options.get("usage-rescan-interval")
+                    if interval is None and (st.mode == "scan" or st.incomplete_watches):
+                        interval = self.settings.fallback_rescan_interval
+                    if interval is not None and now - st.last_scan >= parse_duration(interval):
+                        self.request_scan(st)
+            except Exception:
+                log.exception("usage engine: scheduled rescans failed")
+
+    # -- introspection (status, tests, bench) -------------------------------------------------------
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "watcher": self.watcher.kind if self.watcher is not None else "none",
+            "vfolders": len(self._vfs),
+            "directories": sum(len(st.tree.dirs) for st in self._vfs.values() if st.tree is not None),
+            "scanning": sum(1 for st in self._vfs.values() if st.scanning),
+            "stale": sum(1 for st in self._vfs.values() if st.figure is not None and st.figure.stale),
+        }

@@ -1,0 +1,120 @@
+"""inotify watcher: one watch per directory, added as the scanner opens each directory.
+
+A watch is added through ``/proc/self/fd/N`` of the directory the scanner opened with ``RESOLVE_BENEATH``,
+so it lands on exactly the directory that was read, never on something a symlink swapped in. Every event
+names a directory (the watched one); the engine re-reads it. ``IN_Q_OVERFLOW`` means events were lost:
+every vfolder goes stale and is rescanned. ``ENOSPC`` from ``inotify_add_watch`` (``max_user_watches``)
+marks that vfolder as one whose watches are incomplete.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import threading
+from collections.abc import Hashable
+from typing import Protocol
+
+from asyncinotify import Inotify, Mask, Watch
+
+log = logging.getLogger(__name__)
+
+MASK = (
+    Mask.CREATE
+    | Mask.DELETE
+    | Mask.MODIFY
+    | Mask.ATTRIB
+    | Mask.CLOSE_WRITE
+    | Mask.MOVED_FROM
+    | Mask.MOVED_TO
+    | Mask.DELETE_SELF
+    | Mask.MOVE_SELF
+    | Mask.ONLYDIR
+)
+
+
+class WatchLimit(Exception):
+    """The kernel refused another watch (``max_user_watches``)."""
+
+
+class Sink(Protocol):
+    def dirty(self, vf: Hashable, relpath: str) -> None: ...
+
+    def lost(self, vf: Hashable, relpath: str) -> None: ...
+
+    def overflow(self) -> None: ...
+
+
+class InotifyWatcher:
+    kind = "inotify"
+
+    def __init__(self) -> None:
+        self._ino = Inotify()
+        self._lock = threading.Lock()
+        self._by_wd: dict[int, tuple[Watch, Hashable, str]] = {}
+        self._by_path: dict[tuple[Hashable, str], int] = {}
+
+    def add_vfolder(self, vf: Hashable, path: str, fs_fd: int) -> None:
+        """Nothing to do per vfolder: watches come one per directory."""
+
+    def watch(self, vf: Hashable, relpath: str, fd: int) -> None:
+        """Watch one open directory (called from scanner threads)."""
+        try:
+            w = self._ino.add_watch(f"/proc/self/fd/{fd}", MASK)
+        except OSError as e:
+            if e.errno == errno.ENOSPC:
+                raise WatchLimit(str(e)) from None
+            raise
+        with self._lock:
+            self._by_wd[w.wd] = (w, vf, relpath)
+            self._by_path[(vf, relpath)] = w.wd
+
+    def forget(self, vf: Hashable, relpaths: list[str]) -> None:
+        """Drop the watches of directories that left the vfolder (moved out, replaced)."""
+        with self._lock:
+            for rel in relpaths:
+                wd = self._by_path.pop((vf, rel), None)
+                if wd is None:
+                    continue
+                entry = self._by_wd.get(wd)
+                if entry is not None and entry[1] == vf and entry[2] == rel:
+                    del self._by_wd[wd]
+                    try:
+                        self._ino.rm_watch(entry[0])
+                    except OSError:
+                        pass  # already gone with its directory
+
+    def forget_vfolder(self, vf: Hashable) -> None:
+        with self._lock:
+            rels = [rel for (v, rel) in self._by_path if v == vf]
+        self.forget(vf, rels)
+
+    def count(self) -> int:
+        return len(self._by_wd)
+
+    async def run(self, sink: Sink) -> None:
+        async for event in self._ino:
+            mask = event.mask
+            if Mask.Q_OVERFLOW in mask:
+                log.warning("inotify queue overflowed: events were lost; rescanning")
+                sink.overflow()
+                continue
+            watch = event.watch
+            if watch is None:
+                continue
+            with self._lock:
+                entry = self._by_wd.get(watch.wd)
+                if entry is not None and Mask.IGNORED in mask:
+                    del self._by_wd[watch.wd]
+                    if self._by_path.get((entry[1], entry[2])) == watch.wd:
+                        del self._by_path[(entry[1], entry[2])]
+            if entry is None:
+                continue
+            _, vf, rel = entry
+            if Mask.IGNORED in mask or Mask.DELETE_SELF in mask or Mask.MOVE_SELF in mask:
+                sink.lost(vf, rel)  # the parent's own event re-reads it; the root going away is special
+            else:
+                sink.dirty(vf, rel)
+
+    def close(self) -> None:
+        self._ino.close()

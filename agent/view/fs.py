@@ -1,0 +1,504 @@
+"""The pyfuse3 operations of the view: a read-only mirror of each vfolder plus catalogue-made directories.
+
+Every entry inside a vfolder is found relative to the vfolder's root descriptor
+with ``openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)`` (the kernel refuses any
+walk that leaves the root or crosses a symlink) and stat'ed with
+``AT_SYMLINK_NOFOLLOW``; a symlink is shown as a link whose text never leads
+out (:mod:`agent.view.links`). Inode numbers are the view's own, handed out per
+(vfolder, path) and dropped when the kernel forgets them.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyfuse3
+
+from agent.config import ViewConfig
+from agent.view.figures import dashed, scope_xattrs, usage_table, vfolder_xattrs
+from agent.view.links import shown_target
+from backends.ids import VFolderID
+from backends.resolver import RESOLVE_BENEATH, RESOLVE_NO_SYMLINKS, VFolderRoot, openat2
+from catalog.readonly import ReadOnlyCatalog
+from catalog.store import QuotaScopeRow, VFolderRow
+
+log = logging.getLogger(__name__)
+
+ROOT, VOLUME, SCOPE, USAGE, REAL = range(5)
+USAGE_NAME = ".usage"
+TTL_REAL = 5.0  # mirrored entries: `ls -lR` is answered from the kernel's cache for this long
+TTL_VIRTUAL = 1.0  # catalogue-made directories: new scopes and vfolders show up within a poll plus this
+BENEATH = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS
+_BLOB_BASE = 1 << 40  # file handles of virtual files, above any file descriptor
+_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT
+
+
+class Node:
+    __slots__ = ("ino", "kind", "volume", "qsid", "fid", "relpath", "lookups")
+
+    def __init__(
+        self, ino: int, kind: int, volume: str = "", qsid: str = "", fid: str = "", relpath: str = "."
+    ) -> None:
+        self.ino = ino
+        self.kind = kind
+        self.volume = volume
+        self.qsid = qsid
+        self.fid = fid
+        self.relpath = relpath
+        self.lookups = 0
+
+    @property
+    def key(self) -> tuple[object, ...]:
+        return (self.kind, self.volume, self.qsid, self.fid, self.relpath)
+
+    def child_relpath(self, name: str) -> str:
+        return name if self.relpath == "." else f"{self.relpath}/{name}"
+
+    def split(self) -> tuple[str, str]:
+        """(parent relpath, name) of a mirrored entry below the vfolder root."""
+        head, _, name = self.relpath.rpartition("/")
+        return head or ".", name
+
+
+@dataclass
+class Snapshot:
+    """What the catalogue says is there, re-read every poll; listings of virtual dirs come from here."""
+
+    scopes: dict[str, dict[str, QuotaScopeRow]] = field(default_factory=dict)  # volume -> qsid -> row
+    folders: dict[tuple[str, str], dict[str, VFolderRow]] = field(default_factory=dict)  # (vol, qsid) -> name -> row
+
+    @classmethod
+    def read(cls, catalog: ReadOnlyCatalog, volumes: dict[str, Path], view: ViewConfig) -> Snapshot:
+        snap = cls({name: {} for name in volumes})
+        for qs in catalog.quota_scopes():
+            if qs.volume in volumes and view.shows(qs.qsid):
+                snap.scopes[qs.volume][qs.qsid] = qs
+                snap.folders[(qs.volume, qs.qsid)] = {}
+        for vf in catalog.vfolders():
+            folders = snap.folders.get((vf.volume, vf.qsid))
+            if folders is not None:
+                folders[dashed(vf.folder_id)] = vf
+        return snap
+
+
+def _fail(err: int) -> pyfuse3.FUSEError:
+    return pyfuse3.FUSEError(err)
+
+
+def _os_error(e: OSError) -> pyfuse3.FUSEError:
+    # ELOOP/EXDEV: a directory on the way was swapped for a symlink; to the view it is simply not there.
+    return _fail(errno.ENOENT if e.errno in (errno.ELOOP, errno.EXDEV) else (e.errno or errno.EIO))
+
+
+class ViewFS(pyfuse3.Operations):
+    """Read-only: every operation that would change anything answers EROFS."""
+
+    def __init__(self, catalog: ReadOnlyCatalog, volumes: dict[str, Path], view: ViewConfig) -> None:
+        super().__init__()
+        self.catalog = catalog
+        self.volumes = volumes
+        self.view = view
+        self.snapshot = Snapshot({name: {} for name in volumes})
+        self.started = time.time()
+        self.nodes: dict[int, Node] = {}
+        self.by_key: dict[tuple[object, ...], Node] = {}
+        self.next_ino = pyfuse3.ROOT_INODE + 1
+        self.roots: dict[tuple[str, str, str], VFolderRoot | None] = {}
+        self.dirs: dict[int, list[tuple[str, Node | None, object]]] = {}
+        self.blobs: dict[int, bytes] = {}
+        self.next_handle = _BLOB_BASE
+        self._buf = bytearray(2**20)
+        self._scratch = pyfuse3.EntryAttributes()
+        root = Node(pyfuse3.ROOT_INODE, ROOT)
+        self.nodes[root.ino] = root
+        self.by_key[root.key] = root
+
+    # -- catalogue -------------------------------------------------------------
+
+    def refresh(self) -> None:
+        """Re-read the catalogue's scopes and vfolders; drop cached roots of vfolders that changed."""
+        snap = Snapshot.read(self.catalog, self.volumes, self.view)
+        live = {
+            (vf.volume, vf.qsid, vf.folder_id): vf.state for folders in snap.folders.values() for vf in folders.values()
+        }
+        old = {
+            (vf.volume, vf.qsid, vf.folder_id): vf.state
+            for folders in self.snapshot.folders.values()
+            for vf in folders.values()
+        }
+        for key in list(self.roots):
+            if self.roots[key] is None or live.get(key) != old.get(key) or key not in live:
+                root = self.roots.pop(key)
+                if root is not None:
+                    root.close()
+        self.snapshot = snap
+
+    def close(self) -> None:
+        for root in self.roots.values():
+            if root is not None:
+                root.close()
+        self.roots.clear()
+
+    def _vfolder(self, node: Node) -> VFolderRow | None:
+        return self.snapshot.folders.get((node.volume, node.qsid), {}).get(dashed(node.fid))
+
+    def _root(self, node: Node) -> VFolderRoot | None:
+        """The vfolder's root descriptor (cached), or None when it is missing or cannot be opened."""
+        key = (node.volume, node.qsid, node.fid)
+        if key not in self.roots:
+            vf = self._vfolder(node)
+            root = None
+            if vf is not None and vf.state != "missing":
+                inner = VFolderID(node.qsid, uuid.UUID(hex=node.fid)).relpath
+                try:
+                    root = VFolderRoot.at(str(self.volumes[node.volume]), inner)
+                except OSError as e:
+                    log.info("vfolder %s/%s cannot be opened: %s", node.qsid, node.fid, e.strerror)
+            self.roots[key] = root
+        return self.roots[key]
+
+    # -- nodes and attributes --------------------------------------------------
+
+    def _node(self, kind: int, volume: str = "", qsid: str = "", fid: str = "", relpath: str = ".") -> Node:
+        key = (kind, volume, qsid, fid, relpath)
+        node = self.by_key.get(key)
+        if node is None:
+            node = Node(self.next_ino, kind, volume, qsid, fid, relpath)
+            self.next_ino += 1
+            self.nodes[node.ino] = node
+            self.by_key[key] = node
+        return node
+
+    def _get(self, ino: int) -> Node:
+        node = self.nodes.get(ino)
+        if node is None:
+            raise _fail(errno.ENOENT)
+        return node
+
+    def _drop(self, node: Node) -> None:
+        if node.lookups <= 0 and node.kind == REAL:
+            self.nodes.pop(node.ino, None)
+            self.by_key.pop(node.key, None)
+
+    def _lstat(self, node: Node) -> os.stat_result | None:
+        """lstat of a mirrored entry relative to its vfolder root; None for a missing vfolder's root."""
+        root = self._root(node)
+        if node.relpath == ".":
+            if root is None:
+                return None
+            try:
+                return os.stat(root.fd)
+            except OSError:
+                return None
+        if root is None:
+            raise _fail(errno.ENOENT)
+        head, name = node.split()
+        try:
+            if head == ".":
+                return os.stat(name, dir_fd=root.fd, follow_symlinks=False)
+            pfd = openat2(root.fd, head, os.O_PATH | os.O_DIRECTORY, BENEATH)
+            try:
+                return os.stat(name, dir_fd=pfd, follow_symlinks=False)
+            finally:
+                os.close(pfd)
+        except OSError as e:
+            raise _os_error(e) from None
+
+    def _attr(self, node: Node, st: os.stat_result | None = None) -> pyfuse3.EntryAttributes:
+        e = pyfuse3.EntryAttributes()
+        e.st_ino = node.ino
+        if node.kind == REAL and (st is not None or node.relpath != "."):
+            st = st if st is not None else self._lstat(node)
+        if node.kind == REAL and st is not None:
+            return _fill(e, st)
+        # made from the catalogue: read-only dirs owned by root, and the .usage file
+        e.entry_timeout = e.attr_timeout = TTL_VIRTUAL
+        stamp = self.started
+        scope = self._scope(node) if node.kind == SCOPE else None
+        if scope is not None:
+            stamp = scope.created_at
+        elif node.kind == REAL:
+            vf = self._vfolder(node)
+            stamp = vf.created_at if vf is not None else stamp
+        if node.kind == USAGE:
+            e.attr_timeout = 0
+            e.st_mode = stat.S_IFREG | 0o444
+            e.st_nlink = 1
+            e.st_size = len(self._usage_doc(node))
+        else:
+            e.st_mode = stat.S_IFDIR | 0o555
+            e.st_nlink = 2
+        e.st_blksize = 4096
+        ns = int(stamp * 1e9)
+        e.st_atime_ns = e.st_mtime_ns = e.st_ctime_ns = ns
+        return e
+
+    def _scope(self, node: Node) -> QuotaScopeRow | None:
+        return self.snapshot.scopes.get(node.volume, {}).get(node.qsid)
+
+    def _usage_doc(self, node: Node) -> bytes:
+        scope = self._scope(node)
+        if scope is None:
+            raise _fail(errno.ENOENT)
+        folders = list(self.snapshot.folders.get((node.volume, node.qsid), {}).values())
+        return usage_table(self.catalog, scope, folders)
+
+    # -- lookups ---------------------------------------------------------------
+
+    def _child(self, parent: Node, name: str) -> tuple[Node, os.stat_result | None]:
+        if name in (".", "..") or "/" in name:
+            raise _fail(errno.ENOENT)
+        if parent.kind == ROOT:
+            if name in self.snapshot.scopes:
+                return self._node(VOLUME, name), None
+        elif parent.kind == VOLUME:
+            if name in self.snapshot.scopes.get(parent.volume, {}):
+                return self._node(SCOPE, parent.volume, name), None
+        elif parent.kind == SCOPE:
+            if name == USAGE_NAME and self._scope(parent) is not None:
+                return self._node(USAGE, parent.volume, parent.qsid), None
+            vf = self.snapshot.folders.get((parent.volume, parent.qsid), {}).get(name)
+            if vf is not None:
+                node = self._node(REAL, parent.volume, parent.qsid, vf.folder_id)
+                return node, self._lstat(node)
+        elif parent.kind == REAL:
+            node = self._node(REAL, parent.volume, parent.qsid, parent.fid, parent.child_relpath(name))
+            try:
+                return node, self._lstat(node)
+            except pyfuse3.FUSEError:
+                self._drop(node)
+                raise
+        raise _fail(errno.ENOENT)
+
+    async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        node, st = self._child(self._get(parent_inode), os.fsdecode(name))
+        attr = self._attr(node, st)
+        node.lookups += 1
+        return attr
+
+    async def forget(self, inode_list: list[tuple[int, int]]) -> None:
+        for ino, n in inode_list:
+            node = self.nodes.get(ino)
+            if node is not None:
+                node.lookups -= n
+                self._drop(node)
+
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return self._attr(self._get(inode))
+
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        node = self._get(inode)
+        if node.kind != REAL or node.relpath == ".":
+            raise _fail(errno.EINVAL)
+        root = self._root(node)
+        if root is None:
+            raise _fail(errno.ENOENT)
+        head, name = node.split()
+        try:
+            pfd = openat2(root.fd, head, os.O_PATH | os.O_DIRECTORY, BENEATH)
+            try:
+                text = os.readlink(os.fsencode(name), dir_fd=pfd)
+            finally:
+                os.close(pfd)
+        except OSError as e:
+            raise _os_error(e) from None
+        return os.fsencode(shown_target(os.fsdecode(text), depth=node.relpath.count("/")))
+
+    # -- directories -----------------------------------------------------------
+
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        node = self._get(inode)
+        entries: list[tuple[str, Node | None, object]]
+        if node.kind == ROOT:
+            entries = [(name, self._node(VOLUME, name), None) for name in sorted(self.snapshot.scopes)]
+        elif node.kind == VOLUME:
+            scopes = sorted(self.snapshot.scopes.get(node.volume, {}))
+            entries = [(q, self._node(SCOPE, node.volume, q), None) for q in scopes]
+        elif node.kind == SCOPE:
+            entries = [(USAGE_NAME, self._node(USAGE, node.volume, node.qsid), None)]
+            folders = self.snapshot.folders.get((node.volume, node.qsid), {})
+            for name in sorted(folders):
+                entries.append((name, self._node(REAL, node.volume, node.qsid, folders[name].folder_id), None))
+        elif node.kind == REAL:
+            entries = [(name, None, st) for name, st in await self._scandir(node)]
+        else:
+            raise _fail(errno.ENOTDIR)
+        fh = self._handle()
+        self.dirs[fh] = [(name, child, st) for name, child, st in entries]
+        self.dirs[fh].insert(0, ("", node, None))  # remembers the directory itself
+        return fh
+
+    async def _scandir(self, node: Node) -> list[tuple[str, os.stat_result]]:
+        root = self._root(node)
+        if root is None:
+            if node.relpath == ".":
+                return []  # a missing vfolder is an empty directory (its xattrs say why)
+            raise _fail(errno.ENOENT)
+        try:
+            fd = openat2(root.fd, node.relpath, os.O_RDONLY | os.O_DIRECTORY, BENEATH)
+        except OSError as e:
+            raise _os_error(e) from None
+        # Read here, not in a worker thread: the hand-off costs more than listing a typical directory.
+        return _list_fd(fd)
+
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        entries = self.dirs.get(fh)
+        if entries is None:
+            raise _fail(errno.EBADF)
+        parent = entries[0][1]
+        assert parent is not None
+        scratch = self._scratch  # readdir_reply copies the attributes at once: one object serves every entry
+        by_key, reply = self.by_key, pyfuse3.readdir_reply
+        prefix = "" if parent.relpath == "." else parent.relpath + "/"
+        for i in range(max(start_id, 0) + 1, len(entries)):
+            name, child, st = entries[i]
+            if child is None:  # a mirrored entry, stat'ed when the directory was opened (the hot path of `find`)
+                key = (REAL, parent.volume, parent.qsid, parent.fid, prefix + name)
+                child = by_key.get(key)
+                if child is None:
+                    child = self._node(*key)
+                scratch.st_ino = child.ino
+                attr = _fill(scratch, st)  # type: ignore[arg-type]
+            else:
+                try:
+                    attr = self._attr(child)
+                except pyfuse3.FUSEError:
+                    self._drop(child)
+                    continue
+            if not reply(token, os.fsencode(name), attr, i):
+                self._drop(child)
+                break
+            child.lookups += 1
+
+    async def releasedir(self, fh: int) -> None:
+        self.dirs.pop(fh, None)
+
+    # -- files -----------------------------------------------------------------
+
+    def _handle(self) -> int:
+        self.next_handle += 1
+        return self.next_handle
+
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        if flags & _WRITE_FLAGS:
+            raise _fail(errno.EROFS)
+        node = self._get(inode)
+        if node.kind == USAGE:
+            fh = self._handle()
+            self.blobs[fh] = self._usage_doc(node)
+            return pyfuse3.FileInfo(fh=fh, direct_io=True)
+        if node.kind != REAL or node.relpath == ".":
+            raise _fail(errno.EISDIR)
+        root = self._root(node)
+        if root is None:
+            raise _fail(errno.ENOENT)
+        try:
+            fd = openat2(root.fd, node.relpath, os.O_RDONLY, BENEATH)
+        except OSError as e:
+            raise _os_error(e) from None
+        return pyfuse3.FileInfo(fh=fd, keep_cache=True)
+
+    async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:
+        blob = self.blobs.get(fh)
+        if blob is not None:
+            return blob[off : off + size]
+        # One reused buffer: pyfuse3 hands it to the kernel before any other request runs (no await here).
+        if len(self._buf) < size:
+            self._buf = bytearray(size)
+        try:
+            n = os.preadv(fh, [memoryview(self._buf)[:size]], off)
+        except OSError as e:
+            raise _os_error(e) from None
+        return memoryview(self._buf)[:n]
+
+    async def release(self, fh: int) -> None:
+        if self.blobs.pop(fh, None) is None and fh < _BLOB_BASE:
+            os.close(fh)
+
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        d = pyfuse3.StatvfsData()
+        d.f_bsize = d.f_frsize = 4096
+        d.f_namemax = 255
+        for path in self.volumes.values():
+            try:
+                s = os.statvfs(path)
+            except OSError:
+                continue
+            for name in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files", "f_ffree", "f_favail"):
+                setattr(d, name, getattr(s, name))
+            d.f_namemax = s.f_namemax
+            break
+        return d
+
+    # -- the catalogue's figures as xattrs -------------------------------------
+
+    def _xattrs(self, node: Node) -> dict[str, bytes]:
+        if node.kind == SCOPE:
+            scope = self._scope(node)
+            if scope is not None:
+                n = len(self.snapshot.folders.get((node.volume, node.qsid), {}))
+                return scope_xattrs(self.catalog, scope, n)
+        elif node.kind == REAL and node.relpath == ".":
+            vf = self._vfolder(node)
+            if vf is not None:
+                return vfolder_xattrs(self.catalog, vf, on_disk=self._root(node) is not None)
+        return {}
+
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        if not name.startswith(b"user."):
+            # security.selinux, system.posix_acl_*: not supported here. ENOTSUP (not ENODATA) lets `ls -l`
+            # remember that per device instead of asking for every entry of a listing.
+            raise _fail(errno.EOPNOTSUPP)
+        value = self._xattrs(self._get(inode)).get(os.fsdecode(name))
+        if value is None:
+            raise _fail(errno.ENODATA)
+        return value
+
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        return [os.fsencode(k) for k in self._xattrs(self._get(inode))]
+
+    # -- everything that would change something --------------------------------
+
+    async def _read_only(self, *args: object, **kwargs: object) -> None:
+        raise _fail(errno.EROFS)
+
+    setattr = mknod = mkdir = unlink = rmdir = symlink = rename = link = create = write = _read_only  # type: ignore
+    setxattr = removexattr = _read_only  # type: ignore[assignment]
+
+
+def _fill(e: pyfuse3.EntryAttributes, st: os.stat_result) -> pyfuse3.EntryAttributes:
+    e.entry_timeout = e.attr_timeout = TTL_REAL
+    e.st_mode = st.st_mode
+    e.st_nlink = st.st_nlink
+    e.st_uid = st.st_uid
+    e.st_gid = st.st_gid
+    e.st_rdev = st.st_rdev
+    e.st_size = st.st_size
+    e.st_blksize = st.st_blksize
+    e.st_blocks = st.st_blocks
+    e.st_atime_ns = st.st_atime_ns
+    e.st_mtime_ns = st.st_mtime_ns
+    e.st_ctime_ns = st.st_ctime_ns
+    return e
+
+
+def _list_fd(fd: int) -> list[tuple[str, os.stat_result]]:
+    """Names and lstat results of a directory given as an fd (closed here); entries that vanish are skipped."""
+    out = []
+    try:
+        with os.scandir(fd) as it:
+            for entry in it:
+                try:
+                    out.append((entry.name, entry.stat(follow_symlinks=False)))
+                except OSError:
+                    continue
+    finally:
+        os.close(fd)
+    return out

@@ -1,0 +1,215 @@
+"""``gpfs`` (alias ``spectrumscale``): IBM Storage Scale through its management REST API v2.
+
+A quota scope is an independent fileset (name = prefix + qsid) linked at the
+scope's path on the mount, and its limit is a FILESET quota. Every mutation
+answers with a job that is polled until it completes, so a 204 from the
+agent means the appliance has really done it. Limits are sent with an
+explicit ``K`` suffix (KiB, rounded up), which ``mmsetquota`` reads the same
+way whatever the REST default unit is; reports are in KiB.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from pydantic import Field, SecretStr
+
+from backends.base import Capability, FSUsage, PerfMetric, QuotaModel, ScopeUsage
+from backends.errors import QuotaScopeNotFound
+from backends.vendors.appliance import ApplianceVolume, VendorOptions, rmdir_scope
+from backends.vendors.rest import ApplianceError, BasicAuth, Reply, RestClient, field
+
+UNHEALTHY = {"FAILED", "DEGRADED", "ERROR"}
+PERF_QUERY = (
+    "metrics avg(gpfs_ns_read_ops),avg(gpfs_ns_write_ops),avg(gpfs_ns_bytes_read),avg(gpfs_ns_bytes_written),"
+    "avg(gpfs_ns_max_disk_wait_rd),avg(gpfs_ns_max_disk_wait_wr) last 1 bucket_size 10"
+)
+
+
+class GpfsOptions(VendorOptions):
+    gpfs_endpoint: str
+    gpfs_username: str
+    gpfs_password: SecretStr
+    gpfs_fs_name: str
+    gpfs_verify_ssl: bool = False
+    gpfs_owner: str = Field(default="1000:1000", pattern=r"^\d+:\d+$")
+    gpfs_fileset_prefix: str = ""
+    gpfs_junction_root: str | None = None  # the volume root as GPFS names it, when mounted elsewhere here
+    gpfs_job_poll_interval: float = Field(default=0.5, gt=0)
+    gpfs_job_timeout: float = Field(default=60.0, gt=0)
+
+
+def _kib(limit_bytes: int) -> str:
+    return f"{-(-limit_bytes // 1024)}K"
+
+
+class GpfsQuotaModel(QuotaModel):
+    def __init__(self, volume: GpfsVolume) -> None:
+        self.v = volume
+
+    def fileset(self, qsid: str) -> str:
+        return self.v.opts.gpfs_fileset_prefix + qsid
+
+    def junction(self, qsid: str) -> str:
+        root = self.v.opts.gpfs_junction_root
+        return f"{root.rstrip('/')}/{qsid}" if root else str(self.v.scope_path(qsid))
+
+    @property
+    def fs(self) -> str:
+        return self.v.opts.gpfs_fs_name
+
+    async def create(self, qsid: str, limit_bytes: int | None) -> None:
+        op = f"create fileset {self.fileset(qsid)!r} for quota scope {qsid!r}"
+        path = self.v.scope_path(qsid)
+        reply = await self.v.client.call(
+            "POST",
+            f"/filesystems/{self.fs}/filesets",
+            op=op,
+            json={"filesetName": self.fileset(qsid), "path": self.junction(qsid), "owner": self.v.opts.gpfs_owner},
+            accept=(409,),
+        )
+        if reply.status != 409:  # 409: the fileset exists already - creating a scope twice is fine
+            await self.v.wait_jobs(reply, op)
+        if not await asyncio.to_thread(path.is_dir):
+            raise ApplianceError(
+                f"{self.v.client.label}: {op}: the fileset's junction {path} did not appear on the mount "
+                f"(does the volume path match the GPFS mount?)"
+            )
+        if limit_bytes is not None:
+            await self._set(qsid, limit_bytes, op)
+
+    async def _set(self, qsid: str, limit_bytes: int | None, op: str) -> None:
+        limit = "0" if limit_bytes is None else _kib(limit_bytes)
+        reply = await self.v.client.call(
+            "POST",
+            f"/filesystems/{self.fs}/quotas",
+            op=op,
+            json={
+                "operationType": "setQuota",
+                "quotaType": "FILESET",
+                "objectName": self.fileset(qsid),
+                "blockSoftLimit": limit,
+                "blockHardLimit": limit,
+            },
+        )
+        await self.v.wait_jobs(reply, op)
+
+    async def describe(self, qsid: str) -> ScopeUsage:
+        await asyncio.to_thread(self.v.require_scope, qsid)
+        op = f"read the quota of fileset {self.fileset(qsid)!r} (quota scope {qsid!r})"
+        reply = await self.v.client.get(
+            f"/filesystems/{self.fs}/quotas",
+            op=op,
+            params={"filter": f"quotaType=FILESET,objectName={self.fileset(qsid)}"},
+        )
+        for q in field(reply.body, "quotas", op=op, label=self.v.client.label):
+            if q.get("isDefaultQuota") or q.get("objectName") != self.fileset(qsid):
+                continue
+            limit_kib = int(q.get("blockLimit") or 0)
+            return ScopeUsage(int(q.get("blockUsage") or 0) * 1024, limit_kib * 1024 if limit_kib else None)
+        return ScopeUsage(None, None)
+
+    async def update(self, qsid: str, limit_bytes: int | None) -> None:
+        await asyncio.to_thread(self.v.require_scope, qsid)
+        await self._set(qsid, limit_bytes, f"set the quota of fileset {self.fileset(qsid)!r} (quota scope {qsid!r})")
+
+    async def delete(self, qsid: str) -> None:
+        path = await asyncio.to_thread(self.v.require_empty_scope, qsid)
+        op = f"delete fileset {self.fileset(qsid)!r} (quota scope {qsid!r})"
+        reply = await self.v.client.call(
+            "DELETE", f"/filesystems/{self.fs}/filesets/{self.fileset(qsid)}", op=op, accept=(404,)
+        )
+        if reply.status == 404:
+            raise QuotaScopeNotFound(f"quota scope {qsid!r} has no fileset on volume {self.v.name!r}")
+        await self.v.wait_jobs(reply, op)
+        await asyncio.to_thread(rmdir_scope, path)
+
+
+class GpfsVolume(ApplianceVolume):
+    backend = "gpfs"
+    appliance = "GPFS"
+    Options = GpfsOptions
+    capabilities = frozenset({Capability.VFOLDER, Capability.QUOTA, Capability.METRIC, Capability.FAST_FS_SIZE})
+    opts: GpfsOptions
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._quota = GpfsQuotaModel(self)
+
+    @property
+    def quota(self) -> GpfsQuotaModel:
+        return self._quota
+
+    def make_client(self) -> RestClient:
+        o = self.opts
+        auth = BasicAuth(o.gpfs_username, o.gpfs_password.get_secret_value())
+        return self.rest(o.gpfs_endpoint.rstrip("/") + "/scalemgmt/v2", auth, o.gpfs_verify_ssl)
+
+    async def wait_jobs(self, reply: Reply, op: str) -> None:
+        """Poll each job the mutation started until it is COMPLETED; FAILED / CANCELLED become errors."""
+        jobs = reply.body.get("jobs") if isinstance(reply.body, dict) else None
+        for job in jobs or []:
+            await self._wait_job(job["jobId"], op)
+
+    async def _wait_job(self, job_id: Any, op: str) -> None:
+        deadline = time.monotonic() + self.opts.gpfs_job_timeout
+        while True:
+            r = await self.client.get(f"/jobs/{job_id}", op=f"{op} (job {job_id})", accept=(404,))
+            job = r.body["jobs"][0] if r.ok and isinstance(r.body, dict) and r.body.get("jobs") else {}
+            status = job.get("status", "RUNNING" if r.status == 404 else "")
+            if status == "COMPLETED":
+                return
+            if status in ("FAILED", "CANCELLED"):
+                result = job.get("result") or {}
+                detail = " ".join(str(x).strip() for x in (result.get("stderr") or []) if x) or str(
+                    result.get("exitCode", "")
+                )
+                raise ApplianceError(f"{self.client.label}: {op} failed: job {job_id} {status}: {detail}")
+            if status not in ("RUNNING", "CANCELLING"):
+                raise ApplianceError(f"{self.client.label}: {op}: job {job_id} in unknown state {status!r}")
+            if time.monotonic() >= deadline:
+                raise ApplianceError(
+                    f"{self.client.label}: {op}: job {job_id} still {status} after {self.opts.gpfs_job_timeout:g} s"
+                )
+            await asyncio.sleep(self.opts.gpfs_job_poll_interval)
+
+    async def fs_usage(self) -> FSUsage:
+        fs = self.opts.gpfs_fs_name
+        op = f"read the storage pools of filesystem {fs!r}"
+        r = await self.client.get(f"/filesystems/{fs}/pools", op=op)
+        capacity = used = 0
+        for pool in field(r.body, "storagePool", op=op, label=self.client.label):
+            name = pool["storagePoolName"]
+            p = await self.client.get(f"/filesystems/{fs}/pools/{name}", op=f"read storage pool {name!r}")
+            info = field(p.body, "storagePool", 0, op=op, label=self.client.label)
+            total, free = int(info.get("totalDataInKB") or 0), int(info.get("freeDataInKB") or 0)
+            capacity += total * 1024
+            used += (total - free) * 1024
+        return FSUsage(capacity, used)
+
+    async def appliance_hwinfo(self) -> tuple[str, str | None, dict[str, str]]:
+        r = await self.client.get("/nodes", op="list cluster nodes")
+        bad = []
+        for node in field(r.body, "nodes", op="list cluster nodes", label=self.client.label):
+            name = node["adminNodeName"]
+            h = await self.client.get(f"/nodes/{name}/health/states", op=f"read health of node {name!r}")
+            for st in h.body.get("states", []) if isinstance(h.body, dict) else []:
+                if st.get("state") in UNHEALTHY:
+                    bad.append(f"{name}: {st.get('component', '?')} {st['state']}")
+        c = await self.client.get("/cluster", op="read cluster info")
+        summary = c.body.get("cluster", {}).get("clusterSummary", {}) if isinstance(c.body, dict) else {}
+        meta = {"cluster_name": str(summary.get("clusterName", "")), "filesystem": self.opts.gpfs_fs_name}
+        if bad:
+            return "degraded", "; ".join(bad), meta
+        return "healthy", None, meta
+
+    async def performance_metric(self) -> PerfMetric:
+        op = "read performance data"
+        r = await self.client.get("/perfmon/data", op=op, params={"query": PERF_QUERY})
+        rows = field(r.body, "performanceData", "rows", op=op, label=self.client.label)
+        values = [v or 0 for v in (rows[-1].get("values", []) if rows else [])] + [0] * 6
+        return PerfMetric(
+            int(values[0]), int(values[1]), int(values[2]), int(values[3]), float(values[4]), float(values[5])
+        )

@@ -1,0 +1,166 @@
+"""Benchmark the client API against ``cp``: tus upload and download of one big file, plus the agent's RSS growth.
+
+In one run, on one disk: ``cp`` of a SIZE file (the baseline), a tus upload of the same bytes as PATCHes of
+CHUNK bytes over loopback (httpx client), and a download of the uploaded file with ``GET /download``
+(by default with curl writing to a file on the same disk, so the server is measured rather than a Python
+client; ``--client httpx`` uses httpx instead). Each transfer's time is compared with ``cp`` as a ratio of
+throughputs (≥ 0.6 is the target), and the agent's resident set size is sampled with psutil every 20 ms
+(growth < 64 MiB is the target). Every tus PATCH is fdatasync'ed before its offset is recorded (the
+durability contract) while ``cp`` leaves its data in the page cache, so a second baseline, ``cp`` followed
+by fdatasync of the copy, shows what the disk itself allows for a durable copy.
+
+    .venv/bin/python bench/transfer_bench.py [--size-mib 1024] [--chunk-mib 8] [--dir /var/tmp] [--client curl]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tests.client_helpers import TUS, RssSampler, create_vfolder, download_token, upload_token, vfolder_path  # noqa: E402
+from tests.support import make_agent  # noqa: E402
+
+MiB = 1 << 20
+
+
+def make_source(path: Path, size: int) -> str:
+    digest = hashlib.sha256()
+    block = os.urandom(8 * MiB)
+    with open(path, "wb") as f:
+        written = 0
+        i = 0
+        while written < size:
+            chunk = (i.to_bytes(8, "little") + block[8:])[: size - written]
+            f.write(chunk)
+            digest.update(chunk)
+            written += len(chunk)
+            i += 1
+    return digest.hexdigest()
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(8 * MiB):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def timed_cp(src: Path, dst: Path, *, durable: bool) -> float:
+    """``cp`` (its data left in the page cache), or ``cp`` and then fdatasync of the copy (a durable copy)."""
+    t0 = time.perf_counter()
+    subprocess.run(["cp", str(src), str(dst)], check=True)
+    if durable:
+        fd = os.open(dst, os.O_RDONLY)
+        try:
+            os.fdatasync(fd)
+        finally:
+            os.close(fd)
+    elapsed = time.perf_counter() - t0
+    dst.unlink()
+    return elapsed
+
+
+def upload(client_url: str, token: str, src: Path, chunk: int) -> float:
+    size = src.stat().st_size
+    with httpx.Client(base_url=client_url, timeout=120) as cli, open(src, "rb") as f:
+        t0 = time.perf_counter()
+        offset = 0
+        while offset < size:
+            data = f.read(chunk)
+            headers = dict(TUS, **{"Upload-Offset": str(offset)})
+            r = cli.patch("/upload", params={"token": token}, content=data, headers=headers)
+            if r.status_code != 204:
+                raise SystemExit(f"PATCH at {offset} failed: {r.status_code} {r.text}")
+            offset = int(r.headers["Upload-Offset"])
+        return time.perf_counter() - t0
+
+
+def download(client_url: str, token: str, dst: Path, client: str) -> float:
+    url = str(httpx.URL(client_url + "/download", params={"token": token}))
+    t0 = time.perf_counter()
+    if client == "curl":
+        subprocess.run(["curl", "-sS", "--fail", "-o", str(dst), url], check=True)
+    else:
+        with httpx.stream("GET", url, timeout=120) as r, open(dst, "wb") as f:
+            r.raise_for_status()
+            for chunk in r.iter_raw(4 * MiB):
+                f.write(chunk)
+    return time.perf_counter() - t0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size-mib", type=int, default=1024)
+    parser.add_argument("--chunk-mib", type=int, default=8)
+    parser.add_argument("--dir", default=None, help="work directory (default: a temp dir under /var/tmp)")
+    parser.add_argument("--client", choices=("curl", "httpx"), default="curl" if shutil.which("curl") else "httpx")
+    args = parser.parse_args()
+    size = args.size_mib * MiB
+    base = Path(tempfile.mkdtemp(prefix="transfer-bench-", dir=args.dir or "/var/tmp"))
+    agent = None
+    try:
+        src = base / "source.bin"
+        print(f"making a {args.size_mib} MiB source file in {base} ...", flush=True)
+        expected = make_source(src, size)
+        agent = make_agent(base / "agent").start()
+        with agent.client() as api:
+            vfid = create_vfolder(api)
+            up_token = upload_token(api, vfid, "big.bin", size)
+            dl_token = download_token(api, vfid, "big.bin")
+        pid = agent.proc.pid
+
+        subprocess.run(["sync"], check=True)  # start every measurement with no dirty pages of ours pending
+        cp_time = timed_cp(src, base / "cp-copy.bin", durable=False)
+        subprocess.run(["sync"], check=True)
+        cp_sync_time = timed_cp(src, base / "cp-copy.bin", durable=True)
+        subprocess.run(["sync"], check=True)
+        with RssSampler(pid) as up_rss:
+            up_time = upload(agent.client_url, up_token, src, args.chunk_mib * MiB)
+        landed = vfolder_path(agent, vfid) / "big.bin"
+        assert sha256_of(landed) == expected, "uploaded file differs from the source"
+        dst = base / "downloaded.bin"
+        subprocess.run(["sync"], check=True)
+        with RssSampler(pid) as dl_rss:
+            dl_time = download(agent.client_url, dl_token, dst, args.client)
+        assert sha256_of(dst) == expected, "downloaded file differs from the source"
+        dst.unlink()
+
+        def row(name: str, secs: float, rss: RssSampler | None) -> str:
+            mibs = args.size_mib / secs
+            growth = "-" if rss is None else f"{rss.growth / MiB:.1f}"
+            peak = "-" if rss is None else f"{rss.peak / MiB:.1f}"
+            return (
+                f"| {name:<38} | {secs:6.2f} | {mibs:6.0f} | {cp_time / secs:5.2f} | {cp_sync_time / secs:10.2f} "
+                f"| {peak:>8} | {growth:>10} |"
+            )
+
+        print()
+        print(f"transfer of {args.size_mib} MiB on one disk ({base}), agent pid {pid}, download client {args.client}")
+        print(f"| {'operation':<38} |   s    | MiB/s  | × cp  | × cp+fsync | peak RSS | RSS growth |")
+        print(f"|{'-' * 40}|--------|--------|-------|------------|----------|------------|")
+        print(row("cp (baseline)", cp_time, None))
+        print(row("cp + fdatasync (durable baseline)", cp_sync_time, None))
+        print(row(f"tus upload, {args.chunk_mib} MiB PATCHes, each fdatasync", up_time, up_rss))
+        print(row("GET /download (sendfile)", dl_time, dl_rss))
+        print("targets: × cp ≥ 0.60, RSS growth < 64 MiB (RSS in MiB)")
+        return 0
+    finally:
+        if agent is not None:
+            agent.stop()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

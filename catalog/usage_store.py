@@ -1,0 +1,217 @@
+"""Queries of the usage engine: per-directory aggregates and vfolder totals, written as deltas.
+
+One call to :meth:`UsageStore.apply` is one transaction: the changed directories' rows, the removed ones
+and the new vfolder totals land together, so a reader never sees totals that disagree with the rows.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import sqlalchemy as sa
+from sqlalchemy.dialects.sqlite import insert
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from catalog.db import Database
+from catalog.schema import usage_dirs, usage_vfolders, vfolder_usage, vfolders
+
+VFKey = tuple[str, str, str]  # (volume, qsid, folder_id)
+
+
+@dataclass(frozen=True)
+class DirRow:
+    relpath: str
+    ino: int
+    entries: int
+    size_bytes: int
+    allocated_bytes: int
+    own_allocated: int
+    links: str | None
+
+
+@dataclass(frozen=True)
+class Totals:
+    file_count: int
+    used_bytes: int
+    allocated_bytes: int
+    source: str
+    stale: bool
+    measured_at: float
+
+
+@dataclass
+class VFolderChange:
+    """What one flush changes for one vfolder."""
+
+    key: VFKey
+    totals: Totals
+    upserts: list[DirRow]
+    deletes: list[str]
+    replace_all: bool = False  # a full scan: every old row goes
+
+
+def _vf(key: VFKey) -> sa.ColumnElement[bool]:
+    return sa.and_(
+        usage_vfolders.c.volume == key[0], usage_vfolders.c.qsid == key[1], usage_vfolders.c.folder_id == key[2]
+    )
+
+
+_UPSERT_DIR = (
+    "INSERT INTO usage_dirs (vf, relpath, ino, entries, size_bytes, allocated_bytes, own_allocated, links) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (vf, relpath) DO UPDATE SET ino = excluded.ino, "
+    "entries = excluded.entries, size_bytes = excluded.size_bytes, allocated_bytes = excluded.allocated_bytes, "
+    "own_allocated = excluded.own_allocated, links = excluded.links"
+)
+
+
+class UsageStore:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    async def _vf_id(self, conn: AsyncConnection, key: VFKey) -> int:
+        row = (await conn.execute(sa.select(usage_vfolders.c.id).where(_vf(key)))).first()
+        if row is not None:
+            return row.id
+        res = await conn.execute(usage_vfolders.insert().values(volume=key[0], qsid=key[1], folder_id=key[2]))
+        return res.inserted_primary_key[0]
+
+    async def apply(self, changes: Sequence[VFolderChange], chunk: int = 5000) -> None:
+        """Write several vfolders' changes in one transaction (large scans are split, totals last)."""
+        big = [c for c in changes if len(c.upserts) > chunk]
+        small = [c for c in changes if len(c.upserts) <= chunk]
+        for c in big:  # a big scan: rows in several transactions, the totals with the last one
+            async with self.db.write() as conn:
+                vf = await self._vf_id(conn, c.key)
+                if c.replace_all:
+                    await conn.execute(usage_dirs.delete().where(usage_dirs.c.vf == vf))
+            for i in range(0, len(c.upserts), chunk):
+                async with self.db.write() as conn:
+                    await self._upsert(conn, vf, c.upserts[i : i + chunk])
+            small.append(VFolderChange(c.key, c.totals, [], c.deletes, replace_all=False))
+        if not small:
+            return
+        async with self.db.write() as conn:
+            for c in small:
+                vf = await self._vf_id(conn, c.key)
+                if c.replace_all:
+                    await conn.execute(usage_dirs.delete().where(usage_dirs.c.vf == vf))
+                elif c.deletes:
+                    for i in range(0, len(c.deletes), 500):
+                        part = c.deletes[i : i + 500]
+                        await conn.execute(
+                            usage_dirs.delete().where(usage_dirs.c.vf == vf, usage_dirs.c.relpath.in_(part))
+                        )
+                await self._upsert(conn, vf, c.upserts)
+                await self._put_totals(conn, c.key, c.totals)
+                if c.replace_all or c.totals.source == "scan":
+                    await conn.execute(
+                        usage_vfolders.update().where(usage_vfolders.c.id == vf).values(scanned_at=time.time())
+                    )
+
+    async def _upsert(self, conn: AsyncConnection, vf: int, rows: Iterable[DirRow]) -> None:
+        # plain driver executemany: a scan writes 100k rows, and Core's per-row processing would run on the
+        # event loop's thread
+        values = [
+            (vf, r.relpath, r.ino, r.entries, r.size_bytes, r.allocated_bytes, r.own_allocated, r.links) for r in rows
+        ]
+        if values:
+            await conn.exec_driver_sql(_UPSERT_DIR, values)
+
+    async def _put_totals(self, conn: AsyncConnection, key: VFKey, t: Totals) -> None:
+        values = {
+            "used_bytes": t.used_bytes,
+            "file_count": t.file_count,
+            "allocated_bytes": t.allocated_bytes,
+            "measured_at": t.measured_at,
+            "source": t.source,
+            "stale": t.stale,
+        }
+        stmt = insert(vfolder_usage).values(volume=key[0], qsid=key[1], folder_id=key[2], **values)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=[vfolder_usage.c.volume, vfolder_usage.c.qsid, vfolder_usage.c.folder_id], set_=values
+        )
+        await conn.execute(stmt)
+
+    async def put_totals(self, key: VFKey, totals: Totals) -> None:
+        async with self.db.write() as conn:
+            await self._put_totals(conn, key, totals)
+
+    async def mark_stale(self, keys: Iterable[VFKey]) -> None:
+        async with self.db.write() as conn:
+            for key in keys:
+                await conn.execute(
+                    vfolder_usage.update()
+                    .where(
+                        vfolder_usage.c.volume == key[0],
+                        vfolder_usage.c.qsid == key[1],
+                        vfolder_usage.c.folder_id == key[2],
+                    )
+                    .values(stale=True)
+                )
+
+    async def all_totals(self, volume: str) -> dict[VFKey, Totals]:
+        """The last figures of a volume's vfolders (served, flagged stale, until a rescan lands)."""
+        async with self.db.read() as conn:
+            rows = await conn.execute(sa.select(vfolder_usage).where(vfolder_usage.c.volume == volume))
+            return {
+                (r.volume, r.qsid, r.folder_id): Totals(
+                    r.file_count, r.used_bytes, r.allocated_bytes, r.source, bool(r.stale), r.measured_at
+                )
+                for r in rows
+            }
+
+    async def dirs(self, key: VFKey) -> list[DirRow]:
+        async with self.db.read() as conn:
+            stmt = (
+                sa.select(usage_dirs)
+                .join(usage_vfolders, usage_vfolders.c.id == usage_dirs.c.vf)
+                .where(_vf(key))
+                .order_by(usage_dirs.c.relpath)
+            )
+            return [
+                DirRow(r.relpath, r.ino, r.entries, r.size_bytes, r.allocated_bytes, r.own_allocated, r.links)
+                for r in await conn.execute(stmt)
+            ]
+
+    async def forget(self, key: VFKey) -> None:
+        async with self.db.write() as conn:
+            row = (await conn.execute(sa.select(usage_vfolders.c.id).where(_vf(key)))).first()
+            if row is not None:
+                await conn.execute(usage_dirs.delete().where(usage_dirs.c.vf == row.id))
+                await conn.execute(usage_vfolders.delete().where(usage_vfolders.c.id == row.id))
+
+    async def forget_orphans(self) -> int:
+        """Drop aggregates of vfolders the catalogue no longer knows (deleted while the engine was off)."""
+        known = sa.select(vfolders.c.volume).where(
+            vfolders.c.volume == usage_vfolders.c.volume,
+            vfolders.c.qsid == usage_vfolders.c.qsid,
+            vfolders.c.folder_id == usage_vfolders.c.folder_id,
+        )
+        async with self.db.write() as conn:
+            ids = [r.id for r in await conn.execute(sa.select(usage_vfolders.c.id).where(~sa.exists(known)))]
+            for vf in ids:
+                await conn.execute(usage_dirs.delete().where(usage_dirs.c.vf == vf))
+                await conn.execute(usage_vfolders.delete().where(usage_vfolders.c.id == vf))
+        return len(ids)
+
+    async def request_rescan(self, key: VFKey) -> None:
+        async with self.db.write() as conn:
+            vf = await self._vf_id(conn, key)
+            await conn.execute(
+                usage_vfolders.update().where(usage_vfolders.c.id == vf).values(rescan_requested=time.time())
+            )
+
+    async def take_rescan_requests(self) -> list[VFKey]:
+        """Rescans asked for from the command line while this agent runs; cleared as they are taken."""
+        async with self.db.read() as conn:
+            stmt = sa.select(usage_vfolders).where(usage_vfolders.c.rescan_requested.is_not(None))
+            rows = [(r.id, (r.volume, r.qsid, r.folder_id)) for r in await conn.execute(stmt)]
+        if rows:
+            async with self.db.write() as conn:
+                ids = [i for i, _ in rows]
+                await conn.execute(
+                    usage_vfolders.update().where(usage_vfolders.c.id.in_(ids)).values(rescan_requested=None)
+                )
+        return [k for _, k in rows]

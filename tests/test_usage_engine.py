@@ -1,0 +1,303 @@
+"""The live usage engine against real inotify / fanotify, a real agent process and real directories.
+
+After every change, the answer of ``/folder/usage`` and ``/folder/used-bytes`` must equal a fresh walk of
+the tree (entries and st_size sum, and ``du -s -B1``-style allocated bytes). Polls use a generous deadline:
+correctness is asserted here, speed is benchmarked in bench/usage_bench.py.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from agent.usage_engine.watchers import fanotify_unavailable
+from tests.support import AgentProcess, assert_clean_log, make_agent
+
+DEADLINE = 20.0
+
+
+def walk(root: Path) -> tuple[int, int, int]:
+    """(entries, st_size sum, allocated bytes like `du -s -B1`) of a tree, links not followed."""
+    count = size = 0
+    st = os.lstat(root)
+    seen = {(st.st_dev, st.st_ino)}
+    alloc = st.st_blocks * 512
+    stack = [str(root)]
+    while stack:
+        d = stack.pop()
+        with os.scandir(d) as it:
+            for e in it:
+                st = e.stat(follow_symlinks=False)
+                count += 1
+                size += st.st_size
+                if (st.st_dev, st.st_ino) not in seen:
+                    seen.add((st.st_dev, st.st_ino))
+                    alloc += st.st_blocks * 512
+                if e.is_dir(follow_symlinks=False):
+                    stack.append(e.path)
+    return count, size, alloc
+
+
+def eventually(fn: Callable[[], Any], timeout: float = DEADLINE) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return fn()
+        except AssertionError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+class VF:
+    def __init__(self, api: httpx.Client, agent: AgentProcess, vfid: str) -> None:
+        self.api = api
+        self.vfid = vfid
+        qsid, hexid = vfid.split("/")
+        self.path = agent.volume_root() / qsid / hexid[:2] / hexid[2:4] / hexid[4:]
+
+    def usage(self) -> dict[str, Any]:
+        r = self.api.request("GET", "/folder/usage", json={"volume": "local", "vfid": self.vfid})
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    def used_bytes(self) -> dict[str, Any]:
+        r = self.api.request("GET", "/folder/used-bytes", json={"volume": "local", "vfid": self.vfid})
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    def check(self) -> None:
+        count, size, alloc = walk(self.path)
+        u = self.usage()
+        assert (u["file_count"], u["used_bytes"]) == (count, size), (u, count, size)
+        assert self.used_bytes()["used_bytes"] == alloc
+
+    def converges(self) -> None:
+        eventually(self.check)
+
+
+def _new_vfolder(api: httpx.Client, agent: AgentProcess) -> VF:
+    qsid = f"qs-{uuid.uuid4().hex[:8]}"
+    r = api.post("/quota-scope", json={"volume": "local", "qsid": qsid})
+    assert r.status_code == 204, r.text
+    vfid = f"{qsid}/{uuid.uuid4().hex}"
+    r = api.post("/folder/create", json={"volume": "local", "vfid": vfid})
+    assert r.status_code == 204, r.text
+    return VF(api, agent, vfid)
+
+
+WATCHERS = [
+    "inotify",
+    pytest.param(
+        "fanotify",
+        marks=pytest.mark.skipif(
+            fanotify_unavailable(["/tmp"]) is not None, reason=f"fanotify: {fanotify_unavailable(['/tmp'])}"
+        ),
+    ),
+]
+
+
+@pytest.fixture(params=WATCHERS)
+def watched(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[AgentProcess, httpx.Client, str]]:
+    proc = make_agent(tmp_path / "agent", usage={"watcher": request.param}).start()
+    try:
+        with proc.client() as api:
+            yield proc, api, request.param
+    finally:
+        proc.stop()
+    assert f"watching with {request.param}" in proc.log()
+    assert_clean_log(proc)
+
+
+def test_usage_follows_every_kind_of_change(watched: tuple[AgentProcess, httpx.Client, str], tmp_path: Path) -> None:
+    agent, api, _kind = watched
+    vf = _new_vfolder(api, agent)
+    u = vf.usage()
+    assert (u["file_count"], u["used_bytes"]) == (0, 0)
+    p = vf.path
+
+    (p / "a.bin").write_bytes(os.urandom(10_000))  # create
+    vf.converges()
+    with open(p / "a.bin", "ab") as f:  # append
+        f.write(os.urandom(70_000))
+    vf.converges()
+    os.truncate(p / "a.bin", 5)  # truncate
+    vf.converges()
+    (p / "d1" / "d2").mkdir(parents=True)  # nested directories, filled right away
+    for i in range(20):
+        (p / "d1" / "d2" / f"f{i}").write_bytes(b"x" * (i * 1000))
+    vf.converges()
+    os.rename(p / "a.bin", p / "b.bin")  # rename within a directory
+    os.rename(p / "b.bin", p / "d1" / "b.bin")  # ... and across directories
+    os.rename(p / "d1" / "d2", p / "d3")  # a directory moved across directories
+    vf.converges()
+    (p / "d3" / "late.bin").write_bytes(os.urandom(3000))  # the moved directory is still watched
+    vf.converges()
+    os.link(p / "d1" / "b.bin", p / "d3" / "hard")  # hard links: allocation counted once
+    os.link(p / "d3" / "f5", p / "f5-again")
+    vf.converges()
+    with open(p / "d3" / "hard", "ab") as f:  # grown through one name, seen through both
+        f.write(os.urandom(50_000))
+    vf.converges()
+    os.symlink("d1/b.bin", p / "link")  # symlinks are counted, never followed
+    os.symlink("/etc", p / "out-link")
+    vf.converges()
+    outside = tmp_path / "outside"
+    (outside / "sub").mkdir(parents=True)
+    for i in range(30):
+        (outside / "sub" / f"o{i}").write_bytes(os.urandom(700))
+    os.rename(outside, p / "moved-in")  # a tree moved in from outside the vfolder
+    vf.converges()
+    (p / "moved-in" / "sub" / "new").write_bytes(b"y" * 123)  # and it is watched
+    vf.converges()
+    os.rename(p / "moved-in", tmp_path / "moved-out")  # a tree moved out of the vfolder
+    vf.converges()
+    (tmp_path / "moved-out" / "sub" / "after").write_bytes(b"z" * 999)  # no longer counted
+    vf.converges()
+    shutil.rmtree(p / "d3")  # delete a tree
+    vf.converges()
+    u = vf.usage()
+    assert u["source"] in ("watch", "scan") and u["stale"] is False
+
+
+def test_first_sight_of_a_vfolder_made_behind_the_agents_back(agent: AgentProcess, api: httpx.Client) -> None:
+    vf = _new_vfolder(api, agent)
+    hidden = VF(api, agent, f"{vf.vfid.split('/')[0]}/{uuid.uuid4().hex}")
+    (hidden.path / "x" / "y").mkdir(parents=True)
+    (hidden.path / "x" / "y" / "z").write_bytes(os.urandom(4321))
+    u = hidden.usage()  # never measured: scanned at once, answered within the bounded wait
+    assert (u["file_count"], u["used_bytes"]) == walk(hidden.path)[:2]
+    hidden.converges()
+    r = api.request(
+        "GET", "/folder/usage", json={"volume": "local", "vfid": f"{vf.vfid.split('/')[0]}/{uuid.uuid4().hex}"}
+    )
+    assert 400 <= r.status_code < 500
+
+
+def test_quota_scope_usage_is_the_sum_of_its_vfolders(agent: AgentProcess, api: httpx.Client) -> None:
+    a = _new_vfolder(api, agent)
+    qsid = a.vfid.split("/")[0]
+    b = VF(api, agent, f"{qsid}/{uuid.uuid4().hex}")
+    r = api.post("/folder/create", json={"volume": "local", "vfid": b.vfid})
+    assert r.status_code == 204
+    (a.path / "one").write_bytes(os.urandom(200_000))
+    (b.path / "two").write_bytes(os.urandom(300_000))
+    a.converges()
+    b.converges()
+
+    def scope_sum() -> None:
+        r = api.request("GET", "/quota-scope", json={"volume": "local", "qsid": qsid})
+        assert r.status_code == 200
+        assert r.json()["used_bytes"] == walk(a.path)[2] + walk(b.path)[2]
+
+    eventually(scope_sum)
+
+
+def test_deleted_and_cloned_vfolders_are_followed(agent: AgentProcess, api: httpx.Client) -> None:
+    vf = _new_vfolder(api, agent)
+    (vf.path / "d").mkdir()
+    (vf.path / "d" / "f").write_bytes(os.urandom(5000))
+    vf.converges()
+    clone = VF(api, agent, f"{vf.vfid.split('/')[0]}/{uuid.uuid4().hex}")
+    r = api.post("/folder/clone", json={"src_volume": "local", "src_vfid": vf.vfid, "dst_vfid": clone.vfid})
+    assert r.status_code == 204, r.text
+    clone.converges()
+    (clone.path / "d" / "more").write_bytes(os.urandom(100))
+    clone.converges()
+    r = api.post("/folder/delete", json={"volume": "local", "vfid": vf.vfid})
+    assert r.status_code == 204
+    r = api.request("GET", "/folder/usage", json={"volume": "local", "vfid": vf.vfid})
+    assert 400 <= r.status_code < 500
+
+
+def _start_with_tiny_inotify_queue(proc: AgentProcess) -> None:
+    """The queue size is fixed when the agent creates its inotify instance: lower the (machine-wide) knob
+    only for the agent's start, and restore it at once."""
+    knob = Path("/proc/sys/fs/inotify/max_queued_events")
+    old = knob.read_text()
+    try:
+        knob.write_text("64\n")
+    except OSError as e:
+        pytest.skip(f"cannot lower {knob}: {e.strerror}")
+    try:
+        proc.start()
+    finally:
+        knob.write_text(old)
+
+
+def test_queue_overflow_marks_stale_then_the_rescan_lands(tmp_path: Path) -> None:
+    proc = make_agent(tmp_path / "agent", usage={"watcher": "inotify"})
+    _start_with_tiny_inotify_queue(proc)  # its queue holds 64 events
+    try:
+        with proc.client() as api:
+            vf = _new_vfolder(api, proc)
+            vf.converges()
+            for i in range(2000):  # far more events than the queue holds
+                (vf.path / f"f{i}").write_bytes(b"x" * i)
+            vf.converges()
+            assert vf.usage()["stale"] is False
+    finally:
+        proc.stop()
+    assert "queue overflowed" in proc.log()
+    assert_clean_log(proc)
+
+
+def test_kill_during_a_scan_then_restart_gives_right_figures(tmp_path: Path) -> None:
+    proc = make_agent(tmp_path / "agent", usage={"watcher": "inotify", "scan-threads": 1})
+    proc.start()
+    try:
+        with proc.client() as api:
+            vf = _new_vfolder(api, proc)
+            for d in range(200):
+                sub = vf.path / f"d{d}"
+                sub.mkdir()
+                for i in range(50):
+                    (sub / f"f{i}").write_bytes(b"x" * i)
+            vf.converges()
+        proc.stop()
+        for d in range(0, 200, 3):  # changed while the agent is down: only a rescan can know
+            shutil.rmtree(vf.path / f"d{d}")
+        proc.start()  # its start-up scan of 7000 entries is under way ...
+        proc.kill()  # ... when it is killed
+        proc.start()
+        with proc.client() as api:
+            vf.api = api
+            vf.converges()
+            assert vf.usage()["stale"] is False
+    finally:
+        proc.stop()
+    assert_clean_log(proc)
+
+
+def test_scan_command_rescans_and_records(tmp_path: Path) -> None:
+    proc = make_agent(tmp_path / "agent", usage={"watcher": "none"})
+    proc.start()
+    try:
+        with proc.client() as api:
+            vf = _new_vfolder(api, proc)
+            vf.converges()
+            (vf.path / "unseen").write_bytes(os.urandom(9999))  # no watcher: only a scan sees it
+            out = subprocess.run(
+                [os.sys.executable, "-m", "agent", "scan", "--config", str(proc.config_path), "--vfid", vf.vfid],
+                capture_output=True,
+                text=True,
+                timeout=120,
+                cwd=proc.workdir,
+            )
+            assert out.returncode == 0, out.stderr
+            count, size, _ = walk(vf.path)
+            assert f"{vf.vfid}" in out.stdout and f"{count} entries" in out.stdout
+            vf.converges()  # the running agent picked up the request and rescanned
+            assert vf.usage()["used_bytes"] == size
+    finally:
+        proc.stop()
+    assert_clean_log(proc)

@@ -1,0 +1,109 @@
+"""dellemc-onefs backend against the OneFS Platform API simulator, through a real agent process."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from tests.simulators import scenarios as sc
+from tests.simulators.onefs import OnefsSimulator
+
+APPLIANCE = "PowerScale OneFS"
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[sc.VendorEnv]:
+    def options(sim: OnefsSimulator) -> dict[str, object]:
+        # dell_admin is the 23.03.5 key for the user name; dell_username is accepted too
+        return {
+            "dell_endpoint": sim.url,
+            "dell_admin": "root",
+            "dell_password": "a",
+            "dell_api_version": "12",
+            "dell_system_name": "nfs",
+            "dell_ifs_path": "/ifs/data/ai",
+            "request_timeout": 2,
+        }
+
+    with sc.vendor_env(tmp_path_factory.mktemp("onefs"), "dellemc-onefs", OnefsSimulator, options) as e:
+        yield e
+
+
+@pytest.fixture
+def qsid(env: sc.VendorEnv) -> str:
+    q = sc.new_qsid()
+    sc.create_scope(env, q, 2**30)
+    return q
+
+
+def _state(env: sc.VendorEnv):
+    def state(qsid: str) -> tuple[int, int | None]:
+        found = env.sim.quota_for(qsid)
+        assert found is not None, f"no directory quota on {qsid}"
+        return found
+
+    return state
+
+
+def test_volume_capabilities(env: sc.VendorEnv) -> None:
+    sc.check_volume_listed(env, {"vfolder", "quota", "metric", "fast-fs-size"})
+
+
+def test_quota_roundtrip(env: sc.VendorEnv) -> None:
+    sc.quota_roundtrip(env, _state(env), lambda q: env.sim.quota_for(q) is not None)
+
+
+def test_scope_without_limit(env: sc.VendorEnv) -> None:
+    sc.scope_without_limit(env, _state(env))
+
+
+def test_quota_shape_on_the_appliance(env: sc.VendorEnv, qsid: str) -> None:
+    (q,) = [q for q in env.sim.quotas.values() if q["path"] == f"/ifs/data/ai/{qsid}"]
+    assert q["type"] == "directory" and q["enforced"] is True and q["include_snapshots"] is False
+    assert q["thresholds_on"] == "fslogicalsize" and q["thresholds"]["hard"] == 2**30
+    assert not (env.root / qsid / ".quota_id").exists()
+
+
+def test_fs_usage(env: sc.VendorEnv) -> None:
+    sc.fs_usage_matches(env, env.sim.pools_total)
+
+
+def test_5xx_retried(env: sc.VendorEnv, qsid: str) -> None:
+    sc.retried_5xx(env, qsid, "/quota/quotas")
+
+
+def test_slow_answer_retried(env: sc.VendorEnv, qsid: str) -> None:
+    sc.slow_answer_retried(env, qsid, 2.5)
+
+
+def test_permanent_failure(env: sc.VendorEnv, qsid: str) -> None:
+    sc.permanent_failure(env, qsid, APPLIANCE, "/quota/quotas")
+
+
+def test_auth_failure(env: sc.VendorEnv, qsid: str) -> None:
+    sim: OnefsSimulator = env.sim
+
+    def break_auth() -> None:
+        sim.credentials = ("root", "rotated")
+
+    def restore() -> None:
+        sim.credentials = ("root", "a")
+
+    sc.auth_failure(env, qsid, APPLIANCE, break_auth, restore)
+
+
+def test_hwinfo_and_metric(env: sc.VendorEnv) -> None:
+    info = sc.hwinfo(env)
+    assert info["status"] == "healthy", info
+    assert info["metadata"]["cluster_name"] == "onefs-sim"
+    assert info["metadata"]["onefs_release"] == "9.5.0.0"
+    s, w = env.sim.protocol, env.sim.workload
+    assert sc.metric(env) == {
+        "iops_read": int(s["disk"]["iops"]),
+        "iops_write": 0,
+        "io_bytes_read": int(s["onefs"]["out"]),
+        "io_bytes_write": int(s["onefs"]["in"]),
+        "io_usec_read": w["latency_read"],
+        "io_usec_write": w["latency_write"],
+    }
