@@ -33,7 +33,6 @@ from backends.errors import (
     UnsupportedOperation,
 )
 from backends.ids import VFolderID
-from backends.mounted import STAGING
 from backends.process import CommandFailed, Completed, run
 from backends.quotascoped import QuotaScopedVolume
 from backends.walk import tree_usage
@@ -182,7 +181,7 @@ class BtrfsQuotaModel(QuotaModel):
         kind = await self._kind(qsid)
         path = self.volume.scope_path(qsid)
         subvol_id = await self.volume.subvolume_id(path) if kind == "subvolume" else None
-        await asyncio.to_thread(_rmdir_scope, qsid, path)
+        await asyncio.to_thread(_rmdir_scope, self.volume, qsid)
         if subvol_id is not None:
             await self._drop_qgroup(qsid, subvol_id)
 
@@ -200,16 +199,8 @@ class BtrfsQuotaModel(QuotaModel):
             log.warning("quota scope %s: qgroup 0/%d left stale: %s", qsid, subvol_id, done.stderr.decode().strip())
 
 
-def _rmdir_scope(qsid: str, path: Path) -> None:
-    leftover = [name for name in os.listdir(path) if name != STAGING]
-    if leftover:
-        raise QuotaScopeNotEmpty(f"quota scope {qsid!r} still holds vfolders; delete them first")
-    try:
-        os.rmdir(path / STAGING)
-    except FileNotFoundError:
-        pass
-    except OSError:
-        raise QuotaScopeNotEmpty(f"quota scope {qsid!r} has work in progress (uploads or clones)") from None
+def _rmdir_scope(volume: QuotaScopedVolume, qsid: str) -> None:
+    path = volume.prepare_scope_removal(qsid)
     try:
         os.rmdir(path)
     except OSError as e:
@@ -277,6 +268,10 @@ class BtrfsVolume(QuotaScopedVolume):
             log.error("volume %s: btrfs qgroup show failed: %s", self.name, done.stderr.decode().strip())
 
     # -- clone: reflinks, with the destination scope's limit checked first ------
+
+    def clone_space_needed(self, src: VFolderID) -> int:
+        """Reflinked extents are shared: the volume needs no room for the data (the scope check is below)."""
+        return 0
 
     async def clone_vfolder(self, src: VFolderID, dst: VFolderID) -> None:
         if src.qsid != dst.qsid:

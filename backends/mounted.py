@@ -130,7 +130,7 @@ class MountedVolume(Volume):
         if not self.scope_path(dst.qsid).is_dir():
             raise QuotaScopeNotFound(f"quota scope {dst.qsid!r} does not exist on volume {self.name!r}")
         with self.open_vfolder(src) as root:
-            need = tree_usage(self.vfolder_path(src)).allocated_bytes
+            need = self.clone_space_needed(src)
             st = os.statvfs(self.scope_path(dst.qsid))
             free = st.f_bavail * st.f_frsize
             if need > free:
@@ -166,6 +166,10 @@ class MountedVolume(Volume):
                 raise FileOpError(e.errno or errno.EIO, e.strerror or str(e), []) from None
             finally:
                 _rmdir_if_empty(staging)
+
+    def clone_space_needed(self, src: VFolderID) -> int:
+        """Free bytes a clone of ``src`` needs on the volume (blocking). Reflink filesystems need almost none."""
+        return tree_usage(self.vfolder_path(src)).allocated_bytes
 
     async def tree_usage(self, vfid: VFolderID) -> TreeUsage:
         path = self.vfolder_path(vfid)

@@ -12,21 +12,13 @@ from __future__ import annotations
 
 import errno
 import logging
-import os
-import shutil
 
 from backends.errors import QuotaExceeded
 from backends.ids import VFolderID
-from backends.mounted import MountedVolume
+from backends.mounted import MountedVolume, _rmdir_if_empty
+from backends.rmtree import remove_tree
 
 log = logging.getLogger(__name__)
-
-
-def _rmdir_if_empty(path: os.PathLike[str] | str) -> None:
-    try:
-        os.rmdir(path)
-    except OSError:
-        pass
 
 
 class QuotaScopedVolume(MountedVolume):
@@ -62,6 +54,6 @@ class QuotaScopedVolume(MountedVolume):
             path = self.vfolder_path(vfid)
             log.warning("quota scope %s is full: removing vfolder %s in place", vfid.qsid, vfid)
             _rmdir_if_empty(self.staging_path(vfid.qsid))
-            shutil.rmtree(path)  # fd-based; never follows a symlink
+            remove_tree(path)  # by descriptors; never follows a symlink
             _rmdir_if_empty(path.parent)
             _rmdir_if_empty(path.parent.parent)

@@ -16,8 +16,7 @@ from typing import Any, ClassVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from backends.base import HwInfo
-from backends.errors import QuotaScopeNotEmpty, QuotaScopeNotFound
-from backends.mounted import STAGING, MountedVolume
+from backends.mounted import MountedVolume
 from backends.vendors.rest import ApplianceError, Auth, RestClient
 
 log = logging.getLogger(__name__)
@@ -93,26 +92,6 @@ class ApplianceVolume(MountedVolume):
         return None
 
     # -- scope directories on the mount ------------------------------------------
-
-    def require_scope(self, qsid: str) -> Path:
-        path = self.scope_path(qsid)
-        if not path.is_dir():
-            raise QuotaScopeNotFound(f"quota scope {qsid!r} does not exist on volume {self.name!r}")
-        return path
-
-    def require_empty_scope(self, qsid: str) -> Path:
-        """Refuse to delete a scope that still holds vfolders or work in progress; drops an empty staging dir."""
-        path = self.require_scope(qsid)
-        leftover = [n for n in os.listdir(path) if n != STAGING]
-        if leftover:
-            raise QuotaScopeNotEmpty(f"quota scope {qsid!r} still holds vfolders; delete them first")
-        try:
-            os.rmdir(path / STAGING)
-        except FileNotFoundError:
-            pass
-        except OSError:
-            raise QuotaScopeNotEmpty(f"quota scope {qsid!r} has work in progress (uploads or clones)") from None
-        return path
 
     async def appliance_hwinfo(self) -> tuple[str, str | None, dict[str, str]]:
         """(status, status_info, metadata) from the appliance; override where the vendor reports health."""

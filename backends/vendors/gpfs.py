@@ -116,7 +116,7 @@ class GpfsQuotaModel(QuotaModel):
         await self._set(qsid, limit_bytes, f"set the quota of fileset {self.fileset(qsid)!r} (quota scope {qsid!r})")
 
     async def delete(self, qsid: str) -> None:
-        path = await asyncio.to_thread(self.v.require_empty_scope, qsid)
+        path = await asyncio.to_thread(self.v.prepare_scope_removal, qsid)
         op = f"delete fileset {self.fileset(qsid)!r} (quota scope {qsid!r})"
         reply = await self.v.client.call(
             "DELETE", f"/filesystems/{self.fs}/filesets/{self.fileset(qsid)}", op=op, accept=(404,)

@@ -127,7 +127,7 @@ class NetappQuotaModel(QuotaModel):
         await self._set(qsid, limit_bytes, f"set the quota rule of quota scope {qsid!r}")
 
     async def delete(self, qsid: str) -> None:
-        path = await asyncio.to_thread(self.v.require_empty_scope, qsid)
+        path = await asyncio.to_thread(self.v.prepare_scope_removal, qsid)
         await self.v.ready()
         op = f"delete the qtree of quota scope {qsid!r}"
         await self._set(qsid, None, op)

@@ -88,7 +88,7 @@ class OnefsQuotaModel(QuotaModel):
         await self._set(qsid, limit_bytes, f"set the directory quota of quota scope {qsid!r}")
 
     async def delete(self, qsid: str) -> None:
-        path = await asyncio.to_thread(self.v.require_empty_scope, qsid)
+        path = await asyncio.to_thread(self.v.prepare_scope_removal, qsid)
         await self._set(qsid, None, f"delete the directory quota of quota scope {qsid!r}")
         await asyncio.to_thread(rmdir_scope, path)
 

@@ -140,7 +140,7 @@ class WekaQuotaModel(QuotaModel):
 
     async def delete(self, qsid: str) -> None:
         await self.v.ready()
-        path = await asyncio.to_thread(self.v.require_empty_scope, qsid)
+        path = await asyncio.to_thread(self.v.prepare_scope_removal, qsid)
         ino = (await asyncio.to_thread(os.stat, path)).st_ino
         await self.v.client.call(
             "DELETE", f"/fileSystems/{self.v.fs_uid}/quota/{ino}", op=f"delete quota scope {qsid!r}", accept=(404,)
