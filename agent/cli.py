@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 import textwrap
 from pathlib import Path
@@ -28,8 +29,9 @@ def _add_config(p: argparse.ArgumentParser) -> None:
         "-f",
         "--config",
         type=Path,
-        default=None,
-        help="storage-proxy TOML config; without it, the embedded default under --var-dir",
+        default=os.environ.get("STORAGE_AGENT_CONFIG") or None,  # the Debian package's wrapper sets it
+        help="storage-proxy TOML config (default: $STORAGE_AGENT_CONFIG, which the Debian package sets to "
+        "/etc/storage-agent/storage-agent.toml); without either, the embedded default under --var-dir",
     )
     p.add_argument("--var-dir", default="./var", help="state directory of the embedded default (default: ./var)")
 
@@ -160,8 +162,11 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_view(args: argparse.Namespace) -> int:
-    from agent.view import process
-
+    try:
+        from agent.view import process
+    except ImportError as e:
+        print(f"storage-agent: view needs pyfuse3 (the 'fuse' extra): {e}", file=sys.stderr)
+        return 1
     if str(args.config) == "-":  # spawned by serve: the config arrives on stdin, secrets masked
         from agent.config import validate
 
@@ -170,7 +175,11 @@ def cmd_view(args: argparse.Namespace) -> int:
     else:
         config = _config(args)
     logs.setup(config.logging.level, config.logging.format)
-    process.run(config)
+    try:
+        process.run(config)
+    except RuntimeError as e:  # pyfuse3 reports a failed mount so (no /dev/fuse, not permitted, ...)
+        print(f"storage-agent: view: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

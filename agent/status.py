@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -126,7 +127,8 @@ def render(data: dict[str, Any], *, as_json: bool) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    # On a terminal rich fits the width; piped to a file or a script, ids and paths are never cut.
+    console = Console(width=None if sys.stdout.isatty() else 240)
     console.print(f"agent: {'answering' if data['agent']['answers'] else 'NOT answering'} on its manager port")
     vols = Table(title="volumes")
     for col in ("volume", "backend", "path", "health", "used", "capacity", "note"):

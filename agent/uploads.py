@@ -46,6 +46,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import StreamReader
+from aiohttp.http_exceptions import HttpProcessingError
 
 from agent.errors import ApiError
 from backends import files
@@ -63,6 +64,7 @@ log = logging.getLogger(__name__)
 PREFIX = "upload-"
 WRITE_BATCH = 4 << 20  # bytes gathered from the socket before one pwritev
 MAX_PARTS = 512  # buffers in one pwritev (IOV_MAX is 1024 on Linux)
+PUBLISHED_MODE = 0o644  # what the upstream proxy's uploads got under the usual umask
 _STAGED_FLAGS = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -107,6 +109,36 @@ async def _session_lock(session_id: str) -> AsyncIterator[bool]:
             _locks.pop(session_id, None)
 
 
+# -- session rows: the catalogue, with this process's copy ------------------------------
+#
+# Only this process changes a session after the manager API created it, and every change goes through
+# _record / _forget, so a row cached here is never stale. That spares a catalogue round trip (several
+# thread hand-offs) per PATCH.
+
+_rows: dict[str, UploadSessionRow] = {}
+
+
+async def _row(agent: Agent, session_id: str) -> UploadSessionRow | None:
+    row = _rows.get(session_id)
+    if row is None:
+        row = await agent.catalog.get_upload_session(session_id)
+        if row is not None:
+            _rows[session_id] = row
+    return row
+
+
+async def _record(agent: Agent, row: UploadSessionRow, *, received: int, state: str = "open") -> UploadSessionRow:
+    await agent.catalog.update_upload_session(row.session_id, received=received, state=state)
+    new = dataclasses.replace(row, received=received, state=state)
+    _rows[row.session_id] = new
+    return new
+
+
+async def _forget(agent: Agent, session_id: str) -> None:
+    await agent.catalog.delete_upload_session(session_id)
+    _rows.pop(session_id, None)
+
+
 # -- the session named by a token ---------------------------------------------------
 
 
@@ -142,12 +174,16 @@ def target_path(relpath: str, dst_dir: str | None) -> str:
     return path
 
 
-async def open_upload(agent: Agent, claims: dict[str, Any], dst_dir: str | None) -> Upload:
-    """The live session a verified upload token names, cross-checked against the catalogue row."""
+async def open_upload(agent: Agent, claims: dict[str, Any], dst_dir: str | None, *, check: bool = True) -> Upload:
+    """The live session a verified upload token names, cross-checked against the catalogue row.
+
+    With ``check`` the target is also resolved (see :func:`_check_target`); PATCH does that in the same
+    worker-thread hop that opens the staged file.
+    """
     session_id = claims.get("session")
     if not isinstance(session_id, str) or not session_id:
         raise ApiError(403, "invalid token: it names no upload session", "invalid-token")
-    row = await agent.catalog.get_upload_session(session_id)
+    row = await _row(agent, session_id)
     if row is None or row.expires_at < time.time():
         raise _no_session(session_id)
     try:
@@ -166,21 +202,23 @@ async def open_upload(agent: Agent, claims: dict[str, Any], dst_dir: str | None)
     if not isinstance(vol, MountedVolume):
         raise ApiError(400, f"volume {vol.name!r} does not take uploads", "unsupported-operation")
     upload = Upload(row, vol, vfid, target_path(row.relpath, dst_dir))
-    await asyncio.to_thread(_check_target, upload)
+    if check:
+        await asyncio.to_thread(_check_target, upload)
     return upload
 
 
 def _check_target(upload: Upload) -> None:
-    """Refuse, before any byte is written, a target that escapes (through the deepest existing
-    directory on the way) or that is an existing directory."""
+    """Refuse, before any byte is written, a target that could not be published: one whose deepest existing
+    ancestor resolves outside the vfolder (400) or is not a directory (400 ENOTDIR), or that is a directory (409).
+    """
     target = upload.target
     head = target.rpartition("/")[0] or "."
     with fs_errors(target), upload.vol.open_vfolder(upload.vfid) as root:
         parts = [p for p in head.split("/") if p not in ("", ".")]
         for i in range(len(parts), -1, -1):
             try:
-                fd = root.open("/".join(parts[:i]) or ".", os.O_PATH)
-            except (FileNotFoundError, NotADirectoryError):
+                fd = root.open("/".join(parts[:i]) or ".", os.O_PATH | os.O_DIRECTORY)
+            except FileNotFoundError:
                 continue
             os.close(fd)
             break
@@ -320,7 +358,7 @@ async def append(agent: Agent, upload: Upload, offset: int, body: StreamReader, 
             raise ApiError(
                 409, "another PATCH for this upload is in progress; HEAD for the offset and retry", "conflict"
             )
-        row = await agent.catalog.get_upload_session(upload.session_id)  # fresh, under the lock
+        row = await _row(agent, upload.session_id)  # fresh, under the lock
         if row is None:
             raise _no_session(upload.session_id)
         upload = Upload(row, upload.vol, upload.vfid, upload.target)
@@ -343,7 +381,7 @@ async def append(agent: Agent, upload: Upload, offset: int, body: StreamReader, 
             raise ApiError(
                 413, f"the body ({declared} bytes) goes past the declared size ({row.size} bytes)", "upload-too-large"
             )
-        fd = await asyncio.to_thread(_prepare_staged, upload)
+        fd = await asyncio.to_thread(_prepare_staged, upload)  # checks the target first
         try:
             got = await _receive(body, fd, offset, remaining)
         except _TooMuch:
@@ -355,23 +393,24 @@ async def append(agent: Agent, upload: Upload, offset: int, body: StreamReader, 
             # the client went away or a write failed: keep what was written durably (tus: store as much as possible)
             got = await asyncio.shield(asyncio.to_thread(_durable_length, fd, offset))
             if got:
-                await asyncio.shield(agent.catalog.update_upload_session(row.session_id, received=offset + got))
+                await asyncio.shield(_record(agent, row, received=offset + got))
             if isinstance(e, OSError) and not isinstance(e, ConnectionError):  # ENOSPC, EDQUOT, EIO ...
                 raise FileOpError(e.errno or errno.EIO, e.strerror or str(e), [upload.target]) from None
             raise
         finally:
-            await asyncio.shield(asyncio.to_thread(os.close, fd))
+            os.close(fd)  # nothing dirty is left (fdatasync'ed), so this does not block
         new = offset + got
         if got:
-            await agent.catalog.update_upload_session(row.session_id, received=new)
+            row = await _record(agent, row, received=new)
         if new == row.size:
-            await _publish(agent, dataclasses.replace(upload, row=dataclasses.replace(row, received=new)))
+            await _publish(agent, dataclasses.replace(upload, row=row))
         return new
 
 
 def _prepare_staged(upload: Upload) -> int:
     """Open the staged file at exactly the recorded offset: cut an unacknowledged tail, notice lost bytes."""
     row = upload.row
+    _check_target(upload)
     with fs_errors(upload.target):
         fd = _open_staged(upload.vol, row.qsid, row.session_id)
         try:
@@ -389,7 +428,8 @@ def _prepare_staged(upload: Upload) -> int:
 async def _receive(body: StreamReader, fd: int, offset: int, limit: int) -> int:
     """Copy the body into the staged file from ``offset``; at most ``limit`` bytes, then fdatasync.
 
-    Writing one batch overlaps with reading the next from the socket.
+    Writing one batch overlaps with reading the next from the socket. When the body breaks off, what
+    arrived is still written before the error goes up (the caller makes it durable and records it).
     """
     pos = offset
     total = 0
@@ -398,7 +438,15 @@ async def _receive(body: StreamReader, fd: int, offset: int, limit: int) -> int:
     pending: asyncio.Future[None] | None = None
     try:
         while True:
-            chunk = await body.readany()
+            try:
+                chunk = await body.readany()
+            except (ConnectionError, HttpProcessingError):
+                if pending is not None:
+                    await pending
+                    pending = None
+                if parts:
+                    await asyncio.to_thread(_pwrite_all, fd, parts, pos)
+                raise
             if not chunk:
                 break
             total += len(chunk)
@@ -415,10 +463,8 @@ async def _receive(body: StreamReader, fd: int, offset: int, limit: int) -> int:
         if pending is not None:
             await pending
             pending = None
-        if parts:
-            await asyncio.to_thread(_pwrite_all, fd, parts, pos)
-            pos += gathered
-        await asyncio.to_thread(os.fdatasync, fd)
+        await asyncio.to_thread(_write_and_sync, fd, parts, pos)
+        pos += gathered
     finally:
         if pending is not None:
             try:
@@ -426,6 +472,12 @@ async def _receive(body: StreamReader, fd: int, offset: int, limit: int) -> int:
             except Exception:
                 pass
     return pos - offset
+
+
+def _write_and_sync(fd: int, parts: list[bytes], pos: int) -> None:
+    if parts:
+        _pwrite_all(fd, parts, pos)
+    os.fdatasync(fd)
 
 
 def _rollback(fd: int, offset: int) -> None:
@@ -451,7 +503,7 @@ async def _publish(agent: Agent, upload: Upload) -> None:
     published = await asyncio.to_thread(_move_into_place, upload)
     if not published:
         log.info("upload %s had already been moved into place before a restart", row.session_id)
-    await agent.catalog.update_upload_session(row.session_id, received=row.size, state="complete")
+    await _record(agent, row, received=row.size, state="complete")
 
 
 def _move_into_place(upload: Upload) -> bool:
@@ -465,11 +517,15 @@ def _move_into_place(upload: Upload) -> bool:
     try:
         name = staged_name(row.session_id)
         try:
-            os.stat(name, dir_fd=sdir, follow_symlinks=False)
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=sdir)
         except FileNotFoundError:
             if row.size > 0:
                 return False
-            os.close(os.open(name, _STAGED_FLAGS, 0o600, dir_fd=sdir))  # a zero-byte upload never had a PATCH body
+            fd = os.open(name, _STAGED_FLAGS, 0o600, dir_fd=sdir)  # a zero-byte upload never had a PATCH body
+        try:
+            os.fchmod(fd, PUBLISHED_MODE)  # staged private, published like any file the user writes
+        finally:
+            os.close(fd)
         with upload.vol.open_vfolder(upload.vfid) as root:
             head = target.rpartition("/")[0]
             if head:
@@ -507,10 +563,10 @@ async def reconcile(agent: Agent) -> None:
             length = await asyncio.to_thread(staged_size, vol, row.qsid, row.session_id)
             if length is None:
                 if row.received == row.size and row.size > 0:
-                    await agent.catalog.update_upload_session(row.session_id, received=row.size, state="complete")
+                    await _record(agent, row, received=row.size, state="complete")
                 elif row.received:
                     log.warning("upload %s: staged bytes are gone; the client must start again", row.session_id)
-                    await agent.catalog.update_upload_session(row.session_id, received=0)
+                    await _record(agent, row, received=0)
             elif length > row.received:
                 await asyncio.to_thread(truncate_staged, vol, row.qsid, row.session_id, row.received)
                 log.info(
@@ -527,7 +583,7 @@ async def reconcile(agent: Agent) -> None:
                     row.received,
                     length,
                 )
-                await agent.catalog.update_upload_session(row.session_id, received=length)
+                await _record(agent, row, received=length)
         except OSError as e:
             log.warning("upload %s: cannot check its staged file: %s", row.session_id, e)
 
@@ -549,7 +605,7 @@ async def sweep(agent: Agent, now: float | None = None) -> int:
                 except OSError as e:
                     log.warning("upload %s: cannot remove its staged file: %s", row.session_id, e)
                     continue
-            await agent.catalog.delete_upload_session(row.session_id)
+            await _forget(agent, row.session_id)
             swept += 1
     if swept:
         log.info("swept %d expired upload session(s)", swept)

@@ -123,6 +123,7 @@ def main() -> int:
                                 stderr=subprocess.DEVNULL)
         while proc.poll() is None and done_rows(db) < n * args.kill_at:
             time.sleep(0.005)
+        time.sleep(0.02)  # land inside a batch: some renames done, not yet recorded
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         t_killed = time.perf_counter() - start

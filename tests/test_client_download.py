@@ -160,3 +160,10 @@ def test_cors_headers_on_download(agent, api, cli, vfid):
     r = cli.get("/download", params={"token": download_token(api, vfid, "c")})
     assert r.headers["access-control-allow-origin"] == "*"
     assert "content-disposition" in r.headers["access-control-expose-headers"].lower()
+
+
+def test_cors_preflight_for_download(cli):
+    r = cli.options("/download", headers={"Origin": "https://example.org", "Access-Control-Request-Method": "GET"})
+    assert r.status_code == 204
+    assert r.headers["access-control-allow-origin"] == "*"
+    assert "range" in r.headers["access-control-allow-headers"].lower()

@@ -54,16 +54,21 @@ def test_c_reader_and_python_reader_agree(tmp_path: Path, monkeypatch: pytest.Mo
     _tree(tmp_path)
     fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        fast = {rel: read_dir(fd, rel) for rel in ("", "a", "a/b", "empty")}
+        rels = ("", "a", "a/b", "empty")
+        fast = {rel: read_dir(fd, rel) for rel in rels}  # one C call per directory
+        opened = {rel: read_dir(fd, rel, on_open=lambda _rel, _fd: None) for rel in rels}  # C read of an open fd
         monkeypatch.setattr(aggregates, "_dirread", None)
-        slow = {rel: read_dir(fd, rel) for rel in ("", "a", "a/b", "empty")}
+        slow = {rel: read_dir(fd, rel) for rel in rels}
     finally:
         os.close(fd)
-    for rel in fast:
-        a, b = fast[rel], slow[rel]
-        assert a is not None and b is not None
-        assert (a.entries, a.size, a.alloc, a.subdirs) == (b.entries, b.size, b.alloc, b.subdirs)
-        assert sorted(a.links) == sorted(b.links)
+    for rel in rels:
+        for a in (fast[rel], opened[rel]):
+            b = slow[rel]
+            assert a is not None and b is not None
+            assert (a.ino, a.entries, a.size, a.alloc, a.own_alloc, a.own_size, a.subdirs) == (
+                b.ino, b.entries, b.size, b.alloc, b.own_alloc, b.own_size, b.subdirs
+            )
+            assert sorted(a.links) == sorted(b.links)
 
 
 def test_deltas_keep_totals_right(tmp_path: Path) -> None:

@@ -114,6 +114,8 @@ async def test_mirror_listing_stat_and_bytes(world: dict[str, Any]) -> None:
         assert sorted(os.listdir(mnt / "local" / QS)) == sorted([".usage", str(READY), str(MISSING)])
         view = mnt / "local" / QS / str(READY)
         assert sorted(os.listdir(view)) == sorted(os.listdir(ready))
+        top, real_top = os.stat(view), os.stat(ready)  # the vfolder directory itself is the real one
+        assert (top.st_mode, top.st_mtime_ns) == (real_top.st_mode, real_top.st_mtime_ns)
         for rel in ("small.txt", "data", "data/blob.bin", "data/empty", "passwd-link", "data/up-link"):
             real, shown = os.lstat(ready / rel), os.lstat(view / rel)
             assert stat.S_IFMT(shown.st_mode) == stat.S_IFMT(real.st_mode), rel

@@ -8,6 +8,7 @@ import os
 import signal
 import stat
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -81,6 +82,20 @@ def test_view_through_serve(viewed: tuple[AgentProcess, Path]) -> None:
         assert hashlib.sha256(got).digest() == hashlib.sha256(data).digest(), rel
     assert sorted(os.listdir(view)) == sorted(os.listdir(real))
 
+    # the usual tools work on it as on the real directory
+    def sh(*argv: str) -> str:
+        return subprocess.run(argv, capture_output=True, text=True, timeout=30, check=True).stdout
+
+    assert sh("du", "-sb", str(view)).split()[0] == sh("du", "-sb", str(real)).split()[0]
+    assert len(sh("find", str(view)).splitlines()) == len(sh("find", str(real)).splitlines())
+    shown = "%s %a %Y %u"
+    assert sh("stat", "-c", shown, str(view / "deep/b.bin")) == sh("stat", "-c", shown, str(real / "deep/b.bin"))
+    copy = mnt.parent / "copied"
+    sh("cp", "-r", str(view), str(copy))
+    for rel, data in files.items():
+        assert (copy / rel).read_bytes() == data, rel
+    assert os.readlink(copy / "passwd") == os.readlink(view / "passwd")  # copied as a link, still a dead end
+
     # the catalogue's figures beside the files equal the API's usage answer
     answer = api.request("GET", "/folder/usage", json={"volume": "local", "vfid": vfid}).json()
 
@@ -140,3 +155,31 @@ def test_view_through_serve(viewed: tuple[AgentProcess, Path]) -> None:
     _wait("the remounted view", lambda: (view / "a.txt").read_bytes() == b"alpha\n")
     assert api.request("GET", "/folder/usage", json={"volume": "local", "vfid": vfid}).status_code == 200
     api.close()
+
+    # stopping serve while its view is stopped still ends the view and unmounts it
+    (pid,) = _view_pids(agent)
+    os.kill(pid, signal.SIGSTOP)
+    began = time.monotonic()
+    assert agent.stop() == 0
+    assert time.monotonic() - began < 15
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    assert not mounts.is_view_mounted(mnt)
+
+
+def test_stale_mount_is_cleaned_at_start(viewed: tuple[AgentProcess, Path]) -> None:
+    agent, mnt = viewed
+    agent.stop()
+    # a view that crashed leaves its mount behind (every access: ENOTCONN)
+    crashed = subprocess.Popen([sys.executable, "-m", "agent", "view", "--config", str(agent.config_path)])
+    try:
+        _wait("the standalone view", lambda: mounts.is_view_mounted(mnt))
+    finally:
+        crashed.kill()
+        crashed.wait()
+    assert mounts.is_view_mounted(mnt)
+    with pytest.raises(OSError) as info:
+        os.listdir(mnt)
+    assert info.value.errno == errno.ENOTCONN
+    agent.start()
+    _wait("a working view after start-up", lambda: os.listdir(mnt) == ["local"])
+    assert mounts.fuse_mounts_at(mnt) == ["fuse.storage-agent-view"]  # the stale one was detached, not stacked

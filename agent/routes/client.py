@@ -133,6 +133,12 @@ def _open_download(agent: Agent, claims: dict[str, Any], path: str) -> tuple[int
     return fd, st, fallback if name in ("", ".", "..") else name
 
 
+@routes.options("/download")
+async def download_options(request: web.Request) -> web.Response:
+    """CORS preflight (a browser sending Range from another origin asks first); the headers come from the hook."""
+    return web.Response(status=204)
+
+
 @routes.get("/download")
 async def download(request: web.Request) -> web.StreamResponse:
     claims = _claims(request, "download")
@@ -212,7 +218,7 @@ async def upload_patch(request: web.Request) -> web.Response:
     if raw is None or not raw.strip().isdigit():
         raise malformed("the Upload-Offset header (a non-negative integer) is required")
     agent = agent_of(request)
-    upload = await uploads.open_upload(agent, claims, request.query.get("dst_dir") or None)
+    upload = await uploads.open_upload(agent, claims, request.query.get("dst_dir") or None, check=False)
     try:
         new = await uploads.append(agent, upload, int(raw), request.content, request.content_length)
     except (ConnectionError, HttpProcessingError):  # the body broke off; what arrived was kept and HEAD reports it

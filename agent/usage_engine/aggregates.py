@@ -64,6 +64,13 @@ def read_dir(root_fd: int, relpath: str, on_open: Callable[[str, int], None] | N
     ``on_open(relpath, fd)`` runs after the directory is opened and before it is read, so a watch added
     there sees every change the read could miss.
     """
+    if on_open is None and _dirread is not None:  # one C call: open, fstat, readdir, lstat each, close
+        got = _dirread.read_path(root_fd, os.fsencode(relpath))
+        if got is None:
+            return None
+        ino, own_size, own_alloc, (entries, size, alloc, subs, links) = got
+        subdirs = {name: (d_ino, sz, al) for name, d_ino, sz, al in subs}
+        return DirAgg(ino, entries, size, alloc, own_alloc, own_size, subdirs, tuple(links))
     try:
         fd = open_dir(root_fd, relpath)
     except (FileNotFoundError, NotADirectoryError):

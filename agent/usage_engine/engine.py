@@ -298,6 +298,8 @@ class UsageEngine:
     def _on_open(self, st: VFState):  # noqa: ANN202 - a callback for scanner threads
         watcher = self.watcher if st.mode == "watch" else None
         state = {"full": False}
+        if watcher is None or not watcher.per_directory:
+            return None, state  # nothing to do per directory: the scanner reads each in one C call
 
         def on_open(rel: str, fd: int) -> None:
             if watcher is None or state["full"]:
@@ -345,7 +347,7 @@ class UsageEngine:
             return
         st.tree = tree
         st.pending.clear()
-        st.stale = False
+        st.stale = st.scan_again  # events were lost during this walk: another one follows, stale till then
         st.incomplete_watches = bool(state["full"])
         st.last_scan = started
         st.figure = self._figure(st, "scan")

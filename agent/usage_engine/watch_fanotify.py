@@ -60,6 +60,7 @@ def probe(paths: list[str]) -> str | None:
 
 class FanotifyWatcher:
     kind = "fanotify"
+    per_directory = False  # one mark per filesystem
 
     def __init__(self, roots: list[str]) -> None:
         self._fd = _libc.fanotify_init(FAN_CLOEXEC | FAN_NONBLOCK | FAN_REPORT_DIR_FID | FAN_REPORT_NAME, os.O_RDONLY)

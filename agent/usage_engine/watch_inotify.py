@@ -47,6 +47,7 @@ class Sink(Protocol):
 
 class InotifyWatcher:
     kind = "inotify"
+    per_directory = True  # a watch is added to each directory the scanner opens
 
     def __init__(self) -> None:
         self._ino = Inotify()

@@ -16,6 +16,7 @@ __all__ = ["Watcher", "WatchLimit", "pick_watcher"]
 
 class Watcher(Protocol):
     kind: str
+    per_directory: bool  # whether :meth:`watch` must see every directory the scanner opens
 
     def add_vfolder(self, vf: Hashable, path: str, fs_fd: int) -> None: ...
 

@@ -11,13 +11,16 @@ out (:mod:`agent.view.links`). Inode numbers are the view's own, handed out per
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
 import stat
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import pyfuse3
 
@@ -30,6 +33,7 @@ from catalog.readonly import ReadOnlyCatalog
 from catalog.store import QuotaScopeRow, VFolderRow
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 ROOT, VOLUME, SCOPE, USAGE, REAL = range(5)
 USAGE_NAME = ".usage"
@@ -125,14 +129,14 @@ class ViewFS(pyfuse3.Operations):
     def refresh(self) -> None:
         """Re-read the catalogue's scopes and vfolders; drop cached roots of vfolders that changed."""
         snap = Snapshot.read(self.catalog, self.volumes, self.view)
-        live = {
-            (vf.volume, vf.qsid, vf.folder_id): vf.state for folders in snap.folders.values() for vf in folders.values()
-        }
-        old = {
-            (vf.volume, vf.qsid, vf.folder_id): vf.state
-            for folders in self.snapshot.folders.values()
-            for vf in folders.values()
-        }
+        def states(s: Snapshot) -> dict[tuple[str, str, str], tuple[str, float]]:
+            return {
+                (vf.volume, vf.qsid, vf.folder_id): (vf.state, vf.created_at)  # created_at: deleted and re-made
+                for folders in s.folders.values()
+                for vf in folders.values()
+            }
+
+        live, old = states(snap), states(self.snapshot)
         for key in list(self.roots):
             if self.roots[key] is None or live.get(key) != old.get(key) or key not in live:
                 root = self.roots.pop(key)
@@ -214,10 +218,10 @@ class ViewFS(pyfuse3.Operations):
     def _attr(self, node: Node, st: os.stat_result | None = None) -> pyfuse3.EntryAttributes:
         e = pyfuse3.EntryAttributes()
         e.st_ino = node.ino
-        if node.kind == REAL and (st is not None or node.relpath != "."):
-            st = st if st is not None else self._lstat(node)
-        if node.kind == REAL and st is not None:
-            return _fill(e, st)
+        if node.kind == REAL:
+            st = st if st is not None else self._lstat(node)  # None only for a missing vfolder's root
+            if st is not None:
+                return _fill(e, st)
         # made from the catalogue: read-only dirs owned by root, and the .usage file
         e.entry_timeout = e.attr_timeout = TTL_VIRTUAL
         stamp = self.started
@@ -471,6 +475,29 @@ class ViewFS(pyfuse3.Operations):
 
     setattr = mknod = mkdir = unlink = rmdir = symlink = rename = link = create = write = _read_only  # type: ignore
     setxattr = removexattr = _read_only  # type: ignore[assignment]
+
+
+def _guard(op: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+    """An unexpected exception in a handler would end pyfuse3's main loop (and the mount): answer EIO instead."""
+
+    @functools.wraps(op)
+    async def guarded(*args: object) -> T:
+        try:
+            return await op(*args)
+        except pyfuse3.FUSEError:
+            raise
+        except Exception as e:  # noqa: BLE001 - logged, and the request still gets an answer
+            log.error("view: %s failed: %s: %s", op.__name__, type(e).__name__, e)
+            raise _fail(errno.EIO) from None
+
+    return guarded
+
+
+for _name in (
+    "lookup", "getattr", "readlink", "opendir", "readdir", "releasedir", "open", "read", "release",
+    "statfs", "getxattr", "listxattr",
+):
+    setattr(ViewFS, _name, _guard(getattr(ViewFS, _name)))
 
 
 def _fill(e: pyfuse3.EntryAttributes, st: os.stat_result) -> pyfuse3.EntryAttributes:

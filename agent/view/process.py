@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import resource
 import signal
 from pathlib import Path
 
@@ -35,6 +36,9 @@ def die_with_parent() -> None:
 
 
 def run(config: Config) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:  # the view keeps one O_PATH descriptor per vfolder it has shown
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     trio.run(serve_view, config)
 
 

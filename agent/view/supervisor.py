@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import signal
 import sys
 from typing import TYPE_CHECKING
 
@@ -48,6 +49,7 @@ class ViewSupervisor:
         proc = self.proc
         if proc is not None and proc.returncode is None:
             proc.terminate()
+            proc.send_signal(signal.SIGCONT)  # a view stopped with SIGSTOP handles SIGTERM only once continued
             try:
                 await asyncio.wait_for(proc.wait(), STOP_GRACE)
             except TimeoutError:  # stopped (SIGSTOP) or hung: SIGKILL always works
