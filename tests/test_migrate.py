@@ -420,3 +420,20 @@ def test_status_reports_volumes_scopes_and_health(tmp_path: Path) -> None:
     finally:
         agent.stop()
     assert_clean_log(agent)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root can hand files to another owner")
+def test_run_as_root_keeps_the_agents_user_as_owner(tmp_path: Path) -> None:
+    """Operators run migrate as root; the agent (its own user) must still own what it creates."""
+    agent = layout2_agent(tmp_path / "a")
+    root = agent.volume_root()
+    mapping = make_old_volume(root, 6)
+    nobody = 65534
+    os.chown(agent.workdir, nobody, nobody)  # the catalogue's directory, like /var/lib/storage-agent
+    os.chown(root, nobody, nobody)
+    result = migrate_cli(agent, "--mapping", str(write_csv(tmp_path / "m.csv", mapping)))
+    assert result.returncode == 0, result.stdout + result.stderr
+    for path in [agent.workdir / "catalog.db", root / "version.txt"] + [root / q for q in SCOPES] + [
+        new_path(root, f, q).parent for f, q in mapping.items()
+    ]:
+        assert path.stat().st_uid == nobody, f"{path} is owned by uid {path.stat().st_uid}"

@@ -301,3 +301,18 @@ def test_scan_command_rescans_and_records(tmp_path: Path) -> None:
     finally:
         proc.stop()
     assert_clean_log(proc)
+
+
+def test_a_vfolder_removed_behind_the_agents_back_is_forgotten(watched: tuple[AgentProcess, httpx.Client, str]) -> None:
+    agent, api, _kind = watched
+    vf = _new_vfolder(api, agent)
+    (vf.path / "d").mkdir()
+    (vf.path / "d" / "f").write_bytes(os.urandom(1000))
+    vf.converges()
+    shutil.rmtree(vf.path)
+
+    def gone() -> None:
+        r = api.request("GET", "/folder/usage", json={"volume": "local", "vfid": vf.vfid})
+        assert 400 <= r.status_code < 500, r.text
+
+    eventually(gone)
