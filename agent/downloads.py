@@ -127,6 +127,7 @@ async def send_file(
     if transport is None:
         return resp
     loop = asyncio.get_running_loop()
+    os.posix_fadvise(fd, start, count, os.POSIX_FADV_SEQUENTIAL)  # bigger readahead: sendfile waits less on the disk
     with os.fdopen(fd, "rb", buffering=0, closefd=False) as fobj:
         try:
             # the kernel copies page cache to socket; over TLS asyncio falls back to 256 KiB reads in a thread
