@@ -18,13 +18,15 @@ test-deps:
 lint:
 	.venv/bin/ruff check .
 
+# a fresh base temp dir per run: pytest's own clean-up of old runs recurses and fails on very deep trees
 unit:
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests --basetemp "$$(mktemp -d /tmp/storage-agent-tests-XXXXXX)"
 
 conformance:
 	$(PY) tests/run_conformance.py --shared $(SHARED)
 
 bench: deps
+	$(PY) bench/usage_api_bench.py
 	$(PY) bench/usage_bench.py
 
 # dist/storage-agent_<version>_<arch>.deb (dpkg-buildpackage from packaging/debian, then lintian)
@@ -32,4 +34,4 @@ deb:
 	packaging/build-deb.sh
 
 clean:
-	rm -rf .venv build *.egg-info backends/*.so
+	rm -rf .venv build *.egg-info backends/*.so agent/usage_engine/*.so

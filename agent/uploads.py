@@ -351,6 +351,14 @@ class _TooMuch(Exception):
     """The body carries bytes past the declared size."""
 
 
+class _Lost(Exception):
+    """The staged file is shorter than the recorded offset (someone cut it): the client resumes from its length."""
+
+    def __init__(self, length: int) -> None:
+        super().__init__(length)
+        self.length = length
+
+
 async def append(agent: Agent, upload: Upload, offset: int, body: StreamReader, declared: int | None) -> int:
     """Append a PATCH body at ``offset``; returns the new durable offset."""
     async with _session_lock(upload.session_id) as mine:
@@ -381,7 +389,14 @@ async def append(agent: Agent, upload: Upload, offset: int, body: StreamReader, 
             raise ApiError(
                 413, f"the body ({declared} bytes) goes past the declared size ({row.size} bytes)", "upload-too-large"
             )
-        fd = await asyncio.to_thread(_prepare_staged, upload)  # checks the target first
+        try:
+            fd = await asyncio.to_thread(_prepare_staged, upload)  # checks the target first
+        except _Lost as lost:
+            log.warning("upload %s: staged file holds %d of %d recorded bytes", row.session_id, lost.length, offset)
+            await _record(agent, row, received=lost.length)
+            raise ApiError(
+                409, f"staged bytes were lost; resume from offset {lost.length}", "conflict", offset=lost.length
+            ) from None
         try:
             got = await _receive(body, fd, offset, remaining)
         except _TooMuch:
@@ -418,7 +433,7 @@ def _prepare_staged(upload: Upload) -> int:
             if size > row.received:
                 os.ftruncate(fd, row.received)
             elif size < row.received:
-                raise OSError(errno.EIO, f"staged bytes were lost ({size} of {row.received} left)")
+                raise _Lost(size)
         except BaseException:
             os.close(fd)
             raise

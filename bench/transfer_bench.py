@@ -1,13 +1,14 @@
 """Benchmark the client API against ``cp``: tus upload and download of one big file, plus the agent's RSS growth.
 
-In one run, on one disk: ``cp`` of a SIZE file (the baseline), a tus upload of the same bytes as PATCHes of
-CHUNK bytes over loopback (httpx client), and a download of the uploaded file with ``GET /download``
-(by default with curl writing to a file on the same disk, so the server is measured rather than a Python
-client; ``--client httpx`` uses httpx instead). Each transfer's time is compared with ``cp`` as a ratio of
-throughputs (≥ 0.6 is the target), and the agent's resident set size is sampled with psutil every 20 ms
-(growth < 64 MiB is the target). Every tus PATCH is fdatasync'ed before its offset is recorded (the
-durability contract) while ``cp`` leaves its data in the page cache, so a second baseline, ``cp`` followed
-by fdatasync of the copy, shows what the disk itself allows for a durable copy.
+In one run, on one disk: ``cp`` of a SIZE file (the baseline), a tus upload of the same bytes as PATCHes
+of CHUNK bytes over loopback, and a download of the uploaded file with ``GET /download`` into a file on
+the same disk. By default the HTTP client is curl (all PATCHes from one process over one connection), so
+the server is measured rather than a Python client; ``--client httpx`` uses httpx instead. Each
+transfer's time is compared with ``cp`` as a ratio of throughputs (≥ 0.6 is the target), and the
+agent's resident set size is sampled with psutil every 20 ms (growth < 64 MiB is the target). Every tus
+PATCH is fdatasync'ed before its offset is recorded (the durability contract) while ``cp`` leaves its
+data in the page cache, so a second baseline, ``cp`` followed by fdatasync of the copy, shows what the
+disk itself allows for a durable copy.
 
     .venv/bin/python bench/transfer_bench.py [--size-mib 1024] [--chunk-mib 8] [--dir /var/tmp] [--client curl]
 """
@@ -72,7 +73,9 @@ def timed_cp(src: Path, dst: Path, *, durable: bool) -> float:
     return elapsed
 
 
-def upload(client_url: str, token: str, src: Path, chunk: int) -> float:
+def upload(client_url: str, token: str, src: Path, chunk: int, client: str) -> float:
+    if client == "curl":
+        return upload_curl(client_url, token, src, chunk)
     size = src.stat().st_size
     with httpx.Client(base_url=client_url, timeout=120) as cli, open(src, "rb") as f:
         t0 = time.perf_counter()
@@ -85,6 +88,32 @@ def upload(client_url: str, token: str, src: Path, chunk: int) -> float:
                 raise SystemExit(f"PATCH at {offset} failed: {r.status_code} {r.text}")
             offset = int(r.headers["Upload-Offset"])
         return time.perf_counter() - t0
+
+
+def upload_curl(client_url: str, token: str, src: Path, chunk: int) -> float:
+    """All PATCHes from one curl process over one kept-alive connection (``--next``); chunk files made untimed."""
+    url = str(httpx.URL(client_url + "/upload", params={"token": token}))
+    pieces = []
+    with open(src, "rb") as f:
+        while data := f.read(chunk):
+            piece = src.with_name(f"chunk-{len(pieces):05d}")
+            piece.write_bytes(data)
+            pieces.append(piece)
+    argv = ["curl"]
+    for i, piece in enumerate(pieces):
+        if i:
+            argv.append("--next")
+        argv += ["-sS", "--fail", "-o", "/dev/null", "-X", "PATCH", "-H", "Expect:", "-H", "Tus-Resumable: 1.0.0"]
+        argv += ["-H", "Content-Type: application/offset+octet-stream", "-H", f"Upload-Offset: {i * chunk}"]
+        argv += ["--data-binary", f"@{piece}", url]
+    try:
+        subprocess.run(["sync"], check=True)
+        t0 = time.perf_counter()
+        subprocess.run(argv, check=True)
+        return time.perf_counter() - t0
+    finally:
+        for piece in pieces:
+            piece.unlink()
 
 
 def download(client_url: str, token: str, dst: Path, client: str) -> float:
@@ -127,7 +156,7 @@ def main() -> int:
         cp_sync_time = timed_cp(src, base / "cp-copy.bin", durable=True)
         subprocess.run(["sync"], check=True)
         with RssSampler(pid) as up_rss:
-            up_time = upload(agent.client_url, up_token, src, args.chunk_mib * MiB)
+            up_time = upload(agent.client_url, up_token, src, args.chunk_mib * MiB, args.client)
         landed = vfolder_path(agent, vfid) / "big.bin"
         assert sha256_of(landed) == expected, "uploaded file differs from the source"
         dst = base / "downloaded.bin"
@@ -147,12 +176,12 @@ def main() -> int:
             )
 
         print()
-        print(f"transfer of {args.size_mib} MiB on one disk ({base}), agent pid {pid}, download client {args.client}")
+        print(f"transfer of {args.size_mib} MiB on one disk ({base}), agent pid {pid}, HTTP client {args.client}")
         print(f"| {'operation':<38} |   s    | MiB/s  | × cp  | × cp+fsync | peak RSS | RSS growth |")
         print(f"|{'-' * 40}|--------|--------|-------|------------|----------|------------|")
         print(row("cp (baseline)", cp_time, None))
         print(row("cp + fdatasync (durable baseline)", cp_sync_time, None))
-        print(row(f"tus upload, {args.chunk_mib} MiB PATCHes, each fdatasync", up_time, up_rss))
+        print(row(f"tus upload, {args.chunk_mib} MiB PATCHes + fdatasync", up_time, up_rss))
         print(row("GET /download (sendfile)", dl_time, dl_rss))
         print("targets: × cp ≥ 0.60, RSS growth < 64 MiB (RSS in MiB)")
         return 0

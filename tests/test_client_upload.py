@@ -266,3 +266,15 @@ def test_target_under_a_regular_file_is_refused_before_writing(agent, api, cli, 
     assert r.json()["errno"] == 20  # ENOTDIR
     assert not staged_file(agent, token).exists()
     assert (root / "plain").read_bytes() == b"a file, not a directory"
+
+
+def test_staged_bytes_cut_behind_the_agents_back_mean_409_and_resume(agent, api, cli, vfid):
+    token = upload_token(api, vfid, "cut.bin", 10)
+    assert patch(cli, token, 0, b"012345").status_code == 204
+    os.truncate(staged_file(agent, token), 2)  # an operator or a disk problem lost the tail
+    r = patch(cli, token, 6, b"6789")
+    assert r.status_code == 409
+    assert r.json()["offset"] == 2
+    assert head(cli, token).headers["Upload-Offset"] == "2"
+    assert patch(cli, token, 2, b"23456789").status_code == 204
+    assert (vfolder_path(agent, vfid) / "cut.bin").read_bytes() == b"0123456789"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import time
 import uuid
@@ -20,6 +21,8 @@ import httpx
 import pytest
 
 from agent.usage_engine.watchers import fanotify_unavailable
+from backends.rmtree import remove_tree
+from backends.walk import tree_usage
 from tests.support import AgentProcess, assert_clean_log, make_agent
 
 DEADLINE = 20.0
@@ -241,8 +244,12 @@ def test_queue_overflow_marks_stale_then_the_rescan_lands(tmp_path: Path) -> Non
         with proc.client() as api:
             vf = _new_vfolder(api, proc)
             vf.converges()
-            for i in range(2000):  # far more events than the queue holds
-                (vf.path / f"f{i}").write_bytes(b"x" * i)
+            proc.proc.send_signal(signal.SIGSTOP)  # the agent reads nothing meanwhile: the queue must overflow
+            try:
+                for i in range(2000):  # far more events than the queue holds
+                    (vf.path / f"f{i}").write_bytes(b"x" * i)
+            finally:
+                proc.proc.send_signal(signal.SIGCONT)
             vf.converges()
             assert vf.usage()["stale"] is False
     finally:
@@ -316,3 +323,32 @@ def test_a_vfolder_removed_behind_the_agents_back_is_forgotten(watched: tuple[Ag
         assert 400 <= r.status_code < 500, r.text
 
     eventually(gone)
+
+
+def test_changes_deeper_than_path_max_are_counted(watched: tuple[AgentProcess, httpx.Client, str]) -> None:
+    """A directory whose path the kernel cannot print (ENAMETOOLONG): the vfolder is rescanned, never crashes."""
+    agent, api, _kind = watched
+    vf = _new_vfolder(api, agent)
+
+    def check() -> None:  # the reference walk goes by descriptors: the path is too long for path-based calls
+        tree = tree_usage(vf.path)
+        u = vf.usage()
+        assert (u["file_count"], u["used_bytes"]) == (tree.entries, tree.size_bytes), (u, tree)
+        assert vf.used_bytes()["used_bytes"] == tree.allocated_bytes
+
+    fd = os.open(vf.path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(1100):  # 1100 * len("dir/") > PATH_MAX (4096)
+            os.mkdir("dir", dir_fd=fd)
+            nxt = os.open("dir", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = nxt
+        eventually(check)
+        with open(os.open("deep.bin", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd), "wb") as f:
+            f.write(os.urandom(50_000))
+    finally:
+        os.close(fd)
+    try:
+        eventually(check)
+    finally:
+        remove_tree(vf.path / "dir")  # pytest's own clean-up recurses and cannot remove such a tree

@@ -51,11 +51,36 @@ def split(relpath: str) -> tuple[str, str]:
     return parent, name
 
 
+_CHUNK = 3000  # bytes of path per openat2 call: the kernel refuses paths of PATH_MAX (4096) or more
+
+
 def open_dir(root_fd: int, relpath: str) -> int:
-    """Open a directory of the vfolder by its relative path, never leaving the vfolder or following a link."""
+    """Open a directory of the vfolder by its relative path, never leaving the vfolder or following a link.
+
+    Paths longer than the kernel takes in one call are opened a chunk at a time; each chunk is resolved
+    beneath the directory the previous one opened (relpaths here never hold '..'), so confinement holds.
+    """
     if not relpath:
         return os.open(".", _DIR_FLAGS, dir_fd=root_fd)
-    return openat2(root_fd, relpath, _DIR_FLAGS, RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)
+    raw = os.fsencode(relpath)
+    if len(raw) <= _CHUNK:
+        return openat2(root_fd, relpath, _DIR_FLAGS, RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)
+    fd = root_fd
+    try:
+        while raw:
+            cut = raw.rfind(b"/", 0, _CHUNK) if len(raw) > _CHUNK else len(raw)
+            if cut <= 0:
+                raise OSError(36, os.strerror(36), relpath)  # one name longer than a chunk: not a real name
+            nxt = openat2(fd, os.fsdecode(raw[:cut]), _DIR_FLAGS, RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)
+            if fd != root_fd:
+                os.close(fd)
+            fd = nxt
+            raw = raw[cut + 1 :]
+    except BaseException:
+        if fd != root_fd:
+            os.close(fd)
+        raise
+    return fd
 
 
 def read_dir(root_fd: int, relpath: str, on_open: Callable[[str, int], None] | None = None) -> DirAgg | None:
@@ -64,7 +89,7 @@ def read_dir(root_fd: int, relpath: str, on_open: Callable[[str, int], None] | N
     ``on_open(relpath, fd)`` runs after the directory is opened and before it is read, so a watch added
     there sees every change the read could miss.
     """
-    if on_open is None and _dirread is not None:  # one C call: open, fstat, readdir, lstat each, close
+    if on_open is None and _dirread is not None and len(relpath) < _CHUNK:  # one C call: open, read, close
         got = _dirread.read_path(root_fd, os.fsencode(relpath))
         if got is None:
             return None

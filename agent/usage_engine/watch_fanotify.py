@@ -58,6 +58,33 @@ def probe(paths: list[str]) -> str | None:
     return None
 
 
+def _path_of(fd: int) -> tuple[str, bool]:
+    """The path of an open directory, and whether it is exact.
+
+    A directory deeper than PATH_MAX has no path the kernel will print
+    (ENAMETOOLONG): then the path of its nearest printable ancestor is given,
+    with ``False``, so the caller can rescan the vfolder holding it.
+    """
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}"), True
+    except OSError as e:
+        if e.errno != errno.ENAMETOOLONG:
+            raise
+    cur = os.open("..", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=fd)
+    try:
+        while True:
+            try:
+                return os.readlink(f"/proc/self/fd/{cur}"), False
+            except OSError as e:
+                if e.errno != errno.ENAMETOOLONG:
+                    raise
+            up = os.open("..", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=cur)
+            os.close(cur)
+            cur = up
+    finally:
+        os.close(cur)
+
+
 class FanotifyWatcher:
     kind = "fanotify"
     per_directory = False  # one mark per filesystem
@@ -70,7 +97,7 @@ class FanotifyWatcher:
         self._lock = threading.Lock()
         self._vfolders: dict[str, Hashable] = {}  # absolute vfolder root -> engine state
         self._prefixes: tuple[str, ...] = ()
-        self._cache: dict[bytes, tuple[Hashable, str] | None] = {}
+        self._cache: dict[bytes, tuple[Hashable, str | None] | None] = {}
         for root in roots:
             self._mark(root)
 
@@ -116,7 +143,7 @@ class FanotifyWatcher:
             rest = f"{name}/{rest}" if rest else name
         return None
 
-    def _resolve(self, fsid: bytes, handle: bytes) -> tuple[Hashable, str] | None:
+    def _resolve(self, fsid: bytes, handle: bytes) -> tuple[Hashable, str | None] | None:
         key = fsid + handle
         try:
             return self._cache[key]
@@ -128,11 +155,13 @@ class FanotifyWatcher:
             fd = _libc.open_by_handle_at(mount_fd, handle, os.O_PATH | os.O_CLOEXEC)
             if fd >= 0:
                 try:
-                    path = os.readlink(f"/proc/self/fd/{fd}")
+                    path, exact = _path_of(fd)
                 finally:
                     os.close(fd)
                 with self._lock:
                     found = self._locate(path)
+                if found is not None and not exact:
+                    found = (found[0], None)  # deeper than PATH_MAX: the engine rescans that vfolder
             elif ctypes.get_errno() not in (errno.ESTALE, errno.ENOENT):
                 log.debug("open_by_handle_at: %s", os.strerror(ctypes.get_errno()))
         if len(self._cache) > _CACHE_MAX:
@@ -175,7 +204,9 @@ class FanotifyWatcher:
                     (hbytes,) = struct.unpack_from("=I", buf, pos + 12)
                     handle = buf[pos + 12 : pos + 20 + hbytes]
                     where = self._resolve(fsid, handle)
-                    if where is not None:
+                    if where is not None and where[1] is None:
+                        sink.watch_lost(where[0])
+                    elif where is not None:
                         sink.dirty(*where)
                     elif info_type == INFO_DFID_NAME and mask & FAN_ONDIR and mask & (FAN_MOVED_FROM | FAN_DELETE):
                         self._root_event(buf[pos + 20 + hbytes : pos + info_len], fsid, handle, sink)
@@ -191,9 +222,11 @@ class FanotifyWatcher:
         if fd < 0:
             return
         try:
-            parent = os.readlink(f"/proc/self/fd/{fd}")
+            parent, exact = _path_of(fd)
         finally:
             os.close(fd)
+        if not exact:
+            return  # a vfolder root is never deeper than PATH_MAX
         name = os.fsdecode(raw_name.split(b"\0", 1)[0])
         vf = self._vfolders.get(f"{parent}/{name}")
         if vf is not None:

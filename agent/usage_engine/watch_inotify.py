@@ -44,6 +44,8 @@ class Sink(Protocol):
 
     def overflow(self) -> None: ...
 
+    def watch_lost(self, vf: Hashable) -> None: ...
+
 
 class InotifyWatcher:
     kind = "inotify"
