@@ -11,6 +11,7 @@ import os
 import re
 import secrets
 import socket
+import ssl
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -83,6 +84,9 @@ class Listener(_Section):
     ssl_enabled: bool = Field(default=False, alias="ssl-enabled")
     ssl_cert: Path | None = Field(default=None, alias="ssl-cert")
     ssl_privkey: Path | None = Field(default=None, alias="ssl-privkey")
+    # a connection that has not sent a whole request head this long after connecting or after its last
+    # answer is closed: idle keep-alives and slow-loris clients cannot pile up (bodies being sent are not cut)
+    idle_timeout: Duration = Field(default=75.0, alias="idle-timeout")
 
 
 class ManagerListener(Listener):
@@ -181,6 +185,15 @@ def validate(data: dict[str, Any], source: str) -> Config:
     for name, listener in (("api.client", config.api.client), ("api.manager", config.api.manager)):
         if listener.ssl_enabled and not (listener.ssl_cert and listener.ssl_privkey):
             raise ConfigError(f"{source}: {name}.ssl-enabled is true but ssl-cert and ssl-privkey are not both set")
+        if listener.ssl_enabled:
+            try:  # a missing or broken key pair is a config error naming the keys, not a crash at bind time
+                ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
+                    str(listener.ssl_cert), str(listener.ssl_privkey)
+                )
+            except (OSError, ssl.SSLError) as e:
+                raise ConfigError(
+                    f"{source}: {name}.ssl-cert / {name}.ssl-privkey: cannot be loaded: {e.strerror or e}"
+                ) from None
     for name, vol in config.volume.items():
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
             raise ConfigError(f"{source}: volume.{name}: volume names are letters, digits, '.', '_' and '-'")

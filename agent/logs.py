@@ -7,6 +7,8 @@ import logging
 import sys
 import time
 
+from aiohttp.http_exceptions import HttpProcessingError
+
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
@@ -21,6 +23,20 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(data)
 
 
+class BadRequestHeads(logging.Filter):
+    """aiohttp logs a malformed request head (a line too long, bad bytes) with a traceback although it is
+    the client's fault and answered with a 400: one line naming the problem is enough."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError) and (exc.code or 400) < 500:
+            record.args = (record.getMessage(), exc.code, exc.message)
+            record.msg = "%s: malformed request (%d): %.200s"
+            record.exc_info = None
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
+
+
 def setup(level: str = "INFO", fmt: str = "text") -> None:
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
@@ -31,3 +47,6 @@ def setup(level: str = "INFO", fmt: str = "text") -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    server_log = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, BadRequestHeads) for f in server_log.filters):
+        server_log.addFilter(BadRequestHeads())

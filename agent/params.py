@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+import functools
 import json
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Annotated, Any, TypeVar
 
 from aiohttp import web
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt, ValidationError
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    ValidationError,
+    WithJsonSchema,
+)
 
 from agent.errors import invalid_params, malformed
 from backends.ids import VFolderID, parse_qsid
@@ -22,8 +34,29 @@ def _vfid(value: object) -> VFolderID:
     return VFolderID.parse(value)
 
 
-VFID = Annotated[VFolderID, BeforeValidator(_vfid)]
-QSID = Annotated[str, BeforeValidator(parse_qsid)]
+VFID = Annotated[
+    VFolderID,
+    BeforeValidator(_vfid),
+    WithJsonSchema(
+        {
+            "type": "string",
+            "pattern": r"^[A-Za-z0-9]+([-_][A-Za-z0-9]+)*/([0-9a-fA-F]{32}|[0-9a-fA-F-]{36})$",
+            "description": "'<quota-scope-id>/<folder-uuid>'",
+            "examples": ["user-1/0123456789abcdef0123456789abcdef"],
+        }
+    ),
+]
+QSID = Annotated[
+    str,
+    BeforeValidator(parse_qsid),
+    WithJsonSchema(
+        {
+            "type": "string",
+            "pattern": r"^[A-Za-z0-9]+([-_][A-Za-z0-9]+)*$",
+            "description": "quota scope id: letters and digits, optionally joined by single '-' or '_'",
+        }
+    ),
+]
 RelPath = Annotated[str, Field(max_length=4096)]
 
 
@@ -113,6 +146,18 @@ class DeleteFilesParams(VFolderParams):
     recursive: StrictBool = False
 
 
+class TokenQuery(Params):
+    """The client API's query string: the token the manager obtained, and where to put the file."""
+
+    token: str = Field(description="a JWT issued by /folder/file/download or /folder/file/upload")
+    dst_dir: RelPath | None = Field(default=None, description="a directory inside the vfolder the path is joined to")
+
+
+class DownloadQuery(TokenQuery):
+    archive: bool | None = Field(default=None, description="a directory as a zip (true/false; default: the token's)")
+    no_cache: bool | None = Field(default=None, description="answer with Cache-Control: no-store")
+
+
 async def read_body(request: web.Request) -> Any:
     """The request's JSON body, or None when it has none."""
     raw = await request.read()
@@ -145,3 +190,85 @@ async def no_body(request: web.Request) -> None:
     body = await read_body(request)
     if body is not None and body != {}:
         raise malformed(f"{request.method} {request.path} takes no parameters")
+
+
+# -- the routes' declared contract (read by agent.openapi: one source of truth) ---------------------
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+API_DOC = "__api_doc__"
+
+
+@dataclass(frozen=True)
+class ApiDoc:
+    """What a route takes and answers, recorded on its handler for the OpenAPI document."""
+
+    body: type[BaseModel] | None = None  # the JSON body the handler is given, parsed
+    query: type[BaseModel] | None = None  # query-string parameters (client API)
+    answer: type[BaseModel] | None = None  # the JSON answer on success; None = no body
+    status: int = 200
+    content_type: str = "application/json"  # of a successful answer with a body
+    summary: str = ""
+    raw_body: str | None = None  # media type of a streamed (non-JSON) request body
+    headers: tuple[str, ...] = ()  # request headers the route reads
+
+
+def takes(
+    body: type[M] | None,
+    *,
+    answer: type[BaseModel] | None = None,
+    status: int | None = None,
+    content_type: str = "application/json",
+) -> Callable[[Callable[..., Awaitable[web.StreamResponse]]], Handler]:
+    """Parse the JSON body into ``body`` and call ``handler(request, params)``; ``None``: no parameters
+    allowed, ``handler(request)``. The model is also what the OpenAPI document shows."""
+
+    def deco(fn: Callable[..., Awaitable[web.StreamResponse]]) -> Handler:
+        @functools.wraps(fn)
+        async def handler(request: web.Request) -> web.StreamResponse:
+            if body is None:
+                await no_body(request)
+                return await fn(request)
+            return await fn(request, await parse(request, body))
+
+        code = status if status is not None else (200 if answer is not None else 204)
+        doc = ApiDoc(body=body, answer=answer, status=code, content_type=content_type, summary=_summary(fn))
+        setattr(handler, API_DOC, doc)
+        return handler
+
+    return deco
+
+
+def documented(
+    *,
+    query: type[BaseModel] | None = None,
+    answer: type[BaseModel] | None = None,
+    status: int | None = None,
+    content_type: str = "application/json",
+    raw_body: str | None = None,
+    headers: tuple[str, ...] = (),
+) -> Callable[[Handler], Handler]:
+    """Record what a handler that reads its own input (query string, headers, stream) takes and answers."""
+
+    def deco(fn: Handler) -> Handler:
+        code = status if status is not None else (200 if answer is not None else 204)
+        doc = ApiDoc(
+            query=query,
+            answer=answer,
+            status=code,
+            content_type=content_type,
+            summary=_summary(fn),
+            raw_body=raw_body,
+            headers=headers,
+        )
+        setattr(fn, API_DOC, doc)
+        return fn
+
+    return deco
+
+
+def api_doc(handler: object) -> ApiDoc | None:
+    return getattr(handler, API_DOC, None)
+
+
+def _summary(fn: Callable[..., Any]) -> str:
+    return (fn.__doc__ or fn.__name__.replace("_", " ")).strip().splitlines()[0]

@@ -91,7 +91,7 @@ async def start(config: Config) -> tuple[Agent, list[web.AppRunner], Bound]:
         (manager_app(agent), config.api.manager),
         (client_app(agent), config.api.client),
     ):
-        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False, keepalive_timeout=listener.idle_timeout)
         await runner.setup()
         ctx = _ssl_context(listener)
         site = web.TCPSite(runner, listener.service_addr.host, listener.service_addr.port, ssl_context=ctx)

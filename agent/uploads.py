@@ -50,7 +50,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from agent.errors import ApiError
 from backends import files
-from backends.errors import BackendError, FileOpError, InvalidPath
+from backends.errors import BackendError, FileOpError, InvalidPath, QuotaExceeded
 from backends.ids import VFolderID
 from backends.mounted import STAGING, MountedVolume
 from backends.resolver import RESOLVE_BENEATH, RESOLVE_NO_SYMLINKS, check_relpath, fs_errors, openat2
@@ -360,7 +360,17 @@ class _Lost(Exception):
 
 
 async def append(agent: Agent, upload: Upload, offset: int, body: StreamReader, declared: int | None) -> int:
-    """Append a PATCH body at ``offset``; returns the new durable offset."""
+    """Append a PATCH body at ``offset``; returns the new durable offset. A full quota scope is named."""
+    try:
+        return await _append(agent, upload, offset, body, declared)
+    except FileOpError as e:
+        if e.errno != errno.EDQUOT:
+            raise
+        what = f"store upload {upload.target} (what was written before the limit is kept; HEAD tells the offset)"
+        raise QuotaExceeded.at_limit(upload.vol.name, upload.row.qsid, what) from None
+
+
+async def _append(agent: Agent, upload: Upload, offset: int, body: StreamReader, declared: int | None) -> int:
     async with _session_lock(upload.session_id) as mine:
         if not mine:
             raise ApiError(

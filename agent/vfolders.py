@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 from collections.abc import Callable
 from typing import TypeVar
@@ -11,7 +12,7 @@ from agent import usage
 from agent.context import Agent
 from agent.errors import ApiError
 from backends.base import ScopeUsage, Volume
-from backends.errors import QuotaScopeNotEmpty, QuotaScopeNotFound, VFolderNotFound
+from backends.errors import FileOpError, QuotaExceeded, QuotaScopeNotEmpty, QuotaScopeNotFound, VFolderNotFound
 from backends.ids import VFolderID
 from backends.resolver import VFolderRoot
 
@@ -24,7 +25,13 @@ async def in_vfolder(vol: Volume, vfid: VFolderID, fn: Callable[..., T], *args: 
 
     def work() -> T:
         with vol.open_vfolder(vfid) as root:
-            return fn(root, *args, **kwargs)
+            try:
+                return fn(root, *args, **kwargs)
+            except FileOpError as e:
+                if e.errno == errno.EDQUOT:
+                    what = f"{fn.__name__} {', '.join(e.paths) or '.'} in {vfid}"
+                    raise QuotaExceeded.at_limit(vol.name, vfid.qsid, what) from None
+                raise
 
     return await asyncio.to_thread(work)
 

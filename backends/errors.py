@@ -38,6 +38,11 @@ class NotEnoughSpace(BackendError):
 class QuotaExceeded(BackendError):
     """A write hit a quota scope's limit (EDQUOT)."""
 
+    @classmethod
+    def at_limit(cls, volume: str, qsid: str, what: str) -> QuotaExceeded:
+        """The one wording of a full scope: the manager's user sees which scope and what was refused."""
+        return cls(f"quota scope {qsid!r} on volume {volume!r} is at its limit: cannot {what}")
+
 
 class UnsupportedOperation(BackendError):
     pass

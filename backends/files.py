@@ -57,9 +57,19 @@ def mkdir(root: VFolderRoot, relpath: str, *, parents: bool, exist_ok: bool) -> 
                 try:
                     os.mkdir(name, 0o755, dir_fd=fd)
                 except FileExistsError:
-                    st = os.stat(name, dir_fd=fd)  # follows a link, but the next step resolves beneath
-                    if (last and not exist_ok) or not stat.S_ISDIR(st.st_mode):
+                    # lstat: a link's target is never looked at here (it may be outside the vfolder); an
+                    # intermediate link is left to the next step, which resolves it beneath the root
+                    mode = os.stat(name, dir_fd=fd, follow_symlinks=False).st_mode
+                    if last and (not exist_ok or not stat.S_ISDIR(mode)):
                         raise
+                    if not last and not (stat.S_ISDIR(mode) or stat.S_ISLNK(mode)):
+                        raise
+
+
+def require(root: VFolderRoot, relpath: str) -> None:
+    """Raise :class:`FileOpError` unless ``relpath`` exists inside the vfolder."""
+    with fs_errors(relpath):
+        os.close(root.open(relpath, os.O_PATH))
 
 
 def listdir(root: VFolderRoot, relpath: str, *, limit: int) -> list[EntryInfo]:

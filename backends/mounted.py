@@ -101,7 +101,10 @@ class MountedVolume(Volume):
         if os.path.lexists(path):
             raise VFolderExists(f"vfolder {vfid} already exists on volume {self.name!r}")
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.mkdir(mode=0o755)
+        try:
+            path.mkdir(mode=0o755)
+        except FileExistsError:  # a concurrent create won the race
+            raise VFolderExists(f"vfolder {vfid} already exists on volume {self.name!r}") from None
 
     async def delete_vfolder(self, vfid: VFolderID) -> None:
         await asyncio.to_thread(self._delete_vfolder, vfid)
@@ -114,7 +117,11 @@ class MountedVolume(Volume):
         staging = self.staging_path(vfid.qsid)
         staging.mkdir(exist_ok=True)
         trash = staging / f"trash-{uuid.uuid4().hex}"
-        os.rename(path, trash)
+        try:
+            os.rename(path, trash)
+        except FileNotFoundError:  # a concurrent delete won the race
+            _rmdir_if_empty(staging)
+            raise VFolderNotFound(f"vfolder {vfid} does not exist on volume {self.name!r}") from None
         _rmdir_if_empty(path.parent)
         _rmdir_if_empty(path.parent.parent)
         remove_tree(trash, ignore_errors=True)
@@ -139,10 +146,10 @@ class MountedVolume(Volume):
                     f"needs {need} bytes, {free} available"
                 )
             staging = self.staging_path(dst.qsid)
-            staging.mkdir(exist_ok=True)
             work = staging / f"clone-{uuid.uuid4().hex}"
-            work.mkdir(mode=0o700)
             try:
+                staging.mkdir(exist_ok=True)
+                work.mkdir(mode=0o700)
                 src_fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY, dir_fd=root.fd)
                 dst_fd = os.open(work, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
                 try:

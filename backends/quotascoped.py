@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 class QuotaScopedVolume(MountedVolume):
     def _full(self, qsid: str, what: str) -> QuotaExceeded:
-        return QuotaExceeded(f"quota scope {qsid!r} on volume {self.name!r} is at its limit: cannot {what}")
+        return QuotaExceeded.at_limit(self.name, qsid, what)
 
     def _create_vfolder(self, vfid: VFolderID) -> None:
         try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -12,6 +13,7 @@ import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
+from catalog.metrics import WRITE_SECONDS
 from catalog.migrations import SCHEMA_VERSION, STEPS
 
 log = logging.getLogger(__name__)
@@ -74,8 +76,12 @@ class Database:
     async def write(self) -> AsyncIterator[AsyncConnection]:
         if self._writer is None:
             raise CatalogError(f"catalogue {self.path} is open read-only")
-        async with self._write_lock, self._writer.begin() as conn:
-            yield conn
+        started = time.perf_counter()
+        try:
+            async with self._write_lock, self._writer.begin() as conn:
+                yield conn
+        finally:
+            WRITE_SECONDS.observe(time.perf_counter() - started)
 
     async def schema_version(self) -> int:
         async with self.read() as conn:

@@ -178,6 +178,21 @@ def test_write_past_limit_is_edquot_and_the_api_answers_4xx_naming_the_scope(
     assert e.value.errno == 122  # EDQUOT
     os.sync()
 
+    # an upload into the full scope: 4xx naming the scope, and nothing published
+    token = api.post(
+        "/folder/file/upload", json={"volume": "b", "vfid": inside, "relpath": "up.bin", "size": 2 * MiB}
+    ).json()["token"]
+    r = httpx.patch(
+        agent.client_url + "/upload",
+        params={"token": token},
+        headers={"Tus-Resumable": "1.0.0", "Upload-Offset": "0", "Content-Type": "application/offset+octet-stream"},
+        content=b"u" * (2 * MiB),
+        timeout=30,
+    )
+    assert r.status_code == 400, r.text
+    assert r.json()["type"].endswith("/quota-exceeded") and repr(small) in r.json()["msg"], r.text
+    assert not (vf_path(agent, inside) / "up.bin").exists()
+
     # a clone whose own writes hit EDQUOT (the scope is already full): 4xx naming the scope, staging cleaned up
     dst2 = f"{small}/{uuid.uuid4().hex}"
     r = api.post("/folder/clone", json={"src_volume": "b", "src_vfid": inside, "dst_volume": "b", "dst_vfid": dst2})

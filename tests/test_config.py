@@ -108,8 +108,15 @@ def test_check_config_masks_secrets_and_lists_ignored_keys(tmp_path: Path) -> No
         (lambda t: t.replace('backend = "vfs"\npath = "/vfroot/local"', 'backend = "zfs"\npath = "/v"'),
          "volume.local.backend"),
         (lambda t: t.replace("ssl-enabled = false\nsecret", "ssl-enabled = true\nsecret"), "api.manager.ssl-enabled"),
+        (lambda t: t.replace(
+            "ssl-enabled = false\nsecret",
+            'ssl-enabled = true\nssl-cert = "/nonexistent/cert.pem"\nssl-privkey = "/nonexistent/key.pem"\nsecret',
+        ), "api.manager.ssl-cert"),
     ],
-    ids=["missing-secret", "bad-port", "bad-size", "bad-duration", "relative-path", "unknown-backend", "ssl-no-cert"],
+    ids=[
+        "missing-secret", "bad-port", "bad-size", "bad-duration", "relative-path", "unknown-backend", "ssl-no-cert",
+        "ssl-cert-missing",
+    ],
 )
 def test_config_errors_name_the_key(tmp_path: Path, edit, key: str) -> None:  # noqa: ANN001
     path = write(tmp_path, edit(UPSTREAM))

@@ -194,3 +194,34 @@ def test_delete_vfolder_is_atomic_and_leaves_no_staging(agent: AgentProcess, api
 def test_bad_quota_scope_params(api: httpx.Client, body: dict) -> None:
     r = api.post("/quota-scope", json=body)
     assert r.status_code == 400 and r.json()["type"].endswith("invalid-api-params")
+
+
+def test_racing_creates_and_deletes_of_one_vfolder_answer_4xx_not_500(
+    agent: AgentProcess, api: httpx.Client, scope: str
+) -> None:
+    def race(path: str, vfid: str) -> list[int]:
+        def one(_: int) -> int:
+            with agent.client() as c:
+                return call(c, "POST", path, vfid=vfid).status_code
+
+        with ThreadPoolExecutor(8) as ex:
+            return sorted(ex.map(one, range(8)))
+
+    for _ in range(5):
+        vfid = f"{scope}/{uuid.uuid4().hex}"
+        assert race("/folder/create", vfid) == [204] + [409] * 7
+        assert vpath(agent, vfid).is_dir()
+        deletes = race("/folder/delete", vfid)  # a vfolder the catalogue still lists is forgotten with a 204
+        assert deletes[0] == 204 and set(deletes) <= {204, 404}, deletes
+        assert not vpath(agent, vfid).exists()
+    assert_clean_log(agent)
+
+
+def test_mount_of_a_missing_or_non_directory_subpath_is_400(api: httpx.Client, agent: AgentProcess, vfid: str) -> None:
+    (vpath(agent, vfid) / "file").write_bytes(b"x")
+    for subpath, code in (("nope", "ENOENT"), ("file/below", "ENOTDIR")):
+        r = call(api, "GET", "/folder/mount", vfid=vfid, subpath=subpath)
+        assert r.status_code == 400, r.text
+        assert r.json()["errno"] == getattr(__import__("errno"), code) and r.json()["paths"] == [subpath], r.text
+    r = call(api, "GET", "/folder/mount", vfid=vfid, subpath="file")
+    assert r.status_code == 200 and r.json()["path"].endswith(uuid.UUID(vfid.split("/")[1]).hex[4:])

@@ -17,9 +17,10 @@ from typing import Any
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from agent import downloads, tokens, uploads
+from agent import downloads, metrics, tokens, uploads
 from agent.context import Agent, agent_of
 from agent.errors import ApiError, malformed
+from agent.params import DownloadQuery, TokenQuery, documented
 from backends.base import Volume
 from backends.ids import VFolderID
 from backends.resolver import VFolderRoot, check_relpath, fs_errors
@@ -134,12 +135,14 @@ def _open_download(agent: Agent, claims: dict[str, Any], path: str) -> tuple[int
 
 
 @routes.options("/download")
+@documented()
 async def download_options(request: web.Request) -> web.Response:
     """CORS preflight (a browser sending Range from another origin asks first); the headers come from the hook."""
     return web.Response(status=204)
 
 
 @routes.get("/download")
+@documented(query=DownloadQuery, status=200, content_type="application/octet-stream", headers=("Range", "If-Range"))
 async def download(request: web.Request) -> web.StreamResponse:
     claims = _claims(request, "download")
     agent = agent_of(request)
@@ -185,12 +188,14 @@ def _check_tus_version(request: web.Request) -> None:
 
 
 @routes.options("/upload")
+@documented()
 async def upload_options(request: web.Request) -> web.Response:
     max_size = agent_of(request).config.storage_proxy.max_upload_size
     return web.Response(status=204, headers=_tus_headers(**{"Tus-Version": TUS_VERSION, "Tus-Max-Size": str(max_size)}))
 
 
 @routes.head("/upload")
+@documented(query=TokenQuery, status=200, headers=("Tus-Resumable",))
 async def upload_head(request: web.Request) -> web.Response:
     claims = _claims(request, "upload")
     _check_tus_version(request)
@@ -204,6 +209,7 @@ async def upload_head(request: web.Request) -> web.Response:
 
 
 @routes.patch("/upload")
+@documented(query=TokenQuery, raw_body=TUS_CONTENT_TYPE, headers=("Tus-Resumable", "Upload-Offset"))
 async def upload_patch(request: web.Request) -> web.Response:
     claims = _claims(request, "upload")
     _check_tus_version(request)
@@ -223,4 +229,5 @@ async def upload_patch(request: web.Request) -> web.Response:
         new = await uploads.append(agent, upload, int(raw), request.content, request.content_length)
     except (ConnectionError, HttpProcessingError):  # the body broke off; what arrived was kept and HEAD reports it
         raise malformed("the connection was lost before the whole PATCH body arrived") from None
+    metrics.UPLOAD_BYTES.inc(max(0, new - int(raw)))
     return web.Response(status=204, headers=_tus_headers(**{"Upload-Offset": str(new)}))

@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 
 from aiohttp import web
 
-from agent import tokens, vfolders
+from agent import answers, tokens, vfolders
 from agent.context import agent_of
 from agent.errors import ApiError
 from agent.params import (
@@ -20,7 +20,7 @@ from agent.params import (
     RelPathParams,
     RenameParams,
     UploadParams,
-    parse,
+    takes,
 )
 from backends import files
 from backends.errors import FileOpError
@@ -35,16 +35,16 @@ def _iso(ts: float) -> str:
 
 
 @routes.post("/folder/file/mkdir")
-async def mkdir(request: web.Request) -> web.Response:
-    p = await parse(request, MkdirParams)
+@takes(MkdirParams)
+async def mkdir(request: web.Request, p: MkdirParams) -> web.Response:
     vol = agent_of(request).volume(p.volume)
     await vfolders.in_vfolder(vol, p.vfid, files.mkdir, p.relpath, parents=p.parents, exist_ok=p.exist_ok)
     return web.Response(status=204)
 
 
 @routes.post("/folder/file/list")
-async def listdir(request: web.Request) -> web.Response:
-    p = await parse(request, RelPathParams)
+@takes(RelPathParams, answer=answers.Listing)
+async def listdir(request: web.Request, p: RelPathParams) -> web.Response:
     agent = agent_of(request)
     vol = agent.volume(p.volume)
     limit = agent.config.storage_proxy.scandir_limit
@@ -62,32 +62,32 @@ async def listdir(request: web.Request) -> web.Response:
 
 
 @routes.post("/folder/file/rename")
-async def rename(request: web.Request) -> web.Response:
-    p = await parse(request, RenameParams)
+@takes(RenameParams)
+async def rename(request: web.Request, p: RenameParams) -> web.Response:
     vol = agent_of(request).volume(p.volume)
     await vfolders.in_vfolder(vol, p.vfid, files.rename, p.relpath, p.new_name)
     return web.Response(status=204)
 
 
 @routes.post("/folder/file/move")
-async def move(request: web.Request) -> web.Response:
-    p = await parse(request, MoveParams)
+@takes(MoveParams)
+async def move(request: web.Request, p: MoveParams) -> web.Response:
     vol = agent_of(request).volume(p.volume)
     await vfolders.in_vfolder(vol, p.vfid, files.move, p.src_relpath, p.dst_relpath)
     return web.Response(status=204)
 
 
 @routes.post("/folder/file/delete")
-async def delete(request: web.Request) -> web.Response:
-    p = await parse(request, DeleteFilesParams)
+@takes(DeleteFilesParams, answer=answers.StatusOk)
+async def delete(request: web.Request, p: DeleteFilesParams) -> web.Response:
     vol = agent_of(request).volume(p.volume)
     await vfolders.in_vfolder(vol, p.vfid, files.delete, list(p.relpaths), recursive=p.recursive)
     return web.json_response({"status": "ok"})
 
 
 @routes.post("/folder/file/fetch")
-async def fetch(request: web.Request) -> web.StreamResponse:
-    p = await parse(request, RelPathParams)
+@takes(RelPathParams, status=200, content_type="application/octet-stream")
+async def fetch(request: web.Request, p: RelPathParams) -> web.StreamResponse:
     vol = agent_of(request).volume(p.volume)
     try:
         fd, st = await vfolders.in_vfolder(vol, p.vfid, files.open_regular, p.relpath)
@@ -108,8 +108,8 @@ async def fetch(request: web.Request) -> web.StreamResponse:
 
 
 @routes.post("/folder/file/download")
-async def download_token(request: web.Request) -> web.Response:
-    p = await parse(request, DownloadParams)
+@takes(DownloadParams, answer=answers.TokenAnswer)
+async def download_token(request: web.Request, p: DownloadParams) -> web.Response:
     agent = agent_of(request)
     vol = agent.volume(p.volume)
     check_relpath(p.relpath)
@@ -129,8 +129,8 @@ async def download_token(request: web.Request) -> web.Response:
 
 
 @routes.post("/folder/file/upload")
-async def upload_token(request: web.Request) -> web.Response:
-    p = await parse(request, UploadParams)
+@takes(UploadParams, answer=answers.TokenAnswer)
+async def upload_token(request: web.Request, p: UploadParams) -> web.Response:
     agent = agent_of(request)
     vol = agent.volume(p.volume)
     check_relpath(p.relpath)

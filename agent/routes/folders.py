@@ -2,38 +2,37 @@
 
 from __future__ import annotations
 
-import os
-
 from aiohttp import web
 
-from agent import usage, vfolders
+from agent import answers, usage, vfolders
 from agent.context import agent_of
 from agent.errors import ApiError
-from agent.params import MetadataSet, MountParams, VFolderClone, VFolderCreate, VFolderParams, parse
+from agent.params import MetadataSet, MountParams, VFolderClone, VFolderCreate, VFolderParams, takes
+from backends import files
 from backends.errors import VFolderNotFound
 
 routes = web.RouteTableDef()
 
 
 @routes.post("/folder/create")
-async def create(request: web.Request) -> web.Response:
-    p = await parse(request, VFolderCreate)
+@takes(VFolderCreate)
+async def create(request: web.Request, p: VFolderCreate) -> web.Response:
     agent = agent_of(request)
     await vfolders.create_vfolder(agent, agent.volume(p.volume), p.vfid)
     return web.Response(status=204)
 
 
 @routes.post("/folder/delete")
-async def delete(request: web.Request) -> web.Response:
-    p = await parse(request, VFolderParams)
+@takes(VFolderParams)
+async def delete(request: web.Request, p: VFolderParams) -> web.Response:
     agent = agent_of(request)
     await vfolders.delete_vfolder(agent, agent.volume(p.volume), p.vfid)
     return web.Response(status=204)
 
 
 @routes.post("/folder/clone")
-async def clone(request: web.Request) -> web.Response:
-    p = await parse(request, VFolderClone)
+@takes(VFolderClone)
+async def clone(request: web.Request, p: VFolderClone) -> web.Response:
     agent = agent_of(request)
     vfolders.cross_volume(p.src_volume, p.dst_volume)
     await vfolders.clone_vfolder(agent, agent.volume(p.src_volume), p.src_vfid, p.dst_vfid)
@@ -41,16 +40,13 @@ async def clone(request: web.Request) -> web.Response:
 
 
 @routes.get("/folder/mount")
-async def mount(request: web.Request) -> web.Response:
-    p = await parse(request, MountParams)
+@takes(MountParams, answer=answers.MountAnswer)
+async def mount(request: web.Request, p: MountParams) -> web.Response:
     vol = agent_of(request).volume(p.volume)
     try:
-        root = await vfolders.open_root(vol, p.vfid)
+        await vfolders.in_vfolder(vol, p.vfid, files.require, p.subpath)  # the subpath must exist inside it
     except VFolderNotFound as e:
         raise ApiError(400, str(e), "vfolder-not-found") from None
-    with root:
-        fd = root.open(p.subpath, os.O_PATH)  # the subpath must exist inside the vfolder
-        os.close(fd)
     return web.json_response({"path": str(vol.vfolder_path(p.vfid))})
 
 
@@ -60,32 +56,32 @@ async def _existing(request: web.Request, params: VFolderParams) -> None:
 
 
 @routes.get("/folder/metadata")
-async def get_metadata(request: web.Request) -> web.Response:
-    p = await parse(request, VFolderParams)
+@takes(VFolderParams, answer=answers.MetadataAnswer)
+async def get_metadata(request: web.Request, p: VFolderParams) -> web.Response:
     await _existing(request, p)
     payload = await agent_of(request).catalog.get_metadata(p.volume, p.vfid.qsid, p.vfid.hex)
     return web.json_response({"status": "ok", "payload": payload})
 
 
 @routes.post("/folder/metadata")
-async def set_metadata(request: web.Request) -> web.Response:
-    p = await parse(request, MetadataSet)
+@takes(MetadataSet, answer=answers.StatusOk)
+async def set_metadata(request: web.Request, p: MetadataSet) -> web.Response:
     await _existing(request, p)
     await agent_of(request).catalog.set_metadata(p.volume, p.vfid.qsid, p.vfid.hex, p.payload)
     return web.json_response({"status": "ok"})
 
 
 @routes.get("/folder/usage")
-async def folder_usage(request: web.Request) -> web.Response:
-    p = await parse(request, VFolderParams)
+@takes(VFolderParams, answer=answers.FolderUsage)
+async def folder_usage(request: web.Request, p: VFolderParams) -> web.Response:
     agent = agent_of(request)
     u = await usage.get(agent, agent.volume(p.volume), p.vfid)
     return web.json_response(usage.as_json(u))
 
 
 @routes.get("/folder/used-bytes")
-async def used_bytes(request: web.Request) -> web.Response:
-    p = await parse(request, VFolderParams)
+@takes(VFolderParams, answer=answers.UsedBytes)
+async def used_bytes(request: web.Request, p: VFolderParams) -> web.Response:
     agent = agent_of(request)
     u = await usage.get(agent, agent.volume(p.volume), p.vfid)
     return web.json_response(

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from agent import vfolders
+from agent import answers, vfolders
 from agent.context import agent_of
-from agent.params import QuotaScopeCreate, QuotaScopeParams, QuotaScopeUpdate, parse
+from agent.params import QuotaScopeCreate, QuotaScopeParams, QuotaScopeUpdate, takes
 
 routes = web.RouteTableDef()
 
@@ -17,16 +17,16 @@ def _limit(options: object) -> int | None:
 
 
 @routes.post("/quota-scope")
-async def create(request: web.Request) -> web.Response:
-    p = await parse(request, QuotaScopeCreate)
+@takes(QuotaScopeCreate)
+async def create(request: web.Request, p: QuotaScopeCreate) -> web.Response:
     agent = agent_of(request)
     await vfolders.create_scope(agent, agent.volume(p.volume), p.qsid, _limit(p.options))
     return web.Response(status=204)
 
 
 @routes.get("/quota-scope")
-async def describe(request: web.Request) -> web.Response:
-    p = await parse(request, QuotaScopeParams)
+@takes(QuotaScopeParams, answer=answers.ScopeUsage)
+async def describe(request: web.Request, p: QuotaScopeParams) -> web.Response:
     agent = agent_of(request)
     usage = await vfolders.describe_scope(agent, agent.volume(p.volume), p.qsid)
     return web.json_response(
@@ -38,16 +38,16 @@ async def describe(request: web.Request) -> web.Response:
 
 
 @routes.patch("/quota-scope")
-async def update(request: web.Request) -> web.Response:
-    p = await parse(request, QuotaScopeUpdate)
+@takes(QuotaScopeUpdate)
+async def update(request: web.Request, p: QuotaScopeUpdate) -> web.Response:
     agent = agent_of(request)
     await vfolders.update_scope(agent, agent.volume(p.volume), p.qsid, _limit(p.options))
     return web.Response(status=204)
 
 
 @routes.delete("/quota-scope")
-async def delete(request: web.Request) -> web.Response:
-    p = await parse(request, QuotaScopeParams)
+@takes(QuotaScopeParams)
+async def delete(request: web.Request, p: QuotaScopeParams) -> web.Response:
     agent = agent_of(request)
     await vfolders.delete_scope(agent, agent.volume(p.volume), p.qsid)
     return web.Response(status=204)

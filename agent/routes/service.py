@@ -3,31 +3,34 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import NoReturn
 
 from aiohttp import web
 
+from agent import answers
 from agent.context import agent_of
 from agent.errors import ApiError
-from agent.params import VFolderParams, VolumeParams, VolumeQuotaParams, no_body, parse
+from agent.params import VFolderParams, VolumeParams, VolumeQuotaParams, documented, takes
 from backends.base import HwInfo
 
 routes = web.RouteTableDef()
 
 
 @routes.get("/")
+@takes(None, answer=answers.StatusOk)
 async def root(request: web.Request) -> web.Response:
-    await no_body(request)
     return web.json_response({"status": "ok"})
 
 
 @routes.get("/status")
+@documented(answer=answers.StatusOk)
 async def status(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
 @routes.get("/volumes")
+@takes(None, answer=answers.Volumes)
 async def volumes(request: web.Request) -> web.Response:
-    await no_body(request)
     agent = agent_of(request)
     out = []
     for name, vol in agent.volumes.items():
@@ -47,8 +50,8 @@ async def volumes(request: web.Request) -> web.Response:
 
 
 @routes.get("/volume/hwinfo")
-async def hwinfo(request: web.Request) -> web.Response:
-    p = await parse(request, VolumeParams)
+@takes(VolumeParams, answer=answers.HwInfoAnswer)
+async def hwinfo(request: web.Request, p: VolumeParams) -> web.Response:
     agent = agent_of(request)
     vol = agent.volumes.get(p.volume)
     if vol is None:
@@ -59,23 +62,34 @@ async def hwinfo(request: web.Request) -> web.Response:
 
 
 @routes.get("/volume/performance-metric")
-async def performance_metric(request: web.Request) -> web.Response:
-    p = await parse(request, VolumeParams)
+@takes(VolumeParams, answer=answers.PerfMetricAnswer)
+async def performance_metric(request: web.Request, p: VolumeParams) -> web.Response:
     metric = await agent_of(request).volume(p.volume).performance_metric()
     return web.json_response({"metric": dataclasses.asdict(metric)})
 
 
 @routes.get("/folder/fs-usage")
-async def fs_usage(request: web.Request) -> web.Response:
-    p = await parse(request, VolumeParams)
+@takes(VolumeParams, answer=answers.FsUsage)
+async def fs_usage(request: web.Request, p: VolumeParams) -> web.Response:
     usage = await agent_of(request).volume(p.volume).fs_usage()
     return web.json_response({"capacity_bytes": usage.capacity_bytes, "used_bytes": usage.used_bytes})
 
 
 @routes.get("/volume/quota")
+@takes(VFolderParams, status=400)
+async def deprecated_get_volume_quota(request: web.Request, p: VFolderParams) -> web.Response:
+    """Deprecated: always a 400 pointing at quota scopes."""
+    _deprecated_volume_quota(request, p)
+
+
 @routes.patch("/volume/quota")
-async def deprecated_volume_quota(request: web.Request) -> web.Response:
-    p = await parse(request, VolumeQuotaParams if request.method == "PATCH" else VFolderParams)
+@takes(VolumeQuotaParams, status=400)
+async def deprecated_set_volume_quota(request: web.Request, p: VolumeQuotaParams) -> web.Response:
+    """Deprecated: always a 400 pointing at quota scopes."""
+    _deprecated_volume_quota(request, p)
+
+
+def _deprecated_volume_quota(request: web.Request, p: VFolderParams) -> NoReturn:
     agent_of(request).volume(p.volume)
     raise ApiError(
         400,

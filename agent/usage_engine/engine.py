@@ -100,6 +100,8 @@ class UsageEngine:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._scan_slots = asyncio.Semaphore(settings.scan_concurrency)
         self._stopping = False
+        self.overflows = 0  # watcher queue overflows seen (for /metrics)
+        self.scans = 0  # full scans started (for /metrics)
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -242,6 +244,7 @@ class UsageEngine:
             self._spawn(self._check_root(st))
 
     def overflow(self) -> None:
+        self.overflows += 1
         stale = [st for st in self._vfs.values() if st.mode == "watch" and not st.gone]
         for st in stale:
             self._mark_stale(st)
@@ -321,6 +324,7 @@ class UsageEngine:
         cancel = st.cancel
         on_open, state = self._on_open(st)
         started = time.time()
+        self.scans += 1
 
         def work() -> tuple[VFolderTree, list[DirRow]]:
             # the tree and the rows are built here too: 100k directories would hold the event loop up

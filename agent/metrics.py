@@ -1,0 +1,114 @@
+"""Prometheus metrics: per-route request counts and latencies, uploads, usage engine, catalogue writes.
+
+Routes are labelled by their canonical path (``/folder/file/list``), never the raw URL, and methods
+outside the HTTP set by ``other``, so no client can grow the label sets. Figures that are state rather
+than events (upload sessions open, vfolders watched or stale) are read when ``/metrics`` is scraped.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+from aiohttp import web
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from agent.context import Agent, agent_of
+from agent.errors import Handler
+from agent.params import documented
+
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+_LABELS = ("listener", "method", "route", "status")
+
+REQUESTS = Counter("storage_agent_http_requests", "HTTP requests answered", _LABELS)
+LATENCY = Histogram(
+    "storage_agent_http_request_duration_seconds",
+    "Time from the request's arrival at the app to the end of its answer (streamed bodies included)",
+    _LABELS,
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0, 60.0),
+)
+UPLOAD_BYTES = Counter("storage_agent_upload_received_bytes", "Bytes of tus PATCH bodies durably written")
+
+
+def middleware(listener: str) -> web.middleware:
+    """Outermost middleware of a listener's app: counts every answer, errors included."""
+
+    @web.middleware
+    async def metrics(request: web.Request, handler: Handler) -> web.StreamResponse:
+        started = time.perf_counter()
+        status = 500
+        try:
+            response = await handler(request)
+            status = response.status
+            return response
+        except web.HTTPException as e:
+            status = e.status
+            raise
+        finally:
+            resource = request.match_info.route.resource
+            route = resource.canonical if resource is not None else "<unmatched>"
+            method = request.method if request.method in _METHODS else "other"
+            labels = (listener, method, route, str(status))
+            REQUESTS.labels(*labels).inc()
+            LATENCY.labels(*labels).observe(time.perf_counter() - started)
+
+    return metrics
+
+
+class _AgentCollector:
+    """State figures of one agent, gathered at scrape time (see :func:`render`)."""
+
+    def __init__(self, agent: Agent, open_uploads: int) -> None:
+        self.agent = agent
+        self.open_uploads = open_uploads
+
+    def collect(self) -> Iterator[Metric]:
+        from agent.usage import engine_of
+
+        yield GaugeMetricFamily(
+            "storage_agent_upload_sessions_open", "tus upload sessions not yet finished", value=self.open_uploads
+        )
+        served = GaugeMetricFamily("storage_agent_volume_serving", "1 when a volume is served", labels=["volume"])
+        for name, state in self.agent.states.items():
+            served.add_metric([name], 1 if state.serving else 0)
+        yield served
+        engine = engine_of(self.agent)
+        if engine is None:
+            return
+        states = list(engine._vfs.values())
+        by_mode = GaugeMetricFamily(
+            "storage_agent_usage_vfolders", "vfolders the usage engine tracks, by mode", labels=["mode"]
+        )
+        for mode in ("watch", "fast", "scan"):
+            by_mode.add_metric([mode], sum(1 for st in states if st.mode == mode))
+        yield by_mode
+        yield GaugeMetricFamily(
+            "storage_agent_usage_vfolders_stale", "vfolders whose figure is stale", value=sum(st.stale for st in states)
+        )
+        yield GaugeMetricFamily(
+            "storage_agent_usage_scans_running", "full scans running now", value=sum(st.scanning for st in states)
+        )
+        yield CounterMetricFamily("storage_agent_usage_scans", "full scans started", value=engine.scans)
+        yield CounterMetricFamily(
+            "storage_agent_usage_watch_overflows", "watcher event-queue overflows", value=engine.overflows
+        )
+
+
+async def render(agent: Agent) -> bytes:
+    local = CollectorRegistry(auto_describe=False)
+    local.register(_AgentCollector(agent, len(await agent.catalog.upload_sessions())))
+    return generate_latest(REGISTRY) + generate_latest(local)
+
+
+def add_route(app: web.Application) -> None:
+    """``GET /metrics`` (the manager app: behind its auth)."""
+
+    @documented(status=200, content_type=CONTENT_TYPE_LATEST.split(";")[0])
+    async def metrics(request: web.Request) -> web.Response:
+        """Prometheus metrics (text exposition format)."""
+        body = await render(agent_of(request))
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    app.router.add_get("/metrics", metrics)

@@ -1,0 +1,144 @@
+"""The OpenAPI 3.1 document of a listener, built from its router and the models its handlers declare.
+
+Each handler carries an :class:`agent.params.ApiDoc` (set by ``@takes``/``@documented``): the pydantic
+model it parses its body with, its query model and its answer model. Walking the aiohttp router
+with those gives a document that cannot drift from what the routes validate.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
+
+from agent import __version__ as VERSION
+from agent import answers
+from agent.auth import AUTH_HEADER, PUBLIC_PATHS
+from agent.params import ApiDoc, api_doc, documented
+
+OPENAPI_VERSION = "3.1.0"
+REF = "#/components/schemas/{model}"
+PROBLEM = {"$ref": "#/components/responses/Problem"}
+TITLES = {
+    "manager": (
+        "storage-agent manager API",
+        "Called by the Backend.AI manager; every route but /status needs the token.",
+    ),
+    "client": ("storage-agent client API", "Called by end users with a token from the manager API (tus uploads)."),
+}
+
+
+def build(app: web.Application, listener: str, version: str = "0") -> dict[str, Any]:
+    """The document for ``app`` (``listener``: manager | client)."""
+    ops: list[tuple[str, str, ApiDoc]] = []
+    for route in app.router.routes():
+        path = route.resource.canonical if route.resource is not None else None
+        doc = api_doc(route.handler)
+        if path is None or doc is None:
+            continue
+        ops.append((path, route.method.lower(), doc))
+
+    models: list[tuple[type[BaseModel], str]] = [(answers.Problem, "serialization")]
+    for _, _, doc in ops:
+        if doc.body is not None:
+            models.append((doc.body, "validation"))
+        if doc.answer is not None:
+            models.append((doc.answer, "serialization"))
+    refs, defs = models_json_schema(list(dict.fromkeys(models)), ref_template=REF)
+
+    paths: dict[str, dict[str, Any]] = {}
+    for path, method, doc in ops:
+        paths.setdefault(path, {})[method] = _operation(path, method, doc, refs, listener)
+    title, description = TITLES[listener]
+    components: dict[str, Any] = {
+        "schemas": defs.get("$defs", {}),
+        "responses": {
+            "Problem": {
+                "description": "an error: `msg` names the problem; typed problems are application/problem+json",
+                "content": {
+                    ctype: {"schema": refs[(answers.Problem, "serialization")]}
+                    for ctype in ("application/problem+json", "application/json")
+                },
+            }
+        },
+    }
+    document: dict[str, Any] = {
+        "openapi": OPENAPI_VERSION,
+        "info": {"title": title, "version": version, "description": description},
+        "paths": dict(sorted(paths.items())),
+        "components": components,
+    }
+    if listener == "manager":
+        components["securitySchemes"] = {"managerToken": {"type": "apiKey", "in": "header", "name": AUTH_HEADER}}
+        document["security"] = [{"managerToken": []}]
+    return document
+
+
+def _operation(
+    path: str, method: str, doc: ApiDoc, refs: dict[tuple[type[BaseModel], str], Any], listener: str
+) -> dict[str, Any]:
+    op: dict[str, Any] = {"operationId": f"{method}{path.replace('/', '_').replace('-', '_') or '_root'}"}
+    if doc.summary:
+        op["summary"] = doc.summary
+    params = _query_params(doc.query) if doc.query is not None else []
+    params += [{"name": h, "in": "header", "required": False, "schema": {"type": "string"}} for h in doc.headers]
+    if params:
+        op["parameters"] = params
+    if doc.body is not None:
+        op["requestBody"] = {
+            "required": True,
+            "content": {"application/json": {"schema": refs[(doc.body, "validation")]}},
+        }
+    elif doc.raw_body is not None:
+        op["requestBody"] = {
+            "required": True,
+            "content": {doc.raw_body: {"schema": {"type": "string", "format": "binary"}}},
+        }
+    ok: dict[str, Any] = {"description": "success" if doc.status < 400 else "always an error (deprecated route)"}
+    if doc.answer is not None and method != "head":
+        ok["content"] = {doc.content_type: {"schema": refs[(doc.answer, "serialization")]}}
+    elif doc.status == 200 and method != "head" and doc.content_type != "application/json":
+        ok["content"] = {doc.content_type: {"schema": {"type": "string", "format": "binary"}}}
+    responses: dict[str, Any] = {str(doc.status): ok if doc.status < 400 else PROBLEM}
+    responses["4XX"] = PROBLEM
+    responses["5XX"] = PROBLEM
+    op["responses"] = responses
+    if listener == "manager" and path in PUBLIC_PATHS:
+        op["security"] = []
+    return op
+
+
+def _query_params(model: type[BaseModel]) -> list[dict[str, Any]]:
+    schema = model.model_json_schema()
+    required = set(schema.get("required", ()))
+    out = []
+    for name, prop in schema.get("properties", {}).items():
+        prop = dict(prop)
+        alternatives = [s for s in prop.pop("anyOf", []) if s.get("type") != "null"]
+        if len(alternatives) == 1:
+            prop.update(alternatives[0])  # a query parameter is absent rather than null
+        description = prop.pop("description", None)
+        prop.pop("title", None)
+        prop.pop("default", None)
+        param = {"name": name, "in": "query", "required": name in required, "schema": prop}
+        if description:
+            param["description"] = description
+        out.append(param)
+    return out
+
+
+def add_route(app: web.Application, listener: str) -> None:
+    """Serve the listener's document at ``GET /openapi.json`` (built once, on first use)."""
+
+    cache: dict[str, Any] = {}
+
+    @documented(status=200)
+    async def openapi_json(request: web.Request) -> web.Response:
+        """This document."""
+        if not cache:
+            cache.update(build(request.app, listener, VERSION))
+        return web.json_response(cache)
+
+    app.router.add_get("/openapi.json", openapi_json)
