@@ -36,28 +36,50 @@ def _add_config(p: argparse.ArgumentParser) -> None:
     p.add_argument("--var-dir", default="./var", help="state directory of the embedded default (default: ./var)")
 
 
+EXIT_CODES = """exit status:
+  0    success (status: every volume healthy and the agent answering)
+  1    an operating-system error (permission, missing file, ...)
+  2    unusable config or arguments (unknown volume, vfolder not found, bad
+       mapping, a backend migrate cannot handle); nothing was changed
+  3    the catalogue cannot be used
+  4    migrate: some folders were not moved (unmapped, conflicting or
+       failed); version.txt not written
+  5    status: a volume is not healthy or the agent does not answer
+  130  interrupted by Ctrl-C (SIGINT); serve and view stop cleanly on
+       SIGINT or SIGTERM and exit with 0"""
+
+
+def _positive_rate(text: str) -> float:
+    """``--max-rate``: a rate of 0 or less would never move anything (or divide by zero)."""
+    try:
+        rate = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not rate > 0:
+        raise argparse.ArgumentTypeError(f"must be greater than 0, not {text}")
+    return rate
+
+
 def build_parser() -> argparse.ArgumentParser:
+    fmt = argparse.RawDescriptionHelpFormatter  # keeps the exit-status table as written
     parser = argparse.ArgumentParser(
         prog="storage-agent",
         description="Per-node storage agent speaking the Backend.AI storage-proxy protocol.",
+        epilog=EXIT_CODES,
+        formatter_class=fmt,
     )
     parser.add_argument("--version", action="version", version=f"storage-agent {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("serve", help="run the manager and client APIs")
+    p = sub.add_parser("serve", help="run the manager and client APIs", epilog=EXIT_CODES, formatter_class=fmt,
+                       description="Run the manager and client APIs until SIGTERM or SIGINT.")
     _add_config(p)
-    p = sub.add_parser("check-config", help="validate a config and print it with secrets masked")
+    p = sub.add_parser("check-config", help="validate a config and print it with secrets masked",
+                       epilog=EXIT_CODES, formatter_class=fmt,
+                       description="Validate a config (and each volume's backend options) and print the "
+                       "effective config as JSON with secrets masked.")
     _add_config(p)
     _add_operator_commands(sub)
     return parser
-
-
-EXIT_CODES = """exit status:
-  0  success (status: every volume healthy and the agent answering)
-  1  an operating-system error (permission, missing file, ...)
-  2  unusable config, arguments or mapping
-  3  the catalogue cannot be used
-  4  migrate: some folders were not moved (unmapped, conflicting or failed); version.txt not written
-  5  status: a volume is not healthy or the agent does not answer"""
 
 
 def _para(text: str) -> str:
@@ -73,7 +95,9 @@ def _add_operator_commands(sub: argparse._SubParsersAction) -> None:
         "renames (no copies), recording each step in the catalogue so that an interrupted run resumes "
         "where it stopped. Folders missing from the mapping are listed and left in place; version.txt "
         "(= 3) is written last, only when no old-layout folder is left. Stop the agent or let it refuse "
-        "the volume meanwhile: it serves the volume once version.txt is written."),
+        "the volume meanwhile: it serves the volume once version.txt is written. Only volumes whose quota "
+        "scopes are plain directories can be migrated so: btrfs, xfs, gpfs and netapp volumes are refused "
+        "(status 2), as renames cannot enter their subvolumes, projects, filesets or qtrees."),
         epilog=EXIT_CODES,
         formatter_class=fmt,
     )
@@ -85,7 +109,8 @@ def _add_operator_commands(sub: argparse._SubParsersAction) -> None:
         "--dsn", metavar="postgresql://...", help="the manager's database (table vfolders: id, quota_scope_id)"
     )
     p.add_argument("--dry-run", action="store_true", help="show what would move; change nothing")
-    p.add_argument("--max-rate", type=float, metavar="N", help="move at most N folders per second")
+    p.add_argument("--max-rate", type=_positive_rate, metavar="N",
+                   help="move at most N folders per second, evenly spaced (e.g. 0.5, 1, 200)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p = sub.add_parser(
         "status",

@@ -6,6 +6,10 @@ a run killed at any point (``kill -9``) is resumed by the next one, which
 checks both locations of every folder left in ``intent``. Renames use
 ``RENAME_NOREPLACE``: a folder is never moved onto another. ``version.txt`` is
 written last (atomically), and only when no old-layout folder is left.
+
+``--max-rate`` paces each rename (never a burst to catch up); the journal is
+still written per batch, a batch being at most about one second of renames.
+Only backends whose quota scope is a plain directory can be migrated so.
 """
 
 from __future__ import annotations
@@ -40,7 +44,28 @@ Progress = Callable[[int, int], None]
 
 
 class MigrationError(Exception):
-    """The migration cannot start: bad mapping, wrong layout, another run in progress."""
+    """The migration cannot start: bad mapping, wrong layout, unsupported backend, another run in progress."""
+
+
+# Backends whose quota scope is more than a directory. migrate makes each scope with mkdir and renames folders
+# into it: there the scope would carry no quota, and a rename into a real scope fails (EXDEV).
+UNMOVABLE_BACKENDS = {
+    "btrfs": "a quota scope is a btrfs subvolume with its own qgroup, and a rename cannot cross subvolumes",
+    "xfs": "a quota scope is a directory tree with its own XFS project quota, and a rename cannot cross projects",
+    "gpfs": "a quota scope is a Storage Scale fileset, and a rename cannot cross filesets",
+    "netapp": "a quota scope is an ONTAP qtree, and a rename cannot cross qtrees",
+}
+UNMOVABLE_BACKENDS["spectrumscale"] = UNMOVABLE_BACKENDS["gpfs"]
+
+
+def refuse_unmovable_backend(volume: str, backend: str) -> None:
+    """Checked before anything is read or moved: on these backends a finished run would leave scopes without quota."""
+    reason = UNMOVABLE_BACKENDS.get(backend)
+    if reason is not None:
+        raise MigrationError(
+            f"volume {volume!r} has backend {backend!r}, which migrate cannot handle: {reason}; renaming "
+            "folders into plain directories would leave every scope without its quota. Nothing was moved"
+        )
 
 
 @dataclass
@@ -238,19 +263,22 @@ class _Tree:
             pass
 
     def write_version(self) -> None:
-        """``version.txt`` = 3 via a temporary file, fsync and rename: never half-written."""
-        tmp = f".version.txt.{os.getpid()}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644,
-                     dir_fd=self.root_fd)
-        try:
-            os.write(fd, f"{LAYOUT_VERSION}\n".encode())
-            os.fsync(fd)
-            if self.owner is not None:
-                os.fchown(fd, *self.owner)
-        finally:
-            os.close(fd)
-        os.rename(tmp, "version.txt", src_dir_fd=self.root_fd, dst_dir_fd=self.root_fd)
-        os.fsync(self.root_fd)
+        write_layout_version(self.root_fd, self.owner)
+
+
+def write_layout_version(root_fd: int, owner: tuple[int, int] | None = None) -> None:
+    """``version.txt`` = 3 via a temporary file, fsync and rename: never half-written."""
+    tmp = f".version.txt.{os.getpid()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644, dir_fd=root_fd)
+    try:
+        os.write(fd, f"{LAYOUT_VERSION}\n".encode())
+        os.fsync(fd)
+        if owner is not None:
+            os.fchown(fd, *owner)
+    finally:
+        os.close(fd)
+    os.rename(tmp, "version.txt", src_dir_fd=root_fd, dst_dir_fd=root_fd)
+    os.fsync(root_fd)
 
 
 def _sweep_empty_prefixes(tree: _Tree) -> None:
@@ -269,15 +297,16 @@ def _sweep_empty_prefixes(tree: _Tree) -> None:
 # -- the run ------------------------------------------------------------------
 
 
-async def _recover(tree: _Tree, moves: LayoutMoves, job_id: str | None, report: Report) -> set[str]:
+async def _recover(tree: _Tree, moves: LayoutMoves | None, job_id: str | None, report: Report) -> set[str]:
     """Settle the folders a killed run left in ``intent``: done if only the new location exists.
 
     Returns the folders found in both locations (reported as conflicts, not to be planned again).
+    A dry run without a catalogue has no journal to read.
     """
     blocked: set[str] = set()
     settled: list[tuple[str, str]] = []
     vanished: list[str] = []
-    for row in await moves.intents():
+    for row in await moves.intents() if moves is not None else []:
         at_old = _exists(tree.root_fd, _old(row.folder_id))
         at_new = _exists(tree.root_fd, _new(row.folder_id, row.qsid))
         if at_new and not at_old:
@@ -290,7 +319,7 @@ async def _recover(tree: _Tree, moves: LayoutMoves, job_id: str | None, report: 
             report.failed.append(f"{row.folder_id}: gone from both locations (removed outside the migration?)")
         # only at the old location: the rename never happened; the scan below plans it again
     report.recovered = len(settled)
-    if report.dry_run:
+    if report.dry_run or moves is None:
         return blocked
     if settled:
         await moves.record_done(job_id or "", settled)
@@ -298,10 +327,112 @@ async def _recover(tree: _Tree, moves: LayoutMoves, job_id: str | None, report: 
     return blocked
 
 
+def _plan(root_fd: int, mapping: dict[str, str], blocked: set[str], report: Report) -> list[tuple[str, str]]:
+    """The old-layout folders free to move, as ``(folder_id, qsid)``; the others are reported."""
+    old_ids = [fid for fid in scan_old_layout(root_fd) if fid not in blocked]
+    report.found = len(old_ids)
+    plan: list[tuple[str, str]] = []
+    for fid in old_ids:
+        qsid = mapping.get(fid)
+        if qsid is None:
+            report.unmapped.append(fid)
+        elif _exists(root_fd, _new(fid, qsid)):
+            report.conflicts.append(f"{fid}: already exists under {qsid}/ and in the old layout")
+        else:
+            plan.append((fid, qsid))
+    report.planned = len(plan)
+    return plan
+
+
+class _Pacer:
+    """Spaces renames at least ``1/max_rate`` s apart, so a slow stretch is never made up by a burst."""
+
+    def __init__(self, max_rate: float | None) -> None:
+        self.interval = 1 / max_rate if max_rate else 0.0
+        self.next = time.monotonic()
+
+    async def wait(self) -> None:
+        if not self.interval:
+            return
+        delay = self.next - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        self.next = time.monotonic() + self.interval
+
+
+def _batch_size(batch_size: int, max_rate: float | None) -> int:
+    """At most about one second of paced renames per journal batch, so the journal and the progress stay current."""
+    return max(1, min(batch_size, int(max_rate))) if max_rate else batch_size
+
+
+async def _move_batch(tree: _Tree, moves: LayoutMoves, job_id: str, chunk: list[tuple[str, str]], pacer: _Pacer,
+                      report: Report) -> int:
+    """Journal the batch's intent, rename folder by folder at the paced rate, journal what was done."""
+    await moves.record_intent(job_id, chunk)
+    renamed: list[tuple[str, str]] = []
+    skipped: list[str] = []
+    for fid, qsid in chunk:
+        await pacer.wait()
+        try:
+            tree.rename(fid, qsid)
+        except OSError as e:
+            reason = "target exists" if e.errno == errno.EEXIST else (e.strerror or str(e))
+            report.failed.append(f"{fid}: {reason}")
+            skipped.append(fid)
+            continue
+        renamed.append((fid, qsid))
+    done = await moves.record_done(job_id, renamed)
+    await moves.forget_intent(skipped)
+    report.moved += len(renamed)
+    return done
+
+
+async def _move_all(tree: _Tree, moves: LayoutMoves, catalog: Catalog, job_id: str, plan: list[tuple[str, str]],
+                    report: Report, progress: Progress | None, batch_size: int, max_rate: float | None) -> None:
+    done_before = await moves.job_done(job_id)
+    total = done_before + len(plan)
+    await catalog.update_job(job_id, total=total)
+    if progress:
+        progress(done_before, total)
+    pacer = _Pacer(max_rate)
+    size = _batch_size(batch_size, max_rate)
+    for start in range(0, len(plan), size):
+        done = await _move_batch(tree, moves, job_id, plan[start : start + size], pacer, report)
+        if progress:
+            progress(done, total)
+
+
+async def _finish(tree: _Tree, catalog: Catalog, job_id: str, report: Report) -> None:
+    """Write ``version.txt`` only when nothing is left in the old layout and nothing went wrong."""
+    _sweep_empty_prefixes(tree)
+    left = scan_old_layout(tree.root_fd)
+    if left or report.unmapped or report.conflicts or report.failed:
+        problems = len(report.unmapped) + len(report.conflicts) + len(report.failed)
+        await catalog.finish_job(job_id, error=f"{len(left)} old-layout folder(s) left, {problems} problem(s)")
+    else:
+        tree.write_version()
+        report.version_written = True
+        await catalog.finish_job(job_id)
+
+
+def _open_locked(root: Path) -> int:
+    """The root's descriptor, locked against a concurrent run (a dry run takes the lock too: it reads a still tree)."""
+    try:
+        root_fd = os.open(root, _DIR_FLAGS)
+    except FileNotFoundError:
+        raise MigrationError(f"volume root {root} does not exist") from None
+    try:
+        fcntl.flock(root_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(root_fd)
+        raise MigrationError(f"another migration of {root} is running") from None
+    return root_fd
+
+
 async def migrate(
     root: Path,
     volume: str,
-    catalog: Catalog,
+    catalog: Catalog | None,
     mapping: dict[str, str],
     *,
     dry_run: bool = False,
@@ -309,7 +440,10 @@ async def migrate(
     batch_size: int = 256,
     max_rate: float | None = None,
 ) -> Report:
-    """Migrate ``root`` to layout 3; see the module docstring. Never raises for a single folder."""
+    """Migrate ``root`` to layout 3; see the module docstring. Never raises for a single folder.
+
+    A dry run only reads: ``catalog`` is then opened read-only, or None when there is none yet.
+    """
     started = time.monotonic()
     report = Report(volume=volume, root=str(root), dry_run=dry_run)
     version = layout_version(root)
@@ -318,76 +452,21 @@ async def migrate(
         return report
     if version not in (None, 2):
         raise MigrationError(f"{root}/version.txt says layout {version}: only layout 2 can be migrated")
+    if catalog is None and not dry_run:
+        raise ValueError("a migration needs the catalogue")
+    root_fd = _open_locked(root)
     try:
-        root_fd = os.open(root, _DIR_FLAGS)
-    except FileNotFoundError:
-        raise MigrationError(f"volume root {root} does not exist") from None
-    try:
-        try:
-            fcntl.flock(root_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise MigrationError(f"another migration of {root} is running") from None
         tree = _Tree(root_fd)
-        moves = LayoutMoves(catalog, volume)
-        job_id = None if dry_run else await moves.running_job()
-        if not dry_run and job_id is None:
-            job_id = await catalog.start_job("migrate", volume, {"root": str(root)})
-        report.job_id = job_id
-        blocked = await _recover(tree, moves, job_id, report)
-
-        old_ids = [fid for fid in scan_old_layout(root_fd) if fid not in blocked]
-        report.found = len(old_ids)
-        plan: list[tuple[str, str]] = []
-        for fid in old_ids:
-            qsid = mapping.get(fid)
-            if qsid is None:
-                report.unmapped.append(fid)
-            elif _exists(root_fd, _new(fid, qsid)):
-                report.conflicts.append(f"{fid}: already exists under {qsid}/ and in the old layout")
-            else:
-                plan.append((fid, qsid))
-        report.planned = len(plan)
+        moves = LayoutMoves(catalog, volume) if catalog is not None else None
         if dry_run:
+            _plan(root_fd, mapping, await _recover(tree, moves, None, report), report)
             return report
-
-        done_before = await moves.job_done(job_id)
-        total = done_before + len(plan)
-        await catalog.update_job(job_id, total=total)
-        if progress:
-            progress(done_before, total)
-        for start in range(0, len(plan), batch_size):
-            chunk = plan[start : start + batch_size]
-            await moves.record_intent(job_id, chunk)
-            renamed: list[tuple[str, str]] = []
-            skipped: list[str] = []
-            for fid, qsid in chunk:
-                try:
-                    tree.rename(fid, qsid)
-                except OSError as e:
-                    reason = "target exists" if e.errno == errno.EEXIST else (e.strerror or str(e))
-                    report.failed.append(f"{fid}: {reason}")
-                    skipped.append(fid)
-                    continue
-                renamed.append((fid, qsid))
-            done = await moves.record_done(job_id, renamed)
-            await moves.forget_intent(skipped)
-            report.moved += len(renamed)
-            if progress:
-                progress(done, total)
-            if max_rate:
-                ahead = report.moved / max_rate - (time.monotonic() - started)
-                if ahead > 0:
-                    await asyncio.sleep(ahead)
-        _sweep_empty_prefixes(tree)
-
-        left = scan_old_layout(root_fd)
-        if left or report.unmapped or report.conflicts or report.failed:
-            problems = len(report.unmapped) + len(report.conflicts) + len(report.failed)
-            await catalog.finish_job(job_id, error=f"{len(left)} old-layout folder(s) left, {problems} problem(s)")
-        else:
-            tree.write_version()
-            report.version_written = True
-            await catalog.finish_job(job_id)
+        assert catalog is not None and moves is not None
+        job_id = await moves.running_job() or await catalog.start_job("migrate", volume, {"root": str(root)})
+        report.job_id = job_id
+        plan = _plan(root_fd, mapping, await _recover(tree, moves, job_id, report), report)
+        await _move_all(tree, moves, catalog, job_id, plan, report, progress, batch_size, max_rate)
+        await _finish(tree, catalog, job_id, report)
         return report
     finally:
         os.close(root_fd)
@@ -395,11 +474,14 @@ async def migrate(
 
 
 __all__ = [
+    "UNMOVABLE_BACKENDS",
     "MigrationError",
     "Report",
     "mapping_from_csv",
     "mapping_from_postgres",
     "migrate",
     "normalize_qsid",
+    "refuse_unmovable_backend",
     "scan_old_layout",
+    "write_layout_version",
 ]

@@ -13,8 +13,17 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from agent.config import Config
-from agent.migrate import MigrationError, Progress, Report, mapping_from_csv, mapping_from_postgres, migrate
+from agent.migrate import (
+    MigrationError,
+    Progress,
+    Report,
+    mapping_from_csv,
+    mapping_from_postgres,
+    migrate,
+    refuse_unmovable_backend,
+)
 from catalog import Catalog
+from catalog.db import CatalogError
 
 SHOWN = 20  # folder ids listed per problem kind; --json lists them all
 
@@ -33,15 +42,23 @@ def _match_owner(db_path: Path) -> None:
             pass
 
 
+def _wants_progress(args: argparse.Namespace) -> bool:
+    """A bar only for a person watching a real run: stderr (where it is drawn) is a terminal, no --json."""
+    return sys.stderr.isatty() and not args.json and not args.dry_run
+
+
 @contextmanager
 def _progress_bar(enabled: bool) -> Iterator[Progress | None]:
+    """Drawn on stderr, the stream checked by :func:`_wants_progress`: stdout stays the report alone."""
     if not enabled:
         yield None
         return
+    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     with Progress(
-        TextColumn("migrating"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), transient=False
+        TextColumn("migrating"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+        console=Console(stderr=True), transient=False,
     ) as bar:
         task = bar.add_task("migrate", total=None)
 
@@ -51,10 +68,24 @@ def _progress_bar(enabled: bool) -> Iterator[Progress | None]:
         yield update
 
 
+async def _open_catalog(db_path: Path, dry_run: bool) -> Catalog | None:
+    """Read-write for a run. A dry run changes nothing: read-only, and not opened at all when there is none yet."""
+    if not dry_run:
+        catalog = await Catalog.open(db_path)
+        _match_owner(db_path)
+        return catalog
+    if not await asyncio.to_thread(db_path.exists):
+        return None
+    try:
+        return await Catalog.open(db_path, readonly=True)
+    except CatalogError as e:  # e.g. older than this version: only a real run may upgrade it
+        print(f"storage-agent: migrate: dry run without the catalogue's journal: {e}", file=sys.stderr)
+        return None
+
+
 async def _run(config: Config, args: argparse.Namespace, mapping: dict[str, str], progress: Progress | None) -> Report:
     db_path = Path(config.catalog.path)
-    catalog = await Catalog.open(db_path)
-    _match_owner(db_path)
+    catalog = await _open_catalog(db_path, args.dry_run)
     try:
         return await migrate(
             config.volume[args.volume].path,
@@ -66,8 +97,9 @@ async def _run(config: Config, args: argparse.Namespace, mapping: dict[str, str]
             max_rate=args.max_rate,
         )
     finally:
-        await catalog.close()
-        _match_owner(db_path)
+        if catalog is not None:
+            await catalog.close()
+        _match_owner(db_path)  # a read-only open may still create the empty -wal/-shm files SQLite reads through
 
 
 def _print(report: Report) -> None:
@@ -106,8 +138,9 @@ def run_migrate(config: Config, args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     try:
+        refuse_unmovable_backend(args.volume, config.volume[args.volume].backend)
         mapping = mapping_from_csv(args.mapping) if args.mapping else mapping_from_postgres(args.dsn)
-        with _progress_bar(sys.stderr.isatty() and not args.json and not args.dry_run) as progress:
+        with _progress_bar(_wants_progress(args)) as progress:
             report = asyncio.run(_run(config, args, mapping, progress))
     except MigrationError as e:
         print(f"storage-agent: migrate: {e}", file=sys.stderr)

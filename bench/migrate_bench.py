@@ -5,9 +5,10 @@ each) are made in a temporary directory:
   1. a shell loop of `mkdir -p` + `mv` per folder (the baseline, no journal, no resume);
   2. `storage-agent migrate --mapping` (CSV), a full run;
   3. the same, SIGKILLed part-way, then run again to completion.
-For 3 the script checks that every folder ends at its new place with its
-original inode (renamed, never copied), that none is left in the old layout,
-and that the two runs together renamed each folder exactly once.
+For 3 the script checks that the first run really died of SIGKILL before the
+end (status -9, folders left, no version.txt), that every folder ends at its
+new place with its original inode (renamed, never copied), that none is left in
+the old layout, and that the two runs together renamed each folder exactly once.
 
     .venv/bin/python bench/migrate_bench.py [--folders 10000] [--kill-at 0.4]
 """
@@ -129,6 +130,10 @@ def main() -> int:
         t_killed = time.perf_counter() - start
         root = config.parent / "volume"
         on_new = sum((root / q / f[0:2] / f[2:4] / f[4:]).exists() for f, q in mapping.items())
+        recorded = done_rows(db)
+        # Really killed, and mid-run: by SIGKILL (not a finished or failed run), folders left to move, no version.txt.
+        assert proc.returncode == -signal.SIGKILL, f"the killed run ended with status {proc.returncode}, not SIGKILL"
+        assert 0 < on_new < n and not (root / "version.txt").exists(), f"not killed mid-run ({on_new}/{n} moved)"
         start = time.perf_counter()
         resumed = subprocess.run(migrate_cmd(config, csv_path), cwd=ROOT, capture_output=True, text=True)
         t_resumed = time.perf_counter() - start
@@ -142,14 +147,15 @@ def main() -> int:
     rows = [
         ("mv loop (mkdir -p + mv per folder)", t_mv, n),
         ("storage-agent migrate (full run)", t_full, n),
-        (f"  killed run (SIGKILL after {on_new} moved)", t_killed, on_new),
+        (f"  killed run ({signal.Signals(-proc.returncode).name} after {on_new} moved, "
+         f"{on_new - recorded} unjournaled)", t_killed, on_new),
         (f"  resumed run ({report['moved']} moved, {report['recovered']} confirmed)", t_resumed, report["moved"]),
         ("  killed + resumed", t_killed + t_resumed, n),
     ]
     print(f"\nlayout-2 -> 3 migration of {n} folders (renames only; same folders in every run)\n")
-    print(f"{'run':<52} {'seconds':>8} {'folders/s':>10} {'vs mv loop':>11}")
+    print(f"{'run':<58} {'seconds':>8} {'folders/s':>10} {'vs mv loop':>11}")
     for name, secs, count in rows:
-        print(f"{name:<52} {secs:>8.2f} {count / secs:>10.0f} {secs / t_mv:>10.2f}x")
+        print(f"{name:<58} {secs:>8.2f} {count / secs:>10.0f} {secs / t_mv:>10.2f}x")
     print(f"\nkilled + resumed: every one of the {n} folders moved exactly once (same inode at its new place, "
           "none left in the old layout, journal shows each done once)")
     return 0

@@ -5,7 +5,8 @@
 Builds one vfolder per size (1000 files per directory) through the manager
 API, then times each answer (median of --repeat calls over one keep-alive
 connection) and each `du` on the same tree in the same run, prints the ratio,
-and checks that the answers agree exactly with `du` (exit 1 otherwise).
+and checks that the answers agree exactly with `du` (and `file_count` with `find`; exit 1 otherwise).
+It first waits until the agent's figure has settled (not stale, two equal answers).
 """
 
 from __future__ import annotations
@@ -32,6 +33,24 @@ def populate(root: Path, files: int, per_dir: int = 1000) -> None:
             d.mkdir()
         with open(d / f"f{i:07d}", "wb") as f:
             f.write(b"x" * (i % 7919))
+
+
+def settle(api, body: dict, deadline: float = 300.0) -> None:  # noqa: ANN001
+    """Wait until the usage engine has taken in the whole new tree: not stale, and two answers alike."""
+    last, end = None, time.monotonic() + deadline
+    while time.monotonic() < end:
+        r = api.request("GET", "/folder/usage", json=body).json()
+        now = (r["used_bytes"], r["file_count"])
+        if not r.get("stale") and r["used_bytes"] != -1 and now == last:
+            return
+        last = now
+        time.sleep(0.5)
+    raise SystemExit(f"usage of {body['vfid']} did not settle in {deadline:.0f} s")
+
+
+def entries(path: Path) -> int:
+    out = subprocess.run(["find", str(path), "-mindepth", "1"], check=True, capture_output=True).stdout
+    return out.count(b"\n")
 
 
 def timed(fn, repeat: int) -> tuple[float, object]:  # noqa: ANN001
@@ -67,7 +86,7 @@ def main() -> int:
                     path = agent.volume_root() / "bench" / fid[:2] / fid[2:4] / fid[4:]
                     populate(path, files)
                     body = {"volume": "local", "vfid": vfid}
-                    api.request("GET", "/folder/usage", json=body)  # first sight; warm caches for both sides
+                    settle(api, body)  # the watcher has taken in every file; warm caches for both sides
                     t_usage, usage = timed(
                         lambda b=body: api.request("GET", "/folder/usage", json=b).json(), args.repeat
                     )
@@ -78,6 +97,7 @@ def main() -> int:
                     t_dub1, dub1 = timed(lambda p=path: du(["-s", "-B1"], p), args.repeat)
                     # du -sb counts the root directory's own st_size; /folder/usage counts what is below it
                     match_usage = usage["used_bytes"] + os.lstat(path).st_size == dusb
+                    match_usage &= usage["file_count"] == entries(path)
                     match_used = used["used_bytes"] == dub1
                     ok &= match_usage and match_used
                     rows.append((files, t_usage, t_dusb, match_usage, t_used, t_dub1, match_used, usage["source"]))

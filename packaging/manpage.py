@@ -1,7 +1,9 @@
 """Print a help2man include file: every sub-command's --help, the exit codes and the packaged files.
 
-help2man renders the top-level ``storage-agent --help``; this adds what it cannot
+help2man reads the top-level ``storage-agent --help``; this adds what it cannot
 see, taken from the same argparse parser so the man page never drifts from the CLI.
+Every --help ends with the exit codes (:data:`agent.cli.EXIT_CODES`); in the man
+page they appear once, in EXIT STATUS, so DESCRIPTION is the top-level help without them.
 """
 
 from __future__ import annotations
@@ -18,13 +20,18 @@ def roff(text: str) -> str:
     return "\n".join(lines)
 
 
+def _help_without_exit_codes(parser: argparse.ArgumentParser) -> str:
+    parser.epilog = None  # the exit codes get their own section
+    return roff(parser.format_help().rstrip())
+
+
 def main() -> None:
     parser = build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    print(f"[=DESCRIPTION]\n.nf\n{_help_without_exit_codes(parser)}\n.fi")
     print("[COMMANDS]")
     for name, p in sub.choices.items():
-        p.epilog = None  # the exit codes get their own section
-        print(f".SS {name}\n.nf\n{roff(p.format_help().rstrip())}\n.fi")
+        print(f".SS {name}\n.nf\n{_help_without_exit_codes(p)}\n.fi")
     print("[EXIT STATUS]\n.nf\n" + roff(EXIT_CODES.split("\n", 1)[1]) + "\n.fi")
     print(
         "[FILES]\n"

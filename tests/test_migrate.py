@@ -69,6 +69,12 @@ def snapshot(folder: Path) -> dict[str, tuple]:
     return out
 
 
+def folder_usage(folder: Path) -> tuple[int, int]:
+    """(used bytes, file count) as GET /folder/usage counts them: every entry strictly below, links not followed."""
+    entries = [Path(d) / name for d, dirs, files in os.walk(folder) for name in dirs + files]
+    return sum(p.lstat().st_size for p in entries), len(entries)
+
+
 def old_path(root: Path, fid: str) -> Path:
     return root / fid[0:2] / fid[2:4] / fid[4:]
 
@@ -82,6 +88,10 @@ def snapshots(root: Path, mapping: dict[str, str], *, new: bool) -> dict[str, di
         fid: snapshot(new_path(root, fid, normalize_qsid(q)) if new else old_path(root, fid))
         for fid, q in mapping.items()
     }
+
+
+def moved_on_disk(root: Path, mapping: dict[str, str]) -> int:
+    return sum(new_path(root, f, q).exists() for f, q in mapping.items())
 
 
 def write_csv(path: Path, mapping: dict[str, str]) -> Path:
@@ -121,6 +131,14 @@ def done_so_far(agent: AgentProcess) -> int:
         return journal(agent).get("done", 0)
     except sqlite3.OperationalError:
         return 0
+
+
+def mid_batch(agent: AgentProcess, root: Path, mapping: dict[str, str]) -> bool:
+    """A batch is recorded done and the next one is being renamed: folders moved on disk, not yet journaled."""
+    if not (agent.workdir / "catalog.db").exists():
+        return False
+    done = done_so_far(agent)
+    return done >= 100 and moved_on_disk(root, mapping) >= done + 20
 
 
 def assert_fully_migrated(root: Path, mapping: dict[str, str], before: dict[str, dict]) -> None:
@@ -203,13 +221,31 @@ def test_dry_run_changes_nothing(tmp_path: Path) -> None:
     root = agent.volume_root()
     mapping = make_old_volume(root, 8)
     before = snapshots(root, mapping, new=False)
-    result = migrate_cli(agent, "--mapping", str(write_csv(tmp_path / "m.csv", mapping)), "--dry-run", "--json")
-    assert result.returncode == 0, result.stderr
-    report = json.loads(result.stdout)
-    assert (report["found"], report["planned"], report["moved"]) == (8, 8, 0)
-    assert snapshots(root, mapping, new=False) == before
-    assert sorted(p.name for p in root.iterdir()) == sorted({f[:2] for f in mapping})
+    csv_path = write_csv(tmp_path / "m.csv", mapping)
+    db = agent.workdir / "catalog.db"
+    for has_catalogue in (False, True):
+        if has_catalogue:  # one made by the agent or an earlier run: read, never written (nor upgraded)
+            asyncio.run(_create_catalogue(db))
+        stamp = (db.read_bytes(), db.stat().st_mtime_ns) if has_catalogue else None
+        result = migrate_cli(agent, "--mapping", str(csv_path), "--dry-run", "--json")
+        assert result.returncode == 0, result.stderr
+        report = json.loads(result.stdout)
+        assert (report["found"], report["planned"], report["moved"]) == (8, 8, 0)
+        assert snapshots(root, mapping, new=False) == before
+        assert sorted(p.name for p in root.iterdir()) == sorted({f[:2] for f in mapping})
+        if not has_catalogue:
+            assert not db.exists(), "a dry run created the catalogue"
+            assert sorted(p.name for p in agent.workdir.iterdir() if p.name.startswith("catalog")) == []
+        else:
+            assert (db.read_bytes(), db.stat().st_mtime_ns) == stamp, "a dry run wrote to the catalogue"
+            wal = Path(f"{db}-wal")
+            assert not wal.exists() or wal.stat().st_size == 0, "a dry run wrote to the catalogue's WAL"
     assert journal(agent) == {}
+
+
+async def _create_catalogue(path: Path) -> None:
+    catalog = await Catalog.open(path)
+    await catalog.close()
 
 
 def test_bad_mapping_rows_are_refused_before_anything_moves(tmp_path: Path) -> None:
@@ -243,14 +279,17 @@ def test_killed_mid_run_then_resumed_moves_each_folder_exactly_once(tmp_path: Pa
     root = agent.volume_root()
     mapping = make_old_volume(root, 400)
     before = snapshots(root, mapping, new=False)
+    usage_before = {fid: folder_usage(old_path(root, fid)) for fid in mapping}
     csv_path = write_csv(tmp_path / "m.csv", mapping)
+    # 100 folders/s: journal batches of 100 folders (one second each), renames 10 ms apart, so the kill below
+    # lands inside the second batch: renames done on disk that the journal has not recorded yet.
     cmd = [sys.executable, "-m", "agent", "migrate", "-f", str(agent.config_path), "--volume", "local",
-           "--mapping", str(csv_path), "--max-rate", "400"]
+           "--mapping", str(csv_path), "--max-rate", "100"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            if (agent.workdir / "catalog.db").exists() and done_so_far(agent) >= 100:
+            if mid_batch(agent, root, mapping):
                 break
             assert proc.poll() is None, "migration finished before it could be killed"
             time.sleep(0.01)
@@ -260,9 +299,12 @@ def test_killed_mid_run_then_resumed_moves_each_folder_exactly_once(tmp_path: Pa
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    moved = sum(new_path(root, f, q).exists() for f, q in mapping.items())
+    assert proc.returncode == -signal.SIGKILL, f"the run was not killed by SIGKILL (status {proc.returncode})"
+    moved = moved_on_disk(root, mapping)
     assert 100 <= moved < 400
     assert not (root / "version.txt").exists()
+    killed = journal(agent)
+    assert killed.get("intent", 0) > 0 and moved > killed["done"], f"not killed mid-batch: {killed}, {moved} moved"
 
     result = migrate_cli(agent, "--mapping", str(csv_path), "--json")
     assert result.returncode == 0, result.stdout + result.stderr
@@ -272,8 +314,39 @@ def test_killed_mid_run_then_resumed_moves_each_folder_exactly_once(tmp_path: Pa
     # and only confirmed (never re-renamed) the ones the killed run had moved without recording it.
     assert report["moved"] == 400 - moved
     assert report["recovered"] <= moved
+    assert report["recovered"] == moved - killed["done"]
     assert_fully_migrated(root, mapping, before)
     assert journal(agent) == {"done": 400}
+    assert {fid: folder_usage(new_path(root, fid, q)) for fid, q in mapping.items()} == usage_before
+
+
+def test_max_rate_paces_each_folder_not_each_batch(tmp_path: Path) -> None:
+    """--max-rate 4: renames at least 0.25 s apart (the ctime a rename gives each folder), never a burst."""
+    agent = layout2_agent(tmp_path / "a")
+    root = agent.volume_root()
+    mapping = make_old_volume(root, 6)
+    result = migrate_cli(agent, "--mapping", str(write_csv(tmp_path / "m.csv", mapping)), "--max-rate", "4")
+    assert result.returncode == 0, result.stdout + result.stderr
+    times = sorted(new_path(root, f, q).stat().st_ctime for f, q in mapping.items())
+    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+    assert min(gaps) >= 0.2, f"renames closer than the rate allows: {gaps}"
+    assert journal(agent) == {"done": 6}
+
+
+@pytest.mark.parametrize("backend", ["btrfs", "xfs"])
+def test_a_backend_whose_scopes_are_not_plain_directories_is_refused_up_front(tmp_path: Path, backend: str) -> None:
+    """btrfs scopes are subvolumes, xfs scopes carry a project quota: renaming into a mkdir'd scope would not do."""
+    root = tmp_path / "a" / "volume"
+    agent = make_agent(tmp_path / "a", volumes={"local": {"backend": backend, "path": str(root)}})
+    agent.config_path.write_text(to_toml(agent.config))
+    mapping = make_old_volume(root, 3)
+    before = snapshots(root, mapping, new=False)
+    result = migrate_cli(agent, "--mapping", str(write_csv(tmp_path / "m.csv", mapping)))
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"backend {backend!r}" in result.stderr and "without its quota" in result.stderr
+    assert "Nothing was moved" in result.stderr
+    assert snapshots(root, mapping, new=False) == before
+    assert not (root / "version.txt").exists() and not (agent.workdir / "catalog.db").exists()
 
 
 def test_resume_checks_both_locations_of_an_intent(tmp_path: Path) -> None:

@@ -104,3 +104,34 @@ def test_agent_refuses_a_corrupt_catalogue_with_a_clear_message(tmp_path: Path) 
     else:  # pragma: no cover - a future rebuild-from-disk would land here
         agent.stop()
         raise AssertionError("agent started on a corrupt catalogue without saying so")
+
+
+def test_a_new_empty_or_missing_volume_root_is_initialised_at_layout_3(tmp_path: Path) -> None:
+    """Nothing to migrate in an empty root: it is served at once; a root holding anything still needs migrating."""
+    empty, missing, fresh_fs, old = (tmp_path / n for n in ("empty", "missing", "fresh-ext4", "old"))
+    empty.mkdir()
+    (fresh_fs / "lost+found").mkdir(parents=True)  # what mkfs.ext4 leaves on a new filesystem
+    old.mkdir()
+    (old / "notes.txt").write_text("not a layout-3 volume")  # any entry: not new, never initialised
+    volumes = {name: {"backend": "vfs", "path": str(path)}
+               for name, path in (("local", empty), ("missing", missing), ("fresh", fresh_fs), ("old", old))}
+    agent = make_agent(tmp_path / "a", volumes=volumes).start()
+    try:
+        log = agent.log()
+        new = (("local", empty, "empty"), ("missing", missing, "missing"), ("fresh", fresh_fs, "empty"))
+        for name, root, how in new:
+            assert (root / "version.txt").read_text() == "3\n"
+            line = f"volume {name}: root {root} was {how}: initialised as a new volume (version.txt = 3)"
+            assert log.count(line) == 1, log
+        assert not (old / "version.txt").exists() and sorted(os.listdir(old)) == ["notes.txt"]
+        assert "volume old is NOT served" in log and "needs migration" in log
+        with agent.client() as api:
+            vols = {v["name"]: v for v in api.get("/volumes").json()["volumes"]}
+            assert {n: v["status"] for n, v in vols.items()} == {
+                "local": "serving", "missing": "serving", "fresh": "serving", "old": "unavailable"}
+            for name in ("local", "missing", "fresh"):
+                assert api.post("/quota-scope", json={"volume": name, "qsid": "qs"}).status_code == 204
+    finally:
+        agent.stop()
+    assert agent.log().count("initialised as a new volume") == 3, "initialised once, at start-up only"
+    assert_clean_log(agent)

@@ -88,7 +88,7 @@ async def run(config: Config, volume: str | None, vfid: str | None) -> int:
         targets = await asyncio.to_thread(_targets, vols, vfid)
         if vfid is not None and not targets:
             print(f"storage-agent scan: vfolder {vfid} not found on any volume", file=sys.stderr)
-            return 1
+            return 2  # a bad argument, like an unknown volume (1 is an operating-system error)
         store = UsageStore(catalog.db)
         threads = config.usage.scan_threads
         progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), transient=True)

@@ -99,6 +99,9 @@ class UsageEngine:
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._scan_slots = asyncio.Semaphore(settings.scan_concurrency)
+        # first-sight scans (a caller is waiting) skip the queue of rescans, but are bounded too: many
+        # never-seen vfolders asked for at once must not start as many parallel walks
+        self._first_sight_slots = asyncio.Semaphore(settings.scan_concurrency)
         self._stopping = False
         self.overflows = 0  # watcher queue overflows seen (for /metrics)
         self.scans = 0  # full scans started (for /metrics)
@@ -289,11 +292,8 @@ class UsageEngine:
     async def _full_scan(self, st: VFState, fast_lane: bool) -> None:
         while True:
             st.scan_again = False
-            if fast_lane:
+            async with self._first_sight_slots if fast_lane else self._scan_slots:
                 await self._scan_once(st)
-            else:
-                async with self._scan_slots:
-                    await self._scan_once(st)
             if not st.scan_again or st.gone or self._stopping:
                 return
             fast_lane = False
