@@ -7,6 +7,7 @@ with those gives a document that cannot drift from what the routes validate.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from aiohttp import web
@@ -142,3 +143,102 @@ def add_route(app: web.Application, listener: str) -> None:
         return web.json_response(cache)
 
     app.router.add_get("/openapi.json", openapi_json)
+
+
+# -- the rendered reference (docs/api.md) -----------------------------------------------------------
+
+
+def documents() -> dict[str, dict[str, Any]]:
+    """Both listeners' documents, built from the apps without a running agent (for the docs)."""
+    from types import SimpleNamespace
+
+    from pydantic import SecretStr
+
+    from agent.app import client_app, manager_app
+
+    stand_in: Any = SimpleNamespace(
+        config=SimpleNamespace(api=SimpleNamespace(manager=SimpleNamespace(secret=SecretStr("unused"))))
+    )
+    return {
+        "manager": build(manager_app(stand_in), "manager", VERSION),
+        "client": build(client_app(stand_in), "client", VERSION),
+    }
+
+
+def _type(schema: dict[str, Any]) -> str:
+    if "$ref" in schema:
+        name = schema["$ref"].rsplit("/", 1)[1]
+        return f"[{name}](#{name.lower()})"
+    if "anyOf" in schema:
+        return " or ".join(_type(s) for s in schema["anyOf"])
+    if schema.get("type") == "array":
+        return f"array of {_type(schema.get('items', {}))}"
+    if "enum" in schema:
+        return " \\| ".join(f"`{v}`" for v in schema["enum"])
+    if "const" in schema:
+        return f"`{schema['const']}`"
+    return str(schema.get("type", "any"))
+
+
+def _schema_name(content: dict[str, Any] | None) -> str:
+    if not content:
+        return "-"
+    ctype, spec = next(iter(content.items()))
+    schema = spec.get("schema", {})
+    return _type(schema) if "$ref" in schema else f"`{ctype}`"
+
+
+def markdown(docs: dict[str, dict[str, Any]]) -> str:
+    """A Markdown reference of the documents: routes per listener, then every model's fields."""
+    out = [
+        "# HTTP API reference",
+        "",
+        "Generated from the routes' own models by `python -m agent.openapi` (a test keeps it current); a",
+        "running agent serves the same documents as `GET /openapi.json` on each listener. Every error answer",
+        "is a [Problem](#problem).",
+        "",
+    ]
+    schemas: dict[str, Any] = {}
+    for listener, doc in docs.items():
+        out += [f"## {doc['info']['title']}", "", doc["info"]["description"], ""]
+        out += ["| method | path | what | body / query | success |", "|---|---|---|---|---|"]
+        for path, ops in doc["paths"].items():
+            for method, op in ops.items():
+                if method == "head":
+                    continue  # aiohttp answers HEAD for every GET
+                body = _schema_name(op.get("requestBody", {}).get("content"))
+                if body == "-" and op.get("parameters"):
+                    body = ", ".join(f"`{p['name']}`" for p in op["parameters"] if p["in"] == "query") or "-"
+                status, answer = next(iter(op["responses"].items()))  # the documented outcome comes first
+                what = answer.get("content") and _schema_name(answer["content"])
+                auth = " (no auth)" if listener == "manager" and op.get("security") == [] else ""
+                out.append(
+                    f"| {method.upper()} | `{path}`{auth} | {op.get('summary', '')} | {body} | {status} {what or ''} |"
+                )
+        out.append("")
+        schemas.update(doc["components"]["schemas"])
+    out += ["## Models", ""]
+    for name in sorted(schemas):
+        schema = schemas[name]
+        out += [f"### {name}", ""]
+        if schema.get("description"):
+            out += [schema["description"].strip().splitlines()[0], ""]
+        props = schema.get("properties")
+        if not props:
+            out += [f"{_type(schema)}", ""]
+            continue
+        required = set(schema.get("required", ()))
+        out += ["| field | type | required | notes |", "|---|---|---|---|"]
+        for field, prop in props.items():
+            notes = prop.get("description", "")
+            if "default" in prop:
+                notes = f"default `{json.dumps(prop['default'])}`; {notes}".rstrip("; ")
+            out.append(f"| `{field}` | {_type(prop)} | {'yes' if field in required else ''} | {notes} |")
+        out.append("")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.stdout.write(markdown(documents()))

@@ -13,6 +13,7 @@ import jsonschema
 import pytest
 from openapi_spec_validator import validate
 
+from agent import openapi
 from agent.app import client_app, manager_app
 from tests.support import AgentProcess, assert_clean_log, make_agent
 
@@ -34,23 +35,22 @@ def docs(served: AgentProcess) -> dict[str, dict[str, Any]]:
     return {"manager": manager.json(), "client": client.json()}
 
 
-class _Secret:
-    def get_secret_value(self) -> str:
-        return "unused"
-
-
-class _Agent:
-    """Only what building the apps reads."""
-
-    class config:  # noqa: N801
-        class api:  # noqa: N801
-            class manager:  # noqa: N801
-                secret = _Secret()
-
-
 def _registered(listener: str) -> set[tuple[str, str]]:
-    app = (manager_app if listener == "manager" else client_app)(_Agent())  # type: ignore[arg-type]
+    from types import SimpleNamespace
+
+    from pydantic import SecretStr
+
+    stand_in: Any = SimpleNamespace(
+        config=SimpleNamespace(api=SimpleNamespace(manager=SimpleNamespace(secret=SecretStr("unused"))))
+    )
+    app = (manager_app if listener == "manager" else client_app)(stand_in)
     return {(r.resource.canonical, r.method.lower()) for r in app.router.routes() if r.resource is not None}
+
+
+def test_served_documents_are_the_rendered_ones_and_docs_api_md_is_current(docs: dict[str, dict[str, Any]]) -> None:
+    assert openapi.documents() == docs
+    committed = (Path(__file__).resolve().parent.parent / "docs" / "api.md").read_text()
+    assert committed == openapi.markdown(docs), "docs/api.md is stale: python -m agent.openapi > docs/api.md"
 
 
 @pytest.mark.parametrize("listener", ["manager", "client"])

@@ -144,6 +144,7 @@ async def download_options(request: web.Request) -> web.Response:
 @routes.get("/download")
 @documented(query=DownloadQuery, status=200, content_type="application/octet-stream", headers=("Range", "If-Range"))
 async def download(request: web.Request) -> web.StreamResponse:
+    """A file (Range, If-Range) or, with archive, a directory as a zip streamed on the fly."""
     claims = _claims(request, "download")
     agent = agent_of(request)
     path = _join(request.query.get("dst_dir") or None, _claim_str(claims, "relpath"))
@@ -190,6 +191,7 @@ def _check_tus_version(request: web.Request) -> None:
 @routes.options("/upload")
 @documented()
 async def upload_options(request: web.Request) -> web.Response:
+    """tus discovery: versions, extensions and the size limit."""
     max_size = agent_of(request).config.storage_proxy.max_upload_size
     return web.Response(status=204, headers=_tus_headers(**{"Tus-Version": TUS_VERSION, "Tus-Max-Size": str(max_size)}))
 
@@ -197,6 +199,7 @@ async def upload_options(request: web.Request) -> web.Response:
 @routes.head("/upload")
 @documented(query=TokenQuery, status=200, headers=("Tus-Resumable",))
 async def upload_head(request: web.Request) -> web.Response:
+    """tus: the durable offset of an upload (resume from here)."""
     claims = _claims(request, "upload")
     _check_tus_version(request)
     agent = agent_of(request)
@@ -211,6 +214,7 @@ async def upload_head(request: web.Request) -> web.Response:
 @routes.patch("/upload")
 @documented(query=TokenQuery, raw_body=TUS_CONTENT_TYPE, headers=("Tus-Resumable", "Upload-Offset"))
 async def upload_patch(request: web.Request) -> web.Response:
+    """tus: append bytes at the current offset; the file is published when complete."""
     claims = _claims(request, "upload")
     _check_tus_version(request)
     content_type = request.headers.get("Content-Type", "").split(";")[0].strip().lower()

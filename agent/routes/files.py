@@ -37,6 +37,7 @@ def _iso(ts: float) -> str:
 @routes.post("/folder/file/mkdir")
 @takes(MkdirParams)
 async def mkdir(request: web.Request, p: MkdirParams) -> web.Response:
+    """Make a directory (parents, exist_ok)."""
     vol = agent_of(request).volume(p.volume)
     await vfolders.in_vfolder(vol, p.vfid, files.mkdir, p.relpath, parents=p.parents, exist_ok=p.exist_ok)
     return web.Response(status=204)
@@ -45,6 +46,7 @@ async def mkdir(request: web.Request, p: MkdirParams) -> web.Response:
 @routes.post("/folder/file/list")
 @takes(RelPathParams, answer=answers.Listing)
 async def listdir(request: web.Request, p: RelPathParams) -> web.Response:
+    """List a directory's entries (links described, not followed; at most scandir-limit)."""
     agent = agent_of(request)
     vol = agent.volume(p.volume)
     limit = agent.config.storage_proxy.scandir_limit
@@ -64,6 +66,7 @@ async def listdir(request: web.Request, p: RelPathParams) -> web.Response:
 @routes.post("/folder/file/rename")
 @takes(RenameParams)
 async def rename(request: web.Request, p: RenameParams) -> web.Response:
+    """Rename an entry within its directory (never replaces one)."""
     vol = agent_of(request).volume(p.volume)
     await vfolders.in_vfolder(vol, p.vfid, files.rename, p.relpath, p.new_name)
     return web.Response(status=204)
@@ -72,6 +75,7 @@ async def rename(request: web.Request, p: RenameParams) -> web.Response:
 @routes.post("/folder/file/move")
 @takes(MoveParams)
 async def move(request: web.Request, p: MoveParams) -> web.Response:
+    """Move an entry elsewhere in the vfolder (never replaces one)."""
     vol = agent_of(request).volume(p.volume)
     await vfolders.in_vfolder(vol, p.vfid, files.move, p.src_relpath, p.dst_relpath)
     return web.Response(status=204)
@@ -80,6 +84,7 @@ async def move(request: web.Request, p: MoveParams) -> web.Response:
 @routes.post("/folder/file/delete")
 @takes(DeleteFilesParams, answer=answers.StatusOk)
 async def delete(request: web.Request, p: DeleteFilesParams) -> web.Response:
+    """Delete entries (a directory only with recursive); a link is removed as a link."""
     vol = agent_of(request).volume(p.volume)
     await vfolders.in_vfolder(vol, p.vfid, files.delete, list(p.relpaths), recursive=p.recursive)
     return web.json_response({"status": "ok"})
@@ -88,6 +93,7 @@ async def delete(request: web.Request, p: DeleteFilesParams) -> web.Response:
 @routes.post("/folder/file/fetch")
 @takes(RelPathParams, status=200, content_type="application/octet-stream")
 async def fetch(request: web.Request, p: RelPathParams) -> web.StreamResponse:
+    """A regular file's bytes."""
     vol = agent_of(request).volume(p.volume)
     try:
         fd, st = await vfolders.in_vfolder(vol, p.vfid, files.open_regular, p.relpath)
@@ -110,6 +116,7 @@ async def fetch(request: web.Request, p: RelPathParams) -> web.StreamResponse:
 @routes.post("/folder/file/download")
 @takes(DownloadParams, answer=answers.TokenAnswer)
 async def download_token(request: web.Request, p: DownloadParams) -> web.Response:
+    """A token for GET /download on the client API."""
     agent = agent_of(request)
     vol = agent.volume(p.volume)
     check_relpath(p.relpath)
@@ -131,6 +138,7 @@ async def download_token(request: web.Request, p: DownloadParams) -> web.Respons
 @routes.post("/folder/file/upload")
 @takes(UploadParams, answer=answers.TokenAnswer)
 async def upload_token(request: web.Request, p: UploadParams) -> web.Response:
+    """A token for a tus upload on the client API."""
     agent = agent_of(request)
     vol = agent.volume(p.volume)
     check_relpath(p.relpath)

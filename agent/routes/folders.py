@@ -17,6 +17,7 @@ routes = web.RouteTableDef()
 @routes.post("/folder/create")
 @takes(VFolderCreate)
 async def create(request: web.Request, p: VFolderCreate) -> web.Response:
+    """Create a vfolder in an existing quota scope."""
     agent = agent_of(request)
     await vfolders.create_vfolder(agent, agent.volume(p.volume), p.vfid)
     return web.Response(status=204)
@@ -25,6 +26,7 @@ async def create(request: web.Request, p: VFolderCreate) -> web.Response:
 @routes.post("/folder/delete")
 @takes(VFolderParams)
 async def delete(request: web.Request, p: VFolderParams) -> web.Response:
+    """Delete a vfolder and its whole tree."""
     agent = agent_of(request)
     await vfolders.delete_vfolder(agent, agent.volume(p.volume), p.vfid)
     return web.Response(status=204)
@@ -33,6 +35,7 @@ async def delete(request: web.Request, p: VFolderParams) -> web.Response:
 @routes.post("/folder/clone")
 @takes(VFolderClone)
 async def clone(request: web.Request, p: VFolderClone) -> web.Response:
+    """Copy a vfolder (staged, published only when complete)."""
     agent = agent_of(request)
     vfolders.cross_volume(p.src_volume, p.dst_volume)
     await vfolders.clone_vfolder(agent, agent.volume(p.src_volume), p.src_vfid, p.dst_vfid)
@@ -42,6 +45,7 @@ async def clone(request: web.Request, p: VFolderClone) -> web.Response:
 @routes.get("/folder/mount")
 @takes(MountParams, answer=answers.MountAnswer)
 async def mount(request: web.Request, p: MountParams) -> web.Response:
+    """The host path of a vfolder (the subpath must exist inside it)."""
     vol = agent_of(request).volume(p.volume)
     try:
         await vfolders.in_vfolder(vol, p.vfid, files.require, p.subpath)  # the subpath must exist inside it
@@ -58,6 +62,7 @@ async def _existing(request: web.Request, params: VFolderParams) -> None:
 @routes.get("/folder/metadata")
 @takes(VFolderParams, answer=answers.MetadataAnswer)
 async def get_metadata(request: web.Request, p: VFolderParams) -> web.Response:
+    """The metadata payload stored for a vfolder."""
     await _existing(request, p)
     payload = await agent_of(request).catalog.get_metadata(p.volume, p.vfid.qsid, p.vfid.hex)
     return web.json_response({"status": "ok", "payload": payload})
@@ -66,6 +71,7 @@ async def get_metadata(request: web.Request, p: VFolderParams) -> web.Response:
 @routes.post("/folder/metadata")
 @takes(MetadataSet, answer=answers.StatusOk)
 async def set_metadata(request: web.Request, p: MetadataSet) -> web.Response:
+    """Store a vfolder's metadata payload (10 MiB at most)."""
     await _existing(request, p)
     await agent_of(request).catalog.set_metadata(p.volume, p.vfid.qsid, p.vfid.hex, p.payload)
     return web.json_response({"status": "ok"})
@@ -74,6 +80,7 @@ async def set_metadata(request: web.Request, p: MetadataSet) -> web.Response:
 @routes.get("/folder/usage")
 @takes(VFolderParams, answer=answers.FolderUsage)
 async def folder_usage(request: web.Request, p: VFolderParams) -> web.Response:
+    """Entries and st_size sum below the vfolder root, from the catalogue."""
     agent = agent_of(request)
     u = await usage.get(agent, agent.volume(p.volume), p.vfid)
     return web.json_response(usage.as_json(u))
@@ -82,6 +89,7 @@ async def folder_usage(request: web.Request, p: VFolderParams) -> web.Response:
 @routes.get("/folder/used-bytes")
 @takes(VFolderParams, answer=answers.UsedBytes)
 async def used_bytes(request: web.Request, p: VFolderParams) -> web.Response:
+    """Allocated bytes of the vfolder (like du -s -B1), from the catalogue."""
     agent = agent_of(request)
     u = await usage.get(agent, agent.volume(p.volume), p.vfid)
     return web.json_response(

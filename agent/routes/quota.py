@@ -19,6 +19,7 @@ def _limit(options: object) -> int | None:
 @routes.post("/quota-scope")
 @takes(QuotaScopeCreate)
 async def create(request: web.Request, p: QuotaScopeCreate) -> web.Response:
+    """Create a quota scope (optionally with limit_bytes)."""
     agent = agent_of(request)
     await vfolders.create_scope(agent, agent.volume(p.volume), p.qsid, _limit(p.options))
     return web.Response(status=204)
@@ -27,6 +28,7 @@ async def create(request: web.Request, p: QuotaScopeCreate) -> web.Response:
 @routes.get("/quota-scope")
 @takes(QuotaScopeParams, answer=answers.ScopeUsage)
 async def describe(request: web.Request, p: QuotaScopeParams) -> web.Response:
+    """A quota scope's used bytes and limit."""
     agent = agent_of(request)
     usage = await vfolders.describe_scope(agent, agent.volume(p.volume), p.qsid)
     return web.json_response(
@@ -40,6 +42,7 @@ async def describe(request: web.Request, p: QuotaScopeParams) -> web.Response:
 @routes.patch("/quota-scope")
 @takes(QuotaScopeUpdate)
 async def update(request: web.Request, p: QuotaScopeUpdate) -> web.Response:
+    """Set or lift a quota scope's limit."""
     agent = agent_of(request)
     await vfolders.update_scope(agent, agent.volume(p.volume), p.qsid, _limit(p.options))
     return web.Response(status=204)
@@ -48,6 +51,7 @@ async def update(request: web.Request, p: QuotaScopeUpdate) -> web.Response:
 @routes.delete("/quota-scope")
 @takes(QuotaScopeParams)
 async def delete(request: web.Request, p: QuotaScopeParams) -> web.Response:
+    """Delete an empty quota scope (409 while vfolders remain)."""
     agent = agent_of(request)
     await vfolders.delete_scope(agent, agent.volume(p.volume), p.qsid)
     return web.Response(status=204)

@@ -19,18 +19,21 @@ routes = web.RouteTableDef()
 @routes.get("/")
 @takes(None, answer=answers.StatusOk)
 async def root(request: web.Request) -> web.Response:
+    """A liveness answer that needs the token."""
     return web.json_response({"status": "ok"})
 
 
 @routes.get("/status")
 @documented(answer=answers.StatusOk)
 async def status(request: web.Request) -> web.Response:
+    """A liveness answer without auth."""
     return web.json_response({"status": "ok"})
 
 
 @routes.get("/volumes")
 @takes(None, answer=answers.Volumes)
 async def volumes(request: web.Request) -> web.Response:
+    """Every configured volume: backend, capabilities, whether it is served."""
     agent = agent_of(request)
     out = []
     for name, vol in agent.volumes.items():
@@ -52,6 +55,7 @@ async def volumes(request: web.Request) -> web.Response:
 @routes.get("/volume/hwinfo")
 @takes(VolumeParams, answer=answers.HwInfoAnswer)
 async def hwinfo(request: web.Request, p: VolumeParams) -> web.Response:
+    """A volume's health."""
     agent = agent_of(request)
     vol = agent.volumes.get(p.volume)
     if vol is None:
@@ -64,6 +68,7 @@ async def hwinfo(request: web.Request, p: VolumeParams) -> web.Response:
 @routes.get("/volume/performance-metric")
 @takes(VolumeParams, answer=answers.PerfMetricAnswer)
 async def performance_metric(request: web.Request, p: VolumeParams) -> web.Response:
+    """A volume's I/O figures."""
     metric = await agent_of(request).volume(p.volume).performance_metric()
     return web.json_response({"metric": dataclasses.asdict(metric)})
 
@@ -71,6 +76,7 @@ async def performance_metric(request: web.Request, p: VolumeParams) -> web.Respo
 @routes.get("/folder/fs-usage")
 @takes(VolumeParams, answer=answers.FsUsage)
 async def fs_usage(request: web.Request, p: VolumeParams) -> web.Response:
+    """Capacity and used bytes of the whole volume."""
     usage = await agent_of(request).volume(p.volume).fs_usage()
     return web.json_response({"capacity_bytes": usage.capacity_bytes, "used_bytes": usage.used_bytes})
 
