@@ -1,0 +1,574 @@
+"""Load test: many concurrent keep-alive connections against a real agent, with a mixed workload, on loopback.
+
+    .venv/bin/python bench/load_bench.py [--seconds 60] [--connections 200] [--think-ms 0]
+
+Starts an agent (temporary directory, vfs volume), prepares a few quota scopes and vfolders with some
+files, then runs the load generator in a second process (this file with ``--worker``): one asyncio event
+loop, aiohttp, CONNECTIONS tasks each with its own session (one keep-alive connection to the manager
+API, one to the client API when it transfers). For SECONDS each task loops over a weighted mix:
+
+    GET /folder/usage, GET /folder/used-bytes     most of the traffic
+    POST /folder/file/list                        a directory of a vfolder
+    mkdir / rename / delete                       of a directory of the task's own
+    1 MiB tus upload                              POST /folder/file/upload, then PATCH /upload (client API)
+    1 MiB download                                POST /folder/file/download, then GET /download (client API)
+
+Bounded in time (no new operation starts after SECONDS; each request has a timeout; the worker is killed
+if it overstays) and in count (CONNECTIONS tasks, at most --max-requests requests). The agent's RSS is
+sampled with psutil every 0.5 s. Prints requests/s, count, p50/p99/max latency and errors per route, the
+RSS at 10 s and at the end, and the targets beside them: zero errors, usage p99 < 10 ms, no RSS growth
+after the first 10 s. An error is any answer whose status is not the expected 2xx, any exception
+(timeout, reset), or a download whose bytes differ. Exit status 1 when there were errors.
+
+With no think time every task sends its next request as soon as the last one is answered (a closed
+loop), so the server is saturated and latency includes queueing (Little's law: in-flight / throughput).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+MiB = 1 << 20
+AUTH_HEADER = "X-BackendAI-Storage-Auth-Token"
+TUS = {"Tus-Resumable": "1.0.0", "Content-Type": "application/offset+octet-stream"}
+USAGE_ROUTES = ("GET /folder/usage", "GET /folder/used-bytes")
+ROUTES = (
+    "GET /folder/usage",
+    "GET /folder/used-bytes",
+    "POST /folder/file/list",
+    "POST /folder/file/mkdir",
+    "POST /folder/file/rename",
+    "POST /folder/file/delete",
+    "POST /folder/file/upload",
+    "PATCH /upload",
+    "POST /folder/file/download",
+    "GET /download",
+)
+# operation -> weight (operations, not requests: dirops is 3 requests, upload and download 2 each)
+MIX = {"usage": 40, "used-bytes": 30, "list": 12, "dirops": 8, "upload": 5, "download": 5}
+SAMPLE_INTERVAL = 0.5
+WARMUP = 10.0
+ERROR_SAMPLES = 30
+SLOWEST = 5
+
+
+# --------------------------------------------------------------------------------------------- worker
+
+
+def payload_bytes() -> bytes:
+    """The 1 MiB both sides agree on: the files prepared for download, and what each upload sends."""
+    return random.Random(1234).randbytes(MiB)
+
+
+class Stats:
+    def __init__(self, t0: float) -> None:
+        self.t0 = t0
+        self.latency: dict[str, list[float]] = {r: [] for r in ROUTES}
+        self.errors: dict[str, int] = dict.fromkeys(ROUTES, 0)
+        self.samples: list[dict[str, Any]] = []
+        self.slowest: dict[str, list[tuple[float, float]]] = {r: [] for r in ROUTES}
+        self.requests = 0
+        self.connections_opened = 0
+
+    def ok(self, route: str, seconds: float, start: float) -> None:
+        self.requests += 1
+        self.latency[route].append(seconds)
+        slow = self.slowest[route]
+        if len(slow) < SLOWEST or seconds > slow[-1][0]:
+            slow.append((seconds, start - self.t0))
+            slow.sort(reverse=True)
+            del slow[SLOWEST:]
+
+    def error(self, route: str, seconds: float, start: float, status: int | None, msg: str) -> None:
+        self.ok(route, seconds, start)
+        self.bad(route, start, status, msg)
+
+    def bad(self, route: str, start: float, status: int | None, msg: str) -> None:
+        """An error on a request already counted (e.g. a 200 whose body is wrong)."""
+        self.errors[route] += 1
+        if len(self.samples) < ERROR_SAMPLES:
+            self.samples.append({"route": route, "status": status, "msg": msg[:400], "at_s": round(start - self.t0, 3)})
+
+
+class Task:
+    """One simulated client: its own session, so its own keep-alive connection to each listener."""
+
+    def __init__(self, n: int, cfg: dict[str, Any], stats: Stats, session: Any, blob: bytes) -> None:
+        self.n = n
+        self.cfg = cfg
+        self.stats = stats
+        self.session = session
+        self.blob = blob
+        self.rng = random.Random(n)
+        self.vfids: list[str] = cfg["vfids"]
+        self.my_vfid = self.vfids[n % len(self.vfids)]
+        self.seq = 0
+
+    async def call(
+        self,
+        route: str,
+        method: str,
+        url: str,
+        *,
+        expect: tuple[int, ...] = (200, 204),
+        read_all: bool = False,
+        **kwargs: Any,
+    ) -> tuple[bool, Any]:
+        """One request; True and the JSON (or the bytes with read_all) if it answered as expected."""
+        start = time.monotonic()
+        try:
+            async with self.session.request(method, url, **kwargs) as r:
+                body = await r.read()
+                elapsed = time.monotonic() - start
+                if r.status not in expect:
+                    msg = body.decode(errors="replace")
+                    try:
+                        msg = json.loads(msg).get("msg", msg)
+                    except (ValueError, AttributeError):
+                        pass
+                    self.stats.error(route, elapsed, start, r.status, msg)
+                    return False, None
+                self.stats.ok(route, elapsed, start)
+                if read_all:
+                    return True, body
+                return True, (json.loads(body) if body else None)
+        except Exception as e:  # noqa: BLE001 - every exception is an error to report
+            self.stats.error(route, time.monotonic() - start, start, None, f"{type(e).__name__}: {e}")
+            return False, None
+
+    def mgr(self, path: str) -> str:
+        return self.cfg["manager_url"] + path
+
+    def body(self, vfid: str | None = None, **extra: Any) -> dict[str, Any]:
+        return {"volume": "local", "vfid": vfid or self.rng.choice(self.vfids), **extra}
+
+    async def op_usage(self) -> None:
+        await self.call(USAGE_ROUTES[0], "GET", self.mgr("/folder/usage"), json=self.body())
+
+    async def op_used_bytes(self) -> None:
+        await self.call(USAGE_ROUTES[1], "GET", self.mgr("/folder/used-bytes"), json=self.body())
+
+    async def op_list(self) -> None:
+        relpath = self.rng.choice(self.cfg["list_dirs"])
+        start = time.monotonic()
+        ok, ans = await self.call(
+            "POST /folder/file/list", "POST", self.mgr("/folder/file/list"), json=self.body(relpath=relpath)
+        )
+        if ok and not (isinstance(ans, dict) and isinstance(ans.get("items"), list) and ans["items"]):
+            self.stats.bad("POST /folder/file/list", start, 200, f"bad answer {ans!r}")
+
+    async def op_dirops(self) -> None:
+        self.seq += 1
+        name = f"t{self.n}-{self.seq}"
+        vf = self.my_vfid
+        ok, _ = await self.call(
+            "POST /folder/file/mkdir",
+            "POST",
+            self.mgr("/folder/file/mkdir"),
+            json=self.body(vf, relpath=f"work/m-{name}", parents=True),
+        )
+        if not ok:
+            return
+        ok, _ = await self.call(
+            "POST /folder/file/rename",
+            "POST",
+            self.mgr("/folder/file/rename"),
+            json=self.body(vf, relpath=f"work/m-{name}", new_name=f"r-{name}", is_dir=True),
+        )
+        target = f"work/r-{name}" if ok else f"work/m-{name}"
+        await self.call(
+            "POST /folder/file/delete",
+            "POST",
+            self.mgr("/folder/file/delete"),
+            json=self.body(vf, relpaths=[target], recursive=True),
+        )
+
+    async def op_upload(self) -> None:
+        # each task overwrites its own file, so the disk use stays bounded
+        ok, ans = await self.call(
+            "POST /folder/file/upload",
+            "POST",
+            self.mgr("/folder/file/upload"),
+            json=self.body(self.my_vfid, relpath=f"uploads/t{self.n}.bin", size=MiB),
+        )
+        if not ok:
+            return
+        await self.call(
+            "PATCH /upload",
+            "PATCH",
+            self.cfg["client_url"] + "/upload",
+            params={"token": ans["token"]},
+            data=self.blob,
+            headers={**TUS, "Upload-Offset": "0"},
+            expect=(204,),
+        )
+
+    async def op_download(self) -> None:
+        start = time.monotonic()
+        ok, ans = await self.call(
+            "POST /folder/file/download",
+            "POST",
+            self.mgr("/folder/file/download"),
+            json=self.body(relpath="blob.bin"),
+        )
+        if not ok:
+            return
+        ok, data = await self.call(
+            "GET /download",
+            "GET",
+            self.cfg["client_url"] + "/download",
+            params={"token": ans["token"]},
+            expect=(200,),
+            read_all=True,
+        )
+        if ok and data != self.blob:
+            self.stats.bad("GET /download", start, 200, f"body differs ({len(data)} bytes)")
+
+    async def run(self, deadline: float, think: float, max_requests: int) -> None:
+        ops = {
+            "usage": self.op_usage,
+            "used-bytes": self.op_used_bytes,
+            "list": self.op_list,
+            "dirops": self.op_dirops,
+            "upload": self.op_upload,
+            "download": self.op_download,
+        }
+        names, weights = list(MIX), list(MIX.values())
+        # spread the first requests over a few ms so the tasks do not start in lock-step
+        await asyncio.sleep(self.rng.random() * 0.05)
+        while time.monotonic() < deadline and self.stats.requests < max_requests:
+            await ops[self.rng.choices(names, weights)[0]]()
+            if think:
+                await asyncio.sleep(think * (0.5 + self.rng.random()))
+
+
+async def worker_main(cfg: dict[str, Any]) -> dict[str, Any]:
+    import aiohttp
+
+    blob = payload_bytes()
+    trace = aiohttp.TraceConfig()
+    t0 = time.monotonic()
+    stats = Stats(t0)
+
+    async def on_conn(_s: Any, _c: Any, _p: Any) -> None:
+        stats.connections_opened += 1
+
+    trace.on_connection_create_end.append(on_conn)
+    timeout = aiohttp.ClientTimeout(total=cfg["request_timeout"])
+    sessions = [
+        aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=2, limit_per_host=1, keepalive_timeout=60),
+            headers={AUTH_HEADER: cfg["secret"]},
+            timeout=timeout,
+            trace_configs=[trace],
+        )
+        for _ in range(cfg["connections"])
+    ]
+    stats.t0 = t0 = time.monotonic()
+    cpu0 = time.process_time()
+    deadline = t0 + cfg["seconds"]
+    try:
+        tasks = [Task(i, cfg, stats, s, blob) for i, s in enumerate(sessions)]
+        await asyncio.gather(*(t.run(deadline, cfg["think_ms"] / 1e3, cfg["max_requests"]) for t in tasks))
+        elapsed = time.monotonic() - t0
+    finally:
+        await asyncio.gather(*(s.close() for s in sessions))
+    routes = {}
+    for route in ROUTES:
+        lat = sorted(stats.latency[route])
+        routes[route] = {
+            "count": len(lat),
+            "errors": stats.errors[route],
+            "p50": pct(lat, 50),
+            "p99": pct(lat, 99),
+            "max": lat[-1] if lat else None,
+            "slowest": stats.slowest[route],
+        }
+    return {
+        "t0": t0,
+        "elapsed": elapsed,
+        "requests": stats.requests,
+        "connections_opened": stats.connections_opened,
+        "cpu_s": time.process_time() - cpu0,
+        "routes": routes,
+        "error_samples": stats.samples,
+    }
+
+
+def pct(sorted_values: list[float], p: float) -> float | None:
+    if not sorted_values:
+        return None
+    k = min(len(sorted_values) - 1, max(0, round(p / 100 * len(sorted_values) + 0.5) - 1))
+    return sorted_values[k]
+
+
+def worker(cfg_path: str, out_path: str) -> int:
+    cfg = json.loads(Path(cfg_path).read_text())
+    result = asyncio.run(worker_main(cfg))
+    Path(out_path).write_text(json.dumps(result))
+    return 0
+
+
+# --------------------------------------------------------------------------------------------- driver
+
+
+class Sampler:
+    """RSS (and the agent's established TCP connections) every SAMPLE_INTERVAL s in a thread."""
+
+    def __init__(self, pid: int, ports: tuple[int, int]) -> None:
+        import psutil
+
+        self.proc = psutil.Process(pid)
+        self.ports = ports
+        self.rss: list[tuple[float, int]] = []
+        self.conns: list[tuple[float, int, int]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        import psutil
+
+        n = 0
+        while not self._stop.is_set():
+            now = time.monotonic()
+            try:
+                rss = self.proc.memory_info().rss
+                for child in self.proc.children(recursive=True):
+                    rss += child.memory_info().rss
+                self.rss.append((now, rss))
+                if n % 4 == 0:  # every 2 s: counting sockets is dearer than reading the RSS
+                    est = [c for c in self.proc.net_connections("tcp") if c.status == psutil.CONN_ESTABLISHED]
+                    self.conns.append((now, *(sum(c.laddr.port == p for c in est) for p in self.ports)))
+            except psutil.NoSuchProcess:
+                return
+            n += 1
+            self._stop.wait(SAMPLE_INTERVAL)
+
+    def __enter__(self) -> Sampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def prepare(agent: Any, scopes: int, per_scope: int) -> tuple[list[str], list[str]]:
+    """Quota scopes and vfolders, each with small files in a few directories and one 1 MiB blob.bin."""
+    from tests.client_helpers import vfolder_path
+
+    blob = payload_bytes()
+    vfids: list[str] = []
+    with agent.client() as api:
+        for s in range(scopes):
+            qsid = f"load{s}"
+            r = api.post("/quota-scope", json={"volume": "local", "qsid": qsid})
+            assert r.status_code == 204, r.text
+            for _ in range(per_scope):
+                vfid = f"{qsid}/{uuid.uuid4().hex}"
+                r = api.post("/folder/create", json={"volume": "local", "vfid": vfid})
+                assert r.status_code == 204, r.text
+                root = vfolder_path(agent, vfid)
+                for d in range(4):
+                    (root / f"data{d}").mkdir()
+                    for f in range(50):
+                        (root / f"data{d}" / f"f{f:03d}.txt").write_bytes(b"x" * (f * 97 + d))
+                (root / "work").mkdir()
+                (root / "uploads").mkdir()
+                (root / "blob.bin").write_bytes(blob)
+                vfids.append(vfid)
+        # let the usage engine take in the new trees, so the load measures answers, not the first scan
+        deadline = time.monotonic() + 60
+        for vfid in vfids:
+            while time.monotonic() < deadline:
+                u = api.request("GET", "/folder/usage", json={"volume": "local", "vfid": vfid}).json()
+                if not u.get("stale") and u.get("file_count") == 4 * 50 + 4 + 3:
+                    break
+                time.sleep(0.2)
+    return vfids, [".", "data0", "data1", "data2", "data3"]
+
+
+def sampler_cpu(pid: int) -> float:
+    """User + system CPU seconds of the agent so far."""
+    import psutil
+
+    t = psutil.Process(pid).cpu_times()
+    return t.user + t.system
+
+
+def rss_at(samples: list[tuple[float, int]], t: float) -> int | None:
+    before = [rss for ts, rss in samples if ts <= t]
+    return before[-1] if before else None
+
+
+def fmt_ms(v: float | None) -> str:
+    return "-" if v is None else f"{v * 1e3:.1f}"
+
+
+def report(result: dict[str, Any], sampler: Sampler, agent: Any, connections: int, seconds: float) -> int:
+    routes = result["routes"]
+    errors = sum(r["errors"] for r in routes.values())
+    elapsed = result["elapsed"]
+    t0 = result["t0"]
+    print(
+        f"\nload: {connections} connections, {seconds:g} s asked, {elapsed:.1f} s run, "
+        f"{result['requests']} requests, {result['connections_opened']} TCP connections opened by the client"
+    )
+    print(
+        f"CPU during the run: agent {result['agent_cpu_s']:.1f} s ({result['agent_cpu_s'] / elapsed:.0%} of a core), "
+        f"load generator {result['cpu_s']:.1f} s ({result['cpu_s'] / elapsed:.0%} of a core), "
+        f"machine has {os.cpu_count()} cores"
+    )
+    if sampler.conns:
+        mgr_max = max(c[1] for c in sampler.conns)
+        cli_max = max(c[2] for c in sampler.conns)
+        print(f"agent's established connections (max of samples): manager API {mgr_max}, client API {cli_max}")
+    print()
+    print(f"{'route':<28} {'count':>8} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} {'errors':>6}  target")
+    for route in ROUTES:
+        r = routes[route]
+        target = ""
+        if route in USAGE_ROUTES:
+            met = r["p99"] is not None and r["p99"] < 0.010
+            target = f"p99 < 10 ms: {'yes' if met else 'NO'}"
+        print(
+            f"{route:<28} {r['count']:>8} {r['count'] / elapsed:>8.1f} {fmt_ms(r['p50']):>8} "
+            f"{fmt_ms(r['p99']):>8} {fmt_ms(r['max']):>8} {r['errors']:>6}  {target}"
+        )
+    print(
+        f"{'all':<28} {result['requests']:>8} {result['requests'] / elapsed:>8.1f} {'':>8} {'':>8} {'':>8} "
+        f"{errors:>6}  zero errors: {'yes' if errors == 0 else 'NO'}"
+    )
+
+    during = [(ts - t0, rss) for ts, rss in sampler.rss if t0 <= ts <= t0 + elapsed]
+    before = rss_at(sampler.rss, t0)
+    at10 = rss_at(sampler.rss, t0 + WARMUP)
+    end = during[-1][1] if during else None
+    print()
+    if at10 is None or end is None or elapsed < WARMUP:
+        print(
+            f"RSS: run shorter than {WARMUP:g} s, no growth figure "
+            f"(before {before and before / MiB:.1f} MiB, end {end and end / MiB:.1f} MiB)"
+        )
+    else:
+        after = [rss for t, rss in during if t >= WARMUP]
+        growth = end - at10
+        print(
+            f"RSS: before load {before / MiB:.1f} MiB, at {WARMUP:g} s {at10 / MiB:.1f} MiB, "
+            f"end {end / MiB:.1f} MiB, max after {WARMUP:g} s {max(after) / MiB:.1f} MiB, "
+            f"growth after {WARMUP:g} s {growth / MiB:+.1f} MiB  "
+            f"target no growth: {'yes' if growth <= 0 else 'NO'}"
+        )
+        # a trend over every sample after the warm-up says more than two points of a noisy series
+        xs = [t for t, _ in during if t >= WARMUP]
+        if len(xs) >= 4:
+            mx, my = sum(xs) / len(xs), sum(after) / len(after)
+            slope = sum((x - mx) * (y - my) for x, y in zip(xs, after, strict=True)) / sum((x - mx) ** 2 for x in xs)
+            print(
+                f"RSS trend after {WARMUP:g} s (least squares over {len(xs)} samples): {slope * 60 / MiB:+.2f} MiB/min"
+            )
+
+    print()
+    slow = [(route, s, at) for route in ROUTES for s, at in routes[route]["slowest"]]
+    slow.sort(key=lambda x: x[1], reverse=True)
+    for route in USAGE_ROUTES:
+        worst = routes[route]["slowest"]
+        if worst:
+            print(f"slowest {route}: " + ", ".join(f"{x * 1e3:.0f} ms at {at:.1f} s" for x, at in worst))
+    if slow:
+        top = ", ".join(f"{route} {s * 1e3:.0f} ms at {at:.1f} s" for route, s, at in slow[:5])
+        print(f"slowest of all: {top}")
+    if result["error_samples"]:
+        print(f"\nerrors (first {len(result['error_samples'])}):")
+        for e in result["error_samples"]:
+            print(f"  {e.get('at_s', '?')} s  {e['route']}  status={e['status']}  msg={e['msg']!r}")
+    log = agent.log().splitlines()
+    bad = [line for line in log if any(w in line for w in ("Traceback", "ERROR", "error", " 500", "Exception"))]
+    print(f"\nagent log: {len(log)} lines, {len(bad)} that look like errors")
+    for line in bad[:20]:
+        print("  " + line[:300])
+    return 1 if errors else 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=60.0)
+    parser.add_argument("--connections", type=int, default=200)
+    parser.add_argument("--think-ms", type=float, default=0.0, help="mean pause of a task between operations")
+    parser.add_argument("--max-requests", type=int, default=5_000_000, help="stop once this many were sent")
+    parser.add_argument("--scopes", type=int, default=4)
+    parser.add_argument("--vfolders-per-scope", type=int, default=2)
+    parser.add_argument("--request-timeout", type=float, default=30.0)
+    parser.add_argument("--keep", action="store_true", help="keep the temporary directory (agent log) and print it")
+    parser.add_argument("--worker", nargs=2, metavar=("CONFIG", "RESULT"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        return worker(*args.worker)
+
+    from tests.support import make_agent
+
+    tmp = tempfile.mkdtemp(prefix="sa-load-")
+    agent = make_agent(Path(tmp) / "agent").start()
+    status = 1
+    try:
+        vfids, list_dirs = prepare(agent, args.scopes, args.vfolders_per_scope)
+        cfg = {
+            "manager_url": agent.manager_url,
+            "client_url": agent.client_url,
+            "secret": agent.secret,
+            "vfids": vfids,
+            "list_dirs": list_dirs,
+            "connections": args.connections,
+            "seconds": args.seconds,
+            "think_ms": args.think_ms,
+            "max_requests": args.max_requests,
+            "request_timeout": args.request_timeout,
+        }
+        assert cfg["manager_url"].startswith("http://127.0.0.1:") and cfg["client_url"].startswith("http://127.0.0.1:")
+        cfg_path, out_path = Path(tmp) / "load.json", Path(tmp) / "result.json"
+        cfg_path.write_text(json.dumps(cfg))
+        ports = (int(agent.manager_url.rsplit(":", 1)[1]), int(agent.client_url.rsplit(":", 1)[1]))
+        cpu_before = sampler_cpu(agent.proc.pid)
+        with Sampler(agent.proc.pid, ports) as sampler:
+            proc = subprocess.Popen(
+                [sys.executable, __file__, "--worker", str(cfg_path), str(out_path)], stdout=subprocess.DEVNULL
+            )
+            try:
+                rc = proc.wait(timeout=args.seconds + args.request_timeout + 60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+                raise SystemExit("the load generator overstayed its time and was killed") from None
+            time.sleep(SAMPLE_INTERVAL)
+        if rc != 0 or not out_path.exists():
+            raise SystemExit(f"the load generator failed (exit {rc})")
+        result = json.loads(out_path.read_text())
+        result["agent_cpu_s"] = sampler_cpu(agent.proc.pid) - cpu_before
+        status = report(result, sampler, agent, args.connections, args.seconds)
+    finally:
+        agent.stop()
+        if args.keep:
+            print(f"\nkept {tmp}")
+        else:
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+    return status
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
