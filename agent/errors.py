@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -59,11 +60,32 @@ _BACKEND_MAP: dict[type[BackendError], tuple[int, str | None]] = {
 }
 
 
+# errno of a disk that cannot take the write -> (status, problem type, what the user is told)
+_DISK_FAULTS: dict[int, tuple[int, str, str]] = {
+    errno.ENOSPC: (400, "not-enough-space", "no space left on the volume"),
+    errno.EDQUOT: (400, "quota-exceeded", "quota exceeded"),
+    errno.EROFS: (  # 400 like every filesystem error of a file operation (API.md), typed so it stands out
+        400,
+        "volume-read-only",
+        "the volume is mounted read-only: writes are refused until it is remounted read-write",
+    ),
+}
+
+
+def from_disk_fault(err: int, strerror: str, paths: list[str]) -> ApiError | None:
+    """A full or read-only disk, named (errno and paths kept), or None for any other errno."""
+    fault = _DISK_FAULTS.get(err)
+    if fault is None:
+        return None
+    status, problem, what = fault
+    return ApiError(status, f"{what} ({strerror})", problem, errno=err, paths=paths)
+
+
 def from_backend(e: BackendError) -> ApiError:
     if isinstance(e, be.FileOpError):
-        if e.errno == errno.EDQUOT:
-            return ApiError(400, f"quota exceeded: {e.strerror}", "quota-exceeded", errno=e.errno, paths=e.paths)
-        return ApiError(400, e.strerror, None, errno=e.errno, paths=e.paths)
+        return from_disk_fault(e.errno, e.strerror, e.paths) or ApiError(
+            400, e.strerror, None, errno=e.errno, paths=e.paths
+        )
     for cls in type(e).__mro__:
         if cls in _BACKEND_MAP:
             status, problem = _BACKEND_MAP[cls]
@@ -107,6 +129,14 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return problem_response(ApiError(e.status, msg, None), request_id)
     except ConnectionResetError:
         raise
+    except OSError as e:
+        # a write that reached the disk outside a file operation (folder or scope create, delete, ...): a full or
+        # read-only volume is named like everywhere else; no host path is shown
+        err = from_disk_fault(e.errno or 0, e.strerror or os.strerror(e.errno or 0), [])
+        if err is None:
+            log.exception("unexpected error in %s %s [request %s]", request.method, request.path, request_id)
+            err = ApiError(500, "internal error; see the agent log", None)
+        return problem_response(err, request_id)
     except Exception:
         log.exception("unexpected error in %s %s [request %s]", request.method, request.path, request_id)
         return problem_response(ApiError(500, "internal error; see the agent log", None), request_id)

@@ -44,6 +44,8 @@ def _volume_health(root: Path) -> tuple[str, str | None]:
     version = layout_version(root)
     if version != LAYOUT_VERSION:
         return "needs-migration", f"layout {version or 2}: run storage-agent migrate"
+    if os.statvfs(root).f_flag & os.ST_RDONLY:
+        return "degraded", "the volume's filesystem is mounted read-only"
     if not os.access(root, os.W_OK):
         return "degraded", "volume root is not writable by this user"
     return "healthy", None

@@ -342,8 +342,11 @@ async def offset_of(agent: Agent, upload: Upload) -> int:
             if mine:
                 try:
                     await _publish(agent, upload)
-                except (ApiError, BackendError) as e:  # HEAD has no body to explain it; the next PATCH will
+                except (ApiError, BackendError) as e:
+                    # never answer "complete" (offset == size) for a file that is not in place (disk full,
+                    # read-only): a tus client would stop there. The status says it; a later HEAD publishes.
                     log.warning("upload %s: cannot publish to %s: %s", row.session_id, upload.target, e)
+                    raise
     return row.received
 
 
