@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import re
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -110,23 +111,35 @@ def problem_response(err: ApiError, request_id: str | None = None) -> web.Respon
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+def _request_id(request: web.Request) -> str:
+    """The caller's X-Request-ID when it is a sane token (it reaches logs and bodies), else a new one."""
+    given = request.headers.get("X-Request-ID", "")
+    return given if re.fullmatch(r"[A-Za-z0-9._:-]{1,64}", given) else uuid.uuid4().hex[:16]
+
+
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    request_id = request.headers.get("X-Request-ID") or uuid.uuid4().hex[:16]
-    request[REQUEST_ID] = request_id
+    request_id = request[REQUEST_ID] = _request_id(request)
+
+    def answer(err: ApiError) -> web.Response:
+        if err.status < 500:  # one line per refused request, under the id the caller sees in the body
+            msg = " ".join(err.msg.splitlines())  # the message may quote the caller's input: keep it one line
+            log.info("%s %s -> %d %s [request %s]", request.method, request.raw_path, err.status, msg, request_id)
+        return problem_response(err, request_id)
+
     try:
         return await handler(request)
     except ApiError as e:
-        return problem_response(e, request_id)
+        return answer(e)
     except BackendError as e:
-        return problem_response(from_backend(e), request_id)
+        return answer(from_backend(e))
     except web.HTTPRequestEntityTooLarge as e:
-        return problem_response(ApiError(413, f"request body too large ({e.text})", "request-too-large"), request_id)
+        return answer(ApiError(413, f"request body too large ({e.text})", "request-too-large"))
     except web.HTTPException as e:
         if e.status < 400:
             raise
         msg = e.reason if e.status != 404 else f"no route {request.method} {request.path}"
-        return problem_response(ApiError(e.status, msg, None), request_id)
+        return answer(ApiError(e.status, msg, None))
     except ConnectionResetError:
         raise
     except OSError as e:
@@ -136,7 +149,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         if err is None:
             log.exception("unexpected error in %s %s [request %s]", request.method, request.path, request_id)
             err = ApiError(500, "internal error; see the agent log", None)
-        return problem_response(err, request_id)
+        return answer(err)
     except Exception:
         log.exception("unexpected error in %s %s [request %s]", request.method, request.path, request_id)
-        return problem_response(ApiError(500, "internal error; see the agent log", None), request_id)
+        return answer(ApiError(500, "internal error; see the agent log", None))

@@ -225,3 +225,18 @@ def test_mount_of_a_missing_or_non_directory_subpath_is_400(api: httpx.Client, a
         assert r.json()["errno"] == getattr(__import__("errno"), code) and r.json()["paths"] == [subpath], r.text
     r = call(api, "GET", "/folder/mount", vfid=vfid, subpath="file")
     assert r.status_code == 200 and r.json()["path"].endswith(uuid.UUID(vfid.split("/")[1]).hex[4:])
+
+
+def test_error_answers_carry_the_request_id_that_the_log_names(agent: AgentProcess, api: httpx.Client) -> None:
+    r = api.post("/folder/file/list", json={"volume": "nowhere"}, headers={"X-Request-ID": "trace-42.a"})
+    assert r.status_code == 400 and r.json()["request_id"] == "trace-42.a"
+    unsafe = "bad id; rm -rf " + "x" * 80
+    r = api.post("/folder/file/list", json={"volume": "nowhere"}, headers={"X-Request-ID": unsafe})
+    own = r.json()["request_id"]
+    assert own.isalnum() and len(own) == 16  # an unsafe id is replaced, never echoed into logs
+    deadline = time.monotonic() + 5
+    while "[request trace-42.a]" not in agent.log() or f"[request {own}]" not in agent.log():
+        assert time.monotonic() < deadline, agent.log()
+        time.sleep(0.05)
+    line = next(x for x in agent.log().splitlines() if "[request trace-42.a]" in x)
+    assert "POST /folder/file/list -> 400" in line
