@@ -10,6 +10,7 @@ from tests.simulators import scenarios as sc
 from tests.simulators.gpfs import GpfsSimulator, limit_kib
 
 APPLIANCE = "GPFS"
+OWNER = "1234:5678"
 
 
 @pytest.fixture(scope="module")
@@ -21,6 +22,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[sc.VendorEnv]:
             "gpfs_password": "admin001",
             "gpfs_fs_name": "gpfs0",
             "gpfs_verify_ssl": False,
+            "gpfs_owner": OWNER,
             "gpfs_job_poll_interval": 0.02,
             "gpfs_job_timeout": 3,
         }
@@ -44,13 +46,24 @@ def test_volume_capabilities(env: sc.VendorEnv) -> None:
 
 
 def test_quota_roundtrip_with_jobs(env: sc.VendorEnv) -> None:
-    env.sim.job_polls = 3  # each job is RUNNING for two polls before it completes
+    sim: GpfsSimulator = env.sim
+    created: dict[str, tuple[str, str | None]] = {}  # qsid -> (junction path, owner) as the appliance stored them
+
+    def has_fileset(qsid: str) -> bool:
+        if sim.scope_fileset(qsid):
+            created.setdefault(qsid, (sim.filesets[qsid]["config"]["path"], sim.owners[qsid]))
+        return sim.scope_fileset(qsid)
+
+    sim.job_polls = 3  # each job is RUNNING for two polls before it completes
     try:
-        sc.quota_roundtrip(env, env.sim.quota_of, env.sim.scope_fileset)
+        sc.quota_roundtrip(env, sim.quota_of, has_fileset)
     finally:
-        env.sim.job_polls = 1
+        sim.job_polls = 1
     # the fileset was created as the owner the options name, linked at the scope path
-    assert env.sim.count("GET", "/jobs/") >= 3 * 4
+    ((qsid, (junction, owner)),) = created.items()
+    assert junction == str(env.root / qsid)
+    assert owner == OWNER
+    assert sim.count("GET", "/jobs/") >= 3 * 4
 
 
 def test_scope_without_limit(env: sc.VendorEnv) -> None:
@@ -125,3 +138,24 @@ def test_hwinfo_and_metric(env: sc.VendorEnv) -> None:
         "io_usec_read": p[4],
         "io_usec_write": 0.0,
     }
+
+
+GARBLED = [
+    sc.Garbled("describe", "/quotas", "{}", "quota scope 'QSID'", "no quotas"),
+    sc.Garbled("describe", "/quotas", sc.HTML_PAGE, "quota scope 'QSID'", "text '<html>", content_type="text/html"),
+    # the mutation's answer names no job: nothing shows the limit was set
+    sc.Garbled("set-limit", "/quotas", '{"status": {"code": 202}}', "QSID", "no jobs", method="POST", status=202),
+    sc.Garbled("set-limit", "/jobs/", '{"jobs": ["COMPLETED"]}', "QSID", "jobs.0 is text"),
+    sc.Garbled("fs-usage", "/pools", '{"storagePool": [{}]}', "storage pools", "no storagePoolName"),
+    sc.Garbled("fs-usage", "/pools/", '{"storagePool": {}}', "storage pool", "storagePool is an object, not a list"),
+    sc.Garbled(
+        "metric", "/perfmon", '{"performanceData": {"rows": [{"values": ["n/a"]}]}}', "performance", "not a number"
+    ),
+    sc.Garbled("hwinfo", "/nodes", '{"nodes": [{}]}', "list cluster nodes", "no adminNodeName"),
+    sc.Garbled("hwinfo", "/health/states", "[]", "read health of node", "the answer is a list"),
+]
+
+
+@pytest.mark.parametrize("case", GARBLED, ids=sc.garbled_case_id)
+def test_malformed_answer(env: sc.VendorEnv, qsid: str, case: sc.Garbled) -> None:
+    sc.malformed_answer(env, case, qsid, APPLIANCE)

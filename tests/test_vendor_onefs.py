@@ -8,6 +8,7 @@ import pytest
 
 from tests.simulators import scenarios as sc
 from tests.simulators.onefs import OnefsSimulator
+from tests.support import assert_clean_log
 
 APPLIANCE = "PowerScale OneFS"
 
@@ -107,3 +108,94 @@ def test_hwinfo_and_metric(env: sc.VendorEnv) -> None:
         "io_usec_read": w["latency_read"],
         "io_usec_write": w["latency_write"],
     }
+
+
+def test_create_answered_5xx_is_not_repeated(env: sc.VendorEnv) -> None:
+    """The appliance made the quota but its answer was a 500: no second POST (it would meet a 409), a clean 502."""
+    qsid = sc.new_qsid()
+    posts = env.sim.count("POST", "/quota/quotas")
+    env.sim.fail(500, times=5, path_contains="/quota/quotas", method="POST", applied=True)
+    try:
+        r = env.call("POST", "/quota-scope", qsid=qsid, options={"limit_bytes": 2**20})
+    finally:
+        env.sim.clear_faults()
+    assert r.status_code == 502, r.text
+    msg = r.json()["msg"]
+    assert APPLIANCE in msg and "HTTP 500" in msg and qsid in msg, msg
+    assert env.sim.count("POST", "/quota/quotas") == posts + 1
+    assert env.sim.quota_for(qsid) == (0, 2**20)  # it was applied
+    sc.create_scope(env, qsid, 2**20)  # the manager's retry finds that quota and keeps it
+    assert [q["path"] for q in env.sim.quotas.values()].count(f"/ifs/data/ai/{qsid}") == 1
+    assert_clean_log(env.agent)
+
+
+def test_create_meeting_an_existing_quota_updates_it(env: sc.VendorEnv, qsid: str) -> None:
+    """A quota that appears between the lookup and the POST (409 "already exists") gets the limit instead."""
+    env.sim.garble('{"quotas": [], "resume": null, "total": 0}', path_contains="/quota/quotas?", method="GET")
+    r = env.call("PATCH", "/quota-scope", qsid=qsid, options={"limit_bytes": 3 * 2**20})
+    assert r.status_code == 204, r.text
+    assert env.sim.quota_for(qsid) == (0, 3 * 2**20)
+    assert [q["path"] for q in env.sim.quotas.values()].count(f"/ifs/data/ai/{qsid}") == 1
+    assert env.sim.count("PUT", "/quota/quotas/") >= 1
+
+
+def test_hwinfo_degraded_by_pool_health(env: sc.VendorEnv) -> None:
+    pool = env.sim.pools[1]
+    pool["health_flags"] = ["devices_down"]
+    try:
+        info = sc.hwinfo(env)
+    finally:
+        pool["health_flags"] = []
+    assert info["status"] == "degraded", info
+    assert info["status_info"] == "node pool 'x410_pool': devices_down"
+    assert info["metadata"]["cluster_name"] == "onefs-sim"
+    assert sc.hwinfo(env)["status"] == "healthy"
+
+
+GARBLED = [
+    sc.Garbled("describe", "/quota/quotas", "{}", "quota scope 'QSID'", "no quotas"),
+    sc.Garbled(
+        "describe", "/quota/quotas", sc.HTML_PAGE, "quota scope 'QSID'", "text '<html>", content_type="text/html"
+    ),
+    # the quota found by path carries no id to PUT to
+    sc.Garbled(
+        "set-limit",
+        "/quota/quotas?",
+        '{"quotas": [{"path": "/ifs/data/ai/QSID", "type": "directory"}]}',
+        "quota scope 'QSID'",
+        "no id",
+    ),
+    sc.Garbled(
+        "describe",
+        "/quota/quotas?",
+        '{"quotas": [{"path": "/ifs/data/ai/QSID", "type": "directory", "thresholds": "none"}]}',
+        "quota scope 'QSID'",
+        "thresholds is text 'none', not an object",
+    ),
+    sc.Garbled(
+        "fs-usage",
+        "/storagepools",
+        '{"storagepools": [{"type": "nodepool", "usage": {"total_bytes": "n/a"}}]}',
+        "storage pools",
+        "usage.total_bytes is text 'n/a', not a number",
+    ),
+    sc.Garbled(
+        "metric",
+        "/protocol-stats",
+        '{"protocol-stats": []}',
+        "protocol statistics",
+        "protocol-stats is a list, not an object",
+    ),
+    sc.Garbled(
+        "hwinfo",
+        "/storagepools",
+        '{"storagepools": [{"name": "p", "health_flags": "bad"}]}',
+        "storage pool health",
+        "health_flags is text 'bad', not a list",
+    ),
+]
+
+
+@pytest.mark.parametrize("case", GARBLED, ids=sc.garbled_case_id)
+def test_malformed_answer(env: sc.VendorEnv, qsid: str, case: sc.Garbled) -> None:
+    sc.malformed_answer(env, case, qsid, APPLIANCE)

@@ -100,3 +100,32 @@ def test_hwinfo_and_metric(env: sc.VendorEnv) -> None:
         "io_usec_read": p["usec_per_read_op"],
         "io_usec_write": p["usec_per_write_op"],
     }
+
+
+def test_hwinfo_degraded_by_blade_status(env: sc.VendorEnv) -> None:
+    blade = env.sim.blades[2]
+    blade.update(status="unhealthy", details="blade is not responding")
+    try:
+        info = sc.hwinfo(env)
+    finally:
+        blade.update(status="healthy", details=None)
+    assert info["status"] == "degraded", info
+    assert info["status_info"] == "blade CH1.FB3: unhealthy (blade is not responding)"
+    assert info["metadata"]["array_name"] == "fb-sim"
+    assert sc.hwinfo(env)["status"] == "healthy"  # the empty slot (status "unused") is no fault
+
+
+GARBLED = [
+    sc.Garbled("fs-usage", "/file-systems", "{}", "filesystem 'fs1'", "no items"),
+    sc.Garbled("fs-usage", "/file-systems", sc.HTML_PAGE, "filesystem 'fs1'", "text '<html>", content_type="text/html"),
+    sc.Garbled(
+        "fs-usage", "/file-systems", '{"items": [{"name": "fs1", "provisioned": 5}]}', "filesystem 'fs1'", "no space"
+    ),
+    sc.Garbled("metric", "/file-systems/performance", '{"items": ["x"]}', "NFS performance", "items.0 is text 'x'"),
+    sc.Garbled("hwinfo", "/blades", '{"items": [{"name": "b", "status": 3}]}', "blade status", "status is 3, not text"),
+]
+
+
+@pytest.mark.parametrize("case", GARBLED, ids=sc.garbled_case_id)
+def test_malformed_answer(env: sc.VendorEnv, case: sc.Garbled) -> None:
+    sc.malformed_answer(env, case, "", APPLIANCE)

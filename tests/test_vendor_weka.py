@@ -172,3 +172,43 @@ def test_appliance_down_at_start_up(tmp_path: Path) -> None:
         if sim is not None:
             sim.stop()
     assert_clean_log(agent)
+
+
+GARBLED = [
+    sc.Garbled("describe", "/quota/", "{}", "quota scope 'QSID'", "no data"),
+    sc.Garbled("describe", "/quota/", sc.HTML_PAGE, "quota scope 'QSID'", "text '<html>", content_type="text/html"),
+    sc.Garbled("describe", "/quota/", '{"data": ["x"]}', "quota scope 'QSID'", "data is a list, not an object"),
+    sc.Garbled(
+        "fs-usage", "/fileSystems/fs-uid-0001", '{"data": {"used_total": 1}}', "capacity", "no data.total_budget"
+    ),
+    sc.Garbled(
+        "fs-usage",
+        "/fileSystems/fs-uid-0001",
+        '{"data": {"total_budget": "big", "used_total": 1}}',
+        "capacity",
+        "data.total_budget is text 'big', not a number",
+    ),
+    sc.Garbled(
+        "metric",
+        "/stats",
+        '{"data": {"all": {"ops": [{"stats": {"READS": "many"}}]}}}',
+        "statistics",
+        "READS is text 'many', not a number",
+    ),
+    sc.Garbled("hwinfo", "/cluster", "[]", "read cluster info", "the answer is a list, not an object"),
+]
+
+
+@pytest.mark.parametrize("case", GARBLED, ids=sc.garbled_case_id)
+def test_malformed_answer(env: sc.VendorEnv, qsid: str, case: sc.Garbled) -> None:
+    sc.malformed_answer(env, case, qsid, APPLIANCE)
+
+
+def test_malformed_login_answer(env: sc.VendorEnv, qsid: str) -> None:
+    """A token answer without the token is a clean 502 naming the login, not a crash."""
+    env.sim.expire_tokens()
+    env.sim.refresh.clear()  # straight to a full login
+    case = sc.Garbled(
+        "describe", "/api/v2/login", '{"data": {"token_type": "Bearer"}}', "login", "no access_token", method="POST"
+    )
+    sc.malformed_answer(env, case, qsid, APPLIANCE)

@@ -19,7 +19,7 @@ from pydantic import Field, SecretStr
 from backends.base import Capability, FSUsage, PerfMetric, QuotaModel, ScopeUsage
 from backends.errors import QuotaScopeNotFound
 from backends.vendors.appliance import ApplianceVolume, VendorOptions, rmdir_scope
-from backends.vendors.rest import ApplianceError, BasicAuth, Reply, RestClient, field
+from backends.vendors.rest import ApplianceError, BasicAuth, Fields, Reply, RestClient
 
 UNHEALTHY = {"FAILED", "DEGRADED", "ERROR"}
 PERF_QUERY = (
@@ -86,6 +86,7 @@ class GpfsQuotaModel(QuotaModel):
             "POST",
             f"/filesystems/{self.fs}/quotas",
             op=op,
+            idempotent=True,  # setQuota sets absolute limits: a repeat after a lost answer changes nothing
             json={
                 "operationType": "setQuota",
                 "quotaType": "FILESET",
@@ -104,11 +105,12 @@ class GpfsQuotaModel(QuotaModel):
             op=op,
             params={"filter": f"quotaType=FILESET,objectName={self.fileset(qsid)}"},
         )
-        for q in field(reply.body, "quotas", op=op, label=self.v.client.label):
+        f = self.v.client.fields(op)
+        for q in f.objects(reply.body, "quotas"):
             if q.get("isDefaultQuota") or q.get("objectName") != self.fileset(qsid):
                 continue
-            limit_kib = int(q.get("blockLimit") or 0)
-            return ScopeUsage(int(q.get("blockUsage") or 0) * 1024, limit_kib * 1024 if limit_kib else None)
+            limit_kib = f.number(q, "blockLimit", default=0)
+            return ScopeUsage(f.number(q, "blockUsage", default=0) * 1024, limit_kib * 1024 if limit_kib else None)
         return ScopeUsage(None, None)
 
     async def update(self, qsid: str, limit_bytes: int | None) -> None:
@@ -148,25 +150,26 @@ class GpfsVolume(ApplianceVolume):
         return self.rest(o.gpfs_endpoint.rstrip("/") + "/scalemgmt/v2", auth, o.gpfs_verify_ssl)
 
     async def wait_jobs(self, reply: Reply, op: str) -> None:
-        """Poll each job the mutation started until it is COMPLETED; FAILED / CANCELLED become errors."""
-        jobs = reply.body.get("jobs") if isinstance(reply.body, dict) else None
-        for job in jobs or []:
-            await self._wait_job(job["jobId"], op)
+        """Poll each job the mutation started until it is COMPLETED; FAILED / CANCELLED become errors.
 
-    async def _wait_job(self, job_id: Any, op: str) -> None:
+        Every mutation answers with its jobs; an answer without them cannot show the change was made.
+        """
+        f = self.client.fields(op)
+        for job in f.objects(reply.body, "jobs"):
+            await self._wait_job(f.number(job, "jobId"), op)
+
+    async def _wait_job(self, job_id: int, op: str) -> None:
         deadline = time.monotonic() + self.opts.gpfs_job_timeout
+        f = self.client.fields(f"{op} (job {job_id})")
         while True:
-            r = await self.client.get(f"/jobs/{job_id}", op=f"{op} (job {job_id})", accept=(404,))
-            job = r.body["jobs"][0] if r.ok and isinstance(r.body, dict) and r.body.get("jobs") else {}
-            status = job.get("status", "RUNNING" if r.status == 404 else "")
+            r = await self.client.get(f"/jobs/{job_id}", op=f.op, accept=(404,))
+            # 404: the job is not registered yet - polled again, as upstream does
+            job = {"status": "RUNNING"} if r.status == 404 else f.field(r.body, "jobs", 0, kind=dict)
+            status = f.field(job, "status", kind=str)
             if status == "COMPLETED":
                 return
             if status in ("FAILED", "CANCELLED"):
-                result = job.get("result") or {}
-                detail = " ".join(str(x).strip() for x in (result.get("stderr") or []) if x) or str(
-                    result.get("exitCode", "")
-                )
-                raise ApplianceError(f"{self.client.label}: {op} failed: job {job_id} {status}: {detail}")
+                raise ApplianceError(f"{self.client.label}: {op} failed: job {job_id} {status}: {_job_detail(f, job)}")
             if status not in ("RUNNING", "CANCELLING"):
                 raise ApplianceError(f"{self.client.label}: {op}: job {job_id} in unknown state {status!r}")
             if time.monotonic() >= deadline:
@@ -177,39 +180,57 @@ class GpfsVolume(ApplianceVolume):
 
     async def fs_usage(self) -> FSUsage:
         fs = self.opts.gpfs_fs_name
-        op = f"read the storage pools of filesystem {fs!r}"
-        r = await self.client.get(f"/filesystems/{fs}/pools", op=op)
+        f = self.client.fields(f"read the storage pools of filesystem {fs!r}")
+        r = await self.client.get(f"/filesystems/{fs}/pools", op=f.op)
         capacity = used = 0
-        for pool in field(r.body, "storagePool", op=op, label=self.client.label):
-            name = pool["storagePoolName"]
-            p = await self.client.get(f"/filesystems/{fs}/pools/{name}", op=f"read storage pool {name!r}")
-            info = field(p.body, "storagePool", 0, op=op, label=self.client.label)
-            total, free = int(info.get("totalDataInKB") or 0), int(info.get("freeDataInKB") or 0)
+        for pool in f.objects(r.body, "storagePool"):
+            total, free = await self._pool_kib(fs, f.field(pool, "storagePoolName", kind=str))
             capacity += total * 1024
             used += (total - free) * 1024
         return FSUsage(capacity, used)
 
+    async def _pool_kib(self, fs: str, name: str) -> tuple[int, int]:
+        """(total, free) data KiB of one storage pool."""
+        f = self.client.fields(f"read storage pool {name!r}")
+        p = await self.client.get(f"/filesystems/{fs}/pools/{name}", op=f.op)
+        info = f.field(p.body, "storagePool", 0, kind=dict)
+        return f.number(info, "totalDataInKB", default=0), f.number(info, "freeDataInKB", default=0)
+
     async def appliance_hwinfo(self) -> tuple[str, str | None, dict[str, str]]:
-        r = await self.client.get("/nodes", op="list cluster nodes")
-        bad = []
-        for node in field(r.body, "nodes", op="list cluster nodes", label=self.client.label):
-            name = node["adminNodeName"]
-            h = await self.client.get(f"/nodes/{name}/health/states", op=f"read health of node {name!r}")
-            for st in h.body.get("states", []) if isinstance(h.body, dict) else []:
-                if st.get("state") in UNHEALTHY:
-                    bad.append(f"{name}: {st.get('component', '?')} {st['state']}")
-        c = await self.client.get("/cluster", op="read cluster info")
-        summary = c.body.get("cluster", {}).get("clusterSummary", {}) if isinstance(c.body, dict) else {}
+        f = self.client.fields("list cluster nodes")
+        r = await self.client.get("/nodes", op=f.op)
+        bad: list[str] = []
+        for node in f.objects(r.body, "nodes"):
+            bad += await self._node_problems(f.field(node, "adminNodeName", kind=str))
+        c = self.client.fields("read cluster info")
+        body = (await self.client.get("/cluster", op=c.op)).body
+        summary = c.field(body, "cluster", "clusterSummary", kind=dict, default={})
         meta = {"cluster_name": str(summary.get("clusterName", "")), "filesystem": self.opts.gpfs_fs_name}
         if bad:
             return "degraded", "; ".join(bad), meta
         return "healthy", None, meta
 
+    async def _node_problems(self, name: str) -> list[str]:
+        """``node: component STATE`` for each unhealthy health state the node reports."""
+        f = self.client.fields(f"read health of node {name!r}")
+        h = await self.client.get(f"/nodes/{name}/health/states", op=f.op)
+        states = f.objects(h.body, "states")
+        return [f"{name}: {st.get('component', '?')} {st['state']}" for st in states if st.get("state") in UNHEALTHY]
+
     async def performance_metric(self) -> PerfMetric:
-        op = "read performance data"
-        r = await self.client.get("/perfmon/data", op=op, params={"query": PERF_QUERY})
-        rows = field(r.body, "performanceData", "rows", op=op, label=self.client.label)
-        values = [v or 0 for v in (rows[-1].get("values", []) if rows else [])] + [0] * 6
-        return PerfMetric(
-            int(values[0]), int(values[1]), int(values[2]), int(values[3]), float(values[4]), float(values[5])
-        )
+        f = self.client.fields("read performance data")
+        r = await self.client.get("/perfmon/data", op=f.op, params={"query": PERF_QUERY})
+        rows = f.objects(r.body, "performanceData", "rows")
+        last = rows[-1] if rows else {}
+
+        def value(i: int, cast: type[int] | type[float]) -> Any:
+            return f.number(last, "values", i, cast=cast, default=cast(0))  # null or absent -> 0
+
+        return PerfMetric(value(0, int), value(1, int), value(2, int), value(3, int), value(4, float), value(5, float))
+
+
+def _job_detail(f: Fields, job: dict[str, Any]) -> str:
+    """Why a job failed: its stderr lines, else its exit code."""
+    result = f.field(job, "result", kind=dict, default={})
+    stderr = f.field(result, "stderr", kind=list, default=[])
+    return " ".join(str(x).strip() for x in stderr if x) or str(result.get("exitCode", ""))

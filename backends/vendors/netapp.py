@@ -17,7 +17,7 @@ from pydantic import Field, SecretStr
 
 from backends.base import Capability, FSUsage, PerfMetric, QuotaModel, ScopeUsage
 from backends.vendors.appliance import ApplianceVolume, VendorOptions, rmdir_scope
-from backends.vendors.rest import ApplianceError, BasicAuth, Reply, RestClient, field
+from backends.vendors.rest import ApplianceError, BasicAuth, Reply, RestClient
 
 QUOTA_ALREADY_ON = "5308507"
 WAITING = {"queued", "running", "paused"}
@@ -45,8 +45,9 @@ class NetappQuotaModel(QuotaModel):
         r = await self.v.client.get(
             "/storage/qtrees", op=op, params={"volume.uuid": self.v.vol_uuid, "name": qsid, "fields": "id"}
         )
-        records = field(r.body, "records", op=op, label=self.v.client.label)
-        return int(records[0]["id"]) if records else None
+        f = self.v.client.fields(op)
+        records = f.objects(r.body, "records")
+        return f.number(records[0], "id") if records else None
 
     async def _rule(self, qsid: str, op: str) -> str | None:
         r = await self.v.client.get(
@@ -60,8 +61,9 @@ class NetappQuotaModel(QuotaModel):
                 "fields": "space,files",
             },
         )
-        records = field(r.body, "records", op=op, label=self.v.client.label)
-        return records[0]["uuid"] if records else None
+        f = self.v.client.fields(op)
+        records = f.objects(r.body, "records")
+        return f.field(records[0], "uuid", kind=str) if records else None
 
     async def create(self, qsid: str, limit_bytes: int | None) -> None:
         await self.v.ready()
@@ -114,12 +116,12 @@ class NetappQuotaModel(QuotaModel):
                 "fields": "space",
             },
         )
-        records = field(r.body, "records", op=op, label=self.v.client.label)
+        f = self.v.client.fields(op)
+        records = f.objects(r.body, "records")
         if not records:
             return ScopeUsage(None, None)
-        space = records[0].get("space", {})
-        hard = space.get("hard_limit")
-        return ScopeUsage(int(space.get("used", {}).get("total", 0)), int(hard) if hard else None)
+        hard = f.number(records[0], "space", "hard_limit", default=None)
+        return ScopeUsage(f.number(records[0], "space", "used", "total", default=0), hard or None)
 
     async def update(self, qsid: str, limit_bytes: int | None) -> None:
         await asyncio.to_thread(self.v.require_scope, qsid)
@@ -168,33 +170,38 @@ class NetappVolume(ApplianceVolume):
         if self.opts.netapp_svm:
             params["svm.name"] = self.opts.netapp_svm
         r = await self.client.get("/storage/volumes", op=op, params=params)
-        records = field(r.body, "records", op=op, label=self.client.label)
+        f = self.client.fields(op)
+        records = f.objects(r.body, "records")
         if not records:
             raise ApplianceError(f"{self.client.label}: {op}: no such volume")
-        self.vol_uuid = records[0]["uuid"]
-        self.svm_uuid = field(records[0], "svm", "uuid", op=op, label=self.client.label)
+        self.vol_uuid = f.field(records[0], "uuid", kind=str)
+        self.svm_uuid = f.field(records[0], "svm", "uuid", kind=str)
 
     async def wait_job(self, reply: Reply, op: str, tolerate: tuple[str, ...] = ()) -> None:
-        job = reply.body.get("job") if isinstance(reply.body, dict) else None
-        if not job:
+        """Poll the job a mutation answer names until it ends; a failure whose code is in ``tolerate`` is fine.
+
+        202 (Accepted) always names a job; another 2xx may (the job ended within ``return_timeout``) or not.
+        """
+        if reply.status != 202 and not (isinstance(reply.body, dict) and "job" in reply.body):
             return  # answered synchronously
+        uuid = self.client.fields(op).field(reply.body, "job", "uuid", kind=str)
+        f = self.client.fields(f"{op} (job {uuid})")
         deadline = time.monotonic() + self.opts.netapp_job_timeout
         while True:
-            r = await self.client.get(f"/cluster/jobs/{job['uuid']}", op=f"{op} (job {job['uuid']})")
-            state = r.body.get("state", "")
+            body = (await self.client.get(f"/cluster/jobs/{uuid}", op=f.op)).body
+            state = f.field(body, "state", kind=str)
             if state == "success":
                 return
             if state == "failure":
-                code = str(r.body.get("code") or r.body.get("error", {}).get("code", ""))
+                code = str(f.field(body, "code", default=None) or f.field(body, "error", "code", default=""))
                 if code in tolerate:
                     return
-                raise ApplianceError(
-                    f"{self.client.label}: {op} failed: job {job['uuid']}: {r.body.get('message', '')} (code {code})"
-                )
+                message = f.field(body, "message", default="")
+                raise ApplianceError(f"{self.client.label}: {op} failed: job {uuid}: {message} (code {code})")
             if state not in WAITING:
-                raise ApplianceError(f"{self.client.label}: {op}: job {job['uuid']} in unknown state {state!r}")
+                raise ApplianceError(f"{self.client.label}: {op}: job {uuid} in unknown state {state!r}")
             if time.monotonic() >= deadline:
-                raise ApplianceError(f"{self.client.label}: {op}: job {job['uuid']} still {state}")
+                raise ApplianceError(f"{self.client.label}: {op}: job {uuid} still {state}")
             await asyncio.sleep(self.opts.netapp_job_poll_interval)
 
     async def enable_quota(self, op: str) -> None:
@@ -212,41 +219,43 @@ class NetappVolume(ApplianceVolume):
     async def _volume(self, fields: str, op: str) -> dict[str, Any]:
         await self.ready()
         r = await self.client.get(f"/storage/volumes/{self.vol_uuid}", op=op, params={"fields": fields})
-        return r.body if isinstance(r.body, dict) else {}
+        return self.client.fields(op).field(r.body, kind=dict)
 
     async def fs_usage(self) -> FSUsage:
-        op = "read volume space"
-        body = await self._volume("space", op)
-        space = field(body, "space", op=op, label=self.client.label)
-        return FSUsage(int(space["size"]), int(space["used"]))
+        f = self.client.fields("read volume space")
+        body = await self._volume("space", f.op)
+        return FSUsage(f.number(body, "space", "size"), f.number(body, "space", "used"))
 
     async def appliance_hwinfo(self) -> tuple[str, str | None, dict[str, str]]:
-        body = await self._volume("state,files,quota", "read volume state")
+        f = self.client.fields("read volume state")
+        body = await self._volume("state,files,quota", f.op)
         meta = {
             "ontap_volume": self.opts.netapp_volume_name,
-            "quota_state": str(body.get("quota", {}).get("state")),
-            "files_used": str(body.get("files", {}).get("used")),
-            "files_max": str(body.get("files", {}).get("maximum")),
+            "quota_state": str(f.field(body, "quota", "state", default=None)),
+            "files_used": str(f.field(body, "files", "used", default=None)),
+            "files_max": str(f.field(body, "files", "maximum", default=None)),
         }
-        state = body.get("state", "online")
+        state = f.field(body, "state", kind=str)  # requested: an answer without it is malformed, not "online"
         if state != "online":
             return "degraded", f"ONTAP volume {self.opts.netapp_volume_name!r} is {state}", meta
         return "healthy", None, meta
 
     async def performance_metric(self) -> PerfMetric:
-        op = "read volume statistics"
-        stats = field(await self._volume("statistics", op), "statistics", op=op, label=self.client.label)
-        iops, tput, lat = stats.get("iops_raw", {}), stats.get("throughput_raw", {}), stats.get("latency_raw", {})
+        f = self.client.fields("read volume statistics")
+        stats = f.field(await self._volume("statistics", f.op), "statistics", kind=dict)
+
+        def raw(counter: str, kind: str) -> int:
+            return f.number(stats, counter, kind, default=0)
 
         def per_op(kind: str) -> float:
-            n = int(iops.get(kind) or 0)
-            return float(lat.get(kind) or 0) / n if n else 0.0
+            n = raw("iops_raw", kind)
+            return f.number(stats, "latency_raw", kind, cast=float, default=0.0) / n if n else 0.0
 
         return PerfMetric(
-            int(iops.get("read") or 0),
-            int(iops.get("write") or 0),
-            int(tput.get("read") or 0),
-            int(tput.get("write") or 0),
+            raw("iops_raw", "read"),
+            raw("iops_raw", "write"),
+            raw("throughput_raw", "read"),
+            raw("throughput_raw", "write"),
             per_op("read"),
             per_op("write"),
         )

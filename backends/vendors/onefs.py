@@ -16,7 +16,7 @@ from pydantic import AliasChoices, Field, SecretStr
 
 from backends.base import Capability, FSUsage, PerfMetric, QuotaModel, ScopeUsage
 from backends.vendors.appliance import ApplianceVolume, VendorOptions, rmdir_scope
-from backends.vendors.rest import BasicAuth, RestClient, field
+from backends.vendors.rest import BasicAuth, RestClient
 
 
 class OnefsOptions(VendorOptions):
@@ -38,7 +38,7 @@ class OnefsQuotaModel(QuotaModel):
 
     async def _find(self, qsid: str, op: str) -> dict[str, Any] | None:
         r = await self.v.client.get("/quota/quotas", op=op, params={"path": self.ifs_path(qsid), "type": "directory"})
-        for q in field(r.body, "quotas", op=op, label=self.v.client.label):
+        for q in self.v.client.fields(op).objects(r.body, "quotas"):
             if q.get("path") == self.ifs_path(qsid) and q.get("type") == "directory":
                 return q
         return None
@@ -53,17 +53,30 @@ class OnefsQuotaModel(QuotaModel):
         found = await self._find(qsid, op)
         if limit_bytes is None:
             if found is not None:
-                await self.v.client.call("DELETE", f"/quota/quotas/{found['id']}", op=op, accept=(404,))
+                await self.v.client.call("DELETE", self._quota_path(found, op), op=op, accept=(404,))
             return
         if found is not None:
-            await self.v.client.call(
-                "PUT", f"/quota/quotas/{found['id']}", op=op, json={"thresholds": {"hard": limit_bytes}}
-            )
+            await self._put(found, limit_bytes, op)
             return
-        await self.v.client.call(
+        await self._create(qsid, limit_bytes, op)
+
+    def _quota_path(self, quota: dict[str, Any], op: str) -> str:
+        return f"/quota/quotas/{self.v.client.fields(op).field(quota, 'id', kind=str)}"
+
+    async def _put(self, quota: dict[str, Any], limit_bytes: int, op: str) -> None:
+        await self.v.client.call("PUT", self._quota_path(quota, op), op=op, json={"thresholds": {"hard": limit_bytes}})
+
+    async def _create(self, qsid: str, limit_bytes: int, op: str) -> None:
+        """POST the directory quota (not retried once sent: a repeat would meet the first one's 409).
+
+        A 409 "already exists" means it appeared since :meth:`_find` (another agent, an operator):
+        the create is made idempotent by finding that quota and setting the limit on it.
+        """
+        r = await self.v.client.call(
             "POST",
             "/quota/quotas",
             op=op,
+            accept=(409,),
             json={
                 "path": self.ifs_path(qsid),
                 "type": "directory",
@@ -73,15 +86,20 @@ class OnefsQuotaModel(QuotaModel):
                 "enforced": True,
             },
         )
+        if r.status == 409:
+            found = await self._find(qsid, op)
+            if found is None:
+                raise self.v.client.fail(op, r)
+            await self._put(found, limit_bytes, op)
 
     async def describe(self, qsid: str) -> ScopeUsage:
         await asyncio.to_thread(self.v.require_scope, qsid)
-        q = await self._find(qsid, f"read the directory quota of quota scope {qsid!r}")
+        f = self.v.client.fields(f"read the directory quota of quota scope {qsid!r}")
+        q = await self._find(qsid, f.op)
         if q is None:
             return ScopeUsage(None, None)
-        hard = (q.get("thresholds") or {}).get("hard")
-        used = (q.get("usage") or {}).get("fslogical")
-        return ScopeUsage(None if used is None else int(used), int(hard) if hard else None)
+        hard = f.number(q, "thresholds", "hard", default=None)
+        return ScopeUsage(f.number(q, "usage", "fslogical", default=None), hard or None)
 
     async def update(self, qsid: str, limit_bytes: int | None) -> None:
         await asyncio.to_thread(self.v.require_scope, qsid)
@@ -113,42 +131,57 @@ class OnefsVolume(ApplianceVolume):
         auth = BasicAuth(o.dell_username, o.dell_password.get_secret_value())
         return self.rest(f"{o.dell_endpoint.rstrip('/')}/platform/{o.dell_api_version}", auth, o.dell_verify_ssl)
 
-    async def fs_usage(self) -> FSUsage:
-        op = "read storage pools"
+    async def _pools(self, op: str) -> list[dict[str, Any]]:
         r = await self.client.get("/storagepool/storagepools", op=op)
-        pools = field(r.body, "storagepools", op=op, label=self.client.label)
+        return self.client.fields(op).objects(r.body, "storagepools")
+
+    async def fs_usage(self) -> FSUsage:
+        f = self.client.fields("read storage pools")
+        pools = await self._pools(f.op)
         # tiers aggregate node pools: count each node pool once
         counted = [p for p in pools if p.get("type") != "tier"] or pools
-        total = sum(int(p.get("usage", {}).get("total_bytes") or 0) for p in counted)
-        used = sum(int(p.get("usage", {}).get("used_bytes") or 0) for p in counted)
+        total = sum(f.number(p, "usage", "total_bytes", default=0) for p in counted)
+        used = sum(f.number(p, "usage", "used_bytes", default=0) for p in counted)
         return FSUsage(total, used)
 
     async def appliance_hwinfo(self) -> tuple[str, str | None, dict[str, str]]:
-        r = await self.client.get("/cluster/config", op="read cluster config")
-        body = r.body if isinstance(r.body, dict) else {}
-        version = body.get("onefs_version", {})
+        f = self.client.fields("read cluster config")
+        body = f.field((await self.client.get("/cluster/config", op=f.op)).body, kind=dict)
         meta = {
             "cluster_name": str(body.get("name", "")),
-            "onefs_release": str(version.get("release", "")),
-            "onefs_build": str(version.get("build", "")),
+            "onefs_release": str(f.field(body, "onefs_version", "release", default="")),
+            "onefs_build": str(f.field(body, "onefs_version", "build", default="")),
         }
+        problems = await self._pool_problems()
+        if problems:
+            return "degraded", "; ".join(problems), meta
         return "healthy", None, meta
 
+    async def _pool_problems(self) -> list[str]:
+        """``node pool 'name': flag, ...`` for each pool whose ``health_flags`` list is not empty (empty = healthy)."""
+        f = self.client.fields("read storage pool health")
+        problems = []
+        for pool in await self._pools(f.op):
+            flags = f.field(pool, "health_flags", kind=list, default=[])  # only node pools carry it
+            if flags:
+                problems.append(f"node pool {pool.get('name', '?')!r}: {', '.join(str(x) for x in flags)}")
+        return problems
+
     async def performance_metric(self) -> PerfMetric:
-        op = "read protocol statistics"
-        r = await self.client.get("/statistics/summary/protocol-stats", op=op)
-        stats = field(r.body, "protocol-stats", op=op, label=self.client.label)
-        op2 = f"read workload statistics of {self.opts.dell_system_name!r}"
+        f = self.client.fields("read protocol statistics")
+        r = await self.client.get("/statistics/summary/protocol-stats", op=f.op)
+        stats = f.field(r.body, "protocol-stats", kind=dict)
+        g = self.client.fields(f"read workload statistics of {self.opts.dell_system_name!r}")
         w = await self.client.get(
-            "/statistics/summary/workload", op=op2, params={"system_names": self.opts.dell_system_name}
+            "/statistics/summary/workload", op=g.op, params={"system_names": self.opts.dell_system_name}
         )
-        loads = field(w.body, "workload", op=op2, label=self.client.label)
+        loads = g.objects(w.body, "workload")
         load = loads[0] if loads else {}
         return PerfMetric(
-            int(stats.get("disk", {}).get("iops") or 0),
+            f.number(stats, "disk", "iops", default=0),
             0,  # OneFS's summary has one disk iops figure, not split by direction
-            int(stats.get("onefs", {}).get("out") or 0),
-            int(stats.get("onefs", {}).get("in") or 0),
-            float(load.get("latency_read") or 0),
-            float(load.get("latency_write") or 0),
+            f.number(stats, "onefs", "out", default=0),
+            f.number(stats, "onefs", "in", default=0),
+            g.number(load, "latency_read", cast=float, default=0.0),
+            g.number(load, "latency_write", cast=float, default=0.0),
         )

@@ -18,8 +18,11 @@ from pydantic import SecretStr
 
 from backends.base import Capability, FSUsage, PerfMetric
 from backends.vendors.appliance import ApplianceVolume, VendorOptions
-from backends.vendors.rest import ApplianceError, Auth, RestClient, field
+from backends.vendors.rest import ApplianceError, Auth, RestClient
 from backends.vfs import DirectoryQuotaModel
+
+# blade states that mean lost or unconfirmed service (the others: healthy, unused slots, identifying, evacuat*)
+BAD_BLADE_STATES = frozenset({"critical", "unhealthy", "unknown"})
 
 
 class PureOptions(VendorOptions):
@@ -53,7 +56,12 @@ class PureSessionAuth(Auth):
             if self.session is not None and self.session != stale:
                 return
             r = await client.call(
-                "POST", "/login", op=f"login (for {op})", headers={"api-token": self.api_token}, auth=False
+                "POST",
+                "/login",
+                op=f"login (for {op})",
+                headers={"api-token": self.api_token},
+                auth=False,
+                idempotent=True,  # a repeated login only opens another session
             )
             token = r.headers.get("x-auth-token")
             if not token:
@@ -86,32 +94,47 @@ class PureVolume(ApplianceVolume):
 
     async def _first_item(self, path: str, op: str, **params: str) -> dict[str, Any]:
         r = await self.client.get(self._v(path), op=op, params=params)
-        items = field(r.body, "items", op=op, label=self.client.label)
+        items = self.client.fields(op).objects(r.body, "items")
         if not items:
             raise ApplianceError(f"{self.client.label}: {op}: no filesystem named {self.opts.purity_fs_name!r}")
         return items[0]
 
     async def fs_usage(self) -> FSUsage:
-        op = f"read filesystem {self.opts.purity_fs_name!r}"
-        fs = await self._first_item("/file-systems", op, names=self.opts.purity_fs_name)
-        used = field(fs, "space", "total_physical", op=op, label=self.client.label)
-        return FSUsage(int(field(fs, "provisioned", op=op, label=self.client.label)), int(used))
+        f = self.client.fields(f"read filesystem {self.opts.purity_fs_name!r}")
+        fs = await self._first_item("/file-systems", f.op, names=self.opts.purity_fs_name)
+        return FSUsage(f.number(fs, "provisioned"), f.number(fs, "space", "total_physical"))
 
     async def appliance_hwinfo(self) -> tuple[str, str | None, dict[str, str]]:
-        op = "read array info"
-        r = await self.client.get(self._v("/arrays"), op=op)
-        items = field(r.body, "items", op=op, label=self.client.label)
+        f = self.client.fields("read array info")
+        items = f.objects((await self.client.get(self._v("/arrays"), op=f.op)).body, "items")
         first = items[0] if items else {}
         meta = {f"array_{k}": str(first.get(k, "")) for k in ("id", "name", "os", "revision", "version")}
-        meta["blade_count"] = str(len(items))
+        meta["blade_count"] = str(len(items))  # as the upstream proxy counts it (array items, not blades)
+        problems = await self._blade_problems()
+        if problems:
+            return "degraded", "; ".join(problems), meta
         return "healthy", None, meta
+
+    async def _blade_problems(self) -> list[str]:
+        """``blade NAME: status (details)`` for each blade whose ``status`` means lost or unconfirmed service."""
+        f = self.client.fields("read blade status")
+        r = await self.client.get(self._v("/blades"), op=f.op)
+        problems = []
+        for blade in f.objects(r.body, "items"):
+            status = f.field(blade, "status", kind=str, default="unknown")
+            if status in BAD_BLADE_STATES:
+                details = f.field(blade, "details", default="")
+                problems.append(f"blade {blade.get('name', '?')}: {status}" + (f" ({details})" if details else ""))
+        return problems
 
     async def performance_metric(self) -> PerfMetric:
         op = f"read NFS performance of filesystem {self.opts.purity_fs_name!r}"
         p = await self._first_item("/file-systems/performance", op, names=self.opts.purity_fs_name, protocol="NFS")
 
+        f = self.client.fields(op)
+
         def num(key: str) -> float:
-            return float(p.get(key) or 0)
+            return f.number(p, key, cast=float, default=0.0)
 
         return PerfMetric(
             int(num("reads_per_sec")),

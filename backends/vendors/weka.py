@@ -19,7 +19,7 @@ from pydantic import SecretStr
 
 from backends.base import Capability, FSUsage, PerfMetric, QuotaModel, ScopeUsage
 from backends.vendors.appliance import ApplianceVolume, VendorOptions, rmdir_scope
-from backends.vendors.rest import ApplianceError, Auth, RestClient, field
+from backends.vendors.rest import ApplianceError, Auth, Fields, RestClient
 
 UNLIMITED = 2**63 - 1  # Weka answers "no limit" as the largest int64
 STATS = ("READS", "WRITES", "READ_BYTES", "WRITE_BYTES", "READ_LATENCY", "WRITE_LATENCY")
@@ -66,6 +66,7 @@ class WekaTokenAuth(Auth):
                     json={"refresh_token": self.refresh},
                     auth=False,
                     accept=(400, 401, 403),
+                    idempotent=True,  # a repeat at worst finds the token used up (401) and a login follows
                 )
                 if r.ok:
                     self._store(client, r.body, op)
@@ -80,14 +81,16 @@ class WekaTokenAuth(Auth):
                     "org": self.opts.weka_organization,
                 },
                 auth=False,
+                idempotent=True,  # a repeated login only hands out another token
             )
             self._store(client, r.body, op)
 
     def _store(self, client: RestClient, body: Any, op: str) -> None:
-        data = field(body, "data", op=f"login (for {op})", label=client.label)
-        self.access = field(data, "access_token", op=f"login (for {op})", label=client.label)
-        self.refresh = data.get("refresh_token") or self.refresh
-        ttl = float(data.get("expires_in") or 300)
+        f = client.fields(f"login (for {op})")
+        data = f.field(body, "data", kind=dict)
+        self.access = f.field(data, "access_token", kind=str)
+        self.refresh = f.field(data, "refresh_token", kind=str, default=None) or self.refresh
+        ttl = f.number(data, "expires_in", cast=float, default=0.0) or 300.0
         self.expires = time.monotonic() + max(ttl - min(30.0, ttl * 0.1), 0.0)
 
 
@@ -118,15 +121,14 @@ class WekaQuotaModel(QuotaModel):
     async def describe(self, qsid: str) -> ScopeUsage:
         await self.v.ready()
         ino = await self._inode(qsid)
-        op = f"describe quota scope {qsid!r}"
-        r = await self.v.client.get(f"/fileSystems/{self.v.fs_uid}/quota/{ino}", op=op, accept=(404,))
-        quota = _quota_object(r.body) if r.ok else None
+        f = self.v.client.fields(f"describe quota scope {qsid!r}")
+        r = await self.v.client.get(f"/fileSystems/{self.v.fs_uid}/quota/{ino}", op=f.op, accept=(404,))
+        quota = _quota_object(f, r.body) if r.ok else None
         if quota is None:
             return ScopeUsage(None, None)
-        hard = quota.get("hard_limit_bytes")
-        limit = None if hard in (None, 0) or int(hard) >= UNLIMITED else int(hard)
-        used = quota.get("used_bytes")
-        return ScopeUsage(None if used is None else int(used), limit)
+        hard = f.number(quota, "hard_limit_bytes", default=None)
+        limit = None if hard in (None, 0) or hard >= UNLIMITED else hard
+        return ScopeUsage(f.number(quota, "used_bytes", default=None), limit)
 
     async def update(self, qsid: str, limit_bytes: int | None) -> None:
         limit_bytes = limit_bytes or None
@@ -148,15 +150,14 @@ class WekaQuotaModel(QuotaModel):
         await asyncio.to_thread(rmdir_scope, path)
 
 
-def _quota_object(data_body: Any) -> dict[str, Any] | None:
-    """``data`` is the quota object itself or ``{quota_id: object}``; empty means "no quota"."""
-    data = data_body.get("data") if isinstance(data_body, dict) else None
-    if not isinstance(data, dict) or not data:
+def _quota_object(f: Fields, body: Any) -> dict[str, Any] | None:
+    """``data`` is the quota object itself or ``{quota_id: object}``; null or empty means "no quota"."""
+    if not f.field(body, "data"):
         return None
+    data = f.field(body, "data", kind=dict)
     if "hard_limit_bytes" in data or "used_bytes" in data:
         return data
-    inner = [v for v in data.values() if isinstance(v, dict)]
-    return inner[0] if inner else None
+    return f.field(data, next(iter(data)), kind=dict)
 
 
 class WekaVolume(ApplianceVolume):
@@ -180,26 +181,25 @@ class WekaVolume(ApplianceVolume):
         return self.rest(base, WekaTokenAuth(self.opts), self.opts.weka_verify_ssl)
 
     async def discover(self) -> None:
-        op = f"look up filesystem {self.opts.weka_fs_name!r}"
-        r = await self.client.get("/fileSystems", op=op)
-        for fs in field(r.body, "data", op=op, label=self.client.label):
+        f = self.client.fields(f"look up filesystem {self.opts.weka_fs_name!r}")
+        r = await self.client.get("/fileSystems", op=f.op)
+        for fs in f.objects(r.body, "data"):
             if fs.get("name") == self.opts.weka_fs_name:
-                self.fs_uid = fs["uid"]
+                self.fs_uid = f.field(fs, "uid", kind=str)
                 return
-        raise ApplianceError(f"{self.client.label}: {op}: no such filesystem on the cluster")
+        raise ApplianceError(f"{self.client.label}: {f.op}: no such filesystem on the cluster")
 
     async def fs_usage(self) -> FSUsage:
         await self.ready()
-        op = "read filesystem capacity"
-        r = await self.client.get(f"/fileSystems/{self.fs_uid}", op=op)
-        data = field(r.body, "data", op=op, label=self.client.label)
-        return FSUsage(int(data["total_budget"]), int(data["used_total"]))
+        f = self.client.fields("read filesystem capacity")
+        r = await self.client.get(f"/fileSystems/{self.fs_uid}", op=f.op)
+        return FSUsage(f.number(r.body, "data", "total_budget"), f.number(r.body, "data", "used_total"))
 
     async def appliance_hwinfo(self) -> tuple[str, str | None, dict[str, str]]:
-        r = await self.client.get("/healthcheck", op="health check", accept=(503,))
-        text = r.body if isinstance(r.body, str) else str(r.body.get("data", r.body))
-        cluster = await self.client.get("/cluster", op="read cluster info")
-        data = cluster.body.get("data", {}) if isinstance(cluster.body, dict) else {}
+        h = self.client.fields("health check")
+        text = _health_text(h, (await self.client.get("/healthcheck", op=h.op, accept=(503,))).body)
+        c = self.client.fields("read cluster info")
+        data = c.field((await self.client.get("/cluster", op=c.op)).body, "data", kind=dict, default={})
         meta = {"cluster_name": str(data.get("name", "")), "release": str(data.get("release", ""))}
         if text.strip().lower().strip('"') == "ok":
             return "healthy", None, meta
@@ -209,13 +209,13 @@ class WekaVolume(ApplianceVolume):
         await self.ready()
         start = dt.datetime.now(dt.UTC).replace(second=0, microsecond=0) - dt.timedelta(minutes=1)
         params = [("start_time", start.strftime("%Y-%m-%dT%H:%M:%SZ"))] + [("stat", f"ops.{s}") for s in STATS]
-        op = "read performance statistics"
-        r = await self.client.get("/stats", op=op, params=params)
-        samples = field(r.body, "data", "all", "ops", op=op, label=self.client.label)
-        stats = samples[-1].get("stats", {}) if samples else {}
+        f = self.client.fields("read performance statistics")
+        r = await self.client.get("/stats", op=f.op, params=params)
+        samples = f.objects(r.body, "data", "all", "ops")
+        stats = f.field(samples[-1], "stats", kind=dict, default={}) if samples else {}
 
         def num(key: str) -> float:
-            return float(stats.get(key) or 0)
+            return f.number(stats, key, cast=float, default=0.0)  # null (no samples yet) -> 0
 
         return PerfMetric(
             int(num("READS")),
@@ -225,3 +225,8 @@ class WekaVolume(ApplianceVolume):
             num("READ_LATENCY"),
             num("WRITE_LATENCY"),
         )
+
+
+def _health_text(f: Fields, body: Any) -> str:
+    """The health check's verdict: plain text, or JSON with it in ``data`` (the shape is unverified)."""
+    return str(f.field(body, "data", default=body)) if isinstance(body, dict) else str(body)

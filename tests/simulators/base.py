@@ -4,7 +4,8 @@ Each simulator keeps its state in plain Python objects that tests may read and
 change from the test thread (simple assignments; a lock guards the fault
 queue), answers unknown routes, wrong methods, malformed bodies and bad
 credentials the way its vendor documents, and can be told to misbehave:
-answer 5xx, answer slowly, or forget every session/token it handed out.
+answer 5xx (before or after doing the work), answer slowly, answer a body of
+the wrong shape, or forget every session/token it handed out.
 """
 
 from __future__ import annotations
@@ -38,6 +39,13 @@ class Fault:
     delay: float  # ...or after sleeping this long
     times: int
     path_contains: str
+    method: str | None = None  # only requests with this method (None: any)
+    body: str | None = None  # answer this body (with ``status``) instead of the real answer
+    content_type: str = "application/json"
+    applied: bool = False  # do the work first, then answer ``status`` (a lost success)
+
+    def matches(self, method: str, path: str) -> bool:
+        return self.path_contains in path and self.method in (None, method)
 
 
 def dir_usage(path: Path) -> tuple[int, int]:
@@ -109,22 +117,43 @@ class Simulator:
 
     # -- fault injection -------------------------------------------------------------
 
-    def fail(self, status: int = 500, times: int = 1, path_contains: str = "") -> None:
+    def fail(
+        self,
+        status: int = 500,
+        times: int = 1,
+        path_contains: str = "",
+        method: str | None = None,
+        applied: bool = False,
+    ) -> None:
+        """Answer ``status``; with ``applied`` only after the request took effect (the answer is what is lost)."""
         with self._lock:
-            self._faults.append(Fault(status, 0.0, times, path_contains))
+            self._faults.append(Fault(status, 0.0, times, path_contains, method, applied=applied))
 
-    def slow(self, seconds: float, times: int = 1, path_contains: str = "") -> None:
+    def slow(self, seconds: float, times: int = 1, path_contains: str = "", method: str | None = None) -> None:
         with self._lock:
-            self._faults.append(Fault(None, seconds, times, path_contains))
+            self._faults.append(Fault(None, seconds, times, path_contains, method))
+
+    def garble(
+        self,
+        body: str = "{}",
+        content_type: str = "application/json",
+        times: int = 1,
+        path_contains: str = "",
+        method: str | None = None,
+        status: int = 200,
+    ) -> None:
+        """Answer ``body`` instead of the real answer (nothing is done): ``{}``, a text page, a wrong shape."""
+        with self._lock:
+            self._faults.append(Fault(status, 0.0, times, path_contains, method, body, content_type))
 
     def clear_faults(self) -> None:
         with self._lock:
             self._faults.clear()
 
-    def _take_fault(self, path: str) -> Fault | None:
+    def _take_fault(self, method: str, path: str) -> Fault | None:
         with self._lock:
             for f in self._faults:
-                if f.path_contains in path:
+                if f.matches(method, path):
                     f.times -= 1
                     if f.times <= 0:
                         self._faults.remove(f)
@@ -139,11 +168,20 @@ class Simulator:
     @web.middleware
     async def _middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:
         self.calls.append((request.method, request.path_qs))
-        fault = self._take_fault(request.path_qs)
-        if fault is not None:
-            if fault.status is not None:
-                return self.error(fault.status, f"injected failure {fault.status}", None)
-            await asyncio.sleep(fault.delay)
+        fault = self._take_fault(request.method, request.path_qs)
+        if fault is None:
+            return await self._handle(request, handler)
+        if fault.body is not None:
+            return web.Response(status=fault.status or 200, text=fault.body, content_type=fault.content_type)
+        if fault.applied and fault.status is not None:
+            await self._handle(request, handler)
+            return self.error(fault.status, f"injected failure {fault.status} after applying the request", None)
+        if fault.status is not None:
+            return self.error(fault.status, f"injected failure {fault.status}", None)
+        await asyncio.sleep(fault.delay)
+        return await self._handle(request, handler)
+
+    async def _handle(self, request: web.Request, handler: Any) -> web.StreamResponse:
         try:
             routing = request.match_info.http_exception
             if routing is not None:

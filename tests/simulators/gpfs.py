@@ -40,6 +40,7 @@ class GpfsSimulator(Simulator):
         self.credentials = (username, password)
         self.fs_name = fs_name
         self.filesets: dict[str, dict[str, Any]] = {}
+        self.owners: dict[str, str | None] = {}  # fileset -> the "uid:gid" it was created with
         self.limits_kib: dict[str, int] = {}  # fileset -> block limit (KiB), 0 = none
         self.jobs: dict[int, dict[str, Any]] = {}
         self.job_polls = 1
@@ -173,6 +174,7 @@ class GpfsSimulator(Simulator):
             if "owner" in body and os.geteuid() == 0:
                 uid, gid = (int(x) for x in str(body["owner"]).split(":"))
                 os.chown(path, uid, gid)
+            self.owners[name] = body.get("owner")
             self.filesets[name] = {
                 "filesetName": name,
                 "filesystemName": self.fs_name,
@@ -201,6 +203,7 @@ class GpfsSimulator(Simulator):
             if path.exists():
                 path.rmdir()
             del self.filesets[name]
+            self.owners.pop(name, None)
             self.limits_kib.pop(name, None)
 
         return self._job(request, unlink_and_delete, f"delete fileset {name}")

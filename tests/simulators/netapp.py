@@ -48,6 +48,7 @@ class NetappSimulator(Simulator):
         self.size = 50 * 2**30
         self.state = "online"
         self.quota_enabled = False
+        self.volume_patches: list[dict[str, Any]] = []  # bodies of PATCH /storage/volumes/{uuid}, flattened
         self.qtrees: dict[str, int] = {}  # name -> id
         self.rules: dict[str, dict[str, Any]] = {}  # uuid -> rule (flat keys)
         self.jobs: dict[str, dict[str, Any]] = {}
@@ -169,6 +170,7 @@ class NetappSimulator(Simulator):
     async def volume_patch(self, request: web.Request) -> web.Response:
         self._vol(request.match_info["uuid"])
         body = check_fields(flatten(await json_body(request)), set(), {"quota.enabled", "comment"})
+        self.volume_patches.append(body)
         enable = body.get("quota.enabled")
 
         def apply() -> None:

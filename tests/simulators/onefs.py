@@ -49,6 +49,7 @@ class OnefsSimulator(Simulator):
                 "name": "s210_pool",
                 "type": "nodepool",
                 "lnns": [1, 2, 3],
+                "health_flags": [],  # empty = healthy; only node pools carry the field
                 "usage": {"total_bytes": str(30 * 2**40), "used_bytes": str(12 * 2**40)},
             },
             {
@@ -56,6 +57,7 @@ class OnefsSimulator(Simulator):
                 "name": "x410_pool",
                 "type": "nodepool",
                 "lnns": [4, 5],
+                "health_flags": [],
                 "usage": {"total_bytes": str(50 * 2**40), "used_bytes": str(5 * 2**40)},
             },
             {

@@ -21,6 +21,10 @@ class PureSimulator(Simulator):
         self.fs_name = fs_name
         self.provisioned = 20 * 2**40
         self.sessions: set[str] = set()
+        self.blades = [
+            {"name": f"CH1.FB{i}", "status": "healthy", "details": None, "raw_capacity": 52 * 10**12, "progress": None}
+            for i in range(1, 8)
+        ] + [{"name": "CH1.FB8", "status": "unused", "details": None, "raw_capacity": 0, "progress": None}]
         self.perf = {
             "reads_per_sec": 120,
             "writes_per_sec": 80,
@@ -56,6 +60,7 @@ class PureSimulator(Simulator):
         r.add_get("/api/{v}/file-systems", self.file_systems)
         r.add_get("/api/{v}/file-systems/performance", self.performance)
         r.add_get("/api/{v}/arrays", self.arrays)
+        r.add_get("/api/{v}/blades", self.list_blades)
 
     async def api_version(self, request: web.Request) -> web.Response:
         return web.json_response({"versions": list(VERSIONS)})
@@ -114,3 +119,9 @@ class PureSimulator(Simulator):
         return self._page(
             [{"id": "a-0001", "name": "fb-sim", "os": "Purity//FB", "revision": "2024.1", "version": "4.1.12"}]
         )
+
+    async def list_blades(self, request: web.Request) -> web.Response:
+        extra = set(request.query) - {"names", "filter", "ids", "limit", "sort", "start", "token"}
+        if extra:
+            raise SimError(400, f"unknown query parameter(s): {', '.join(sorted(extra))}")
+        return self._page(self.blades)

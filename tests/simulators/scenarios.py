@@ -218,3 +218,60 @@ def metric(env: VendorEnv) -> dict[str, Any]:
     r = env.call("GET", "/volume/performance-metric")
     assert r.status_code == 200, r.text
     return r.json()["metric"]
+
+
+# -- answers of the wrong shape ---------------------------------------------------------
+
+HTML_PAGE = "<html><body><h1>502 Bad Gateway</h1></body></html>"  # what a proxy in front answers
+
+PROBES: dict[str, Callable[[VendorEnv, str], httpx.Response]] = {
+    "describe": lambda env, qsid: env.call("GET", "/quota-scope", qsid=qsid),
+    "set-limit": lambda env, qsid: env.call("PATCH", "/quota-scope", qsid=qsid, options={"limit_bytes": 3 * 2**20}),
+    "fs-usage": lambda env, qsid: env.call("GET", "/folder/fs-usage"),
+    "metric": lambda env, qsid: env.call("GET", "/volume/performance-metric"),
+}
+
+
+@dataclass(frozen=True)
+class Garbled:
+    """One answer replaced by ``body`` while ``probe`` runs; ``QSID`` in ``body`` and ``op`` is the scope's id."""
+
+    probe: str  # a PROBES key, or "hwinfo"
+    path_contains: str
+    body: str
+    op: str  # words of the operation the message must name
+    words: str  # what the message must say about the answer
+    method: str = "GET"
+    status: int = 200
+    content_type: str = "application/json"
+
+    def arm(self, sim: Simulator, qsid: str) -> None:
+        body = self.body.replace("QSID", qsid)
+        sim.garble(body, self.content_type, path_contains=self.path_contains, method=self.method, status=self.status)
+
+
+def garbled_case_id(case: Garbled) -> str:
+    return f"{case.probe}-{case.method}{case.path_contains}-{case.words}".replace(" ", "_")
+
+
+def malformed_answer(env: VendorEnv, case: Garbled, qsid: str, appliance: str) -> None:
+    """A wrong-shaped answer is a clean 502 naming the appliance, the operation and what was off - no crash.
+
+    hwinfo stays a 200 and reports the appliance degraded with that same message.
+    """
+    case.arm(env.sim, qsid)
+    try:
+        r = env.call("GET", "/volume/hwinfo") if case.probe == "hwinfo" else PROBES[case.probe](env, qsid)
+    finally:
+        env.sim.clear_faults()
+    assert "Traceback" not in r.text
+    if case.probe == "hwinfo":
+        assert r.status_code == 200, r.text
+        assert r.json()["status"] == "degraded", r.text
+        msg = r.json()["status_info"]
+    else:
+        assert r.status_code == 502, r.text
+        msg = r.json()["msg"]
+    op = case.op.replace("QSID", qsid)
+    assert appliance in msg and op in msg and "unexpected answer" in msg and case.words in msg, msg
+    assert_clean_log(env.agent)
