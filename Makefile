@@ -25,9 +25,16 @@ unit:
 conformance:
 	$(PY) tests/run_conformance.py --shared $(SHARED)
 
-bench: deps
+# every benchmark prints its own table of ratios; the full set takes about an hour on 2 cores
+bench: test-deps
 	$(PY) bench/usage_api_bench.py
-	$(PY) bench/usage_bench.py
+	$(PY) bench/usage_bench.py --sizes 10k,100k,1m --shapes wide,deep --cold
+	$(PY) bench/usage_walk_bench.py
+	$(PY) bench/transfer_bench.py
+	$(PY) bench/btrfs_bench.py
+	$(PY) bench/view_bench.py
+	$(PY) bench/migrate_bench.py
+	$(PY) bench/load_bench.py
 
 # dist/storage-agent_<version>_<arch>.deb (dpkg-buildpackage from packaging/debian, then lintian)
 deb:
