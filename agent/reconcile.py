@@ -2,15 +2,19 @@
 
 A vfolder directory on disk that the catalogue does not know is adopted; one
 the catalogue knows but that is gone from disk is marked missing (and logged),
-never silently forgotten. Leftovers of interrupted work (clone and trash
-directories under a scope's staging area, jobs still marked running) are
-cleaned up.
+never silently forgotten -- unless its tree is found in the scope's staging
+area as the trash of a delete the restart interrupted (same inode as the root
+the last usage scan recorded): that delete is finished instead. Leftovers of
+interrupted work (clone and trash directories under a scope's staging area,
+jobs still marked running) are cleaned up; a clone whose destination was
+already published when the agent stopped is recorded as done.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from dataclasses import dataclass, field
 
 from backends.base import Volume
@@ -28,6 +32,22 @@ class Report:
     missing_scopes: list[str] = field(default_factory=list)
     missing_vfolders: list[str] = field(default_factory=list)
     swept: list[str] = field(default_factory=list)
+    finished_deletes: list[str] = field(default_factory=list)
+    finished_clones: list[str] = field(default_factory=list)
+
+
+def _trash_inodes(vol: MountedVolume, qsid: str) -> set[int]:
+    """Inodes of the trees interrupted deletes left in a scope's staging area (``trash-*``)."""
+    staging = vol.staging_path(qsid)
+    found = set()
+    try:
+        with os.scandir(staging) as it:
+            for e in it:
+                if e.name.startswith("trash-") and e.is_dir(follow_symlinks=False):
+                    found.add(e.stat(follow_symlinks=False).st_ino)
+    except (FileNotFoundError, NotADirectoryError):
+        pass
+    return found
 
 
 def _sweep_staging(vol: MountedVolume, qsid: str, keep: set[str]) -> list[str]:
@@ -67,14 +87,28 @@ async def reconcile(catalog: Catalog, vol: Volume, *, keep_staged: set[str] | No
             if await catalog.add_vfolder(vol.name, vfid.qsid, vfid.hex):
                 report.adopted_vfolders.append(str(vfid))
         if isinstance(vol, MountedVolume):
+            trash = await asyncio.to_thread(_trash_inodes, vol, qsid)
+            if trash:
+                gone = {r.folder_id for k, r in known_vfolders.items() if r.qsid == qsid and k not in on_disk}
+                roots = await catalog.vfolder_root_inodes(vol.name, qsid)
+                for folder_id in sorted(gone):
+                    if roots.get(folder_id) in trash:
+                        await catalog.remove_vfolder(vol.name, qsid, folder_id)
+                        report.finished_deletes.append(f"{qsid}/{folder_id}")
             report.swept += await asyncio.to_thread(_sweep_staging, vol, qsid, keep_staged or set())
     for key, row in known_vfolders.items():
-        if key not in on_disk and row.state != "missing":
+        if key not in on_disk and row.state != "missing" and key not in report.finished_deletes:
             await catalog.mark_vfolder_missing(vol.name, row.qsid, row.folder_id)
             report.missing_vfolders.append(key)
 
     for job in await catalog.running_jobs():
-        if job.volume == vol.name:
+        if job.volume != vol.name:
+            continue
+        dst = job.params.get("dst") if job.kind == "clone" else None
+        if dst is not None and dst in on_disk:  # published before the stop: only the bookkeeping was left
+            await catalog.finish_job(job.id)
+            report.finished_clones.append(f"{job.params.get('src')} -> {dst}")
+        else:
             await catalog.finish_job(job.id, error="interrupted by an agent restart; staged work was removed")
 
     if report.adopted_scopes or report.adopted_vfolders:
@@ -88,6 +122,10 @@ async def reconcile(catalog: Catalog, vol: Volume, *, keep_staged: set[str] | No
         log.warning("volume %s: quota scope %s is in the catalogue but gone from disk; marked missing", vol.name, key)
     for key in report.missing_vfolders:
         log.warning("volume %s: vfolder %s is in the catalogue but gone from disk; marked missing", vol.name, key)
+    for key in report.finished_deletes:
+        log.info("volume %s: the delete of vfolder %s was interrupted by the restart; finished it", vol.name, key)
+    for what in report.finished_clones:
+        log.info("volume %s: clone %s was complete on disk when the agent stopped; recorded it", vol.name, what)
     if report.swept:
         log.info(
             "volume %s: removed %d leftover(s) of interrupted work: %s",

@@ -16,11 +16,12 @@ from aiohttp import web
 from agent.app import client_app, manager_app
 from agent.config import Config, ConfigError, Listener
 from agent.context import Agent
-from agent.reconcile import reconcile
+from agent.reconcile import Report, reconcile
 from agent.services import factories
 from backends import build_volume
-from backends.base import Volume
+from backends.base import Capability, Volume
 from catalog import Catalog
+from catalog.recovery import LOST
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,43 @@ def _ssl_context(listener: Listener) -> ssl.SSLContext | None:
     return ctx
 
 
+def _report_new_catalogue(catalog: Catalog, volumes: dict[str, Volume], reports: dict[str, Report]) -> None:
+    """One line for a catalogue started from nothing: a WARNING naming what was lost when that was not a first start.
+
+    A corrupt file was renamed aside by :meth:`Catalog.open_or_rebuild`; a deleted one is noticed because
+    the volumes hold scopes or vfolders a new catalogue does not know. Either way the start-up
+    reconciliation has just adopted what is on disk and the usage engine rescans it.
+    """
+    recovery = catalog.recovery
+    path = catalog.db.path
+    if recovery is None and not catalog.created:
+        return
+    scopes = sum(len(r.adopted_scopes) for r in reports.values())
+    vfolders = sum(len(r.adopted_vfolders) for r in reports.values())
+    rebuilt = (
+        f"rebuilt from disk: {scopes} quota scope(s) and {vfolders} vfolder(s) on volume(s) "
+        f"{', '.join(sorted(reports)) or '(none served)'}; usage is being rescanned"
+    )
+    lost = list(LOST)
+    only_here = sorted(n for n, v in volumes.items() if Capability.QUOTA not in v.capabilities)
+    if only_here:
+        lost.insert(1, f"quota limits of volume(s) {', '.join(only_here)}, whose backend keeps them only in "
+                       "the catalogue (set them again)")
+    if recovery is not None and recovery.corrupt:
+        log.warning(
+            "catalogue %s is corrupt (%s): kept it as %s and started a new one, %s. Lost with the old catalogue: %s",
+            path, recovery.reason, ", ".join(str(p) for p in recovery.kept), rebuilt, "; ".join(lost),
+        )
+    elif scopes or vfolders:
+        how = "did not exist" if recovery is not None else "was empty"
+        log.warning(
+            "catalogue %s %s (deleted?) but the volumes hold data: started a new one, %s. If a catalogue existed "
+            "before, what only it held is lost: %s", path, how, rebuilt, "; ".join(lost),
+        )
+    else:
+        log.info("catalogue %s is new", path)
+
+
 def _raise_fd_limit() -> None:
     """fd-based tree walks keep two descriptors per directory level open."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -56,7 +94,7 @@ async def start(config: Config) -> tuple[Agent, list[web.AppRunner], Bound]:
     ignored = config.ignored_keys()
     if ignored:
         log.info("ignoring config keys storage-agent does not use: %s", ", ".join(ignored))
-    catalog = await Catalog.open(config.catalog.path)
+    catalog = await Catalog.open_or_rebuild(config.catalog.path)
     log.info("catalogue %s at schema version %d", config.catalog.path, await catalog.schema_version())
     volumes: dict[str, Volume] = {}
     for name, vc in config.volume.items():
@@ -66,6 +104,7 @@ async def start(config: Config) -> tuple[Agent, list[web.AppRunner], Bound]:
             raise ConfigError(f"[volume.{name}]: {e}") from None
     agent = Agent(config=config, catalog=catalog, volumes=volumes)
     keep = {f"upload-{s.session_id}" for s in await catalog.upload_sessions()}
+    reports: dict[str, Report] = {}
     for vol in volumes.values():
         await vol.init()
         state = agent.refresh_state(vol)
@@ -75,8 +114,9 @@ async def start(config: Config) -> tuple[Agent, list[web.AppRunner], Bound]:
         if not state.serving:
             log.error("volume %s is NOT served: %s", vol.name, state.info)
             continue
-        await reconcile(catalog, vol, keep_staged=keep)
+        reports[vol.name] = await reconcile(catalog, vol, keep_staged=keep)
         log.info("volume %s (%s) at %s: serving", vol.name, vol.backend, vol.root)
+    _report_new_catalogue(catalog, volumes, reports)
 
     for factory in factories():
         service = factory(agent)

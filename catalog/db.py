@@ -25,6 +25,14 @@ class CatalogError(Exception):
     """The catalogue file cannot be used (newer schema, unreadable, corrupt)."""
 
 
+class CatalogCorrupt(CatalogError):
+    """The catalogue file itself is damaged or is not a SQLite database (``serve`` sets it aside)."""
+
+    def __init__(self, message: str, detail: str) -> None:
+        super().__init__(message)
+        self.detail = detail  # what SQLite said, without the path
+
+
 def _engine(path: Path, *, readonly: bool, begin: str) -> AsyncEngine:
     if readonly:
         url = f"sqlite+aiosqlite:///file:{path}?mode=ro&uri=true"
@@ -111,8 +119,16 @@ class Database:
 
 
 async def check_integrity(db: Database) -> str:
+    """``ok``, or the first problems ``PRAGMA quick_check`` found (it lists up to 100 rows).
+
+    quick_check reads every page once but skips the index-content cross-checks of a full
+    integrity_check, so it stays linear and cheap enough for every start.
+    """
     async with db.read() as conn:
-        return (await conn.execute(sa.text("PRAGMA quick_check"))).scalar_one()
+        rows = list((await conn.execute(sa.text("PRAGMA quick_check"))).scalars())
+    if rows == ["ok"]:
+        return "ok"
+    return "; ".join(str(r) for r in rows[:3]) + (f" (and {len(rows) - 3} more)" if len(rows) > 3 else "")
 
 
-__all__ = ["BUSY_TIMEOUT_MS", "CatalogError", "Database", "check_integrity"]
+__all__ = ["BUSY_TIMEOUT_MS", "CatalogCorrupt", "CatalogError", "Database", "check_integrity"]

@@ -7,6 +7,7 @@ database code (the Datasette split).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -17,14 +18,17 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.dialects.sqlite import insert
 
-from catalog.db import CatalogError, Database, check_integrity
+from catalog.db import BUSY_TIMEOUT_MS, CatalogCorrupt, CatalogError, Database, check_integrity
 from catalog.migrations import SCHEMA_VERSION
+from catalog.recovery import Recovery, find_corruption, is_corruption, orphan_companions, set_aside
 from catalog.schema import (
     dir_usage,
     jobs,
     quota_scopes,
     scope_usage,
     upload_sessions,
+    usage_dirs,
+    usage_vfolders,
     vfolder_metadata,
     vfolder_usage,
     vfolders,
@@ -109,19 +113,36 @@ class Catalog:
 
     def __init__(self, db: Database) -> None:
         self.db = db
+        self.upgraded_from: int | None = None  # the schema version found at open (0: a new, empty file)
+        self.recovery: Recovery | None = None  # set by open_or_rebuild when the old file was unusable
+
+    @property
+    def created(self) -> bool:
+        """Whether this run started the catalogue from nothing (a new, deleted or set-aside file)."""
+        return self.upgraded_from == 0
 
     @classmethod
-    async def open(cls, path: str | Path, *, readonly: bool = False, upgrade: bool = True) -> Catalog:
+    async def open(
+        cls, path: str | Path, *, readonly: bool = False, upgrade: bool = True, check: bool = True
+    ) -> Catalog:
+        """Open (and upgrade) the catalogue; :class:`CatalogCorrupt` if the file is damaged.
+
+        ``check``: run ``PRAGMA quick_check`` first (writable opens; the caller may have run it already).
+        """
         path = Path(path)
         if not readonly:
             path.parent.mkdir(parents=True, exist_ok=True)
         db = Database(path, readonly=readonly)
+        found: int | None = None
         try:
             if not readonly:
-                if await check_integrity(db) != "ok":
-                    raise CatalogError(f"catalogue {path} failed its integrity check")
+                problems = await check_integrity(db) if check else "ok"
+                if problems != "ok":
+                    raise CatalogCorrupt(
+                        f"catalogue {path} failed its integrity check: {problems}", f"quick_check: {problems}"
+                    )
                 if upgrade:
-                    await db.upgrade()
+                    found, _ = await db.upgrade()
             elif await db.schema_version() < SCHEMA_VERSION:
                 raise CatalogError(f"catalogue {path} is older than schema version {SCHEMA_VERSION}; start serve once")
         except CatalogError:
@@ -129,8 +150,43 @@ class Catalog:
             raise
         except sa.exc.DBAPIError as e:
             await db.close()
+            if is_corruption(e.orig):
+                raise CatalogCorrupt(f"catalogue {path} cannot be opened: {e.orig}", str(e.orig)) from e
             raise CatalogError(f"catalogue {path} cannot be opened: {e.orig}") from e
-        return cls(db)
+        catalog = cls(db)
+        catalog.upgraded_from = found
+        return catalog
+
+    @classmethod
+    async def open_or_rebuild(cls, path: str | Path) -> Catalog:
+        """Open for ``serve``: a corrupt file is renamed aside and a new, empty catalogue started.
+
+        ``recovery`` on the result says what happened (``None``: the file was there and usable); the
+        caller rebuilds what is on disk and logs what was lost. Every other :class:`CatalogError`
+        (permissions, locks, a newer schema) is raised unchanged: nothing is moved.
+        """
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        missing, orphans = await asyncio.to_thread(orphan_companions, path)
+        problem = None if missing else await asyncio.to_thread(find_corruption, path, BUSY_TIMEOUT_MS)
+        if problem is None:
+            try:
+                catalog = await cls.open(path, check=False)
+            except CatalogCorrupt as e:  # found only by the writer (e.g. while upgrading)
+                problem = e.detail
+            else:
+                if missing and catalog.created:
+                    catalog.recovery = Recovery(path, "missing", orphans)
+                return catalog
+        try:
+            kept = await asyncio.to_thread(set_aside, path, "corrupt")
+        except OSError as e:
+            raise CatalogError(
+                f"catalogue {path} is corrupt ({problem}) and could not be moved aside: {e.strerror or e}"
+            ) from None
+        catalog = await cls.open(path)
+        catalog.recovery = Recovery(path, problem, kept)
+        return catalog
 
     async def close(self) -> None:
         await self.db.close()
@@ -263,6 +319,20 @@ class Catalog:
         async with self.db.read() as conn:
             stmt = sa.select(sa.func.count()).select_from(vfolders).where(_qs_key(vfolders, volume, qsid))
             return (await conn.execute(stmt)).scalar_one()
+
+    async def vfolder_root_inodes(self, volume: str, qsid: str) -> dict[str, int]:
+        """The inode of each vfolder root as the last usage scan saw it (folder_id -> st_ino).
+
+        A rename keeps the inode, so start-up reconciliation can tell a vfolder whose delete was
+        interrupted (its tree moved into the staging area) from one removed behind the agent's back.
+        """
+        stmt = (
+            sa.select(usage_vfolders.c.folder_id, usage_dirs.c.ino)
+            .join(usage_dirs, usage_dirs.c.vf == usage_vfolders.c.id)
+            .where(usage_vfolders.c.volume == volume, usage_vfolders.c.qsid == qsid, usage_dirs.c.relpath == "")
+        )
+        async with self.db.read() as conn:
+            return {r.folder_id: r.ino for r in await conn.execute(stmt)}
 
     async def mark_vfolder_missing(self, volume: str, qsid: str, folder_id: str) -> None:
         async with self.db.write() as conn:
