@@ -10,6 +10,8 @@ import errno
 import json
 import os
 import stat
+import subprocess
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,6 +23,7 @@ pyfuse3 = pytest.importorskip("pyfuse3", reason="the view needs pyfuse3 (extra '
 import trio  # noqa: E402
 
 from agent.config import ViewConfig  # noqa: E402
+from agent.view import fs as view_fs  # noqa: E402
 from agent.view import mounts  # noqa: E402
 from agent.view.fs import ViewFS  # noqa: E402
 from agent.view.links import OUTSIDE, shown_target  # noqa: E402
@@ -236,3 +239,109 @@ async def test_new_scopes_appear_and_scope_filter(world: dict[str, Any]) -> None
             os.stat(local / "hidden")
 
     await _mounted(world, check, ViewConfig.model_validate({"scopes": [QS, "team-b"]}))
+
+
+def _sh(*argv: str) -> str:
+    return subprocess.run(argv, capture_output=True, text=True, timeout=30, check=True).stdout
+
+
+@pytest.mark.trio
+async def test_hard_links_are_one_file(world: dict[str, Any]) -> None:
+    ready = world["ready"]
+    os.link(ready / "data" / "blob.bin", ready / "blob-again.bin")
+    (ready / "sub").mkdir()
+    os.link(ready / "data" / "blob.bin", ready / "sub" / "third.bin")
+
+    def check(fs: ViewFS) -> None:
+        view = world["mnt"] / "local" / QS / str(READY)
+        # du and cp -a count a file by (st_dev, st_ino): through the view as on the volume
+        assert _sh("du", "-sb", str(view)).split()[0] == _sh("du", "-sb", str(ready)).split()[0]
+        assert _sh("du", "-s", "-B1", str(view)).split()[0] == _sh("du", "-s", "-B1", str(ready)).split()[0]
+        names = ("data/blob.bin", "blob-again.bin", "sub/third.bin")
+        seen = [os.lstat(view / n) for n in names]  # found by lookup (the listings above were READDIRPLUS)
+        assert len({st.st_ino for st in seen}) == 1 and all(st.st_nlink == 3 for st in seen)
+        listed = {e.name: e.inode() for e in os.scandir(view)}
+        assert listed["blob-again.bin"] == seen[0].st_ino
+        copy = world["mnt"].parent / "copied"
+        _sh("cp", "-a", str(view), str(copy))
+        assert os.stat(copy / "blob-again.bin").st_ino == os.stat(copy / "data" / "blob.bin").st_ino
+        assert (copy / "sub" / "third.bin").read_bytes() == (ready / "data" / "blob.bin").read_bytes()
+        # the name a linked file was last seen under goes away: it is still there under the others
+        os.unlink(ready / "sub" / "third.bin")
+        assert (view / "blob-again.bin").read_bytes() == (ready / "data" / "blob.bin").read_bytes()
+
+    await _mounted(world, check)
+
+
+@pytest.mark.trio
+async def test_hard_linked_symlink_keeps_each_names_confinement(world: dict[str, Any]) -> None:
+    ready = world["ready"]
+    os.symlink("../small.txt", ready / "data" / "up2")
+    os.link(ready / "data" / "up2", ready / "up2-at-root", follow_symlinks=False)  # the same inode, one level up
+
+    def check(fs: ViewFS) -> None:
+        view = world["mnt"] / "local" / QS / str(READY)
+        assert os.readlink(view / "data" / "up2") == "../small.txt"
+        assert (view / "data" / "up2").read_text() == "hello view\n"
+        # from the vfolder root the same text would climb out: shown as a dead end, as any such link
+        assert os.readlink(view / "up2-at-root") == f"../{OUTSIDE}/../small.txt"
+        assert not os.path.exists(view / "up2-at-root")
+        assert os.readlink(view / "data" / "up2") == "../small.txt"  # and the first name is unchanged
+
+    await _mounted(world, check)
+
+
+@pytest.mark.trio
+async def test_changes_show_through_the_caches(world: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(view_fs, "TTL_REAL", 0.3)
+    ready = world["ready"]
+
+    def check(fs: ViewFS) -> None:
+        view = world["mnt"] / "local" / QS / str(READY)
+        small = view / "small.txt"
+        assert small.read_text() == "hello view\n"
+        before = sorted(os.listdir(view))
+        assert sorted(os.listdir(view)) == before and fs.listings  # the second listing came from the kept one
+        # a new or removed name shows at once: a kept listing serves only while its directory is unchanged
+        time.sleep(0.02)  # past the directory's last change, for filesystems with coarse timestamps
+        (ready / "new.txt").write_text("new\n")
+        assert sorted(os.listdir(view)) == sorted([*before, "new.txt"])
+        assert (view / "new.txt").read_text() == "new\n"
+        time.sleep(0.02)
+        os.unlink(ready / "new.txt")
+        assert sorted(os.listdir(view)) == before
+        # kept pages (keep_cache) are dropped once refreshed attributes show another size or mtime
+        (ready / "small.txt").write_text("HELLO VIEW\n")  # same size, new mtime
+        time.sleep(0.5)
+        assert small.read_text() == "HELLO VIEW\n"
+        (ready / "small.txt").write_text("hello view, now longer\n")
+        time.sleep(0.5)
+        assert small.read_text() == "hello view, now longer\n"
+        assert os.stat(small).st_size == len("hello view, now longer\n")
+
+    await _mounted(world, check)
+
+
+@pytest.mark.trio
+async def test_walks_with_a_tiny_listing_cache(world: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(view_fs, "LISTING_CACHE_ENTRIES", 3)  # every listing pushes the others out
+    monkeypatch.setattr(view_fs, "TTL_REAL", 0.2)
+    ready = world["ready"]
+    for i in range(40):
+        (ready / "data" / f"n{i:02d}").write_bytes(b"x" * i)
+
+    def check(fs: ViewFS) -> None:
+        view = world["mnt"] / "local" / QS / str(READY)
+        for _ in range(3):
+            assert _tree(view) == _tree(ready)
+            for rel in _tree(ready):
+                real, shown = os.lstat(ready / rel), os.lstat(view / rel)
+                assert (shown.st_mode, shown.st_size, shown.st_mtime_ns) == (
+                    real.st_mode, real.st_size, real.st_mtime_ns
+                ), rel
+            time.sleep(0.25)
+        # read on the trio thread: a FORGET from the kernel may change the listings meanwhile
+        listed, held = trio.from_thread.run_sync(lambda: (fs.listed, sum(len(x.names) for x in fs.listings.values())))
+        assert listed <= 3 and listed == held
+
+    await _mounted(world, check)

@@ -74,6 +74,7 @@ def test_view_through_serve(viewed: tuple[AgentProcess, Path]) -> None:
         (real / rel).parent.mkdir(parents=True, exist_ok=True)
         (real / rel).write_bytes(data)
     os.symlink("/etc/passwd", real / "passwd")
+    os.link(real / "deep/b.bin", real / "deep/er/b-again.bin")  # du through the view counts it once, as du does
 
     view = mnt / "local" / qsid / str(folder)
     _wait("the new vfolder in the view", lambda: view.is_dir())  # new scopes show up without a restart
@@ -112,6 +113,15 @@ def test_view_through_serve(viewed: tuple[AgentProcess, Path]) -> None:
         == (str(answer["used_bytes"]), str(answer["file_count"])),
     )
     assert figures()["state"] == "ready"
+
+    # allocated bytes beside the files = what the manager is told a vfolder uses (GET /folder/used-bytes)
+    def allocated_matches() -> bool:
+        r = api.request("GET", "/folder/used-bytes", json={"volume": "local", "vfid": vfid})
+        assert r.status_code == 200, r.text
+        return figures().get("allocated_bytes") == str(r.json()["used_bytes"])
+
+    _wait("getfattr allocated_bytes to match GET /folder/used-bytes", allocated_matches)
+    assert int(figures()["allocated_bytes"]) > 0
 
     # every write path is refused
     for attempt in (

@@ -5,7 +5,20 @@ with ``openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)`` (the kernel refuses any
 walk that leaves the root or crosses a symlink) and stat'ed with
 ``AT_SYMLINK_NOFOLLOW``; a symlink is shown as a link whose text never leads
 out (:mod:`agent.view.links`). Inode numbers are the view's own, handed out per
-(vfolder, path) and dropped when the kernel forgets them.
+(vfolder, path) and dropped when the kernel forgets them; a regular file with
+more than one link gets one per (vfolder, st_dev, st_ino) instead, so that
+``du`` and ``cp -a`` through the view see its names as one file.
+
+Costs, per operation: the kernel asks with READDIRPLUS (pyfuse3 always enables
+it), so ``ls -l`` and ``find`` get every entry's attributes with the listing and
+send no LOOKUP per entry. A directory read is kept (:class:`Listing`: names,
+prebuilt attributes, nodes) for :data:`TTL_REAL` seconds and reused while the
+directory's own mtime/ctime are unchanged, so a repeated walk costs no ``stat``
+per entry; attributes handed out from it carry only the time they have left, so
+the kernel never holds one longer than :data:`TTL_REAL` after it was read. Files
+are opened with ``keep_cache``: the kernel keeps their pages across opens and
+drops them when a refreshed size or mtime differs (libfuse 3 asks for
+``FUSE_CAP_AUTO_INVAL_DATA`` by default and pyfuse3 does not clear it).
 """
 
 from __future__ import annotations
@@ -42,13 +55,20 @@ TTL_VIRTUAL = 1.0  # catalogue-made directories: new scopes and vfolders show up
 BENEATH = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS
 _BLOB_BASE = 1 << 40  # file handles of virtual files, above any file descriptor
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT
+LINK_NAMES = 8  # other names remembered per hard-linked file, tried when the last one seen is gone
+LISTING_CACHE_ENTRIES = 250_000  # entries of directories read in the last TTL_REAL s kept (~0.4 KiB each)
 
 
 class Node:
-    __slots__ = ("ino", "kind", "volume", "qsid", "fid", "relpath", "lookups")
+    """One inode of the view. ``key`` finds it again: (kind, volume, qsid, fid, relpath) for most nodes,
+    (REAL, volume, qsid, fid, st_dev, st_ino) for a hard-linked regular file (``link``), whose ``relpath``
+    is then the last name it was seen under and ``names`` the others it was seen under lately."""
+
+    __slots__ = ("ino", "kind", "volume", "qsid", "fid", "relpath", "lookups", "key", "link", "names")
 
     def __init__(
-        self, ino: int, kind: int, volume: str = "", qsid: str = "", fid: str = "", relpath: str = "."
+        self, ino: int, kind: int, volume: str = "", qsid: str = "", fid: str = "", relpath: str = ".",
+        key: tuple[object, ...] | None = None, link: tuple[int, int] | None = None,
     ) -> None:
         self.ino = ino
         self.kind = kind
@@ -57,10 +77,9 @@ class Node:
         self.fid = fid
         self.relpath = relpath
         self.lookups = 0
-
-    @property
-    def key(self) -> tuple[object, ...]:
-        return (self.kind, self.volume, self.qsid, self.fid, self.relpath)
+        self.key = key if key is not None else (kind, volume, qsid, fid, relpath)
+        self.link = link
+        self.names: list[str] = []
 
     def child_relpath(self, name: str) -> str:
         return name if self.relpath == "." else f"{self.relpath}/{name}"
@@ -92,6 +111,24 @@ class Snapshot:
         return snap
 
 
+class Listing:
+    """A directory's entries as READDIRPLUS sends them: encoded names, prebuilt attributes, nodes.
+
+    ``stamp`` is the directory's (st_dev, st_ino, st_mtime_ns, st_ctime_ns) taken before it was read, and
+    ``expires`` the monotonic time until which it may be reused; a catalogue-made directory has no stamp
+    and is built anew at each opendir.
+    """
+
+    __slots__ = ("stamp", "expires", "names", "attrs", "nodes")
+
+    def __init__(self, stamp: tuple[int, ...] | None = None, expires: float = 0.0) -> None:
+        self.stamp = stamp
+        self.expires = expires
+        self.names: list[bytes] = []
+        self.attrs: list[pyfuse3.EntryAttributes] = []
+        self.nodes: list[Node] = []
+
+
 def _fail(err: int) -> pyfuse3.FUSEError:
     return pyfuse3.FUSEError(err)
 
@@ -115,11 +152,12 @@ class ViewFS(pyfuse3.Operations):
         self.by_key: dict[tuple[object, ...], Node] = {}
         self.next_ino = pyfuse3.ROOT_INODE + 1
         self.roots: dict[tuple[str, str, str], VFolderRoot | None] = {}
-        self.dirs: dict[int, list[tuple[str, Node | None, object]]] = {}
+        self.dirs: dict[int, Listing] = {}  # open directory handles
+        self.listings: dict[int, Listing] = {}  # directory inode -> its last listing, oldest first
+        self.listed = 0  # entries held in self.listings
         self.blobs: dict[int, bytes] = {}
         self.next_handle = _BLOB_BASE
         self._buf = bytearray(2**20)
-        self._scratch = pyfuse3.EntryAttributes()
         root = Node(pyfuse3.ROOT_INODE, ROOT)
         self.nodes[root.ino] = root
         self.by_key[root.key] = root
@@ -143,6 +181,7 @@ class ViewFS(pyfuse3.Operations):
                 if root is not None:
                     root.close()
         self.snapshot = snap
+        self._expire_listings()
 
     def close(self) -> None:
         for root in self.roots.values():
@@ -174,11 +213,42 @@ class ViewFS(pyfuse3.Operations):
         key = (kind, volume, qsid, fid, relpath)
         node = self.by_key.get(key)
         if node is None:
-            node = Node(self.next_ino, kind, volume, qsid, fid, relpath)
+            node = Node(self.next_ino, kind, volume, qsid, fid, relpath, key)
             self.next_ino += 1
             self.nodes[node.ino] = node
             self.by_key[key] = node
         return node
+
+    def _real(self, parent: Node, relpath: str, st: os.stat_result) -> Node:
+        """The node of a mirrored entry, given its lstat: a regular file with several links is one node
+        per (st_dev, st_ino) within its vfolder. Never a symlink: what a link's text may name depends on
+        the directory it sits in, so each name of a hard-linked symlink keeps its own node."""
+        if st.st_nlink > 1 and stat.S_ISREG(st.st_mode):
+            link = (st.st_dev, st.st_ino)
+            key: tuple[object, ...] = (REAL, parent.volume, parent.qsid, parent.fid, *link)
+            node = self.by_key.get(key)
+            if node is None:
+                node = Node(self.next_ino, REAL, parent.volume, parent.qsid, parent.fid, relpath, key, link)
+                self.next_ino += 1
+                self.nodes[node.ino] = node
+                self.by_key[key] = node
+            if relpath != node.relpath:
+                if node.relpath in node.names:
+                    node.names.remove(node.relpath)
+                node.names.append(node.relpath)
+                del node.names[:-LINK_NAMES]
+                node.relpath = relpath
+            return node
+        return self._node(REAL, parent.volume, parent.qsid, parent.fid, relpath)
+
+    def _revive(self, node: Node) -> Node:
+        """A node a kept listing holds but the kernel may have forgotten: the live node of its key."""
+        live = self.by_key.get(node.key)
+        if live is None:  # dropped, and nothing took its key since: bring it back with the same number
+            self.nodes[node.ino] = node
+            self.by_key[node.key] = node
+            return node
+        return live
 
     def _get(self, ino: int) -> Node:
         node = self.nodes.get(ino)
@@ -187,9 +257,11 @@ class ViewFS(pyfuse3.Operations):
         return node
 
     def _drop(self, node: Node) -> None:
-        if node.lookups <= 0 and node.kind == REAL:
-            self.nodes.pop(node.ino, None)
-            self.by_key.pop(node.key, None)
+        if node.lookups <= 0 and node.kind == REAL and self.nodes.get(node.ino) is node:
+            del self.nodes[node.ino]
+            if self.by_key.get(node.key) is node:
+                del self.by_key[node.key]
+            self._forget_listing(node.ino)
 
     def _lstat(self, node: Node) -> os.stat_result | None:
         """lstat of a mirrored entry relative to its vfolder root; None for a missing vfolder's root."""
@@ -203,17 +275,21 @@ class ViewFS(pyfuse3.Operations):
                 return None
         if root is None:
             raise _fail(errno.ENOENT)
-        head, name = node.split()
-        try:
-            if head == ".":
-                return os.stat(name, dir_fd=root.fd, follow_symlinks=False)
-            pfd = openat2(root.fd, head, os.O_PATH | os.O_DIRECTORY, BENEATH)
+        if node.link is not None:
+            return self._linked(root, node)
+        return _lstat_at(root, node.relpath)
+
+    def _linked(self, root: VFolderRoot, node: Node) -> os.stat_result:
+        """lstat of a hard-linked file under the last name it was seen under that still is that file."""
+        for relpath in (node.relpath, *reversed(node.names)):
             try:
-                return os.stat(name, dir_fd=pfd, follow_symlinks=False)
-            finally:
-                os.close(pfd)
-        except OSError as e:
-            raise _os_error(e) from None
+                st = _lstat_at(root, relpath)
+            except pyfuse3.FUSEError:
+                continue
+            if (st.st_dev, st.st_ino) == node.link:
+                node.relpath = relpath
+                return st
+        raise _fail(errno.ENOENT)
 
     def _attr(self, node: Node, st: os.stat_result | None = None) -> pyfuse3.EntryAttributes:
         e = pyfuse3.EntryAttributes()
@@ -273,12 +349,12 @@ class ViewFS(pyfuse3.Operations):
                 node = self._node(REAL, parent.volume, parent.qsid, vf.folder_id)
                 return node, self._lstat(node)
         elif parent.kind == REAL:
-            node = self._node(REAL, parent.volume, parent.qsid, parent.fid, parent.child_relpath(name))
-            try:
-                return node, self._lstat(node)
-            except pyfuse3.FUSEError:
-                self._drop(node)
-                raise
+            root = self._root(parent)
+            if root is None:
+                raise _fail(errno.ENOENT)
+            relpath = parent.child_relpath(name)
+            st = _lstat_at(root, relpath)
+            return self._real(parent, relpath, st), st
         raise _fail(errno.ENOENT)
 
     async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
@@ -319,65 +395,127 @@ class ViewFS(pyfuse3.Operations):
 
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
         node = self._get(inode)
-        entries: list[tuple[str, Node | None, object]]
-        if node.kind == ROOT:
-            entries = [(name, self._node(VOLUME, name), None) for name in sorted(self.snapshot.scopes)]
-        elif node.kind == VOLUME:
-            scopes = sorted(self.snapshot.scopes.get(node.volume, {}))
-            entries = [(q, self._node(SCOPE, node.volume, q), None) for q in scopes]
-        elif node.kind == SCOPE:
-            entries = [(USAGE_NAME, self._node(USAGE, node.volume, node.qsid), None)]
-            folders = self.snapshot.folders.get((node.volume, node.qsid), {})
-            for name in sorted(folders):
-                entries.append((name, self._node(REAL, node.volume, node.qsid, folders[name].folder_id), None))
-        elif node.kind == REAL:
-            entries = [(name, None, st) for name, st in await self._scandir(node)]
-        else:
-            raise _fail(errno.ENOTDIR)
+        listing = self._listing(node) if node.kind == REAL else self._virtual_listing(node)
         fh = self._handle()
-        self.dirs[fh] = [(name, child, st) for name, child, st in entries]
-        self.dirs[fh].insert(0, ("", node, None))  # remembers the directory itself
+        self.dirs[fh] = listing
         return fh
 
-    async def _scandir(self, node: Node) -> list[tuple[str, os.stat_result]]:
+    def _virtual_listing(self, node: Node) -> Listing:
+        children: list[tuple[str, Node]]
+        if node.kind == ROOT:
+            children = [(name, self._node(VOLUME, name)) for name in sorted(self.snapshot.scopes)]
+        elif node.kind == VOLUME:
+            scopes = sorted(self.snapshot.scopes.get(node.volume, {}))
+            children = [(q, self._node(SCOPE, node.volume, q)) for q in scopes]
+        elif node.kind == SCOPE:
+            children = [(USAGE_NAME, self._node(USAGE, node.volume, node.qsid))]
+            folders = self.snapshot.folders.get((node.volume, node.qsid), {})
+            for name in sorted(folders):
+                children.append((name, self._node(REAL, node.volume, node.qsid, folders[name].folder_id)))
+        else:
+            raise _fail(errno.ENOTDIR)
+        listing = Listing()
+        for name, child in children:
+            try:
+                attr = self._attr(child)
+            except pyfuse3.FUSEError:
+                self._drop(child)
+                continue
+            listing.names.append(os.fsencode(name))
+            listing.attrs.append(attr)
+            listing.nodes.append(child)
+        return listing
+
+    def _listing(self, node: Node) -> Listing:
+        """A mirrored directory's entries: the kept listing while the directory is unchanged and it is fresh,
+        else read anew (one lstat per entry)."""
         root = self._root(node)
         if root is None:
             if node.relpath == ".":
-                return []  # a missing vfolder is an empty directory (its xattrs say why)
+                return Listing()  # a missing vfolder is an empty directory (its xattrs say why)
             raise _fail(errno.ENOENT)
         try:
             fd = openat2(root.fd, node.relpath, os.O_RDONLY | os.O_DIRECTORY, BENEATH)
         except OSError as e:
             raise _os_error(e) from None
-        # Read here, not in a worker thread: the hand-off costs more than listing a typical directory.
-        return _list_fd(fd)
+        try:
+            now = time.monotonic()
+            st = os.fstat(fd)  # before reading: a change while it is read shows as a new stamp next time
+            stamp = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
+            kept = self.listings.get(node.ino)
+            if kept is not None:
+                if kept.stamp == stamp and kept.expires > now:
+                    return kept
+                self._forget_listing(node.ino)
+            # Read here, not in a worker thread: the hand-off costs more than listing a typical directory.
+            listing = self._read_dir(node, fd, Listing(stamp, now + TTL_REAL))
+        finally:
+            os.close(fd)
+        self._keep_listing(node.ino, listing)
+        return listing
+
+    def _read_dir(self, node: Node, fd: int, listing: Listing) -> Listing:
+        names, attrs, nodes = listing.names, listing.attrs, listing.nodes
+        prefix = "" if node.relpath == "." else node.relpath + "/"
+        base = (REAL, node.volume, node.qsid, node.fid)
+        by_key, new_attr, fill = self.by_key, pyfuse3.EntryAttributes, _fill
+        with os.scandir(fd) as it:  # scandir works on a dup: fd stays ours to close
+            for entry in it:
+                name = entry.name
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except OSError:
+                    continue  # vanished since the directory was read
+                relpath = prefix + name
+                if st.st_nlink > 1 and stat.S_ISREG(st.st_mode):
+                    child = self._real(node, relpath, st)
+                else:
+                    child = by_key.get(base + (relpath,)) or self._node(REAL, *base[1:], relpath)
+                attr = fill(new_attr(), st)
+                attr.st_ino = child.ino
+                names.append(name.encode("utf-8", "surrogateescape"))
+                attrs.append(attr)
+                nodes.append(child)
+        return listing
+
+    def _keep_listing(self, ino: int, listing: Listing) -> None:
+        self.listings[ino] = listing
+        self.listed += len(listing.names)
+        while self.listed > LISTING_CACHE_ENTRIES and self.listings:
+            self._forget_listing(next(iter(self.listings)))
+
+    def _forget_listing(self, ino: int) -> None:
+        listing = self.listings.pop(ino, None)
+        if listing is None:
+            return
+        self.listed -= len(listing.names)
+        for node in listing.nodes:
+            if node.lookups <= 0:
+                self._drop(node)  # made for the listing, never handed to the kernel (or forgotten by it)
+
+    def _expire_listings(self) -> None:
+        now = time.monotonic()
+        for ino in [ino for ino, listing in self.listings.items() if listing.expires <= now]:
+            self._forget_listing(ino)
 
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        entries = self.dirs.get(fh)
-        if entries is None:
+        listing = self.dirs.get(fh)
+        if listing is None:
             raise _fail(errno.EBADF)
-        parent = entries[0][1]
-        assert parent is not None
-        scratch = self._scratch  # readdir_reply copies the attributes at once: one object serves every entry
-        by_key, reply = self.by_key, pyfuse3.readdir_reply
-        prefix = "" if parent.relpath == "." else parent.relpath + "/"
-        for i in range(max(start_id, 0) + 1, len(entries)):
-            name, child, st = entries[i]
-            if child is None:  # a mirrored entry, stat'ed when the directory was opened (the hot path of `find`)
-                key = (REAL, parent.volume, parent.qsid, parent.fid, prefix + name)
-                child = by_key.get(key)
-                if child is None:
-                    child = self._node(*key)
-                scratch.st_ino = child.ino
-                attr = _fill(scratch, st)  # type: ignore[arg-type]
-            else:
-                try:
-                    attr = self._attr(child)
-                except pyfuse3.FUSEError:
-                    self._drop(child)
-                    continue
-            if not reply(token, os.fsencode(name), attr, i):
-                self._drop(child)
+        names, attrs, nodes = listing.names, listing.attrs, listing.nodes
+        # Kept attributes carry only the time they have left: the kernel never holds them past TTL_REAL.
+        left = max(listing.expires - time.monotonic(), 0.0) if listing.stamp is not None else None
+        reply = pyfuse3.readdir_reply
+        for i in range(max(start_id, 0), len(names)):
+            child, attr = nodes[i], attrs[i]
+            if child.lookups <= 0:  # new, or forgotten by the kernel since the listing was read
+                live = self._revive(child)
+                if live is not child:
+                    nodes[i] = child = live
+                    attr.st_ino = live.ino
+            if left is not None:
+                attr.attr_timeout = left
+            if not reply(token, names[i], attr, i + 1):
                 break
             child.lookups += 1
 
@@ -403,10 +541,19 @@ class ViewFS(pyfuse3.Operations):
         root = self._root(node)
         if root is None:
             raise _fail(errno.ENOENT)
+        if node.link is not None:
+            self._linked(root, node)  # picks a name that still is this file
         try:
             fd = openat2(root.fd, node.relpath, os.O_RDONLY, BENEATH)
         except OSError as e:
             raise _os_error(e) from None
+        if node.link is not None:
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino) != node.link:
+                os.close(fd)
+                raise _fail(errno.ENOENT)  # swapped for another file since _linked looked
+        # keep_cache: the view is read-only, so pages the kernel already holds stay good until a refreshed
+        # size or mtime says otherwise (auto_inval_data); a second read never reaches this process.
         return pyfuse3.FileInfo(fh=fd, keep_cache=True)
 
     async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:
@@ -516,16 +663,16 @@ def _fill(e: pyfuse3.EntryAttributes, st: os.stat_result) -> pyfuse3.EntryAttrib
     return e
 
 
-def _list_fd(fd: int) -> list[tuple[str, os.stat_result]]:
-    """Names and lstat results of a directory given as an fd (closed here); entries that vanish are skipped."""
-    out = []
+def _lstat_at(root: VFolderRoot, relpath: str) -> os.stat_result:
+    """lstat of ``relpath`` below a vfolder root, never crossing a symlink or leaving the root."""
+    head, _, name = relpath.rpartition("/")
     try:
-        with os.scandir(fd) as it:
-            for entry in it:
-                try:
-                    out.append((entry.name, entry.stat(follow_symlinks=False)))
-                except OSError:
-                    continue
-    finally:
-        os.close(fd)
-    return out
+        if not head:
+            return os.stat(name, dir_fd=root.fd, follow_symlinks=False)
+        pfd = openat2(root.fd, head, os.O_PATH | os.O_DIRECTORY, BENEATH)
+        try:
+            return os.stat(name, dir_fd=pfd, follow_symlinks=False)
+        finally:
+            os.close(pfd)
+    except OSError as e:
+        raise _os_error(e) from None
