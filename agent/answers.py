@@ -10,6 +10,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from backends.base import PerfMetric
+
 
 class Answer(BaseModel):
     model_config = ConfigDict(extra="allow")
@@ -39,17 +41,8 @@ class HwInfoAnswer(Answer):
     metadata: dict[str, str]
 
 
-class PerfMetricFigures(Answer):
-    iops_read: int
-    iops_write: int
-    io_bytes_read: int
-    io_bytes_write: int
-    io_usec_read: float
-    io_usec_write: float
-
-
 class PerfMetricAnswer(Answer):
-    metric: PerfMetricFigures
+    metric: PerfMetric  # the backend's own dataclass: one definition of the figures
 
 
 class FsUsage(Answer):

@@ -167,4 +167,26 @@ def assert_clean_log(agent: AgentProcess) -> None:
     assert "Traceback" not in text and "unexpected error" not in text, f"agent log shows a server error:\n{text}"
 
 
-__all__ = ["ROOT", "AgentProcess", "assert_clean_log", "free_port", "make_agent", "os"]
+def walk(root: Path) -> tuple[int, int, int]:
+    """(entries, st_size sum, allocated bytes like `du -s -B1`) of a tree, links not followed."""
+    count = size = 0
+    st = os.lstat(root)
+    seen = {(st.st_dev, st.st_ino)}
+    alloc = st.st_blocks * 512
+    stack = [str(root)]
+    while stack:
+        d = stack.pop()
+        with os.scandir(d) as it:
+            for e in it:
+                st = e.stat(follow_symlinks=False)
+                count += 1
+                size += st.st_size
+                if (st.st_dev, st.st_ino) not in seen:
+                    seen.add((st.st_dev, st.st_ino))
+                    alloc += st.st_blocks * 512
+                if e.is_dir(follow_symlinks=False):
+                    stack.append(e.path)
+    return count, size, alloc
+
+
+__all__ = ["ROOT", "AgentProcess", "assert_clean_log", "free_port", "make_agent", "os", "walk"]

@@ -22,7 +22,7 @@ import pytest
 from catalog.migrations import SCHEMA_VERSION
 from catalog.recovery import set_aside
 from tests.client_helpers import head, patch, staged_file, upload_token
-from tests.support import AgentProcess, assert_clean_log, make_agent
+from tests.support import AgentProcess, assert_clean_log, make_agent, walk
 
 DEADLINE = 20.0
 
@@ -32,27 +32,6 @@ DEADLINE = 20.0
 def vpath(root: Path, vfid: str) -> Path:
     qsid, _, fid = vfid.partition("/")
     return root / qsid / fid[:2] / fid[2:4] / fid[4:]
-
-
-def walk(root: Path) -> tuple[int, int, int]:
-    """(entries, st_size sum, allocated bytes like `du -s -B1`) of a tree, links not followed."""
-    count = size = 0
-    st = os.lstat(root)
-    seen = {(st.st_dev, st.st_ino)}
-    alloc = st.st_blocks * 512
-    stack = [str(root)]
-    while stack:
-        with os.scandir(stack.pop()) as it:
-            for e in it:
-                st = e.stat(follow_symlinks=False)
-                count += 1
-                size += st.st_size
-                if (st.st_dev, st.st_ino) not in seen:
-                    seen.add((st.st_dev, st.st_ino))
-                    alloc += st.st_blocks * 512
-                if e.is_dir(follow_symlinks=False):
-                    stack.append(e.path)
-    return count, size, alloc
 
 
 def tree_digest(root: Path) -> str:

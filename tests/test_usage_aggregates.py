@@ -14,7 +14,7 @@ from agent.usage_engine.aggregates import VFolderTree, read_dir
 from agent.usage_engine.scanner import ScanCancelled, scan
 from catalog import Catalog
 from catalog.usage_store import DirRow, Totals, UsageStore, VFolderChange
-from tests.test_usage_engine import walk
+from tests.support import walk
 
 
 def _tree(root: Path) -> None:

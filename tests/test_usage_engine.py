@@ -23,31 +23,9 @@ import pytest
 from agent.usage_engine.watchers import fanotify_unavailable
 from backends.rmtree import remove_tree
 from backends.walk import tree_usage
-from tests.support import AgentProcess, assert_clean_log, make_agent
+from tests.support import AgentProcess, assert_clean_log, make_agent, walk
 
 DEADLINE = 20.0
-
-
-def walk(root: Path) -> tuple[int, int, int]:
-    """(entries, st_size sum, allocated bytes like `du -s -B1`) of a tree, links not followed."""
-    count = size = 0
-    st = os.lstat(root)
-    seen = {(st.st_dev, st.st_ino)}
-    alloc = st.st_blocks * 512
-    stack = [str(root)]
-    while stack:
-        d = stack.pop()
-        with os.scandir(d) as it:
-            for e in it:
-                st = e.stat(follow_symlinks=False)
-                count += 1
-                size += st.st_size
-                if (st.st_dev, st.st_ino) not in seen:
-                    seen.add((st.st_dev, st.st_ino))
-                    alloc += st.st_blocks * 512
-                if e.is_dir(follow_symlinks=False):
-                    stack.append(e.path)
-    return count, size, alloc
 
 
 def eventually(fn: Callable[[], Any], timeout: float = DEADLINE) -> Any:
