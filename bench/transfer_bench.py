@@ -135,6 +135,7 @@ def main() -> int:
     parser.add_argument("--chunk-mib", type=int, default=8)
     parser.add_argument("--dir", default=None, help="work directory (default: a temp dir under /var/tmp)")
     parser.add_argument("--client", choices=("curl", "httpx"), default="curl" if shutil.which("curl") else "httpx")
+    parser.add_argument("--watcher", default="auto", help="the agent's [usage] watcher: auto, fanotify, inotify, none")
     args = parser.parse_args()
     size = args.size_mib * MiB
     base = Path(tempfile.mkdtemp(prefix="transfer-bench-", dir=args.dir or "/var/tmp"))
@@ -143,7 +144,7 @@ def main() -> int:
         src = base / "source.bin"
         print(f"making a {args.size_mib} MiB source file in {base} ...", flush=True)
         expected = make_source(src, size)
-        agent = make_agent(base / "agent").start()
+        agent = make_agent(base / "agent", usage={"watcher": args.watcher}).start()
         with agent.client() as api:
             vfid = create_vfolder(api)
             up_token = upload_token(api, vfid, "big.bin", size)

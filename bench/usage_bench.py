@@ -211,6 +211,9 @@ def main() -> int:
                 dirs = build_tree(path, SIZES[size], PER_DIR[shape])
                 print(f"built {size}/{shape}: {dirs} dirs in {time.perf_counter() - t:.1f} s", file=sys.stderr)
                 cases.append({"size": size, "shape": shape, "vfid": vfid, "path": path, "dirs": dirs})
+        # the trees just built leave the kernel writing back millions of inodes for a while: let it finish
+        # first, or that work competes for the 2 CPUs with whatever is measured next
+        os.sync()
         for case in cases:
             case["du_warm"] = timed(lambda c=case: du(c["path"]))
             case["scan_warm"] = timed(lambda c=case: engine_scan(c["path"]))

@@ -216,18 +216,31 @@ def _start_with_tiny_inotify_queue(proc: AgentProcess) -> None:
 
 
 def test_queue_overflow_marks_stale_then_the_rescan_lands(tmp_path: Path) -> None:
-    proc = make_agent(tmp_path / "agent", usage={"watcher": "inotify"})
+    proc = make_agent(tmp_path / "agent", usage={"watcher": "inotify", "scan-threads": 1})
     _start_with_tiny_inotify_queue(proc)  # its queue holds 64 events
     try:
         with proc.client() as api:
             vf = _new_vfolder(api, proc)
+            for d in range(150):  # enough entries that the rescan takes a while: the stale figure can be seen
+                (vf.path / f"d{d}").mkdir()
+                for i in range(200):
+                    (vf.path / f"d{d}" / f"f{i}").touch()
             vf.converges()
+            before = vf.usage()
             proc.proc.send_signal(signal.SIGSTOP)  # the agent reads nothing meanwhile: the queue must overflow
             try:
                 for i in range(2000):  # far more events than the queue holds
                     (vf.path / f"f{i}").write_bytes(b"x" * i)
             finally:
                 proc.proc.send_signal(signal.SIGCONT)
+            want = before["file_count"] + 2000
+            answers = [vf.usage()]
+            deadline = time.monotonic() + DEADLINE
+            while time.monotonic() < deadline and (answers[-1]["stale"] or answers[-1]["file_count"] != want):
+                answers.append(vf.usage())
+            # while the rescan runs, a figure is still served (never -1), flagged stale
+            assert any(u["stale"] for u in answers), answers[:3]
+            assert all(u["file_count"] >= before["file_count"] for u in answers)
             vf.converges()
             assert vf.usage()["stale"] is False
     finally:
