@@ -46,15 +46,29 @@ def _steer(doc: dict[str, Any], vfid: str, tokens: list[str]) -> dict[str, Any]:
     schemas = doc.get("components", {}).get("schemas", {})
     for schema in schemas.values():
         for name, prop in schema.get("properties", {}).items():
-            if name in ("vfid", "src_vfid", "dst_vfid"):
+            # valid examples name the real volume and vfolder (so they reach the resolver and the file
+            # operations); the negative mode still mutates these into unknown or malformed ones
+            if name in ("vfid", "src_vfid"):
                 prop.clear()
-                prop.update({"type": "string", "enum": [vfid, f"fz/{uuid.uuid4().hex}", "not a vfid"]})
+                prop.update({"type": "string", "enum": [vfid]})
+            elif name == "dst_vfid":
+                prop.clear()
+                prop.update({"type": "string", "enum": [vfid, f"fz/{uuid.uuid4().hex}"]})
             elif name in ("volume", "src_volume", "dst_volume"):
                 prop.clear()
-                prop.update({"type": "string", "enum": ["local", "elsewhere"]})
+                prop.update({"type": "string", "enum": ["local"]})
             elif name == "qsid":
                 prop.clear()
                 prop.update({"type": "string", "enum": ["fz", "fz-new"]})
+    if "/folder/delete" in doc["paths"]:  # deleting the one real vfolder would starve every later example
+        doc["paths"]["/folder/delete"]["post"]["requestBody"]["content"]["application/json"]["schema"] = {
+            "type": "object",
+            "properties": {
+                "volume": {"type": "string", "enum": ["local"]},
+                "vfid": {"type": "string", "enum": [f"fz/{uuid.uuid4().hex}"]},
+            },
+            "required": ["volume", "vfid"],
+        }
     for ops in doc["paths"].values():
         for op in ops.values():
             for param in op.get("parameters", []):
