@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -189,4 +190,16 @@ def walk(root: Path) -> tuple[int, int, int]:
     return count, size, alloc
 
 
-__all__ = ["ROOT", "AgentProcess", "assert_clean_log", "free_port", "make_agent", "os", "walk"]
+def eventually(fn: Callable[[], Any], timeout: float = 20.0) -> Any:
+    """``fn()``'s value once it stops failing an assertion; its last failure after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return fn()
+        except AssertionError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+__all__ = ["ROOT", "AgentProcess", "assert_clean_log", "eventually", "free_port", "make_agent", "os", "walk"]

@@ -22,7 +22,7 @@ import pytest
 from catalog.migrations import SCHEMA_VERSION
 from catalog.recovery import set_aside
 from tests.client_helpers import head, patch, staged_file, upload_token
-from tests.support import AgentProcess, assert_clean_log, make_agent, walk
+from tests.support import AgentProcess, assert_clean_log, eventually, make_agent, walk
 
 DEADLINE = 20.0
 
@@ -52,17 +52,6 @@ def tree_digest(root: Path) -> str:
                 while chunk := f.read(1 << 20):
                     h.update(chunk)
     return h.hexdigest()
-
-
-def eventually(fn: Callable[[], Any], timeout: float = DEADLINE) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return fn()
-        except AssertionError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
 
 
 def wait_for(cond: Callable[[], Any], timeout: float = DEADLINE, interval: float = 0.002) -> bool:

@@ -13,7 +13,7 @@ import signal
 import subprocess
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,20 +23,9 @@ import pytest
 from agent.usage_engine.watchers import fanotify_unavailable
 from backends.rmtree import remove_tree
 from backends.walk import tree_usage
-from tests.support import AgentProcess, assert_clean_log, make_agent, walk
+from tests.support import AgentProcess, assert_clean_log, eventually, make_agent, walk
 
 DEADLINE = 20.0
-
-
-def eventually(fn: Callable[[], Any], timeout: float = DEADLINE) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return fn()
-        except AssertionError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
 
 
 class VF:
