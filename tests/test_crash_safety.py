@@ -33,17 +33,15 @@ import pytest
 
 from catalog import Catalog
 from catalog.migrations import SCHEMA_VERSION, STEPS
-from tests.support import ROOT, AgentProcess, assert_clean_log, make_agent
+from tests.support import ROOT, AgentProcess, assert_clean_log, eventually, make_agent, walk
 from tests.test_catalog_recovery import (
     assert_catalogue_matches_disk,
     assert_usage_right,
     catalogue_rows,
     catalogue_vfolders,
-    eventually,
     tree_digest,
     vpath,
     wait_for,
-    walk,
 )
 
 # -- helpers ---------------------------------------------------------------------------------------------
