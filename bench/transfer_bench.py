@@ -8,7 +8,8 @@ transfer's time is compared with ``cp`` as a ratio of throughputs (≥ 0.6 is th
 agent's resident set size is sampled with psutil every 20 ms (growth < 64 MiB is the target). Every tus
 PATCH is fdatasync'ed before its offset is recorded (the durability contract) while ``cp`` leaves its
 data in the page cache, so a second baseline, ``cp`` followed by fdatasync of the copy, shows what the
-disk itself allows for a durable copy.
+disk itself allows for a durable copy. A last line times the same download into /dev/null next to
+``cat`` of the file into /dev/null: the server alone, without the client's writes into a file.
 
     .venv/bin/python bench/transfer_bench.py [--size-mib 1024] [--chunk-mib 8] [--dir /var/tmp] [--client curl]
 """
@@ -166,6 +167,11 @@ def main() -> int:
             dl_time = download(agent.client_url, dl_token, dst, args.client)
         assert sha256_of(dst) == expected, "downloaded file differs from the source"
         dst.unlink()
+        # the server alone: the same download into /dev/null, next to reading the file into /dev/null
+        null_time = download(agent.client_url, dl_token, Path(os.devnull), args.client)
+        t0 = time.perf_counter()
+        subprocess.run(["cat", str(landed)], check=True, stdout=subprocess.DEVNULL)
+        cat_time = time.perf_counter() - t0
 
         def row(name: str, secs: float, rss: RssSampler | None) -> str:
             mibs = args.size_mib / secs
@@ -185,6 +191,10 @@ def main() -> int:
         print(row(f"tus upload, {args.chunk_mib} MiB PATCHes + fdatasync", up_time, up_rss))
         print(row("GET /download (sendfile)", dl_time, dl_rss))
         print("targets: × cp ≥ 0.60, RSS growth < 64 MiB (RSS in MiB)")
+        print(
+            f"server alone: GET /download into /dev/null {args.size_mib / null_time:.0f} MiB/s, "
+            f"cat into /dev/null {args.size_mib / cat_time:.0f} MiB/s ({cat_time / null_time:.2f}x cat)"
+        )
         return 0
     finally:
         if agent is not None:
