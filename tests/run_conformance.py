@@ -3,8 +3,8 @@
 With ``--volume-backend btrfs --volume-path <dir on a btrfs mount>`` the volume under test is of that
 backend instead (tests/test_backend_btrfs.py runs it so on a loop-mounted image).
 
-Tests listed in tests/conformance-pending.txt (one id a line; '#' comments) are
-deselected. Exits with pytest's status; fails too if the agent logged a server error.
+The whole suite runs (nothing is deselected). Exits with pytest's status; fails too if the agent
+logged a server error.
 """
 
 from __future__ import annotations
@@ -19,15 +19,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tests.support import ROOT, assert_clean_log, make_agent  # noqa: E402
-
-PENDING = ROOT / "tests" / "conformance-pending.txt"
-
-
-def pending_ids() -> list[str]:
-    if not PENDING.exists():
-        return []
-    lines = (line.split("#", 1)[0].strip() for line in PENDING.read_text().splitlines())
-    return [line for line in lines if line]
 
 
 def main() -> int:
@@ -63,8 +54,6 @@ def main() -> int:
         )
         env.pop("ACC_PEER", None)
         cmd = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", str(suite)]
-        for test_id in pending_ids():
-            cmd += ["--deselect", test_id]
         try:
             rc = subprocess.call(cmd + args.pytest_args, env=env, cwd=suite)
         finally:
