@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,65 +11,24 @@ from aiohttp import web
 
 from agent.config import Config
 from agent.errors import ApiError
-from agent.migrate import write_layout_version
 from agent.services import Service
+from backends import layout
 from backends.base import Volume
 from backends.errors import VolumeUnavailable
-from backends.mounted import LAYOUT_VERSION
+from backends.layout import LAYOUT_VERSION
 from catalog import Catalog
 
 log = logging.getLogger(__name__)
 
-# What a fresh filesystem may hold before anything was stored on it (mkfs.ext4 makes lost+found).
-FRESH_ENTRIES = frozenset({"lost+found"})
-
-
-def _holds_nothing(root: Path) -> bool:
-    with os.scandir(root) as it:
-        return all(e.name in FRESH_ENTRIES for e in it)
-
-
-def _new_root(root: Path) -> str | None:
-    """How ``root`` is a new volume's ("missing": now created, or "empty"), or None when it is not.
-
-    Only one level is created: a missing parent is more likely a typo or an absent mount than a new volume.
-    """
-    try:
-        root.mkdir(mode=0o755)
-        return "missing"
-    except FileExistsError:
-        pass
-    if not root.is_dir() or (root / "version.txt").exists() or not _holds_nothing(root):
-        return None
-    return "empty"
-
-
-def _write_version(root: Path) -> None:
-    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        write_layout_version(fd)
-    finally:
-        os.close(fd)
-
-
 def initialise_if_new(name: str, root: Path) -> str | None:
-    """Give a new volume -- its root missing or empty -- ``version.txt`` = 3; returns why it could not.
-
-    Such a root holds no layout-2 folder, so there is nothing to migrate. A root with any entry and no
-    version.txt is left alone: it needs ``storage-agent migrate``.
-    """
+    """Initialise a new (missing or empty) volume root at layout 3; returns why it could not."""
     try:
-        how = _new_root(root)
+        how = layout.initialise_if_new(root)
     except OSError as e:
-        return f"volume root {root} does not exist and cannot be created: {e.strerror}"
-    if how is None:
-        return None
-    try:
-        _write_version(root)
-    except OSError as e:
-        return f"volume root {root} is {'new' if how == 'missing' else 'empty'} but cannot be initialised: {e.strerror}"
-    log.info("volume %s: root %s was %s: initialised as a new volume (version.txt = %d)", name, root, how,
-             LAYOUT_VERSION)
+        return f"volume root {root} is new but cannot be initialised: {e.strerror}"
+    if how is not None:
+        log.info("volume %s: root %s was %s: initialised as a new volume (version.txt = %d)", name, root, how,
+                 layout.LAYOUT_VERSION)
     return None
 
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from backends.ids import parse_folder_id, parse_qsid
-from backends.mounted import LAYOUT_VERSION
+from backends.layout import LAYOUT_VERSION, read_version, write_version
 from backends.resolver import rename_noreplace
 from catalog import Catalog
 from catalog.layout_moves import LayoutMoves
@@ -165,14 +165,6 @@ def mapping_from_postgres(dsn: str) -> dict[str, str]:
 # -- the disk -----------------------------------------------------------------
 
 
-def layout_version(root: Path) -> int | None:
-    try:
-        text = (root / "version.txt").read_text().strip()
-    except FileNotFoundError:
-        return None
-    return int(text) if text.isdigit() else -1
-
-
 def _subdirs(dir_fd: int, pattern: re.Pattern[str]) -> list[str]:
     with os.scandir(dir_fd) as it:
         return sorted(e.name for e in it if pattern.match(e.name) and e.is_dir(follow_symlinks=False))
@@ -263,22 +255,7 @@ class _Tree:
             pass
 
     def write_version(self) -> None:
-        write_layout_version(self.root_fd, self.owner)
-
-
-def write_layout_version(root_fd: int, owner: tuple[int, int] | None = None) -> None:
-    """``version.txt`` = 3 via a temporary file, fsync and rename: never half-written."""
-    tmp = f".version.txt.{os.getpid()}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644, dir_fd=root_fd)
-    try:
-        os.write(fd, f"{LAYOUT_VERSION}\n".encode())
-        os.fsync(fd)
-        if owner is not None:
-            os.fchown(fd, *owner)
-    finally:
-        os.close(fd)
-    os.rename(tmp, "version.txt", src_dir_fd=root_fd, dst_dir_fd=root_fd)
-    os.fsync(root_fd)
+        write_version(self.root_fd, self.owner)
 
 
 def _sweep_empty_prefixes(tree: _Tree) -> None:
@@ -446,7 +423,7 @@ async def migrate(
     """
     started = time.monotonic()
     report = Report(volume=volume, root=str(root), dry_run=dry_run)
-    version = layout_version(root)
+    version = read_version(root)
     if version == LAYOUT_VERSION:
         report.already_migrated = True
         return report
@@ -483,5 +460,4 @@ __all__ = [
     "normalize_qsid",
     "refuse_unmovable_backend",
     "scan_old_layout",
-    "write_layout_version",
 ]

@@ -16,8 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.config import Config
-from agent.migrate import layout_version
-from backends.mounted import LAYOUT_VERSION
+from backends.layout import LAYOUT_VERSION, read_version
 from catalog import Catalog
 from catalog.report import scope_figures
 
@@ -41,7 +40,7 @@ def _agent_answers(config: Config) -> bool:
 def _volume_health(root: Path) -> tuple[str, str | None]:
     if not root.is_dir():
         return "unavailable", f"volume root {root} does not exist"
-    version = layout_version(root)
+    version = read_version(root)
     if version != LAYOUT_VERSION:
         return "needs-migration", f"layout {version or 2}: run storage-agent migrate"
     if os.statvfs(root).f_flag & os.ST_RDONLY:

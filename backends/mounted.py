@@ -24,12 +24,12 @@ from backends.errors import (
     VFolderNotFound,
 )
 from backends.ids import VFolderID, parse_folder_id, parse_qsid
+from backends.layout import LAYOUT_VERSION, read_version
 from backends.resolver import VFolderRoot, rename_noreplace
 from backends.rmtree import remove_tree
 from backends.walk import TreeUsage, tree_usage
 
 STAGING = ".staging"  # per quota scope: same filesystem (and subvolume) as its vfolders, outside every vfolder
-LAYOUT_VERSION = 3
 
 
 def _rmdir_if_empty(path: Path) -> None:
@@ -43,11 +43,7 @@ class MountedVolume(Volume):
     """Vfolders are directories ``<root>/<qsid>/aa/bb/rest`` on a local or network mount."""
 
     def layout_version(self) -> int | None:
-        try:
-            text = (self.root / "version.txt").read_text().strip()
-        except FileNotFoundError:
-            return None
-        return int(text) if text.isdigit() else None
+        return read_version(self.root)
 
     def scope_path(self, qsid: str) -> Path:
         return self.root / qsid
