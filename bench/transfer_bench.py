@@ -5,11 +5,13 @@ of CHUNK bytes over loopback, and a download of the uploaded file with ``GET /do
 the same disk. By default the HTTP client is curl (all PATCHes from one process over one connection), so
 the server is measured rather than a Python client; ``--client httpx`` uses httpx instead. Each
 transfer's time is compared with ``cp`` as a ratio of throughputs (≥ 0.6 is the target), and the
-agent's resident set size is sampled with psutil every 20 ms (growth < 64 MiB is the target). Every tus
-PATCH is fdatasync'ed before its offset is recorded (the durability contract) while ``cp`` leaves its
-data in the page cache, so a second baseline, ``cp`` followed by fdatasync of the copy, shows what the
-disk itself allows for a durable copy. A last line times the same download into /dev/null next to
-``cat`` of the file into /dev/null: the server alone, without the client's writes into a file.
+agent's resident set size is sampled with psutil every 20 ms (growth < 64 MiB is the target). The
+upload ends durable (publication fdatasyncs the file before the rename; the PATCHes before it are synced in
+the background) while ``cp`` leaves its data in the page cache, so a second baseline, ``cp`` followed by
+fdatasync of the copy, shows what the disk itself allows for a durable copy. The download is timed twice:
+with the HTTP client (curl writes the body in 16 KiB ``write()``\\ s) and with a minimal client that
+splices the body from the socket into the file (no copy through user space, as ``cp`` has none). A last
+line times the download into /dev/null next to ``cat`` of the file into /dev/null: the server alone.
 
     .venv/bin/python bench/transfer_bench.py [--size-mib 1024] [--chunk-mib 8] [--dir /var/tmp] [--client curl]
 """
@@ -17,9 +19,11 @@ disk itself allows for a durable copy. A last line times the same download into 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -130,6 +134,46 @@ def download(client_url: str, token: str, dst: Path, client: str) -> float:
     return time.perf_counter() - t0
 
 
+def download_splice(client_url: str, token: str, dst: Path) -> float:
+    """A minimal HTTP/1.1 client that moves the body from the socket into the file with splice(2), as a
+    downloader that cares about throughput would: no copy through user space, the way ``cp`` copies."""
+    url = httpx.URL(client_url + "/download", params={"token": token})
+    t0 = time.perf_counter()
+    with socket.create_connection((url.host, url.port)) as sock:
+        target = url.raw_path.decode()
+        sock.sendall(f"GET {target} HTTP/1.1\r\nHost: {url.host}\r\nConnection: close\r\n\r\n".encode())
+        head = b""
+        while b"\r\n\r\n" not in head:  # read the head a byte at a time: nothing of the body is consumed
+            byte = sock.recv(1)
+            if not byte:
+                raise SystemExit("connection closed before the response head")
+            head += byte
+        status = head.split(b" ", 2)[1]
+        if status != b"200":
+            raise SystemExit(f"GET /download answered {status.decode()}")
+        length = next(
+            int(line.split(b":", 1)[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")
+        )
+        r, w = os.pipe()
+        fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, 1 << 20)
+        fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            done = 0
+            while done < length:
+                n = os.splice(sock.fileno(), w, min(length - done, 1 << 20))
+                if n == 0:
+                    raise SystemExit(f"connection closed with {length - done} bytes to go")
+                while n:
+                    moved = os.splice(r, fd, n)
+                    n -= moved
+                    done += moved
+        finally:
+            os.close(fd)
+            os.close(r)
+            os.close(w)
+    return time.perf_counter() - t0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size-mib", type=int, default=1024)
@@ -167,6 +211,11 @@ def main() -> int:
             dl_time = download(agent.client_url, dl_token, dst, args.client)
         assert sha256_of(dst) == expected, "downloaded file differs from the source"
         dst.unlink()
+        subprocess.run(["sync"], check=True)
+        with RssSampler(pid) as splice_rss:
+            splice_time = download_splice(agent.client_url, dl_token, dst)
+        assert sha256_of(dst) == expected, "downloaded (splice) file differs from the source"
+        dst.unlink()
         # the server alone: the same download into /dev/null, next to reading the file into /dev/null
         null_time = download(agent.client_url, dl_token, Path(os.devnull), args.client)
         t0 = time.perf_counter()
@@ -188,8 +237,9 @@ def main() -> int:
         print(f"|{'-' * 40}|--------|--------|-------|------------|----------|------------|")
         print(row("cp (baseline)", cp_time, None))
         print(row("cp + fdatasync (durable baseline)", cp_sync_time, None))
-        print(row(f"tus upload, {args.chunk_mib} MiB PATCHes + fdatasync", up_time, up_rss))
-        print(row("GET /download (sendfile)", dl_time, dl_rss))
+        print(row(f"tus upload, {args.chunk_mib} MiB PATCHes, durable", up_time, up_rss))
+        print(row(f"GET /download (sendfile), {args.client} client", dl_time, dl_rss))
+        print(row("GET /download (sendfile), splice client", splice_time, splice_rss))
         print("targets: × cp ≥ 0.60, RSS growth < 64 MiB (RSS in MiB)")
         print(
             f"server alone: GET /download into /dev/null {args.size_mib / null_time:.0f} MiB/s, "

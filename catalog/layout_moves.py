@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import sqlalchemy as sa
 from sqlalchemy.dialects.sqlite import insert
+from sqlalchemy.engine import Connection
 
 from catalog.schema import jobs, layout_moves, quota_scopes, vfolders
 from catalog.store import Catalog
@@ -47,9 +48,7 @@ class LayoutMoves:
             return [MoveRow(r.folder_id, r.qsid, r.state, r.job_id) for r in rows]
 
     async def counts(self) -> dict[str, int]:
-        stmt = (
-            sa.select(layout_moves.c.state, sa.func.count()).where(self._key()).group_by(layout_moves.c.state)
-        )
+        stmt = sa.select(layout_moves.c.state, sa.func.count()).where(self._key()).group_by(layout_moves.c.state)
         async with self.db.read() as conn:
             return {state: n for state, n in await conn.execute(stmt)}
 
@@ -57,8 +56,14 @@ class LayoutMoves:
         """Commit ``(folder_id, qsid)`` as about to be renamed; must return before the renames start."""
         now = time.time()
         values = [
-            {"volume": self.volume, "folder_id": fid, "qsid": qsid, "state": "intent", "job_id": job_id,
-             "updated_at": now}
+            {
+                "volume": self.volume,
+                "folder_id": fid,
+                "qsid": qsid,
+                "state": "intent",
+                "job_id": job_id,
+                "updated_at": now,
+            }
             for fid, qsid in items
         ]
         if not values:
@@ -68,8 +73,11 @@ class LayoutMoves:
             index_elements=[layout_moves.c.volume, layout_moves.c.folder_id],
             set_={"qsid": stmt.excluded.qsid, "state": "intent", "job_id": job_id, "updated_at": now},
         )
-        async with self.db.write() as conn:
-            await conn.execute(stmt, values)
+
+        def intend(conn: Connection) -> None:
+            conn.execute(stmt, values)
+
+        await self.db.run_write(intend)
 
     async def record_done(self, job_id: str, items: Iterable[tuple[str, str]]) -> int:
         """Mark renamed folders done, adopt them (and their scopes) into the catalogue, advance the job.
@@ -80,42 +88,44 @@ class LayoutMoves:
         if not items:
             return await self.job_done(job_id)
         now = time.time()
-        async with self.db.write() as conn:
-            await conn.execute(
+
+        def done(conn: Connection) -> int:
+            conn.execute(
                 layout_moves.update()
                 .where(self._key(), layout_moves.c.folder_id == sa.bindparam("b_fid"))
                 .values(state="done", job_id=job_id, updated_at=now),
                 [{"b_fid": fid} for fid, _ in items],
             )
             scopes = sorted({qsid for _, qsid in items})
-            await conn.execute(
+            conn.execute(
                 insert(quota_scopes).on_conflict_do_nothing(),
-                [{"volume": self.volume, "qsid": q, "limit_bytes": None, "state": "active", "created_at": now}
-                 for q in scopes],
+                [
+                    {"volume": self.volume, "qsid": q, "limit_bytes": None, "state": "active", "created_at": now}
+                    for q in scopes
+                ],
             )
-            await conn.execute(
+            conn.execute(
                 insert(vfolders).on_conflict_do_nothing(),
-                [{"volume": self.volume, "qsid": q, "folder_id": f, "state": "ready", "created_at": now}
-                 for f, q in items],
+                [
+                    {"volume": self.volume, "qsid": q, "folder_id": f, "state": "ready", "created_at": now}
+                    for f, q in items
+                ],
             )
-            await conn.execute(
-                jobs.update()
-                .where(jobs.c.id == job_id)
-                .values(done=jobs.c.done + len(items), updated_at=now)
-            )
-            return (await conn.execute(sa.select(jobs.c.done).where(jobs.c.id == job_id))).scalar_one()
+            conn.execute(jobs.update().where(jobs.c.id == job_id).values(done=jobs.c.done + len(items), updated_at=now))
+            return conn.execute(sa.select(jobs.c.done).where(jobs.c.id == job_id)).scalar_one()
+
+        return await self.db.run_write(done)
 
     async def forget_intent(self, folder_ids: Iterable[str]) -> None:
         """Drop intents whose rename did not happen and will not be retried in this run."""
         ids = list(folder_ids)
         if not ids:
             return
-        async with self.db.write() as conn:
-            await conn.execute(
-                layout_moves.delete().where(
-                    self._key(), layout_moves.c.state == "intent", layout_moves.c.folder_id.in_(ids)
-                )
+        await self.db.execute_write(
+            layout_moves.delete().where(
+                self._key(), layout_moves.c.state == "intent", layout_moves.c.folder_id.in_(ids)
             )
+        )
 
     async def job_done(self, job_id: str) -> int:
         async with self.db.read() as conn:

@@ -75,6 +75,13 @@ STEPS: Sequence[Sequence[str]] = (
             own_allocated INTEGER NOT NULL, links TEXT,
             PRIMARY KEY (vf, relpath)) WITHOUT ROWID""",
     ),
+    # 5: upload sessions tell acknowledged bytes (``received``) from bytes known durable (``synced``), and
+    # which boot wrote the rest: after a kill the page cache still holds them, after a power cut it may not
+    (
+        "ALTER TABLE upload_sessions ADD COLUMN synced INTEGER NOT NULL DEFAULT 0",
+        "UPDATE upload_sessions SET synced = received",
+        "ALTER TABLE upload_sessions ADD COLUMN boot_id TEXT",
+    ),
 )
 
 SCHEMA_VERSION = len(STEPS)

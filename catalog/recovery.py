@@ -112,8 +112,10 @@ def find_corruption(path: Path, busy_timeout_ms: int) -> str | None:
                 pass
     if rows == ["ok"]:
         return None
-    return "quick_check: " + "; ".join(str(r) for r in rows[:3]) + (
-        f" (and {len(rows) - 3} more)" if len(rows) > 3 else ""
+    return (
+        "quick_check: "
+        + "; ".join(str(r) for r in rows[:3])
+        + (f" (and {len(rows) - 3} more)" if len(rows) > 3 else "")
     )
 
 
@@ -140,8 +142,12 @@ def orphan_companions(path: Path) -> tuple[bool, list[Path]]:
     if not any(os.path.lexists(f"{path}{s}") for s in COMPANIONS):
         return True, []
     kept = set_aside(path, "orphan")
-    log.info("catalogue %s is gone but its %s remained: kept as %s", path, "/".join(COMPANIONS),
-             ", ".join(str(p) for p in kept))
+    log.info(
+        "catalogue %s is gone but its %s remained: kept as %s",
+        path,
+        "/".join(COMPANIONS),
+        ", ".join(str(p) for p in kept),
+    )
     return True, kept
 
 

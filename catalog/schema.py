@@ -104,6 +104,8 @@ upload_sessions = sa.Table(
     sa.Column("created_at", sa.Float, nullable=False),
     sa.Column("expires_at", sa.Float, nullable=False),
     sa.Column("state", sa.Text, nullable=False),  # open | complete
+    sa.Column("synced", sa.Integer, nullable=False),  # bytes known durable (fdatasync'ed), <= received
+    sa.Column("boot_id", sa.Text),  # the boot in which bytes past ``synced`` were written
 )
 
 jobs = sa.Table(

@@ -17,6 +17,7 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects.sqlite import insert
+from sqlalchemy.engine import Connection
 
 from catalog.db import BUSY_TIMEOUT_MS, CatalogCorrupt, CatalogError, Database, check_integrity
 from catalog.migrations import SCHEMA_VERSION
@@ -82,10 +83,12 @@ class UploadSessionRow:
     folder_id: str
     relpath: str
     size: int
-    received: int
+    received: int  # bytes acknowledged to the client (written to the staged file)
     created_at: float
     expires_at: float
     state: str
+    synced: int = 0  # bytes known durable; the rest survive a process kill but maybe not a power cut
+    boot_id: str | None = None  # the boot that wrote the bytes past ``synced``
 
 
 @dataclass(frozen=True)
@@ -205,8 +208,7 @@ class Catalog:
             index_elements=[volumes.c.name],
             set_={"backend": backend, "path": path, "state": state, "state_info": state_info, "last_seen": now},
         )
-        async with self.db.write() as conn:
-            await conn.execute(stmt)
+        await self.db.execute_write(stmt)
 
     async def volumes(self) -> list[VolumeRow]:
         async with self.db.read() as conn:
@@ -224,29 +226,29 @@ class Catalog:
             index_elements=[quota_scopes.c.volume, quota_scopes.c.qsid],
             set_={"limit_bytes": limit_bytes, "state": "active", "missing_since": None},
         )
-        async with self.db.write() as conn:
-            await conn.execute(stmt)
+        await self.db.execute_write(stmt)
 
     async def adopt_quota_scope(self, volume: str, qsid: str) -> bool:
         """Record a scope found on disk; keeps a known limit. True if it was new."""
-        async with self.db.write() as conn:
-            row = (
-                await conn.execute(sa.select(quota_scopes.c.state).where(_qs_key(quota_scopes, volume, qsid)))
-            ).first()
+
+        def adopt(conn: Connection) -> bool:
+            row = conn.execute(sa.select(quota_scopes.c.state).where(_qs_key(quota_scopes, volume, qsid))).first()
             if row is None:
-                await conn.execute(
+                conn.execute(
                     quota_scopes.insert().values(
                         volume=volume, qsid=qsid, limit_bytes=None, state="active", created_at=time.time()
                     )
                 )
                 return True
             if row.state != "active":
-                await conn.execute(
+                conn.execute(
                     quota_scopes.update()
                     .where(_qs_key(quota_scopes, volume, qsid))
                     .values(state="active", missing_since=None)
                 )
             return False
+
+        return await self.db.run_write(adopt)
 
     async def get_quota_scope(self, volume: str, qsid: str) -> QuotaScopeRow | None:
         async with self.db.read() as conn:
@@ -261,46 +263,43 @@ class Catalog:
             return [QuotaScopeRow(r.volume, r.qsid, r.limit_bytes, r.state, r.created_at) for r in rows]
 
     async def set_quota_limit(self, volume: str, qsid: str, limit_bytes: int | None) -> None:
-        async with self.db.write() as conn:
-            await conn.execute(
-                quota_scopes.update().where(_qs_key(quota_scopes, volume, qsid)).values(limit_bytes=limit_bytes)
-            )
+        await self.db.execute_write(
+            quota_scopes.update().where(_qs_key(quota_scopes, volume, qsid)).values(limit_bytes=limit_bytes)
+        )
 
     async def remove_quota_scope(self, volume: str, qsid: str) -> None:
-        async with self.db.write() as conn:
-            for table in (quota_scopes, scope_usage):
-                await conn.execute(table.delete().where(_qs_key(table, volume, qsid)))
+        await self.db.execute_write(*(t.delete().where(_qs_key(t, volume, qsid)) for t in (quota_scopes, scope_usage)))
 
     async def mark_quota_scope_missing(self, volume: str, qsid: str) -> None:
-        async with self.db.write() as conn:
-            await conn.execute(
-                quota_scopes.update()
-                .where(_qs_key(quota_scopes, volume, qsid), quota_scopes.c.state != "missing")
-                .values(state="missing", missing_since=time.time())
-            )
+        await self.db.execute_write(
+            quota_scopes.update()
+            .where(_qs_key(quota_scopes, volume, qsid), quota_scopes.c.state != "missing")
+            .values(state="missing", missing_since=time.time())
+        )
 
     # -- vfolders --------------------------------------------------------------
 
     async def add_vfolder(self, volume: str, qsid: str, folder_id: str, *, adopted: bool = False) -> bool:
         """Record a vfolder as ready; True if it was not known before."""
-        async with self.db.write() as conn:
-            row = (
-                await conn.execute(sa.select(vfolders.c.state).where(_vf_key(vfolders, volume, qsid, folder_id)))
-            ).first()
+
+        def add(conn: Connection) -> bool:
+            row = conn.execute(sa.select(vfolders.c.state).where(_vf_key(vfolders, volume, qsid, folder_id))).first()
             if row is None:
-                await conn.execute(
+                conn.execute(
                     vfolders.insert().values(
                         volume=volume, qsid=qsid, folder_id=folder_id, state="ready", created_at=time.time()
                     )
                 )
                 return True
             if row.state != "ready":
-                await conn.execute(
+                conn.execute(
                     vfolders.update()
                     .where(_vf_key(vfolders, volume, qsid, folder_id))
                     .values(state="ready", missing_since=None)
                 )
             return False
+
+        return await self.db.run_write(add)
 
     async def get_vfolder(self, volume: str, qsid: str, folder_id: str) -> VFolderRow | None:
         async with self.db.read() as conn:
@@ -335,18 +334,16 @@ class Catalog:
             return {r.folder_id: r.ino for r in await conn.execute(stmt)}
 
     async def mark_vfolder_missing(self, volume: str, qsid: str, folder_id: str) -> None:
-        async with self.db.write() as conn:
-            await conn.execute(
-                vfolders.update()
-                .where(_vf_key(vfolders, volume, qsid, folder_id), vfolders.c.state != "missing")
-                .values(state="missing", missing_since=time.time())
-            )
+        await self.db.execute_write(
+            vfolders.update()
+            .where(_vf_key(vfolders, volume, qsid, folder_id), vfolders.c.state != "missing")
+            .values(state="missing", missing_since=time.time())
+        )
 
     async def remove_vfolder(self, volume: str, qsid: str, folder_id: str) -> None:
         """Forget a vfolder and everything stored about it, in one transaction."""
-        async with self.db.write() as conn:
-            for table in (vfolders, vfolder_metadata, vfolder_usage, dir_usage):
-                await conn.execute(table.delete().where(_vf_key(table, volume, qsid, folder_id)))
+        tables = (vfolders, vfolder_metadata, vfolder_usage, dir_usage)
+        await self.db.execute_write(*(t.delete().where(_vf_key(t, volume, qsid, folder_id)) for t in tables))
 
     # -- metadata --------------------------------------------------------------
 
@@ -358,8 +355,7 @@ class Catalog:
             index_elements=[vfolder_metadata.c.volume, vfolder_metadata.c.qsid, vfolder_metadata.c.folder_id],
             set_={"payload": payload, "updated_at": time.time()},
         )
-        async with self.db.write() as conn:
-            await conn.execute(stmt)
+        await self.db.execute_write(stmt)
 
     async def get_metadata(self, volume: str, qsid: str, folder_id: str) -> str | None:
         async with self.db.read() as conn:
@@ -393,8 +389,7 @@ class Catalog:
         stmt = stmt.on_conflict_do_update(
             index_elements=[vfolder_usage.c.volume, vfolder_usage.c.qsid, vfolder_usage.c.folder_id], set_=values
         )
-        async with self.db.write() as conn:
-            await conn.execute(stmt)
+        await self.db.execute_write(stmt)
 
     async def get_usage(self, volume: str, qsid: str, folder_id: str) -> UsageRow | None:
         async with self.db.read() as conn:
@@ -429,8 +424,7 @@ class Catalog:
         values = {"used_bytes": used_bytes, "measured_at": time.time(), "source": source}
         stmt = insert(scope_usage).values(volume=volume, qsid=qsid, **values)
         stmt = stmt.on_conflict_do_update(index_elements=[scope_usage.c.volume, scope_usage.c.qsid], set_=values)
-        async with self.db.write() as conn:
-            await conn.execute(stmt)
+        await self.db.execute_write(stmt)
 
     # -- upload sessions -------------------------------------------------------
 
@@ -449,8 +443,7 @@ class Catalog:
             expires_at=expires_at,
             state="open",
         )
-        async with self.db.write() as conn:
-            await conn.execute(upload_sessions.insert().values(**row.__dict__))
+        await self.db.execute_write(upload_sessions.insert().values(**row.__dict__))
         return row
 
     async def get_upload_session(self, session_id: str) -> UploadSessionRow | None:
@@ -459,13 +452,14 @@ class Catalog:
             r = (await conn.execute(stmt)).first()
         return None if r is None else UploadSessionRow(**r._asdict())
 
-    async def update_upload_session(self, session_id: str, *, received: int, state: str = "open") -> None:
-        async with self.db.write() as conn:
-            await conn.execute(
-                upload_sessions.update()
-                .where(upload_sessions.c.session_id == session_id)
-                .values(received=received, state=state)
-            )
+    async def update_upload_session(
+        self, session_id: str, *, received: int, synced: int, boot_id: str | None, state: str = "open"
+    ) -> None:
+        await self.db.execute_write(
+            upload_sessions.update()
+            .where(upload_sessions.c.session_id == session_id)
+            .values(received=received, synced=synced, boot_id=boot_id, state=state)
+        )
 
     async def upload_sessions(self) -> list[UploadSessionRow]:
         async with self.db.read() as conn:
@@ -473,28 +467,26 @@ class Catalog:
             return [UploadSessionRow(**r._asdict()) for r in rows]
 
     async def delete_upload_session(self, session_id: str) -> None:
-        async with self.db.write() as conn:
-            await conn.execute(upload_sessions.delete().where(upload_sessions.c.session_id == session_id))
+        await self.db.execute_write(upload_sessions.delete().where(upload_sessions.c.session_id == session_id))
 
     # -- jobs ------------------------------------------------------------------
 
     async def start_job(self, kind: str, volume: str, params: dict[str, Any], total: int | None = None) -> str:
         job_id = uuid.uuid4().hex
         now = time.time()
-        async with self.db.write() as conn:
-            await conn.execute(
-                jobs.insert().values(
-                    id=job_id,
-                    kind=kind,
-                    volume=volume,
-                    params=json.dumps(params, sort_keys=True),
-                    state="running",
-                    done=0,
-                    total=total,
-                    created_at=now,
-                    updated_at=now,
-                )
+        await self.db.execute_write(
+            jobs.insert().values(
+                id=job_id,
+                kind=kind,
+                volume=volume,
+                params=json.dumps(params, sort_keys=True),
+                state="running",
+                done=0,
+                total=total,
+                created_at=now,
+                updated_at=now,
             )
+        )
         return job_id
 
     async def update_job(self, job_id: str, *, done: int | None = None, total: int | None = None) -> None:
@@ -503,16 +495,14 @@ class Catalog:
             values["done"] = done
         if total is not None:
             values["total"] = total
-        async with self.db.write() as conn:
-            await conn.execute(jobs.update().where(jobs.c.id == job_id).values(**values))
+        await self.db.execute_write(jobs.update().where(jobs.c.id == job_id).values(**values))
 
     async def finish_job(self, job_id: str, *, error: str | None = None) -> None:
-        async with self.db.write() as conn:
-            await conn.execute(
-                jobs.update()
-                .where(jobs.c.id == job_id)
-                .values(state="failed" if error else "done", error=error, updated_at=time.time())
-            )
+        await self.db.execute_write(
+            jobs.update()
+            .where(jobs.c.id == job_id)
+            .values(state="failed" if error else "done", error=error, updated_at=time.time())
+        )
 
     async def running_jobs(self, kind: str | None = None) -> list[JobRow]:
         stmt = sa.select(jobs).where(jobs.c.state == "running")

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import sqlalchemy as sa
 from sqlalchemy.dialects.sqlite import insert
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.engine import Connection
 
 from catalog.db import Database
 from catalog.schema import usage_dirs, usage_vfolders, vfolder_usage, vfolders
@@ -70,11 +70,12 @@ class UsageStore:
     def __init__(self, db: Database) -> None:
         self.db = db
 
-    async def _vf_id(self, conn: AsyncConnection, key: VFKey) -> int:
-        row = (await conn.execute(sa.select(usage_vfolders.c.id).where(_vf(key)))).first()
+    @staticmethod
+    def _vf_id(conn: Connection, key: VFKey) -> int:
+        row = conn.execute(sa.select(usage_vfolders.c.id).where(_vf(key))).first()
         if row is not None:
             return row.id
-        res = await conn.execute(usage_vfolders.insert().values(volume=key[0], qsid=key[1], folder_id=key[2]))
+        res = conn.execute(usage_vfolders.insert().values(volume=key[0], qsid=key[1], folder_id=key[2]))
         return res.inserted_primary_key[0]
 
     async def apply(self, changes: Sequence[VFolderChange], chunk: int = 5000) -> None:
@@ -82,44 +83,46 @@ class UsageStore:
         big = [c for c in changes if len(c.upserts) > chunk]
         small = [c for c in changes if len(c.upserts) <= chunk]
         for c in big:  # a big scan: rows in several transactions, the totals with the last one
-            async with self.db.write() as conn:
-                vf = await self._vf_id(conn, c.key)
-                if c.replace_all:
-                    await conn.execute(usage_dirs.delete().where(usage_dirs.c.vf == vf))
-            for i in range(0, len(c.upserts), chunk):
-                async with self.db.write() as conn:
-                    await self._upsert(conn, vf, c.upserts[i : i + chunk])
-            small.append(VFolderChange(c.key, c.totals, [], c.deletes, replace_all=False))
-        if not small:
-            return
-        async with self.db.write() as conn:
-            for c in small:
-                vf = await self._vf_id(conn, c.key)
-                if c.replace_all:
-                    await conn.execute(usage_dirs.delete().where(usage_dirs.c.vf == vf))
-                elif c.deletes:
-                    for i in range(0, len(c.deletes), 500):
-                        part = c.deletes[i : i + 500]
-                        await conn.execute(
-                            usage_dirs.delete().where(usage_dirs.c.vf == vf, usage_dirs.c.relpath.in_(part))
-                        )
-                await self._upsert(conn, vf, c.upserts)
-                await self._put_totals(conn, c.key, c.totals)
-                if c.replace_all or c.totals.source == "scan":
-                    await conn.execute(
-                        usage_vfolders.update().where(usage_vfolders.c.id == vf).values(scanned_at=time.time())
-                    )
 
-    async def _upsert(self, conn: AsyncConnection, vf: int, rows: Iterable[DirRow]) -> None:
-        # plain driver executemany: a scan writes 100k rows, and Core's per-row processing would run on the
-        # event loop's thread
+            def start(conn: Connection, c: VFolderChange = c) -> int:
+                vf = self._vf_id(conn, c.key)
+                if c.replace_all:
+                    conn.execute(usage_dirs.delete().where(usage_dirs.c.vf == vf))
+                return vf
+
+            vf = await self.db.run_write(start)
+            for i in range(0, len(c.upserts), chunk):
+                part = c.upserts[i : i + chunk]
+                await self.db.run_write(lambda conn, vf=vf, part=part: self._upsert(conn, vf, part))
+            small.append(VFolderChange(c.key, c.totals, [], c.deletes, replace_all=False))
+        if small:
+            await self.db.run_write(lambda conn: self._apply(conn, small))
+
+    def _apply(self, conn: Connection, changes: Iterable[VFolderChange]) -> None:
+        for c in changes:
+            vf = self._vf_id(conn, c.key)
+            if c.replace_all:
+                conn.execute(usage_dirs.delete().where(usage_dirs.c.vf == vf))
+            elif c.deletes:
+                for i in range(0, len(c.deletes), 500):
+                    part = c.deletes[i : i + 500]
+                    conn.execute(usage_dirs.delete().where(usage_dirs.c.vf == vf, usage_dirs.c.relpath.in_(part)))
+            self._upsert(conn, vf, c.upserts)
+            self._put_totals(conn, c.key, c.totals)
+            if c.replace_all or c.totals.source == "scan":
+                conn.execute(usage_vfolders.update().where(usage_vfolders.c.id == vf).values(scanned_at=time.time()))
+
+    @staticmethod
+    def _upsert(conn: Connection, vf: int, rows: Iterable[DirRow]) -> None:
+        # plain driver executemany: a scan writes 100k rows, and Core's per-row processing costs more
         values = [
             (vf, r.relpath, r.ino, r.entries, r.size_bytes, r.allocated_bytes, r.own_allocated, r.links) for r in rows
         ]
         if values:
-            await conn.exec_driver_sql(_UPSERT_DIR, values)
+            conn.exec_driver_sql(_UPSERT_DIR, values)
 
-    async def _put_totals(self, conn: AsyncConnection, key: VFKey, t: Totals) -> None:
+    @staticmethod
+    def _put_totals(conn: Connection, key: VFKey, t: Totals) -> None:
         values = {
             "used_bytes": t.used_bytes,
             "file_count": t.file_count,
@@ -132,24 +135,24 @@ class UsageStore:
         stmt = stmt.on_conflict_do_update(
             index_elements=[vfolder_usage.c.volume, vfolder_usage.c.qsid, vfolder_usage.c.folder_id], set_=values
         )
-        await conn.execute(stmt)
+        conn.execute(stmt)
 
     async def put_totals(self, key: VFKey, totals: Totals) -> None:
-        async with self.db.write() as conn:
-            await self._put_totals(conn, key, totals)
+        await self.db.run_write(lambda conn: self._put_totals(conn, key, totals))
 
     async def mark_stale(self, keys: Iterable[VFKey]) -> None:
-        async with self.db.write() as conn:
-            for key in keys:
-                await conn.execute(
-                    vfolder_usage.update()
-                    .where(
-                        vfolder_usage.c.volume == key[0],
-                        vfolder_usage.c.qsid == key[1],
-                        vfolder_usage.c.folder_id == key[2],
-                    )
-                    .values(stale=True)
+        await self.db.execute_write(
+            *(
+                vfolder_usage.update()
+                .where(
+                    vfolder_usage.c.volume == key[0],
+                    vfolder_usage.c.qsid == key[1],
+                    vfolder_usage.c.folder_id == key[2],
                 )
+                .values(stale=True)
+                for key in keys
+            )
+        )
 
     async def all_totals(self, volume: str) -> dict[VFKey, Totals]:
         """The last figures of a volume's vfolders (served, flagged stale, until a rescan lands)."""
@@ -176,11 +179,13 @@ class UsageStore:
             ]
 
     async def forget(self, key: VFKey) -> None:
-        async with self.db.write() as conn:
-            row = (await conn.execute(sa.select(usage_vfolders.c.id).where(_vf(key)))).first()
+        def forget(conn: Connection) -> None:
+            row = conn.execute(sa.select(usage_vfolders.c.id).where(_vf(key))).first()
             if row is not None:
-                await conn.execute(usage_dirs.delete().where(usage_dirs.c.vf == row.id))
-                await conn.execute(usage_vfolders.delete().where(usage_vfolders.c.id == row.id))
+                conn.execute(usage_dirs.delete().where(usage_dirs.c.vf == row.id))
+                conn.execute(usage_vfolders.delete().where(usage_vfolders.c.id == row.id))
+
+        await self.db.run_write(forget)
 
     async def forget_orphans(self) -> int:
         """Drop aggregates of vfolders the catalogue no longer knows (deleted while the engine was off)."""
@@ -189,29 +194,38 @@ class UsageStore:
             vfolders.c.qsid == usage_vfolders.c.qsid,
             vfolders.c.folder_id == usage_vfolders.c.folder_id,
         )
-        async with self.db.write() as conn:
-            ids = [r.id for r in await conn.execute(sa.select(usage_vfolders.c.id).where(~sa.exists(known)))]
+
+        def forget(conn: Connection) -> int:
+            ids = [r.id for r in conn.execute(sa.select(usage_vfolders.c.id).where(~sa.exists(known)))]
             for vf in ids:
-                await conn.execute(usage_dirs.delete().where(usage_dirs.c.vf == vf))
-                await conn.execute(usage_vfolders.delete().where(usage_vfolders.c.id == vf))
-        return len(ids)
+                conn.execute(usage_dirs.delete().where(usage_dirs.c.vf == vf))
+                conn.execute(usage_vfolders.delete().where(usage_vfolders.c.id == vf))
+            return len(ids)
+
+        return await self.db.run_write(forget)
 
     async def request_rescan(self, key: VFKey) -> None:
-        async with self.db.write() as conn:
-            vf = await self._vf_id(conn, key)
-            await conn.execute(
-                usage_vfolders.update().where(usage_vfolders.c.id == vf).values(rescan_requested=time.time())
-            )
+        def request(conn: Connection) -> None:
+            vf = self._vf_id(conn, key)
+            conn.execute(usage_vfolders.update().where(usage_vfolders.c.id == vf).values(rescan_requested=time.time()))
+
+        await self.db.run_write(request)
 
     async def take_rescan_requests(self) -> list[VFKey]:
-        """Rescans asked for from the command line while this agent runs; cleared as they are taken."""
+        """Rescans asked for from the command line while this agent runs; cleared as they are taken.
+
+        Looked for first on a reader (usually there are none: no write), then read again and cleared in one
+        write, so a request arriving in between is neither lost nor taken twice.
+        """
+        stmt = sa.select(usage_vfolders).where(usage_vfolders.c.rescan_requested.is_not(None))
         async with self.db.read() as conn:
-            stmt = sa.select(usage_vfolders).where(usage_vfolders.c.rescan_requested.is_not(None))
-            rows = [(r.id, (r.volume, r.qsid, r.folder_id)) for r in await conn.execute(stmt)]
-        if rows:
-            async with self.db.write() as conn:
-                ids = [i for i, _ in rows]
-                await conn.execute(
-                    usage_vfolders.update().where(usage_vfolders.c.id.in_(ids)).values(rescan_requested=None)
-                )
-        return [k for _, k in rows]
+            if (await conn.execute(stmt.limit(1))).first() is None:
+                return []
+
+        def take(conn: Connection) -> list[VFKey]:
+            rows = [(r.id, (r.volume, r.qsid, r.folder_id)) for r in conn.execute(stmt)]
+            ids = [i for i, _ in rows]
+            conn.execute(usage_vfolders.update().where(usage_vfolders.c.id.in_(ids)).values(rescan_requested=None))
+            return [k for _, k in rows]
+
+        return await self.db.run_write(take)

@@ -492,25 +492,25 @@ def stop_here(what):
     os.rename(marker + ".tmp", marker)
     time.sleep(60)
 
-plain = dbmod._engine
+plain = dbmod._writer_engine
 
-def engine(p, *, readonly, begin):
-    eng = plain(p, readonly=readonly, begin=begin)
-    if begin == "BEGIN IMMEDIATE":
-        @event.listens_for(eng.sync_engine, "before_cursor_execute")
-        def before(conn, cursor, statement, parameters, context, executemany):
-            if statement.lstrip().startswith(("CREATE", "PRAGMA user_version =")):
-                if seen[0] == target:
-                    stop_here(statement)
-                seen[0] += 1
+def engine(p):
+    eng = plain(p)
 
-        @event.listens_for(eng.sync_engine, "commit")
-        def commit(conn):
+    @event.listens_for(eng, "before_cursor_execute")
+    def before(conn, cursor, statement, parameters, context, executemany):
+        if statement.lstrip().startswith(("CREATE", "ALTER", "UPDATE", "PRAGMA user_version =")):
             if seen[0] == target:
-                stop_here("COMMIT")
+                stop_here(statement)
+            seen[0] += 1
+
+    @event.listens_for(eng, "commit")
+    def commit(conn):
+        if seen[0] == target:
+            stop_here("COMMIT")
     return eng
 
-dbmod._engine = engine
+dbmod._writer_engine = engine
 
 async def main():
     cat = await Catalog.open_or_rebuild(path)
