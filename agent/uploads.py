@@ -146,6 +146,15 @@ async def _row(agent: Agent, session_id: str) -> UploadSessionRow | None:
     return row
 
 
+async def create_session(
+    agent: Agent, volume: str, qsid: str, folder_id: str, relpath: str, size: int, *, expires_at: float
+) -> UploadSessionRow:
+    """A new session row (the manager API's upload token names it), kept here too: its PATCHes read no row."""
+    row = await agent.catalog.create_upload_session(volume, qsid, folder_id, relpath, size, expires_at=expires_at)
+    _rows[row.session_id] = row
+    return row
+
+
 async def _record(
     agent: Agent, row: UploadSessionRow, *, received: int, synced: int | None = None, state: str = "open"
 ) -> UploadSessionRow:

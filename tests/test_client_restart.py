@@ -29,6 +29,14 @@ def _wait_for(cond, timeout: float = 20.0) -> bool:
     return False
 
 
+def _resume_with_tuspy(agent, token: str, data: bytes, offset: int) -> None:  # noqa: ANN001 - AgentProcess
+    """tuspy asks the agent for the offset (HEAD), which must be ``offset``, and sends the rest."""
+    url = str(httpx.URL(agent.client_url + "/upload", params={"token": token}))
+    uploader = Uploader(file_stream=io.BytesIO(data), url=url, chunk_size=4 * MiB)
+    assert uploader.offset == offset
+    uploader.upload()
+
+
 def test_sigkill_mid_patch_then_resume_with_tuspy(tmp_path: Path) -> None:
     agent = make_agent(tmp_path / "a").start()
     try:
@@ -37,7 +45,6 @@ def test_sigkill_mid_patch_then_resume_with_tuspy(tmp_path: Path) -> None:
             vfid = create_vfolder(api)
             token = upload_token(api, vfid, "deep/resumed.bin", len(data))
         staged = staged_file(agent, token)
-        url = str(httpx.URL(agent.client_url + "/upload", params={"token": token}))
 
         with httpx.Client(base_url=agent.client_url, timeout=30) as cli:
             assert patch(cli, token, 0, data[: 3 * MiB]).status_code == 204  # acknowledged
@@ -75,9 +82,7 @@ def test_sigkill_mid_patch_then_resume_with_tuspy(tmp_path: Path) -> None:
         assert staged.stat().st_size == 3 * MiB, "start-up must cut the staged file back to the recorded offset"
         assert not (vfolder_path(agent, vfid) / "deep").exists()
 
-        uploader = Uploader(file_stream=io.BytesIO(data), url=url, chunk_size=4 * MiB)
-        assert uploader.offset == 3 * MiB
-        uploader.upload()
+        _resume_with_tuspy(agent, token, data, 3 * MiB)
         assert (vfolder_path(agent, vfid) / "deep" / "resumed.bin").read_bytes() == data
         assert not staged.exists()
     finally:
@@ -158,10 +163,7 @@ def test_after_a_reboot_only_synced_bytes_are_trusted_and_tus_resends_the_rest(t
         assert staged.stat().st_size == synced
         assert _session(agent, token)[:2] == (synced, synced)
 
-        url = str(httpx.URL(agent.client_url + "/upload", params={"token": token}))
-        uploader = Uploader(file_stream=io.BytesIO(data), url=url, chunk_size=4 * MiB)
-        assert uploader.offset == synced
-        uploader.upload()
+        _resume_with_tuspy(agent, token, data, synced)
         assert (vfolder_path(agent, vfid) / "after-reboot.bin").read_bytes() == data
     finally:
         agent.stop()

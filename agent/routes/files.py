@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 
 from aiohttp import web
 
-from agent import answers, tokens, vfolders
+from agent import answers, tokens, uploads, vfolders
 from agent.context import agent_of
 from agent.errors import ApiError
 from agent.params import (
@@ -147,8 +147,8 @@ async def upload_token(request: web.Request, p: UploadParams) -> web.Response:
         raise ApiError(413, f"declared size {p.size} exceeds max-upload-size {sp.max_upload_size}", "upload-too-large")
     (await vfolders.open_root(vol, p.vfid)).close()
     expires = sp.session_expire
-    session = await agent.catalog.create_upload_session(
-        vol.name, p.vfid.qsid, p.vfid.hex, p.relpath, p.size, expires_at=time.time() + expires
+    session = await uploads.create_session(
+        agent, vol.name, p.vfid.qsid, p.vfid.hex, p.relpath, p.size, expires_at=time.time() + expires
     )
     token = tokens.issue(
         sp.secret.get_secret_value(),
