@@ -7,7 +7,9 @@ is filled on disk and a real agent is started over it. Measured in the same run:
   (the same scanner code, in this process) with warm caches, and cold when ``--cold`` drops the kernel's
   caches (global to the machine: off by default);
 * ``GET /folder/usage`` median / p99 over one keep-alive connection, and the slowest answer (and any -1)
-  with 8 concurrent callers, each on its own keep-alive connection;
+  with 8 concurrent callers, each on its own keep-alive connection: "8x worst" with each caller a process
+  of its own, "8x 1proc" with the eight as coroutines of one process (on two cores, eight client
+  processes beside the agent time the scheduler as much as the agent);
 * freshness: time from a write to the answer that reflects it;
 * the agent's RSS and the catalogue bytes per directory (``usage_dirs`` pages, via dbstat);
 * watcher cost: agent CPU seconds while ``cp -r`` of the wide tree lands in a fresh vfolder, next to cp's own.
@@ -18,6 +20,7 @@ Run: ``.venv/bin/python bench/usage_bench.py [--sizes 10k,100k,1m] [--shapes wid
 from __future__ import annotations
 
 import argparse
+import asyncio
 import http.client
 import json
 import os
@@ -173,6 +176,44 @@ def concurrent(agent: AgentProcess, vfid: str | None, callers: int, calls: int) 
     return max(w for w, _ in results), sum(u for _, u in results)
 
 
+async def _async_callers(url: str, secret: str, vfid: str | None, callers: int, calls: int) -> tuple[float, int]:
+    host, _, port = url.partition("//")[2].partition(":")
+    if vfid is None:
+        request = f"GET /status HTTP/1.1\r\nHost: {host}\r\n{AUTH_HEADER}: {secret}\r\n\r\n".encode()
+    else:
+        body = json.dumps({"volume": "local", "vfid": vfid}).encode()
+        request = (
+            f"GET /folder/usage HTTP/1.1\r\nHost: {host}\r\n{AUTH_HEADER}: {secret}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        ).encode() + body
+
+    async def one() -> tuple[float, int]:
+        reader, writer = await asyncio.open_connection(host, int(port))
+        worst, unknown = 0.0, 0
+        try:
+            for i in range(calls + 1):
+                t = time.perf_counter()
+                writer.write(request)
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+                answer = await reader.readexactly(length)
+                if i:  # the first call only opens the connection
+                    worst = max(worst, time.perf_counter() - t)
+                    unknown += vfid is not None and json.loads(answer)["used_bytes"] == -1
+        finally:
+            writer.close()
+        return worst, unknown
+
+    results = await asyncio.gather(*(one() for _ in range(callers)))
+    return max(w for w, _ in results), sum(u for _, u in results)
+
+
+def concurrent_async(agent: AgentProcess, vfid: str | None, callers: int, calls: int) -> tuple[float, int]:
+    """The same callers as coroutines in one process on raw keep-alive connections: on two cores, eight
+    client processes beside the agent measure the scheduler as much as the agent (see the floor line)."""
+    return asyncio.run(_async_callers(agent.manager_url, agent.secret, vfid, callers, calls))
+
+
 def freshness(agent: AgentProcess, path: Path, vfid: str, rounds: int) -> list[float]:
     out = []
     with agent.client() as c:
@@ -261,11 +302,14 @@ def main() -> int:
         startup_scan = wait_measured(agent, [c["vfid"] for c in cases])
         floor = latencies(agent, None, args.calls)
         floor_worst8, _ = concurrent(agent, None, 8, max(100, args.calls // 8))
+        floor_worst8a, _ = concurrent_async(agent, None, 8, max(100, args.calls // 8))
         for case in cases:
             lat = latencies(agent, case["vfid"], args.calls)
             case["median"] = statistics.median(lat)
             case["p99"] = lat[int(len(lat) * 0.99) - 1]
             case["worst8"], case["unknown8"] = concurrent(agent, case["vfid"], 8, max(100, args.calls // 8))
+            case["worst8a"], unknown = concurrent_async(agent, case["vfid"], 8, max(100, args.calls // 8))
+            case["unknown8"] += unknown
             case["fresh"] = statistics.median(freshness(agent, case["path"], case["vfid"], 15))
         rss = proc.memory_info().rss
         per_dir = catalogue_bytes_per_dir(work / "agent" / "catalog.db")
@@ -299,7 +343,7 @@ def main() -> int:
     print(f"\nusage engine benchmark ({watcher}; {os.cpu_count()} CPUs; answers over loopback HTTP)\n")
     head = (
         f"{'tree':<12}{'dirs':>8}{'du -sb':>11}{'scan':>11}{'ratio':>7}"
-        f"{'GET median':>12}{'p99':>10}{'du/median':>11}{'8x worst':>10}{'-1s':>5}{'fresh':>10}"
+        f"{'GET median':>12}{'p99':>10}{'du/median':>11}{'8x worst':>10}{'8x 1proc':>10}{'-1s':>5}{'fresh':>10}"
     )
     print(head)
     print("-" * len(head))
@@ -307,7 +351,8 @@ def main() -> int:
         print(
             f"{c['size'] + '/' + c['shape']:<12}{c['dirs']:>8}{fmt_ms(c['du_warm']):>11}{fmt_ms(c['scan_warm']):>11}"
             f"{c['scan_warm'] / c['du_warm']:>6.2f}x{fmt_ms(c['median']):>12}{fmt_ms(c['p99']):>10}"
-            f"{c['du_warm'] / c['median']:>10.0f}x{fmt_ms(c['worst8']):>10}{c['unknown8']:>5}{fmt_ms(c['fresh']):>10}"
+            f"{c['du_warm'] / c['median']:>10.0f}x{fmt_ms(c['worst8']):>10}{fmt_ms(c['worst8a']):>10}{c['unknown8']:>5}"
+            f"{fmt_ms(c['fresh']):>10}"
         )
     if args.cold:
         print("\ncold cache (kernel caches dropped before each):")
@@ -319,7 +364,8 @@ def main() -> int:
     total_dirs = sum(c["dirs"] for c in cases)
     print(
         f"\nHTTP floor (GET /status, same connection and callers): median {fmt_ms(statistics.median(floor))}, "
-        f"p99 {fmt_ms(floor[int(len(floor) * 0.99) - 1])}, 8x worst {fmt_ms(floor_worst8)}; "
+        f"p99 {fmt_ms(floor[int(len(floor) * 0.99) - 1])}, 8x worst {fmt_ms(floor_worst8)} "
+        f"(8x 1proc {fmt_ms(floor_worst8a)}); "
         f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
     )
     print(f"\nstart-up scans of all trees (agent start to every figure fresh): {startup_scan:.2f} s")
