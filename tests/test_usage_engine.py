@@ -238,6 +238,46 @@ def test_queue_overflow_marks_stale_then_the_rescan_lands(tmp_path: Path) -> Non
     assert_clean_log(proc)
 
 
+def _inotify_watches_in_use() -> int:
+    """Watches held on the machine now (every process's inotify descriptors): at least root's share."""
+    total = 0
+    for info in Path("/proc").glob("[0-9]*/fdinfo/*"):
+        try:
+            total += info.read_text().count("inotify wd:")
+        except OSError:  # the process or descriptor went away
+            pass
+    return total
+
+
+def test_running_out_of_inotify_watches_flags_stale_and_rescans_on_schedule(tmp_path: Path) -> None:
+    """max_user_watches exhausted: the figure is served flagged stale, and the fallback rescans keep it right
+    (changes in directories that got no watch included)."""
+    knob = Path("/proc/sys/fs/inotify/max_user_watches")
+    old = knob.read_text()
+    proc = make_agent(tmp_path / "agent", usage={"watcher": "inotify", "fallback-rescan-interval": "1s"})
+    try:
+        knob.write_text(f"{_inotify_watches_in_use() + 30}\n")  # machine-wide: restored in finally
+    except OSError as e:
+        pytest.skip(f"cannot lower {knob}: {e.strerror}")
+    try:
+        proc.start()
+        with proc.client() as api:
+            vf = _new_vfolder(api, proc)
+            for d in range(120):  # far more directories than watches left
+                (vf.path / f"d{d:03d}").mkdir()
+                (vf.path / f"d{d:03d}" / "f").write_bytes(b"x" * d)
+            vf.converges()
+            eventually(lambda: vf.usage()["stale"] is True)
+            (vf.path / "d119" / "late").write_bytes(b"y" * 1000)  # very likely a directory without a watch
+            vf.converges()
+            assert vf.usage()["stale"] is True  # still not fully watched: flagged, never -1
+    finally:
+        knob.write_text(old)
+        proc.stop()
+    assert "cannot watch all of vfolder" in proc.log()
+    assert_clean_log(proc)
+
+
 def test_kill_during_a_scan_then_restart_gives_right_figures(tmp_path: Path) -> None:
     proc = make_agent(tmp_path / "agent", usage={"watcher": "inotify", "scan-threads": 1})
     proc.start()
