@@ -226,9 +226,9 @@ async def settle_all(agent: Agent) -> None:
     """At a clean stop: wait for the background syncs, so a reboot after it loses nothing acknowledged."""
     if _syncing:
         await asyncio.gather(*_syncing.values(), return_exceptions=True)
-    for sid, row in list(_rows.items()):
+    for sid, row in list(_rows.items()):  # open sessions only (see _record)
         done = _synced.get(sid, row.synced)
-        if row.state == "open" and done > row.synced:
+        if done > row.synced:
             await _record(agent, row, received=row.received, synced=done)
 
 

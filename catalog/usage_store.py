@@ -178,12 +178,17 @@ class UsageStore:
                 for r in await conn.execute(stmt)
             ]
 
+    @staticmethod
+    def _drop(conn: Connection, vf: int) -> None:
+        """A vfolder's aggregates and its id row."""
+        conn.execute(usage_dirs.delete().where(usage_dirs.c.vf == vf))
+        conn.execute(usage_vfolders.delete().where(usage_vfolders.c.id == vf))
+
     async def forget(self, key: VFKey) -> None:
         def forget(conn: Connection) -> None:
             row = conn.execute(sa.select(usage_vfolders.c.id).where(_vf(key))).first()
             if row is not None:
-                conn.execute(usage_dirs.delete().where(usage_dirs.c.vf == row.id))
-                conn.execute(usage_vfolders.delete().where(usage_vfolders.c.id == row.id))
+                self._drop(conn, row.id)
 
         await self.db.run_write(forget)
 
@@ -198,8 +203,7 @@ class UsageStore:
         def forget(conn: Connection) -> int:
             ids = [r.id for r in conn.execute(sa.select(usage_vfolders.c.id).where(~sa.exists(known)))]
             for vf in ids:
-                conn.execute(usage_dirs.delete().where(usage_dirs.c.vf == vf))
-                conn.execute(usage_vfolders.delete().where(usage_vfolders.c.id == vf))
+                self._drop(conn, vf)
             return len(ids)
 
         return await self.db.run_write(forget)
