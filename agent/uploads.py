@@ -181,16 +181,24 @@ async def _forget(agent: Agent, session_id: str) -> None:
     _synced.pop(session_id, None)
 
 
-# -- background durability: one fdatasync at a time per session, catching up with the PATCHes -------------
+# -- background durability: one fdatasync at a time per session, at most one a second ---------------------
+
+SYNC_INTERVAL = 1.0  # seconds between the starts of two background syncs of one session
 
 _synced: dict[str, int] = {}  # the newest offset made durable, per session (recorded with the next change)
 _waiting: dict[str, tuple[int, int]] = {}  # (dup'ed fd, offset) the next sync covers
 _syncing: dict[str, asyncio.Task[None]] = {}
+_pauses: dict[str, asyncio.Future[None]] = {}  # a session's wait between two syncs; settle_all ends it
+_settling = False
 
 
 def _sync_later(session_id: str, fd: int, offset: int) -> None:
-    """Make the staged file durable up to ``offset`` in the background; a newer request replaces a waiting one,
-    so a fast client gets few, large syncs rather than one journal commit per PATCH."""
+    """Make the staged file durable up to ``offset`` in the background; a newer request replaces a waiting one.
+
+    Syncs of one session start at most once a second: each ``fdatasync`` is a journal commit and a disk
+    flush, and one per PATCH (or per batch of PATCHes) measured to cost a fast upload close to half its
+    throughput. A power cut loses at most the last second's bytes, which ``HEAD`` then says to resend.
+    """
     old = _waiting.pop(session_id, None)
     if old is not None:
         os.close(old[0])
@@ -201,9 +209,11 @@ def _sync_later(session_id: str, fd: int, offset: int) -> None:
 
 
 async def _sync_loop(session_id: str) -> None:
+    loop = asyncio.get_running_loop()
     try:
         while (job := _waiting.pop(session_id, None)) is not None:
             fd, offset = job
+            started = loop.time()
             try:
                 await asyncio.to_thread(_sync_and_close, fd)
             except OSError as e:  # the bytes stay acknowledged; publication syncs again and reports a failure
@@ -211,8 +221,21 @@ async def _sync_loop(session_id: str) -> None:
                 continue
             if session_id in _synced and offset > _synced[session_id]:
                 _synced[session_id] = offset
+            if not _settling:  # also when nothing waits yet: the next PATCH is likely on its way
+                await _pause(session_id, started + SYNC_INTERVAL)
     finally:
         _syncing.pop(session_id, None)
+
+
+async def _pause(session_id: str, until: float) -> None:
+    loop = asyncio.get_running_loop()
+    pause = _pauses[session_id] = loop.create_future()
+    timer = loop.call_at(until, lambda: pause.done() or pause.set_result(None))
+    try:
+        await pause
+    finally:
+        timer.cancel()
+        _pauses.pop(session_id, None)
 
 
 def _sync_and_close(fd: int) -> None:
@@ -223,9 +246,17 @@ def _sync_and_close(fd: int) -> None:
 
 
 async def settle_all(agent: Agent) -> None:
-    """At a clean stop: wait for the background syncs, so a reboot after it loses nothing acknowledged."""
-    if _syncing:
-        await asyncio.gather(*_syncing.values(), return_exceptions=True)
+    """At a clean stop: finish the background syncs at once, so a reboot after it loses nothing acknowledged."""
+    global _settling
+    _settling = True
+    try:
+        for pause in _pauses.values():
+            if not pause.done():
+                pause.set_result(None)
+        if _syncing:
+            await asyncio.gather(*_syncing.values(), return_exceptions=True)
+    finally:
+        _settling = False
     for sid, row in list(_rows.items()):  # open sessions only (see _record)
         done = _synced.get(sid, row.synced)
         if done > row.synced:
