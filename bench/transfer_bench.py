@@ -1,23 +1,22 @@
 """Benchmark the client API against ``cp``: tus upload and download of one big file, plus the agent's RSS growth.
 
-In one run, on one disk: ``cp`` of a SIZE file (the baseline), a tus upload of the same bytes as PATCHes
-of CHUNK bytes over loopback, and a download of the uploaded file with ``GET /download`` into a file on
-the same disk. By default the HTTP client is the standard library's http.client over one kept-alive
-connection (each 8 MiB chunk read from the source and sent whole): it costs the least client CPU of those
-tried (curl ``--data-binary @chunk --next`` spent ~15 ms of its own per 8 MiB PATCH loading the chunk);
-``--client curl`` and ``--client httpx`` are there to compare. Every row is the best of three runs, each run
-writing into the pages the previous run's copy just freed (on this VM a write into memory the guest has not
-touched lately runs at ~240 MB/s whoever writes; ``cp`` and the agent are measured alike). Each transfer's
-time is compared with ``cp`` as a ratio of throughputs (≥ 0.6 is the target). A ceiling row times the same
-client sending the same chunks over loopback TCP to a thread that splices them into a file, with no HTTP
-and no sync: no upload here can beat it. The agent's resident set size is sampled with psutil every 20 ms
-(growth < 64 MiB is the target). The
-upload ends durable (publication fdatasyncs the file before the rename; the PATCHes before it are synced in
-the background) while ``cp`` leaves its data in the page cache, so a second baseline, ``cp`` followed by
-fdatasync of the copy, shows what the disk itself allows for a durable copy. The download is timed twice:
-with the HTTP client (4 MiB ``write()``\\ s; curl writes 16 KiB ones) and with a minimal client that
-splices the body from the socket into the file (no copy through user space, as ``cp`` has none). A last
-line times the download into /dev/null next to ``cat`` of the file into /dev/null: the server alone.
+In one run, on one disk: ``cp`` of a SIZE file (the baseline), a tus upload of the same bytes as PATCHes of
+CHUNK bytes over loopback, and a download of the uploaded file with ``GET /download`` into a file on the same
+disk. By default the HTTP client is the standard library's http.client over one kept-alive connection (each 8
+MiB chunk read from the source and sent whole): it costs the least client CPU of those tried (curl
+``--data-binary @chunk --next`` spent ~15 ms of its own per 8 MiB PATCH loading the chunk); ``--client curl``
+and ``--client httpx`` are there to compare. Every row is the best of three runs, each run writing into the
+pages the previous run's copy just freed (on this VM a write into memory the guest has not touched lately runs
+at ~240 MB/s whoever writes; ``cp`` and the agent are measured alike). Each transfer's time is compared with
+``cp`` as a ratio of throughputs (≥ 0.6 is the target). A ceiling row times the same client sending the same
+chunks over loopback TCP to a thread that splices them into a file, with no HTTP and no sync: no upload here
+can beat it. The agent's resident set size is sampled with psutil every 20 ms (growth < 64 MiB is the target).
+The upload ends durable (publication fdatasyncs the file before the rename; the PATCHes before it are synced
+in the background) while ``cp`` leaves its data in the page cache, so a second baseline, ``cp`` followed by
+fdatasync of the copy, shows what the disk itself allows for a durable copy. The download is timed twice: with
+the HTTP client (4 MiB ``write()``\\ s; curl writes 16 KiB ones) and with a minimal client that splices the
+body from the socket into the file (no copy through user space, as ``cp`` has none). A last line times the
+download into /dev/null next to ``cat`` of the file into /dev/null: the server alone.
 
     .venv/bin/python bench/transfer_bench.py [--size-mib 1024] [--chunk-mib 8] [--runs 3] [--dir D] \\
         [--client stdlib|curl|httpx]
