@@ -28,7 +28,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-from catalog.metrics import WRITE_SECONDS
+from catalog.metrics import COMMITS, WRITE_SECONDS
 from catalog.migrations import SCHEMA_VERSION, STEPS
 
 log = logging.getLogger(__name__)
@@ -184,6 +184,8 @@ class _Writer(threading.Thread):
             for job in jobs:
                 if job.error is None:
                     job.result, job.error = None, e
+        else:
+            COMMITS.inc()
         return []
 
     def _reset(self) -> None:

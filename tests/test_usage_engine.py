@@ -139,6 +139,34 @@ def test_usage_follows_every_kind_of_change(watched: tuple[AgentProcess, httpx.C
     assert u["source"] in ("watch", "scan") and u["stale"] is False
 
 
+def _catalog_commits(api: httpx.Client) -> float:
+    r = api.get("/metrics")
+    assert r.status_code == 200, r.text
+    line = next(x for x in r.text.splitlines() if x.startswith("storage_agent_catalog_commits_total "))
+    return float(line.split()[1])
+
+
+def test_a_burst_of_files_is_coalesced_into_few_catalogue_transactions(
+    watched: tuple[AgentProcess, httpx.Client, str], tmp_path: Path
+) -> None:
+    """``cp -r`` of 6,000 files in 60 directories: the figure ends right, and the catalogue saw a small
+    number of transactions (each re-read gathers a burst's events; writes share commits), not one per file."""
+    agent, api, _kind = watched
+    vf = _new_vfolder(api, agent)
+    vf.converges()
+    src = tmp_path / "src"
+    for d in range(60):
+        (src / f"d{d:02}").mkdir(parents=True)
+        for f in range(100):
+            (src / f"d{d:02}" / f"f{f:03}").write_bytes(b"x" * (d + f))
+    files = 60 * 100
+    before = _catalog_commits(api)
+    subprocess.run(["cp", "-r", str(src), str(vf.path / "copy")], check=True)
+    vf.converges()
+    commits = _catalog_commits(api) - before
+    assert 0 < commits <= files / 20, f"{commits:.0f} catalogue commits for {files} files"
+
+
 def test_first_sight_of_a_vfolder_made_behind_the_agents_back(agent: AgentProcess, api: httpx.Client) -> None:
     vf = _new_vfolder(api, agent)
     hidden = VF(api, agent, f"{vf.vfid.split('/')[0]}/{uuid.uuid4().hex}")
