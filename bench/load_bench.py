@@ -20,6 +20,10 @@ RSS at 10 s and at the end, and the targets beside them: zero errors, usage p99 
 after the first 10 s. An error is any answer whose status is not the expected 2xx, any exception
 (timeout, reset), or a download whose bytes differ. Exit status 1 when there were errors.
 
+Beside the load, a manager-like poller in this process (one kept-alive http.client connection, not one of
+the CONNECTIONS) asks ``GET /folder/usage`` every --probe-ms: the answer time a manager polling usage gets
+while the load runs. Its row has the same target.
+
 With no think time every task sends its next request as soon as the last one is answered (a closed
 loop), so the server is saturated and latency includes queueing (Little's law: in-flight / throughput).
 """
@@ -373,6 +377,54 @@ class Sampler:
         self._thread.join()
 
 
+class Probe:
+    """The manager's own poller beside the load: one kept-alive connection (http.client, in a thread of this
+    process, not the load generator's) asking ``GET /folder/usage`` of the vfolders in turn every
+    INTERVAL s. It tells what a caller that is not itself one of the 200 busy connections gets."""
+
+    def __init__(self, manager_url: str, secret: str, vfids: list[str], interval: float) -> None:
+        self.url, self.secret, self.vfids, self.interval = manager_url, secret, vfids, interval
+        self.latencies: list[float] = []
+        self.errors = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self, delay: float) -> None:
+        self._delay = delay
+        self._thread.start()
+
+    def _run(self) -> None:
+        import http.client
+
+        if self._stop.wait(self._delay):
+            return
+        host, port = self.url.removeprefix("http://").split(":")
+        conn = http.client.HTTPConnection(host, int(port), timeout=30)
+        headers = {AUTH_HEADER: self.secret, "Content-Type": "application/json"}
+        i = 0
+        while not self._stop.is_set():
+            body = json.dumps({"volume": "local", "vfid": self.vfids[i % len(self.vfids)]})
+            t = time.perf_counter()
+            try:
+                conn.request("GET", "/folder/usage", body=body, headers=headers)
+                r = conn.getresponse()
+                ok = r.status == 200 and json.loads(r.read()).get("used_bytes", -1) >= 0
+            except (OSError, http.client.HTTPException, ValueError):
+                conn.close()
+                ok = False
+            if ok:
+                self.latencies.append(time.perf_counter() - t)
+            else:
+                self.errors += 1
+            i += 1
+            self._stop.wait(self.interval)
+        conn.close()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def prepare(agent: Any, scopes: int, per_scope: int) -> tuple[list[str], list[str]]:
     """Quota scopes and vfolders, each with small files in a few directories and one 1 MiB blob.bin."""
     from tests.client_helpers import vfolder_path
@@ -425,7 +477,9 @@ def fmt_ms(v: float | None) -> str:
     return "-" if v is None else f"{v * 1e3:.1f}"
 
 
-def report(result: dict[str, Any], sampler: Sampler, agent: Any, connections: int, seconds: float) -> int:
+def report(
+    result: dict[str, Any], sampler: Sampler, probe: Probe, agent: Any, connections: int, seconds: float
+) -> int:
     routes = result["routes"]
     errors = sum(r["errors"] for r in routes.values())
     elapsed = result["elapsed"]
@@ -460,6 +514,14 @@ def report(result: dict[str, Any], sampler: Sampler, agent: Any, connections: in
         f"{'all':<28} {result['requests']:>8} {result['requests'] / elapsed:>8.1f} {'':>8} {'':>8} {'':>8} "
         f"{errors:>6}  zero errors: {'yes' if errors == 0 else 'NO'}"
     )
+    lat = sorted(probe.latencies)
+    if lat:
+        met = "yes" if pct(lat, 99) < 0.010 else "NO"
+        print(
+            f"{'usage, manager-like poller':<28} {len(lat):>8} {len(lat) / elapsed:>8.1f} {fmt_ms(pct(lat, 50)):>8} "
+            f"{fmt_ms(pct(lat, 99)):>8} {fmt_ms(lat[-1]):>8} {probe.errors:>6}  p99 < 10 ms: {met}"
+        )
+    errors += probe.errors
 
     during = [(ts - t0, rss) for ts, rss in sampler.rss if t0 <= ts <= t0 + elapsed]
     before = rss_at(sampler.rss, t0)
@@ -521,6 +583,7 @@ def main() -> int:
     parser.add_argument("--vfolders-per-scope", type=int, default=2)
     parser.add_argument("--request-timeout", type=float, default=30.0)
     parser.add_argument("--warmup", type=float, default=2.0, help="seconds at the start left out of the latencies")
+    parser.add_argument("--probe-ms", type=float, default=50.0, help="pause of the manager-like usage poller")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (agent log) and print it")
     parser.add_argument("--worker", nargs=2, metavar=("CONFIG", "RESULT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -552,22 +615,26 @@ def main() -> int:
         cfg_path.write_text(json.dumps(cfg))
         ports = (int(agent.manager_url.rsplit(":", 1)[1]), int(agent.client_url.rsplit(":", 1)[1]))
         cpu_before = sampler_cpu(agent.proc.pid)
+        probe = Probe(agent.manager_url, agent.secret, vfids, args.probe_ms / 1e3)
         with Sampler(agent.proc.pid, ports) as sampler:
             proc = subprocess.Popen(
                 [sys.executable, __file__, "--worker", str(cfg_path), str(out_path)], stdout=subprocess.DEVNULL
             )
+            probe.start(delay=args.warmup + 1.0)  # once the worker has opened its connections
             try:
                 rc = proc.wait(timeout=args.seconds + args.request_timeout + 60)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
                 raise SystemExit("the load generator overstayed its time and was killed") from None
+            finally:
+                probe.stop()
             time.sleep(SAMPLE_INTERVAL)
         if rc != 0 or not out_path.exists():
             raise SystemExit(f"the load generator failed (exit {rc})")
         result = json.loads(out_path.read_text())
         result["agent_cpu_s"] = sampler_cpu(agent.proc.pid) - cpu_before
-        status = report(result, sampler, agent, args.connections, args.seconds)
+        status = report(result, sampler, probe, agent, args.connections, args.seconds)
     finally:
         agent.stop()
         if args.keep:
