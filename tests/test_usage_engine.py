@@ -139,6 +139,36 @@ def test_usage_follows_every_kind_of_change(watched: tuple[AgentProcess, httpx.C
     assert u["source"] in ("watch", "scan") and u["stale"] is False
 
 
+def test_a_moved_tree_is_followed_at_its_new_place(watched: tuple[AgentProcess, httpx.Client, str]) -> None:
+    """Changes deep inside a directory tree after it moved (within the vfolder, twice, then out of it) are
+    counted at the new place: the watchers' knowledge of where a directory is must follow the move."""
+    agent, api, _kind = watched
+    vf = _new_vfolder(api, agent)
+    p = vf.path
+    (p / "a" / "b" / "c").mkdir(parents=True)
+    (p / "keep" / "deep").mkdir(parents=True)
+    (p / "a" / "b" / "c" / "f").write_bytes(b"1" * 100)  # events from every level: their places are known
+    (p / "a" / "b" / "g").write_bytes(b"2" * 200)
+    (p / "keep" / "deep" / "h").write_bytes(b"3" * 300)
+    vf.converges()
+    os.rename(p / "a", p / "keep" / "z")
+    (p / "keep" / "z" / "b" / "c" / "f2").write_bytes(b"4" * 4000)
+    with open(p / "keep" / "deep" / "h", "ab") as f:  # a sibling tree's place stays right
+        f.write(b"5" * 500)
+    vf.converges()
+    os.rename(p / "keep" / "z" / "b", p / "b2")
+    with open(p / "b2" / "c" / "f", "ab") as f:
+        f.write(b"6" * 6000)
+    vf.converges()
+    os.rename(p / "b2", p.parent / f"{p.name}-away")  # out of the vfolder: later changes are not counted
+    try:
+        (p.parent / f"{p.name}-away" / "c" / "late").write_bytes(b"7" * 7000)
+        (p / "keep" / "after").write_bytes(b"8" * 80)
+        vf.converges()
+    finally:
+        shutil.rmtree(p.parent / f"{p.name}-away")
+
+
 def _catalog_commits(api: httpx.Client) -> float:
     r = api.get("/metrics")
     assert r.status_code == 200, r.text

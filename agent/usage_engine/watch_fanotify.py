@@ -2,7 +2,10 @@
 
 With ``FAN_REPORT_DFID_NAME`` every event carries the file handle of the directory it happened in (and the
 entry's name). The handle is turned into a path once (``open_by_handle_at`` + the ``/proc/self/fd`` link)
-and cached; a directory rename empties the cache. There is no per-directory watch, so no
+and cached. A directory move drops what it made wrong: the cached places at and below its old path (or, when
+the cache is large or the old path unknown, the whole cache) and every "outside all vfolders" answer; a
+removed directory's handle cannot come back (handles carry the inode's generation), so a deletion keeps the
+cache. Lost events (a queue overflow) empty it. There is no per-directory watch, so no
 ``max_user_watches`` limit. Needs CAP_SYS_ADMIN (and CAP_DAC_READ_SEARCH for ``open_by_handle_at``) and
 Linux >= 5.9; :func:`probe` says why it cannot be used when it cannot.
 """
@@ -37,6 +40,7 @@ INFO_DFID_NAME, INFO_DFID = 2, 3
 _META = struct.Struct("=IBBHQii")  # event_len, vers, reserved, metadata_len, mask, fd, pid
 _INFO_HDR = struct.Struct("=BBH")
 _CACHE_MAX = 200_000
+_PRECISE_MAX = 4_096  # up to this many cached places a directory move drops only the wrong ones
 
 
 def _err(what: str) -> OSError:
@@ -118,8 +122,7 @@ class FanotifyWatcher:
         """One mark covers the whole filesystem: nothing to add per directory."""
 
     def forget(self, vf: Hashable, relpaths: list[str]) -> None:
-        with self._lock:
-            self._cache.clear()
+        """Nothing to drop: removed directories' handles are dead, moved ones' places were dropped at the move."""
 
     def forget_vfolder(self, vf: Hashable) -> None:
         with self._lock:
@@ -188,12 +191,12 @@ class FanotifyWatcher:
                 os.close(fd)
             if mask & FAN_Q_OVERFLOW:
                 log.warning("fanotify queue overflowed: events were lost; rescanning")
+                with self._lock:
+                    self._cache.clear()  # a lost directory move may have made cached places wrong
                 sink.overflow()
                 off += event_len
                 continue
-            if mask & FAN_ONDIR and mask & (FAN_MOVED_FROM | FAN_MOVED_TO | FAN_DELETE):
-                with self._lock:
-                    self._cache.clear()  # a directory moved or went: cached paths may be wrong now
+            moved = mask & (FAN_MOVED_FROM | FAN_MOVED_TO) if mask & FAN_ONDIR else 0
             pos, end = off + meta_len, off + event_len
             while pos + _INFO_HDR.size <= end:
                 info_type, _pad, info_len = _INFO_HDR.unpack_from(buf, pos)
@@ -203,6 +206,9 @@ class FanotifyWatcher:
                     fsid = buf[pos + 4 : pos + 12]
                     (hbytes,) = struct.unpack_from("=I", buf, pos + 12)
                     handle = buf[pos + 12 : pos + 20 + hbytes]
+                    if moved:
+                        name = buf[pos + 20 + hbytes : pos + info_len] if info_type == INFO_DFID_NAME else None
+                        self._dir_moved(fsid + handle, name, moved)
                     where = self._resolve(fsid, handle)
                     if where is not None and where[1] is None:
                         sink.watch_lost(where[0])
@@ -212,6 +218,32 @@ class FanotifyWatcher:
                         self._root_event(buf[pos + 20 + hbytes : pos + info_len], fsid, handle, sink)
                 pos += info_len
             off += event_len
+
+    def _dir_moved(self, parent_key: bytes, raw_name: bytes | None, mask: int) -> None:
+        """A directory was moved out of (FROM) or into (TO) the directory ``parent_key``: drop the cached
+        places that became wrong, precisely while the cache is small, else all of them."""
+        with self._lock:
+            parent = self._cache.get(parent_key, False)
+            if len(self._cache) > _PRECISE_MAX or parent is False or raw_name is None:
+                self._cache.clear()  # the old path is not known from the cache (or the scan would cost more)
+                return
+            if mask & FAN_MOVED_TO:  # what was outside every vfolder may be inside one now
+                for key in [k for k, v in self._cache.items() if v is None]:
+                    del self._cache[key]
+            if mask & FAN_MOVED_FROM:
+                if parent is None or parent[1] is None:  # moved outside every vfolder (maybe an ancestor of
+                    self._cache.clear()  # vfolder roots), or deeper than PATH_MAX: rare, so drop all
+                    return
+                vf, prel = parent
+                name = os.fsdecode(raw_name.split(b"\0", 1)[0])
+                old = f"{prel}/{name}" if prel else name
+                below = old + "/"
+                for key in [
+                    k
+                    for k, v in self._cache.items()
+                    if v is not None and v[0] is vf and v[1] is not None and (v[1] == old or v[1].startswith(below))
+                ]:
+                    del self._cache[key]
 
     def _root_event(self, raw_name: bytes, fsid: bytes, handle: bytes, sink: Sink) -> None:
         """A directory outside every vfolder lost or gained an entry: maybe a vfolder root itself."""
