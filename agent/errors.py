@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 PROBLEM_BASE = "https://api.backend.ai/probs/storage/"
 REQUEST_ID = "request_id"
+CLOSE_AFTER = "close_after"  # set on a request whose connection cannot carry another one (see socket_body)
 
 
 class ApiError(Exception):
@@ -133,7 +134,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         if err.status < 500:  # one line per refused request, under the id the caller sees in the body
             msg = " ".join(err.msg.splitlines())  # the message may quote the caller's input: keep it one line
             log.info("%s %s -> %d %s [request %s]", request.method, request.raw_path, err.status, msg, request_id)
-        return problem_response(err, request_id)
+        response = problem_response(err, request_id)
+        if request.get(CLOSE_AFTER):
+            response.force_close()
+        return response
 
     try:
         return await handler(request)

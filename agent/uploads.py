@@ -66,6 +66,7 @@ from backends.resolver import RESOLVE_BENEATH, RESOLVE_NO_SYMLINKS, check_relpat
 
 if TYPE_CHECKING:
     from agent.context import Agent
+    from agent.socket_body import SocketBody
     from catalog.store import UploadSessionRow
 
 log = logging.getLogger(__name__)
@@ -484,10 +485,18 @@ class _Lost(Exception):
         self.length = length
 
 
-async def append(agent: Agent, upload: Upload, offset: int, body: StreamReader, declared: int | None) -> int:
-    """Append a PATCH body at ``offset``; returns the new offset. A full quota scope is named."""
+async def append(
+    agent: Agent,
+    upload: Upload,
+    offset: int,
+    body: StreamReader,
+    declared: int | None,
+    spliced: SocketBody | None = None,
+) -> int:
+    """Append a PATCH body at ``offset`` (read from ``spliced`` when given); returns the new offset. A full
+    quota scope is named."""
     try:
-        return await _append(agent, upload, offset, body, declared)
+        return await _append(agent, upload, offset, body, declared, spliced)
     except FileOpError as e:
         if e.errno != errno.EDQUOT:
             raise
@@ -495,7 +504,9 @@ async def append(agent: Agent, upload: Upload, offset: int, body: StreamReader, 
         raise QuotaExceeded.at_limit(upload.vol.name, upload.row.qsid, what) from None
 
 
-async def _append(agent: Agent, upload: Upload, offset: int, body: StreamReader, declared: int | None) -> int:
+async def _append(
+    agent: Agent, upload: Upload, offset: int, body: StreamReader, declared: int | None, spliced: SocketBody | None
+) -> int:
     async with _session_lock(upload.session_id) as mine:
         if not mine:
             raise ApiError(
@@ -534,7 +545,13 @@ async def _append(agent: Agent, upload: Upload, offset: int, body: StreamReader,
             ) from None
         try:
             try:
-                got = await _receive(body, fd, offset, remaining)
+                if spliced is not None:  # its length is the declared one, checked above against the size
+                    idle = agent.config.api.client.idle_timeout
+                    got = await spliced.copy_to(lambda parts, pos: _pwrite_all(fd, parts, pos), fd, offset, idle)
+                    if got:
+                        _start_writeback(fd, offset, got)
+                else:
+                    got = await _receive(body, fd, offset, remaining)
             except _TooMuch:
                 await asyncio.to_thread(_rollback, fd, offset)
                 raise ApiError(

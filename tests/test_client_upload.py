@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -278,3 +279,43 @@ def test_staged_bytes_cut_behind_the_agents_back_mean_409_and_resume(agent, api,
     assert head(cli, token).headers["Upload-Offset"] == "2"
     assert patch(cli, token, 2, b"23456789").status_code == 204
     assert (vfolder_path(agent, vfid) / "cut.bin").read_bytes() == b"0123456789"
+
+
+def _raw_patch_head(agent: AgentProcess, token: str, offset: int, length: int) -> bytes:
+    target = httpx.URL(_url(agent, token)).raw_path.decode()
+    return (
+        f"PATCH {target} HTTP/1.1\r\nHost: x\r\nTus-Resumable: 1.0.0\r\n"
+        f"Content-Type: application/offset+octet-stream\r\nUpload-Offset: {offset}\r\n"
+        f"Content-Length: {length}\r\n\r\n"
+    ).encode()
+
+
+def test_big_patch_bodies_are_spliced_and_close_their_connection(agent, api, cli, vfid):
+    """A PATCH body of 2 MiB or more goes from the socket into the staged file past aiohttp's parser: the
+    answer says ``Connection: close`` (that connection cannot carry another request); small PATCHes keep
+    theirs. A client that goes away mid-body keeps the bytes that arrived, and HEAD says so."""
+    data = os.urandom(12 * MiB)
+    token = upload_token(api, vfid, "spliced.bin", len(data))
+    small = patch(cli, token, 0, data[:MiB])
+    assert small.status_code == 204 and small.headers.get("Connection", "").lower() != "close"
+
+    host, port = httpx.URL(agent.client_url).host, httpx.URL(agent.client_url).port
+    with socket.create_connection((host, port)) as sock:  # 4 MiB promised, 3 MiB sent, then gone
+        sock.sendall(_raw_patch_head(agent, token, MiB, 4 * MiB) + data[MiB : 4 * MiB])
+        time.sleep(0.5)
+    deadline = time.monotonic() + 10
+    while head(cli, token).headers["Upload-Offset"] != str(4 * MiB) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert head(cli, token).headers["Upload-Offset"] == str(4 * MiB)
+    assert staged_file(agent, token).read_bytes() == data[: 4 * MiB]
+
+    big = patch(cli, token, 4 * MiB, data[4 * MiB : 9 * MiB])
+    assert big.status_code == 204, big.text
+    assert big.headers["Upload-Offset"] == str(9 * MiB) and big.headers["Connection"].lower() == "close"
+    last = patch(cli, token, 9 * MiB, data[9 * MiB :])  # httpx opens a new connection by itself
+    assert last.status_code == 204 and last.headers["Upload-Offset"] == str(len(data))
+    assert (
+        hashlib.sha256((vfolder_path(agent, vfid) / "spliced.bin").read_bytes()).digest()
+        == hashlib.sha256(data).digest()
+    )
+    assert not staged_file(agent, token).exists()

@@ -19,8 +19,9 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from agent import downloads, metrics, tokens, uploads
 from agent.context import Agent, agent_of
-from agent.errors import ApiError, malformed
+from agent.errors import CLOSE_AFTER, ApiError, malformed
 from agent.params import DownloadQuery, TokenQuery, documented
+from agent.socket_body import SocketBody
 from backends.base import Volume
 from backends.ids import VFolderID
 from backends.resolver import VFolderRoot, check_relpath, fs_errors
@@ -229,9 +230,13 @@ async def upload_patch(request: web.Request) -> web.Response:
         raise malformed("the Upload-Offset header (a non-negative integer) is required")
     agent = agent_of(request)
     upload = await uploads.open_upload(agent, claims, request.query.get("dst_dir") or None, check=False)
+    spliced = SocketBody.of(request)
     try:
-        new = await uploads.append(agent, upload, int(raw), request.content, request.content_length)
+        new = await uploads.append(agent, upload, int(raw), request.content, request.content_length, spliced)
     except (ConnectionError, HttpProcessingError):  # the body broke off; what arrived was kept and HEAD reports it
         raise malformed("the connection was lost before the whole PATCH body arrived") from None
     metrics.UPLOAD_BYTES.inc(max(0, new - int(raw)))
-    return web.Response(status=204, headers=_tus_headers(**{"Upload-Offset": str(new)}))
+    response = web.Response(status=204, headers=_tus_headers(**{"Upload-Offset": str(new)}))
+    if request.get(CLOSE_AFTER):
+        response.force_close()  # aiohttp's parser did not see this body: the connection ends with the answer
+    return response
