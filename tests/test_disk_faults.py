@@ -68,6 +68,20 @@ def _run(*cmd: str) -> None:
     subprocess.run(cmd, check=True, capture_output=True, text=True)
 
 
+def _remount_read_only(mnt: Path) -> None:
+    """``mount -o remount,ro``, retried while the kernel says busy: a file open for writing (an upload's
+    background fdatasync holds the staged file for a moment) makes a read-only remount fail with EBUSY,
+    as it would for an administrator."""
+    deadline = time.monotonic() + 10
+    while True:
+        r = subprocess.run(["mount", "-o", "remount,ro", str(mnt)], capture_output=True, text=True)
+        if r.returncode == 0:
+            return
+        if "busy" not in r.stderr.lower() or time.monotonic() > deadline:
+            raise AssertionError(f"remount,ro failed: {r.stderr.strip()}")
+        time.sleep(0.1)
+
+
 def _umount(mnt: Path) -> None:
     for _ in range(50):
         if subprocess.run(["umount", str(mnt)], capture_output=True).returncode == 0 or not os.path.ismount(mnt):
@@ -407,7 +421,7 @@ def test_read_only_remount_degrades_refuses_writes_and_keeps_reads(agent, api, c
     assert patch(cli, pending, 0, half[:MiB]).status_code == 204
     assert call(api, "GET", "/volume/hwinfo").json()["status"] == "healthy"
 
-    _run("mount", "-o", "remount,ro", str(mnt))
+    _remount_read_only(mnt)
     info = call(api, "GET", "/volume/hwinfo").json()
     assert info["status"] == "degraded" and "read-only" in info["status_info"], info
 

@@ -39,7 +39,7 @@ EVENTS = FAN_MODIFY | FAN_ATTRIB | FAN_CLOSE_WRITE | FAN_MOVED_FROM | FAN_MOVED_
 INFO_DFID_NAME, INFO_DFID = 2, 3
 _META = struct.Struct("=IBBHQii")  # event_len, vers, reserved, metadata_len, mask, fd, pid
 _INFO_HDR = struct.Struct("=BBH")
-_CACHE_MAX = 200_000
+_CACHE_MAX = 16_384  # places cached at most (a full cache is emptied): deleted directories stay until then
 _PRECISE_MAX = 4_096  # up to this many cached places a directory move drops only the wrong ones
 
 
