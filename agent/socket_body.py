@@ -13,6 +13,7 @@ arrived bytes is moved by one worker-thread call, so the event loop never copies
 from __future__ import annotations
 
 import asyncio
+import errno
 import fcntl
 import os
 from collections.abc import Callable
@@ -51,10 +52,16 @@ class SocketBody:
         return cls(request, transport, sock.fileno(), length)  # asked before anything read the body
 
     async def copy_to(
-        self, write_buffered: Callable[[list[bytes], int], Any], fd: int, pos: int, idle_timeout: float
+        self,
+        write_buffered: Callable[[list[bytes], int], Any],
+        written: Callable[[int, int], Any],
+        fd: int,
+        pos: int,
+        idle_timeout: float,
     ) -> int:
         """Move the body into ``fd`` from ``pos``; returns the bytes moved. What aiohttp already read goes
-        through ``write_buffered(parts, pos)`` (a worker-thread call). Raises ConnectionResetError when the
+        through ``write_buffered(parts, pos)``; ``written(pos, length)`` follows each spliced range (both
+        on a worker thread). Raises ConnectionResetError when the
         client goes away mid-body or sends nothing for ``idle_timeout`` seconds; what arrived before is in
         the file either way."""
         content = self._request.content
@@ -65,16 +72,23 @@ class SocketBody:
         self._request[CLOSE_AFTER] = True  # ends with the answer, whatever it is
         self._request.protocol.close()
         loop = asyncio.get_running_loop()
-        sock = os.dup(self._sock_fd)
-        r, w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        fds: list[int] = []
         done = 0
         try:
-            fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
+            sock = os.dup(self._sock_fd)
+            fds.append(sock)
+            r, w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+            fds += (r, w)
+            try:
+                fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
+            except OSError:  # above /proc/sys/fs/pipe-max-size: the default 64 KiB pipe only costs more calls
+                pass
             if parts:
                 await asyncio.to_thread(write_buffered, parts, pos)
                 done = sum(len(p) for p in parts)
             while done < self.length:
-                moved = await asyncio.to_thread(_move, sock, r, w, fd, pos + done, min(self.length - done, HOP_BYTES))
+                most = min(self.length - done, HOP_BYTES)
+                moved = await asyncio.to_thread(_move, sock, r, w, fd, pos + done, most, written)
                 if moved is None:  # nothing waiting: sleep on the loop until the socket is readable
                     try:
                         await _readable(loop, sock, idle_timeout)
@@ -87,27 +101,32 @@ class SocketBody:
             return done
         finally:
             content.feed_eof()  # aiohttp must not wait to read the rest of this body itself
-            os.close(r)
-            os.close(w)
-            os.close(sock)
+            for opened in fds:
+                os.close(opened)
 
 
-def _move(sock: int, r: int, w: int, fd: int, pos: int, most: int) -> int | None:
+def _move(sock: int, r: int, w: int, fd: int, pos: int, most: int, written: Callable[[int, int], Any]) -> int | None:
     """Move what the socket holds (at most ``most`` bytes) into ``fd`` at ``pos``. None: nothing was
     waiting; 0: the peer closed the connection."""
     done = 0
-    while done < most:
-        try:
-            n = os.splice(sock, w, min(most - done, PIPE_BYTES), flags=os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK)
-        except BlockingIOError:
-            return done or None
-        if n == 0:
-            return done
-        while n:
-            k = os.splice(r, fd, n, offset_dst=pos + done, flags=os.SPLICE_F_MOVE)
-            n -= k
-            done += k
-    return done
+    try:
+        while done < most:
+            try:
+                n = os.splice(sock, w, min(most - done, PIPE_BYTES), flags=os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK)
+            except BlockingIOError:
+                return done or None
+            if n == 0:
+                return done
+            while n:
+                k = os.splice(r, fd, n, offset_dst=pos + done, flags=os.SPLICE_F_MOVE)
+                if k == 0:
+                    raise OSError(errno.EIO, "splice into the staged file moved nothing")
+                n -= k
+                done += k
+        return done
+    finally:
+        if done:
+            written(pos, done)
 
 
 async def _readable(loop: asyncio.AbstractEventLoop, fd: int, timeout: float) -> None:

@@ -172,7 +172,7 @@ async def _record(
         _synced.pop(sid, None)
     else:
         _rows[sid] = new
-        _synced[sid] = synced
+        _synced[sid] = max(synced, _synced.get(sid, 0))  # a sync may have finished while this was written
     return new
 
 
@@ -547,9 +547,13 @@ async def _append(
             try:
                 if spliced is not None:  # its length is the declared one, checked above against the size
                     idle = agent.config.api.client.idle_timeout
-                    got = await spliced.copy_to(lambda parts, pos: _pwrite_all(fd, parts, pos), fd, offset, idle)
-                    if got:
-                        _start_writeback(fd, offset, got)
+                    got = await spliced.copy_to(
+                        lambda parts, pos: _pwrite_all(fd, parts, pos),
+                        lambda pos, length: _start_writeback(fd, pos, length),
+                        fd,
+                        offset,
+                        idle,
+                    )
                 else:
                     got = await _receive(body, fd, offset, remaining)
             except _TooMuch:
