@@ -327,14 +327,14 @@ def main() -> int:
             growth = "-" if rss is None else f"{rss.growth / MiB:.1f}"
             peak = "-" if rss is None else f"{rss.peak / MiB:.1f}"
             return (
-                f"| {name:<38} | {secs:6.2f} | {mibs:6.0f} | {cp_time / secs:5.2f} | {cp_sync_time / secs:10.2f} "
+                f"| {name:<46} | {secs:6.2f} | {mibs:6.0f} | {cp_time / secs:5.2f} | {cp_sync_time / secs:10.2f} "
                 f"| {peak:>8} | {growth:>10} |"
             )
 
         print()
         print(f"transfer of {args.size_mib} MiB on one disk ({base}), agent pid {pid}, HTTP client {args.client}")
-        print(f"| {'operation':<38} |   s    | MiB/s  | × cp  | × cp+fsync | peak RSS | RSS growth |")
-        print(f"|{'-' * 40}|--------|--------|-------|------------|----------|------------|")
+        print(f"| {'operation':<46} |   s    | MiB/s  | × cp  | × cp+fsync | peak RSS | RSS growth |")
+        print(f"|{'-' * 48}|--------|--------|-------|------------|----------|------------|")
         print(row("cp (baseline)", cp_time, None))
         print(row("cp + fdatasync (durable baseline)", cp_sync_time, None))
         print(row("bare socket → file (splice; no HTTP, no sync)", bare_time, None))
