@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 PROBLEM_BASE = "https://api.backend.ai/probs/storage/"
 REQUEST_ID = "request_id"
-CLOSE_AFTER = "close_after"  # set on a request whose connection cannot carry another one (see socket_body)
+CLOSE_AFTER = "close_after"  # this request's connection cannot carry another one: its answer closes it
 
 
 class ApiError(Exception):
@@ -140,7 +140,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return response
 
     try:
-        return await handler(request)
+        response = await handler(request)
+        if request.get(CLOSE_AFTER):
+            response.force_close()
+        return response
     except ApiError as e:
         return answer(e)
     except BackendError as e:

@@ -19,7 +19,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from agent import downloads, metrics, tokens, uploads
 from agent.context import Agent, agent_of
-from agent.errors import CLOSE_AFTER, ApiError, malformed
+from agent.errors import ApiError, malformed
 from agent.params import DownloadQuery, TokenQuery, documented
 from agent.socket_body import SocketBody
 from backends.base import Volume
@@ -236,7 +236,4 @@ async def upload_patch(request: web.Request) -> web.Response:
     except (ConnectionError, HttpProcessingError):  # the body broke off; what arrived was kept and HEAD reports it
         raise malformed("the connection was lost before the whole PATCH body arrived") from None
     metrics.UPLOAD_BYTES.inc(max(0, new - int(raw)))
-    response = web.Response(status=204, headers=_tus_headers(**{"Upload-Offset": str(new)}))
-    if request.get(CLOSE_AFTER):
-        response.force_close()  # aiohttp's parser did not see this body: the connection ends with the answer
-    return response
+    return web.Response(status=204, headers=_tus_headers(**{"Upload-Offset": str(new)}))
