@@ -7,8 +7,10 @@ than events (upload sessions open, vfolders watched or stale) are read when ``/m
 
 from __future__ import annotations
 
+import ctypes
+import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from aiohttp import web
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, generate_latest
@@ -57,6 +59,25 @@ def middleware(listener: str) -> web.middleware:
     return metrics
 
 
+def _sqlite_memory_used() -> Callable[[], int] | None:
+    """SQLite's own count of the heap it holds (page caches of every connection included), process-wide.
+
+    Looked up through the ``_sqlite3`` module's handle, so it is the SQLite library that module uses,
+    linked statically or not."""
+    try:
+        import _sqlite3
+
+        fn = ctypes.CDLL(_sqlite3.__file__).sqlite3_memory_used
+    except (ImportError, OSError, AttributeError):
+        return None
+    fn.restype = ctypes.c_int64
+    fn.argtypes = []
+    return fn
+
+
+_SQLITE_MEMORY = _sqlite_memory_used()
+
+
 class _AgentCollector:
     """State figures of one agent, gathered at scrape time (see :func:`render`)."""
 
@@ -69,6 +90,16 @@ class _AgentCollector:
 
         yield GaugeMetricFamily(
             "storage_agent_upload_sessions_open", "tus upload sessions not yet finished", value=self.open_uploads
+        )
+        # where memory goes, for a growing RSS: SQLite's heap, and the blocks Python's allocator holds
+        if _SQLITE_MEMORY is not None:
+            yield GaugeMetricFamily(
+                "storage_agent_sqlite_memory_bytes", "Heap bytes SQLite holds (all catalogue connections)",
+                value=_SQLITE_MEMORY(),
+            )
+        yield GaugeMetricFamily(
+            "storage_agent_python_allocated_blocks", "Memory blocks Python's allocator holds (sys.getallocatedblocks)",
+            value=sys.getallocatedblocks(),
         )
         served = GaugeMetricFamily("storage_agent_volume_serving", "1 when a volume is served", labels=["volume"])
         for name, state in self.agent.states.items():
@@ -98,7 +129,7 @@ class _AgentCollector:
 
 async def render(agent: Agent) -> bytes:
     local = CollectorRegistry(auto_describe=False)
-    local.register(_AgentCollector(agent, len(await agent.catalog.upload_sessions())))
+    local.register(_AgentCollector(agent, await agent.catalog.count_upload_sessions("open")))
     return generate_latest(REGISTRY) + generate_latest(local)
 
 

@@ -27,8 +27,8 @@ ServiceFactory = Callable[["Agent"], "Service | None"]
 
 def factories() -> list[ServiceFactory]:
     """The services ``serve`` runs; a factory returns None when its feature is disabled by config."""
-    from agent import usage
+    from agent import memory_trim, usage
     from agent.uploads import sweeper  # imported here: agent.uploads needs the context this module helps define
     from agent.view import supervisor as view_supervisor
 
-    return [usage.factory, sweeper, view_supervisor.factory]
+    return [usage.factory, sweeper, view_supervisor.factory, memory_trim.factory]

@@ -729,9 +729,9 @@ async def reconcile(agent: Agent) -> None:
     reboot: only the bytes recorded as synced are, so the file is cut back to them (see the module docstring).
     """
     this_boot = boot_id()
-    for row in await agent.catalog.upload_sessions():
+    for row in await agent.catalog.upload_sessions(state="open"):
         vol = agent.volumes.get(row.volume)
-        if row.state != "open" or not isinstance(vol, MountedVolume):
+        if not isinstance(vol, MountedVolume):
             continue
         state = agent.states.get(row.volume)
         if state is not None and not state.serving:
@@ -769,9 +769,7 @@ async def sweep(agent: Agent, now: float | None = None) -> int:
     """Remove expired sessions (open or complete) and their staged bytes; returns how many."""
     now = time.time() if now is None else now
     swept = 0
-    for row in await agent.catalog.upload_sessions():
-        if row.expires_at >= now:
-            continue
+    for row in await agent.catalog.upload_sessions(expired_before=now):
         async with _session_lock(row.session_id) as mine:
             if not mine:
                 continue  # a PATCH is running; the next round gets it

@@ -460,6 +460,16 @@ def prepare(agent: Any, scopes: int, per_scope: int) -> tuple[list[str], list[st
     return vfids, [".", "data0", "data1", "data2", "data3"]
 
 
+def memory_figures(agent: Any) -> dict[str, float]:
+    """The agent's own memory gauges from /metrics: which part of a growing RSS is SQLite's or Python's."""
+    import re
+
+    with agent.client() as api:
+        text = api.get("/metrics").text
+    names = ("storage_agent_sqlite_memory_bytes", "storage_agent_python_allocated_blocks")
+    return {n: float(m.group(1)) for n in names if (m := re.search(rf"^{n} (\S+)$", text, re.M))}
+
+
 def sampler_cpu(pid: int) -> float:
     """User + system CPU seconds of the agent so far."""
     import psutil
@@ -550,6 +560,16 @@ def report(
             print(
                 f"RSS trend after {WARMUP:g} s (least squares over {len(xs)} samples): {slope * 60 / MiB:+.2f} MiB/min"
             )
+        before_m, after_m = result["memory"]
+        sq, blocks = "storage_agent_sqlite_memory_bytes", "storage_agent_python_allocated_blocks"
+        if sq in before_m and sq in after_m:
+            print(f"  of which SQLite's heap: {before_m[sq] / MiB:.1f} -> {after_m[sq] / MiB:.1f} MiB", end="")
+        if blocks in before_m and blocks in after_m:
+            print(f"; Python's allocated blocks: {before_m[blocks]:.0f} -> {after_m[blocks]:.0f}", end="")
+        print()
+        if elapsed >= 120:  # a long run: does the growth level off? (allocator arenas and caches fill, then stop)
+            marks = [rss_at(sampler.rss, t0 + m * 60) for m in range(1, int(elapsed // 60) + 1)]
+            print("RSS at each minute: " + ", ".join(f"{m / MiB:.1f}" for m in marks if m is not None) + " MiB")
 
     print()
     slow = [(route, s, at) for route in ROUTES for s, at in routes[route]["slowest"]]
@@ -615,6 +635,7 @@ def main() -> int:
         cfg_path.write_text(json.dumps(cfg))
         ports = (int(agent.manager_url.rsplit(":", 1)[1]), int(agent.client_url.rsplit(":", 1)[1]))
         cpu_before = sampler_cpu(agent.proc.pid)
+        memory_before = memory_figures(agent)
         probe = Probe(agent.manager_url, agent.secret, vfids, args.probe_ms / 1e3)
         with Sampler(agent.proc.pid, ports) as sampler:
             proc = subprocess.Popen(
@@ -634,6 +655,7 @@ def main() -> int:
             raise SystemExit(f"the load generator failed (exit {rc})")
         result = json.loads(out_path.read_text())
         result["agent_cpu_s"] = sampler_cpu(agent.proc.pid) - cpu_before
+        result["memory"] = (memory_before, memory_figures(agent))
         status = report(result, sampler, probe, agent, args.connections, args.seconds)
     finally:
         agent.stop()

@@ -461,10 +461,24 @@ class Catalog:
             .values(received=received, synced=synced, boot_id=boot_id, state=state)
         )
 
-    async def upload_sessions(self) -> list[UploadSessionRow]:
+    async def upload_sessions(
+        self, *, state: str | None = None, expired_before: float | None = None
+    ) -> list[UploadSessionRow]:
+        """Session rows, all or only those in ``state`` / expired before a time (the sweeper's question,
+        answered by the expiry index: finished sessions stay until they expire and can be many)."""
+        stmt = sa.select(upload_sessions)
+        if state is not None:
+            stmt = stmt.where(upload_sessions.c.state == state)
+        if expired_before is not None:
+            stmt = stmt.where(upload_sessions.c.expires_at < expired_before)
         async with self.db.read() as conn:
-            rows = await conn.execute(sa.select(upload_sessions))
+            rows = await conn.execute(stmt)
             return [UploadSessionRow(**r._asdict()) for r in rows]
+
+    async def count_upload_sessions(self, state: str) -> int:
+        async with self.db.read() as conn:
+            stmt = sa.select(sa.func.count()).select_from(upload_sessions).where(upload_sessions.c.state == state)
+            return (await conn.execute(stmt)).scalar_one()
 
     async def delete_upload_session(self, session_id: str) -> None:
         await self.db.execute_write(upload_sessions.delete().where(upload_sessions.c.session_id == session_id))

@@ -189,7 +189,12 @@ def test_metrics_count_client_requests_and_upload_bytes(served: AgentProcess) ->
         m = re.search(rf"^{name} (\S+)$", text, re.M)
         return float(m.group(1)) if m else 0.0
 
-    assert value(sessions, "storage_agent_upload_sessions_open") >= 1
+    open_sessions = "storage_agent_upload_sessions_open"
+    assert value(sessions, open_sessions) >= 1
+    # a finished session is no longer open, although its row stays until it expires
+    assert value(after, open_sessions) == value(sessions, open_sessions) - 1
+    assert value(after, "storage_agent_python_allocated_blocks") > 0
+    assert value(after, "storage_agent_sqlite_memory_bytes") > 0  # the catalogue's connections hold page caches
     received = "storage_agent_upload_received_bytes_total"
     assert value(after, received) >= value(sessions, received) + 5
     assert re.search(r'storage_agent_http_requests_total\{listener="client",method="PATCH",route="/upload"', after)
