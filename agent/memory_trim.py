@@ -15,16 +15,15 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
-import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from prometheus_client import Counter
 
+from agent.services import Periodic
+
 if TYPE_CHECKING:
     from agent.context import Agent
-
-log = logging.getLogger(__name__)
 
 INTERVAL = 10.0  # seconds between two trims
 
@@ -55,33 +54,11 @@ def trim() -> bool:
     return released
 
 
-class MemoryTrimmer:
-    name = "memory trimmer"
-
-    def __init__(self, interval: float = INTERVAL) -> None:
-        self.interval = interval
-        self._task: asyncio.Task[None] | None = None
-
-    async def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name=self.name)
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval)
-            try:
-                await asyncio.to_thread(trim)
-            except Exception:  # never fatal: memory stays as it is
-                log.exception("malloc_trim failed")
+def trimmer(interval: float = INTERVAL) -> Periodic:
+    """The service: a trim every ``interval`` seconds, in a worker thread."""
+    return Periodic("memory trimmer", interval, lambda: asyncio.to_thread(trim))
 
 
-def factory(agent: Agent) -> MemoryTrimmer | None:
+def factory(agent: Agent) -> Periodic | None:
     """The trimmer, where the C library has ``malloc_trim`` (glibc)."""
-    return MemoryTrimmer() if AVAILABLE else None
+    return trimmer() if AVAILABLE else None

@@ -58,6 +58,7 @@ from aiohttp import StreamReader
 from aiohttp.http_exceptions import HttpProcessingError
 
 from agent.errors import ApiError
+from agent.services import Periodic
 from backends import files
 from backends.errors import BackendError, FileOpError, InvalidPath, QuotaExceeded
 from backends.ids import VFolderID
@@ -795,33 +796,20 @@ class UploadSweeper:
     def __init__(self, agent: Agent) -> None:
         self.agent = agent
         # a quarter of the session lifetime, between one second and five minutes
-        self.interval = min(300.0, max(1.0, agent.config.storage_proxy.session_expire / 4))
-        self._task: asyncio.Task[None] | None = None
+        interval = min(300.0, max(1.0, agent.config.storage_proxy.session_expire / 4))
+        self._sweeps = Periodic("sweeping expired upload sessions", interval, lambda: sweep(agent))
 
     async def start(self) -> None:
         await reconcile(self.agent)
         await sweep(self.agent)
-        self._task = asyncio.create_task(self._run(), name=self.name)
+        await self._sweeps.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        await self._sweeps.stop()
         try:
             await settle_all(self.agent)
         except Exception:
             log.exception("recording the upload sessions' durable offsets at stop failed")
-
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval)
-            try:
-                await sweep(self.agent)
-            except Exception:
-                log.exception("sweeping expired upload sessions failed")
 
 
 def sweeper(agent: Agent) -> UploadSweeper:

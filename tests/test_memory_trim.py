@@ -33,7 +33,7 @@ SCRIPT = textwrap.dedent(
     before = rss()
 
     async def main():
-        trimmer = memory_trim.MemoryTrimmer(interval=0.05)
+        trimmer = memory_trim.trimmer(0.05)
         await trimmer.start()
         deadline = time.monotonic() + 10
         while rss() > before - 50 * 2**20 and time.monotonic() < deadline:

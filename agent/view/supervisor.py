@@ -17,6 +17,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from agent.config import Config, masked
+from agent.services import cancel_and_wait
 from agent.view import mounts
 
 if TYPE_CHECKING:
@@ -56,12 +57,7 @@ class ViewSupervisor:
                 log.warning("view pid %d did not stop within %g s; killing it", proc.pid, STOP_GRACE)
                 proc.kill()
                 await proc.wait()
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        await cancel_and_wait(self._task)
         await self._detach_stale()
 
     async def _detach_stale(self) -> None:
