@@ -128,22 +128,25 @@ def _request_id(request: web.Request) -> str:
 
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    request_id = request[REQUEST_ID] = _request_id(request)
+    request[REQUEST_ID] = _request_id(request)
+    response = await _answer_or_problem(request, handler)
+    if request.get(CLOSE_AFTER):
+        response.force_close()
+    return response
+
+
+async def _answer_or_problem(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """The handler's answer, or the problem answer its error maps to."""
+    request_id = request[REQUEST_ID]
 
     def answer(err: ApiError) -> web.Response:
         if err.status < 500:  # one line per refused request, under the id the caller sees in the body
             msg = " ".join(err.msg.splitlines())  # the message may quote the caller's input: keep it one line
             log.info("%s %s -> %d %s [request %s]", request.method, request.raw_path, err.status, msg, request_id)
-        response = problem_response(err, request_id)
-        if request.get(CLOSE_AFTER):
-            response.force_close()
-        return response
+        return problem_response(err, request_id)
 
     try:
-        response = await handler(request)
-        if request.get(CLOSE_AFTER):
-            response.force_close()
-        return response
+        return await handler(request)
     except ApiError as e:
         return answer(e)
     except BackendError as e:
