@@ -13,6 +13,7 @@ from pathlib import Path
 
 from agent import __version__, logs
 from agent.config import Config, ConfigError, embedded, load, masked
+from backends import cpu_affinity
 from catalog.db import CatalogError
 
 log = logging.getLogger("storage-agent")
@@ -150,10 +151,21 @@ def _add_operator_commands(sub: argparse._SubParsersAction) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     config = _config(args)
     logs.setup(config.logging.level, config.logging.format)
+    _pin_cpu(config.storage_proxy.cpu_pin)
     from agent.server import serve
 
     asyncio.run(serve(config, banner=args.config is None or sys.stdout.isatty()))
     return 0
+
+
+def _pin_cpu(setting: str | int) -> None:
+    """Before the event loop and its thread pools exist, so that every thread starts on the pinned CPU."""
+    try:
+        cpu = cpu_affinity.choose(setting)
+    except ValueError as e:
+        raise ConfigError(f"storage-proxy.{e}") from None
+    if cpu is not None:
+        cpu_affinity.pin(cpu)
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:

@@ -59,7 +59,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from agent.errors import ApiError
 from agent.services import Periodic
-from backends import files
+from backends import cpu_affinity, files
 from backends.errors import BackendError, FileOpError, InvalidPath, QuotaExceeded
 from backends.ids import VFolderID
 from backends.mounted import STAGING, MountedVolume
@@ -242,9 +242,16 @@ async def _pause(session_id: str, until: float) -> None:
 
 def _sync_and_close(fd: int) -> None:
     try:
-        os.fdatasync(fd)
+        _flush(fd)
     finally:
         os.close(fd)
+
+
+def _flush(fd: int) -> None:
+    """fdatasync on any CPU: submitting a second's worth of written pages is CPU work, which on the agent's
+    pinned CPU (backends/cpu_affinity.py) would take turns with receiving the next bytes."""
+    with cpu_affinity.widened():
+        os.fdatasync(fd)
 
 
 async def settle_all(agent: Agent) -> None:
@@ -696,7 +703,7 @@ def _move_into_place(upload: Upload) -> bool:
             fd = os.open(name, _STAGED_FLAGS, 0o600, dir_fd=sdir)  # a zero-byte upload never had a PATCH body
         try:
             os.fchmod(fd, PUBLISHED_MODE)  # staged private, published like any file the user writes
-            os.fdatasync(fd)  # durable before it is visible (the background syncs may lag behind)
+            _flush(fd)  # durable before it is visible (the background syncs may lag behind)
         finally:
             os.close(fd)
         with upload.vol.open_vfolder(upload.vfid) as root:

@@ -7,6 +7,7 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from backends import cpu_affinity
 from backends.errors import ExternalError
 
 
@@ -43,13 +44,14 @@ async def run(
     With ``check`` a non-zero exit raises :class:`CommandFailed` carrying stderr.
     """
     try:
-        proc = await asyncio.create_subprocess_exec(
-            *argv,
-            stdin=asyncio.subprocess.PIPE if input is not None else asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            env={**os.environ, **env} if env is not None else None,
-        )
+        with cpu_affinity.widened():  # the command inherits every CPU, not the agent's pinned one
+            proc = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.PIPE if input is not None else asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                env={**os.environ, **env} if env is not None else None,
+            )
     except OSError as e:
         raise CommandFailed(argv, None, e.strerror or str(e), "could not be started") from e
     try:

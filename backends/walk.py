@@ -14,6 +14,8 @@ import resource
 import stat
 from dataclasses import dataclass
 
+from backends import cpu_affinity
+
 try:
     from . import _fastwalk
 except ImportError:  # extension not built: fall back to the pure-Python walk
@@ -58,7 +60,8 @@ def _tree_usage_c(root: str | os.PathLike[str], *, threads: int = 1, max_open_di
     """C walk; ``max_open_dirs`` caps parked directory fds (0 = derived from RLIMIT_NOFILE)."""
     if _fastwalk is None:
         raise RuntimeError("backends._fastwalk is not built (pip install -e . or setup.py build_ext --inplace)")
-    entries, size, alloc, errors, _chain_reopens = _fastwalk.tree_usage(os.fspath(root), threads, max_open_dirs)
+    with cpu_affinity.widened():  # the walk's pthreads inherit the calling thread's CPUs
+        entries, size, alloc, errors, _chain_reopens = _fastwalk.tree_usage(os.fspath(root), threads, max_open_dirs)
     return TreeUsage(entries, size, alloc, errors)
 
 

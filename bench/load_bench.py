@@ -1,6 +1,7 @@
 """Load test: many concurrent keep-alive connections against a real agent, with a mixed workload, on loopback.
 
-    .venv/bin/python bench/load_bench.py [--seconds 60] [--connections 200] [--think-ms 0]
+    .venv/bin/python bench/load_bench.py [--seconds 60] [--connections 200] [--think-ms 0] [--cpu-pin auto]
+    .venv/bin/python bench/load_bench.py --think-ms 2000,1000,500,250     # usage latency against offered load
 
 Starts an agent (temporary directory, vfs volume), prepares a few quota scopes and vfolders with some
 files, then runs the load generator in a second process (this file with ``--worker``): one asyncio event
@@ -26,6 +27,8 @@ while the load runs. Its row has the same target.
 
 With no think time every task sends its next request as soon as the last one is answered (a closed
 loop), so the server is saturated and latency includes queueing (Little's law: in-flight / throughput).
+The think time therefore sets the offered load; a comma list of think times runs each in turn against the
+same agent and ends with one table: usage p50/p99 (and the poller's p99) against requests per second.
 """
 
 from __future__ import annotations
@@ -489,7 +492,8 @@ def fmt_ms(v: float | None) -> str:
 
 def report(
     result: dict[str, Any], sampler: Sampler, probe: Probe, agent: Any, connections: int, seconds: float
-) -> int:
+) -> dict[str, Any]:
+    """Print one run's tables; return its summary row (for the sweep table) with ``errors``."""
     routes = result["routes"]
     errors = sum(r["errors"] for r in routes.values())
     elapsed = result["elapsed"]
@@ -590,14 +594,86 @@ def report(
     print(f"\nagent log: {len(log)} lines, {len(bad)} that look like errors")
     for line in bad[:20]:
         print("  " + line[:300])
-    return 1 if errors else 0
+    usage = routes[USAGE_ROUTES[0]]
+    return {
+        "req_s": result["requests"] / elapsed,
+        "agent_cpu": result["agent_cpu_s"] / elapsed,
+        "usage_p50": usage["p50"],
+        "usage_p99": usage["p99"],
+        "poller_p99": pct(lat, 99),
+        "errors": errors,
+    }
+
+
+def print_sweep(rows: list[tuple[float, dict[str, Any]]]) -> None:
+    """Usage latency against offered load: where on this machine the p99 target holds."""
+    print("\nsweep: usage latency against offered load (the think time sets the rate)")
+    print(f"{'think ms':>9} {'req/s':>8} {'agent CPU':>10} {'usage p50':>10} {'usage p99':>10} {'poller p99':>11} "
+          f"{'errors':>7}  p99 < 10 ms")
+    for think, row in rows:
+        met = all(v is not None and v < 0.010 for v in (row["usage_p99"], row["poller_p99"]))
+        print(
+            f"{think:>9g} {row['req_s']:>8.1f} {row['agent_cpu']:>10.0%} {fmt_ms(row['usage_p50']):>10} "
+            f"{fmt_ms(row['usage_p99']):>10} {fmt_ms(row['poller_p99']):>11} {row['errors']:>7}  "
+            f"{'yes' if met else 'NO'}"
+        )
+
+
+def run_load(agent: Any, args: argparse.Namespace, think: float, vfids: list[str], list_dirs: list[str],
+             work: Path) -> dict[str, Any]:
+    """One load run against the running agent; prints its tables and returns its summary row."""
+    work.mkdir()
+    cfg = {
+        "manager_url": agent.manager_url,
+        "client_url": agent.client_url,
+        "secret": agent.secret,
+        "vfids": vfids,
+        "list_dirs": list_dirs,
+        "connections": args.connections,
+        "seconds": args.seconds,
+        "think_ms": think,
+        "max_requests": args.max_requests,
+        "request_timeout": args.request_timeout,
+        "warmup": args.warmup,
+    }
+    assert cfg["manager_url"].startswith("http://127.0.0.1:") and cfg["client_url"].startswith("http://127.0.0.1:")
+    cfg_path, out_path = work / "load.json", work / "result.json"
+    cfg_path.write_text(json.dumps(cfg))
+    ports = (int(agent.manager_url.rsplit(":", 1)[1]), int(agent.client_url.rsplit(":", 1)[1]))
+    cpu_before = sampler_cpu(agent.proc.pid)
+    memory_before = memory_figures(agent)
+    probe = Probe(agent.manager_url, agent.secret, vfids, args.probe_ms / 1e3)
+    with Sampler(agent.proc.pid, ports) as sampler:
+        proc = subprocess.Popen(
+            [sys.executable, __file__, "--worker", str(cfg_path), str(out_path)], stdout=subprocess.DEVNULL
+        )
+        probe.start(delay=args.warmup + 1.0)  # once the worker has opened its connections
+        try:
+            rc = proc.wait(timeout=args.seconds + args.request_timeout + 60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise SystemExit("the load generator overstayed its time and was killed") from None
+        finally:
+            probe.stop()
+        time.sleep(SAMPLE_INTERVAL)
+    if rc != 0 or not out_path.exists():
+        raise SystemExit(f"the load generator failed (exit {rc})")
+    result = json.loads(out_path.read_text())
+    result["agent_cpu_s"] = sampler_cpu(agent.proc.pid) - cpu_before
+    result["memory"] = (memory_before, memory_figures(agent))
+    return report(result, sampler, probe, agent, args.connections, args.seconds)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--connections", type=int, default=200)
-    parser.add_argument("--think-ms", type=float, default=0.0, help="mean pause of a task between operations")
+    parser.add_argument(
+        "--think-ms", default="0", help="mean pause of a task between operations; a comma list runs each in turn "
+        "against the same agent and ends with a table of usage latency against offered load"
+    )
+    parser.add_argument("--cpu-pin", default="auto", help="the agent's [storage-proxy] cpu-pin")
     parser.add_argument("--max-requests", type=int, default=5_000_000, help="stop once this many were sent")
     parser.add_argument("--scopes", type=int, default=4)
     parser.add_argument("--vfolders-per-scope", type=int, default=2)
@@ -612,51 +688,21 @@ def main() -> int:
 
     from tests.support import make_agent
 
+    thinks = [float(t) for t in args.think_ms.split(",")]
+    pin = int(args.cpu_pin) if args.cpu_pin.isdigit() else args.cpu_pin
     tmp = tempfile.mkdtemp(prefix="sa-load-")
-    agent = make_agent(Path(tmp) / "agent").start()
-    status = 1
+    agent = make_agent(Path(tmp) / "agent", storage_proxy={"cpu-pin": pin}).start()
+    print(f"agent: cpu-pin {args.cpu_pin}")
     try:
         vfids, list_dirs = prepare(agent, args.scopes, args.vfolders_per_scope)
-        cfg = {
-            "manager_url": agent.manager_url,
-            "client_url": agent.client_url,
-            "secret": agent.secret,
-            "vfids": vfids,
-            "list_dirs": list_dirs,
-            "connections": args.connections,
-            "seconds": args.seconds,
-            "think_ms": args.think_ms,
-            "max_requests": args.max_requests,
-            "request_timeout": args.request_timeout,
-            "warmup": args.warmup,
-        }
-        assert cfg["manager_url"].startswith("http://127.0.0.1:") and cfg["client_url"].startswith("http://127.0.0.1:")
-        cfg_path, out_path = Path(tmp) / "load.json", Path(tmp) / "result.json"
-        cfg_path.write_text(json.dumps(cfg))
-        ports = (int(agent.manager_url.rsplit(":", 1)[1]), int(agent.client_url.rsplit(":", 1)[1]))
-        cpu_before = sampler_cpu(agent.proc.pid)
-        memory_before = memory_figures(agent)
-        probe = Probe(agent.manager_url, agent.secret, vfids, args.probe_ms / 1e3)
-        with Sampler(agent.proc.pid, ports) as sampler:
-            proc = subprocess.Popen(
-                [sys.executable, __file__, "--worker", str(cfg_path), str(out_path)], stdout=subprocess.DEVNULL
-            )
-            probe.start(delay=args.warmup + 1.0)  # once the worker has opened its connections
-            try:
-                rc = proc.wait(timeout=args.seconds + args.request_timeout + 60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-                raise SystemExit("the load generator overstayed its time and was killed") from None
-            finally:
-                probe.stop()
-            time.sleep(SAMPLE_INTERVAL)
-        if rc != 0 or not out_path.exists():
-            raise SystemExit(f"the load generator failed (exit {rc})")
-        result = json.loads(out_path.read_text())
-        result["agent_cpu_s"] = sampler_cpu(agent.proc.pid) - cpu_before
-        result["memory"] = (memory_before, memory_figures(agent))
-        status = report(result, sampler, probe, agent, args.connections, args.seconds)
+        rows = []
+        for i, think in enumerate(thinks):
+            if len(thinks) > 1:
+                print(f"\n=== think time {think:g} ms ===")
+            rows.append((think, run_load(agent, args, think, vfids, list_dirs, Path(tmp) / f"run{i}")))
+        if len(rows) > 1:
+            print_sweep(rows)
+        status = 1 if any(row["errors"] for _, row in rows) else 0
     finally:
         agent.stop()
         if args.keep:

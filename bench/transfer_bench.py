@@ -267,6 +267,7 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=3, help="runs of each transfer; the best is reported")
     parser.add_argument("--client", choices=("stdlib", "curl", "httpx"), default="stdlib")
     parser.add_argument("--watcher", default="auto", help="the agent's [usage] watcher: auto, fanotify, inotify, none")
+    parser.add_argument("--cpu-pin", default="auto", help="the agent's [storage-proxy] cpu-pin")
     args = parser.parse_args()
     size = args.size_mib * MiB
     base = Path(tempfile.mkdtemp(prefix="transfer-bench-", dir=args.dir or "/var/tmp"))
@@ -275,7 +276,8 @@ def main() -> int:
         src = base / "source.bin"
         print(f"making a {args.size_mib} MiB source file in {base} ...", flush=True)
         expected = make_source(src, size)
-        agent = make_agent(base / "agent", usage={"watcher": args.watcher}).start()
+        pin = int(args.cpu_pin) if args.cpu_pin.isdigit() else args.cpu_pin
+        agent = make_agent(base / "agent", usage={"watcher": args.watcher}, storage_proxy={"cpu-pin": pin}).start()
         with agent.client() as api:
             vfid = create_vfolder(api)
         pid = agent.proc.pid
@@ -332,7 +334,10 @@ def main() -> int:
             )
 
         print()
-        print(f"transfer of {args.size_mib} MiB on one disk ({base}), agent pid {pid}, HTTP client {args.client}")
+        print(
+            f"transfer of {args.size_mib} MiB on one disk ({base}), agent pid {pid}, HTTP client {args.client}, "
+            f"cpu-pin {args.cpu_pin}"
+        )
         print(f"| {'operation':<46} |   s    | MiB/s  | × cp  | × cp+fsync | peak RSS | RSS growth |")
         print(f"|{'-' * 48}|--------|--------|-------|------------|----------|------------|")
         print(row("cp (baseline)", cp_time, None))

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from agent.usage_engine.aggregates import DirAgg, join, read_dir
+from backends import cpu_affinity
 
 
 class ScanCancelled(Exception):
@@ -56,6 +57,7 @@ def scan(
 
     def worker() -> None:
         nonlocal outstanding
+        cpu_affinity.widen_thread()  # the reads wait on the filesystem without the GIL: use every CPU
         while True:
             rel = work.get()
             if rel is None:

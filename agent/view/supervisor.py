@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 from agent.config import Config, masked
 from agent.services import cancel_and_wait
 from agent.view import mounts
+from backends import cpu_affinity
 
 if TYPE_CHECKING:
     from agent.context import Agent
@@ -69,9 +70,10 @@ class ViewSupervisor:
             log.error("cannot detach the view mount at %s: %s", root, e)
 
     async def _spawn(self) -> asyncio.subprocess.Process:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "agent", "view", "--config", "-", stdin=asyncio.subprocess.PIPE
-        )
+        with cpu_affinity.widened():  # the view inherits every CPU, not the agent's pinned one
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "agent", "view", "--config", "-", stdin=asyncio.subprocess.PIPE
+            )
         assert proc.stdin is not None
         proc.stdin.write(json.dumps(masked(self.config)).encode())
         await proc.stdin.drain()
