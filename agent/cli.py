@@ -13,7 +13,7 @@ from pathlib import Path
 
 from agent import __version__, logs
 from agent.config import Config, ConfigError, embedded, load, masked
-from backends import cpu_affinity
+from backends import cpu_placement
 from catalog.db import CatalogError
 
 log = logging.getLogger("storage-agent")
@@ -161,11 +161,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def _pin_cpu(setting: str | int) -> None:
     """Before the event loop and its thread pools exist, so that every thread starts on the pinned CPU."""
     try:
-        cpu = cpu_affinity.choose(setting)
+        cpu = cpu_placement.choose(setting)
     except ValueError as e:
         raise ConfigError(f"storage-proxy.{e}") from None
     if cpu is not None:
-        cpu_affinity.pin(cpu)
+        cpu_placement.pin(cpu)
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:

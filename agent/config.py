@@ -77,7 +77,7 @@ class StorageProxy(_Section):
     user: int | str | None = None
     group: int | str | None = None
     pid_file: Path | None = Field(default=None, alias="pid-file")
-    # the CPU that the agent's Python threads share (backends/cpu_affinity.py): "auto", "off" or a number
+    # the CPU that the agent's Python threads share (backends/cpu_placement.py): "auto", "off" or a number
     cpu_pin: Literal["auto", "off"] | Annotated[int, Field(ge=0)] = Field(default="auto", alias="cpu-pin")
 
 

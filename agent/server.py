@@ -18,7 +18,7 @@ from agent.config import Config, ConfigError, Listener
 from agent.context import Agent
 from agent.reconcile import Report, reconcile
 from agent.services import factories
-from backends import build_volume
+from backends import build_volume, cpu_placement
 from backends.base import Capability, Volume
 from catalog import Catalog
 from catalog.recovery import LOST
@@ -89,7 +89,9 @@ def _raise_fd_limit() -> None:
 async def start(config: Config) -> tuple[Agent, list[web.AppRunner], Bound]:
     _raise_fd_limit()
     asyncio.get_running_loop().set_default_executor(
-        ThreadPoolExecutor(WORKER_THREADS, thread_name_prefix="storage-agent-io")
+        ThreadPoolExecutor(
+            WORKER_THREADS, thread_name_prefix="storage-agent-io", initializer=cpu_placement.background_thread
+        )
     )
     ignored = config.ignored_keys()
     if ignored:

@@ -59,7 +59,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from agent.errors import ApiError
 from agent.services import Periodic
-from backends import cpu_affinity, files
+from backends import cpu_placement, files
 from backends.errors import BackendError, FileOpError, InvalidPath, QuotaExceeded
 from backends.ids import VFolderID
 from backends.mounted import STAGING, MountedVolume
@@ -249,8 +249,8 @@ def _sync_and_close(fd: int) -> None:
 
 def _flush(fd: int) -> None:
     """fdatasync on any CPU: submitting a second's worth of written pages is CPU work, which on the agent's
-    pinned CPU (backends/cpu_affinity.py) would take turns with receiving the next bytes."""
-    with cpu_affinity.widened():
+    pinned CPU (backends/cpu_placement.py) would take turns with receiving the next bytes."""
+    with cpu_placement.widened():
         os.fdatasync(fd)
 
 

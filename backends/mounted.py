@@ -12,7 +12,7 @@ import os
 import uuid
 from pathlib import Path
 
-from backends import cpu_affinity
+from backends import cpu_placement
 from backends.base import FSUsage, HwInfo, Volume
 from backends.copytree import copy_tree
 from backends.errors import (
@@ -121,7 +121,7 @@ class MountedVolume(Volume):
             raise VFolderNotFound(f"vfolder {vfid} does not exist on volume {self.name!r}") from None
         _rmdir_if_empty(path.parent)
         _rmdir_if_empty(path.parent.parent)
-        with cpu_affinity.widened():  # a big tree's unlinks are kernel work: off the agent's pinned CPU
+        with cpu_placement.widened():  # a big tree's unlinks are kernel work: off the agent's pinned CPU
             remove_tree(trash, ignore_errors=True)
         _rmdir_if_empty(staging)
 
@@ -151,7 +151,7 @@ class MountedVolume(Volume):
                 src_fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY, dir_fd=root.fd)
                 dst_fd = os.open(work, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
                 try:
-                    with cpu_affinity.widened():  # the copy is kernel work: off the agent's pinned CPU
+                    with cpu_placement.widened():  # the copy is kernel work: off the agent's pinned CPU
                         copy_tree(src_fd, dst_fd)
                 finally:
                     os.close(src_fd)

@@ -7,7 +7,7 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from backends import cpu_affinity
+from backends import cpu_placement
 from backends.errors import ExternalError
 
 
@@ -44,7 +44,7 @@ async def run(
     With ``check`` a non-zero exit raises :class:`CommandFailed` carrying stderr.
     """
     try:
-        with cpu_affinity.widened():  # the command inherits every CPU, not the agent's pinned one
+        with cpu_placement.widened():  # the command inherits every CPU, not the agent's pinned one
             proc = await asyncio.create_subprocess_exec(
                 *argv,
                 stdin=asyncio.subprocess.PIPE if input is not None else asyncio.subprocess.DEVNULL,

@@ -14,7 +14,7 @@ import resource
 import stat
 from dataclasses import dataclass
 
-from backends import cpu_affinity
+from backends import cpu_placement
 
 try:
     from . import _fastwalk
@@ -60,7 +60,7 @@ def _tree_usage_c(root: str | os.PathLike[str], *, threads: int = 1, max_open_di
     """C walk; ``max_open_dirs`` caps parked directory fds (0 = derived from RLIMIT_NOFILE)."""
     if _fastwalk is None:
         raise RuntimeError("backends._fastwalk is not built (pip install -e . or setup.py build_ext --inplace)")
-    with cpu_affinity.widened():  # the walk's pthreads inherit the calling thread's CPUs
+    with cpu_placement.widened():  # the walk's pthreads inherit the calling thread's CPUs
         entries, size, alloc, errors, _chain_reopens = _fastwalk.tree_usage(os.fspath(root), threads, max_open_dirs)
     return TreeUsage(entries, size, alloc, errors)
 

@@ -28,6 +28,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
+from backends import cpu_placement
 from catalog.metrics import COMMITS, WRITE_SECONDS
 from catalog.migrations import SCHEMA_VERSION, STEPS
 
@@ -73,6 +74,15 @@ def _reader_engine(path: Path, *, readonly: bool) -> AsyncEngine:
     url = f"sqlite+aiosqlite:///file:{path}?mode=ro&uri=true" if readonly else f"sqlite+aiosqlite:///{path}"
     engine = create_async_engine(url, pool_size=4)
     _configure(engine.sync_engine, readonly=readonly, begin="BEGIN")
+
+    @event.listens_for(engine.sync_engine, "connect")
+    def _background(dbapi_conn, _record) -> None:  # noqa: ANN001 - DB-API connection
+        # aiosqlite runs each connection on a thread of its own: a worker, not the event loop (this hook
+        # itself runs on the event loop's thread, so the thread is named by its id)
+        thread = getattr(getattr(dbapi_conn, "driver_connection", None), "_thread", None)
+        if thread is not None and thread.native_id is not None:
+            cpu_placement.background_thread(thread.native_id)
+
     return engine
 
 
@@ -119,6 +129,7 @@ class _Writer(threading.Thread):
         super().start()
 
     def run(self) -> None:
+        cpu_placement.background_thread()
         stop = False
         while not stop:
             first = self.jobs.get()

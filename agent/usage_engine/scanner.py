@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from agent.usage_engine.aggregates import DirAgg, join, read_dir
-from backends import cpu_affinity
+from backends import cpu_placement
 
 
 class ScanCancelled(Exception):
@@ -57,7 +57,7 @@ def scan(
 
     def worker() -> None:
         nonlocal outstanding
-        cpu_affinity.widen_thread()  # the reads wait on the filesystem without the GIL: use every CPU
+        cpu_placement.widen_thread()  # the reads wait on the filesystem without the GIL: use every CPU
         while True:
             rel = work.get()
             if rel is None:

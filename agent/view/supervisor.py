@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from agent.config import Config, masked
 from agent.services import cancel_and_wait
 from agent.view import mounts
-from backends import cpu_affinity
+from backends import cpu_placement
 
 if TYPE_CHECKING:
     from agent.context import Agent
@@ -70,7 +70,7 @@ class ViewSupervisor:
             log.error("cannot detach the view mount at %s: %s", root, e)
 
     async def _spawn(self) -> asyncio.subprocess.Process:
-        with cpu_affinity.widened():  # the view inherits every CPU, not the agent's pinned one
+        with cpu_placement.widened():  # the view inherits every CPU, not the agent's pinned one
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "agent", "view", "--config", "-", stdin=asyncio.subprocess.PIPE
             )

@@ -1,5 +1,6 @@
-"""``[storage-proxy] cpu-pin``: the agent's Python threads share one CPU; the scanner, the C walk and the
-processes it starts get every CPU back."""
+"""Where the agent's threads run (backends/cpu_placement.py): ``[storage-proxy] cpu-pin`` puts its Python
+threads on one CPU, and the scanner, the C walk and the processes it starts get every CPU back; every
+thread but the event loop's is ``SCHED_BATCH``, so it does not preempt the loop."""
 
 from __future__ import annotations
 
@@ -30,6 +31,18 @@ def _thread_cpus(pid: int) -> dict[str, set[int]]:
     return out
 
 
+def _policies(pid: int) -> dict[str, int]:
+    """Thread id and name -> scheduling policy."""
+    out: dict[str, int] = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            name = Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip()
+            out[f"{tid} {name}"] = os.sched_getscheduler(int(tid))
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+    return out
+
+
 def _started(tmp_path: Path, **storage_proxy: object) -> AgentProcess:
     agent = make_agent(tmp_path / "agent")
     agent.config["storage-proxy"].update(storage_proxy)
@@ -42,10 +55,15 @@ def test_agent_threads_share_one_cpu_by_default(tmp_path: Path) -> None:
         with agent.client() as api:  # some work first, so the worker pools have started their threads
             assert api.get("/volumes").status_code == 200
             assert api.post("/quota-scope", json={"volume": "local", "qsid": "q1"}).status_code in (200, 201, 204)
-        threads = _thread_cpus(agent.proc.pid)
+        pid = agent.proc.pid
+        threads = _thread_cpus(pid)
         assert len(threads) > 2
         assert all(cpus == {ALLOWED[-1]} for cpus in threads.values()), threads
         assert f"pinned to CPU {ALLOWED[-1]} of" in agent.log()
+        # the event loop runs as usual; the catalogue writer, aiosqlite's and the worker pool's threads as batch
+        policies = _policies(pid)
+        assert policies.pop(f"{pid} {Path(f'/proc/{pid}/comm').read_text().strip()}") == os.SCHED_OTHER
+        assert len(policies) >= 3 and all(p == os.SCHED_BATCH for p in policies.values()), policies
     finally:
         agent.stop()
 
@@ -77,18 +95,18 @@ def test_what_needs_every_cpu_gets_it_back(tmp_path: Path) -> None:
     script = textwrap.dedent(
         f"""
         import asyncio, json, os, threading
-        from backends import cpu_affinity, process
+        from backends import cpu_placement, process
         from agent.usage_engine import scanner
 
-        cpu = cpu_affinity.choose("auto")
-        cpu_affinity.pin(cpu)
+        cpu = cpu_placement.choose("auto")
+        cpu_placement.pin(cpu)
         seen = {{}}
         t = threading.Thread(target=lambda: seen.update(thread=sorted(os.sched_getaffinity(0))))
         t.start(); t.join()
         scan_cpus = []
         fd = os.open({str(tree)!r}, os.O_RDONLY | os.O_DIRECTORY)
         result = scanner.scan(fd, threads=2, on_open=lambda rel, fd: scan_cpus.append(sorted(os.sched_getaffinity(0))))
-        with cpu_affinity.widened():
+        with cpu_placement.widened():
             seen["widened"] = sorted(os.sched_getaffinity(0))
         seen["after_widened"] = sorted(os.sched_getaffinity(0))
         async def commands():  # a short command reads its CPUs at once: it must have them from the fork
