@@ -22,6 +22,7 @@ from typing import Any
 from aiohttp import web
 
 from agent.errors import CLOSE_AFTER
+from backends import cpu_placement
 
 MIN_BYTES = 2 << 20  # smaller bodies keep their connection: the usual path costs them little
 PIPE_BYTES = 1 << 20
@@ -107,7 +108,15 @@ class SocketBody:
 
 def _move(sock: int, r: int, w: int, fd: int, pos: int, most: int, written: Callable[[int, int], Any]) -> int | None:
     """Move what the socket holds (at most ``most`` bytes) into ``fd`` at ``pos``. None: nothing was
-    waiting; 0: the peer closed the connection."""
+    waiting; 0: the peer closed the connection. On any CPU: the copy into the page cache is kernel work
+    that on the agent's pinned CPU would take turns with the event loop (backends/cpu_placement.py)."""
+    with cpu_placement.widened():
+        return _move_here(sock, r, w, fd, pos, most, written)
+
+
+def _move_here(
+    sock: int, r: int, w: int, fd: int, pos: int, most: int, written: Callable[[int, int], Any]
+) -> int | None:
     done = 0
     try:
         while done < most:

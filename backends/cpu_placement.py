@@ -12,15 +12,18 @@ The GIL lets only one of these threads run Python at a time anyway, so one CPU c
 longer preempts the event loop in the middle of a callback, and waits for the loop's time slice to end
 or for the loop to sleep. Its share of the CPU is unchanged, so it is not starved by other processes.
 
-Under the load bench (200 connections, mixed routes, 2-CPU VM) the pin took the usage p99 from 59 to
-28 ms and the agent's CPU from 82 to 66% of a core; ``SCHED_BATCH`` workers took it on to 13–18 ms.
+Measured with ``bench/load_bench.py`` (200 connections, mixed routes, think 500 ms, ~490 requests/s,
+2-CPU VM): the pin took the usage p99 from 59 to 28 ms and the agent's CPU from 82 to 66% of a core;
+``SCHED_BATCH`` workers, in interleaved runs, gave 26–36 ms against 32–53 ms without. The trade-off:
+one big upload's throughput (``bench/transfer_bench.py``) came out lower pinned than not in most runs,
+within a wide run-to-run spread; ``cpu-pin = "off"`` is the switch for a node that cares more for that.
 
 What does need more than one CPU, or is kernel work that would take turns with the event loop, runs
 on every CPU again: the usage scanner's threads and the C walk's (directory reads without the GIL),
-a clone's copy, a deleted tree's unlinks and an upload's fdatasync run under :func:`widen_thread` /
-:func:`widened`, and so is every spawn of a process (commands, the FUSE view): a child inherits the
-CPUs of the thread that forks it. The set is the one the process started with, so a cpuset or
-``taskset`` given by the operator is kept.
+a clone's copy, a deleted tree's unlinks, an upload's splice into its file and its fdatasync run under
+:func:`widen_thread` / :func:`widened`, and so is every spawn of a process (commands, the FUSE view):
+a child inherits the CPUs of the thread that forks it. The set is the one the process started with,
+so a cpuset or ``taskset`` given by the operator is kept.
 """
 
 from __future__ import annotations
