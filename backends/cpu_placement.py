@@ -36,6 +36,7 @@ from contextlib import contextmanager
 log = logging.getLogger(__name__)
 
 _started_with: frozenset[int] | None = None  # the CPUs this process was allowed before pin()
+_pinned: frozenset[int] | None = None  # the one CPU of pin()
 
 
 def allowed() -> frozenset[int]:
@@ -64,9 +65,10 @@ def choose(setting: str | int) -> int | None:
 
 def pin(cpu: int) -> None:
     """Confine every thread of this process, and so every thread it starts later, to ``cpu``."""
-    global _started_with
+    global _started_with, _pinned
     if _started_with is None:
         _started_with = frozenset(os.sched_getaffinity(0))
+    _pinned = frozenset({cpu})
     for tid in _thread_ids():
         try:
             os.sched_setaffinity(tid, {cpu})
@@ -77,23 +79,23 @@ def pin(cpu: int) -> None:
 
 def widen_thread() -> None:
     """Let the calling thread run on every CPU the process started with (no-op without a pin)."""
-    if _started_with is not None:
+    if _started_with is not None and _pinned is not None:
         os.sched_setaffinity(0, _started_with)
 
 
 @contextmanager
 def widened() -> Iterator[None]:
     """The calling thread on every start-up CPU for the block (threads started in it inherit that), then
-    back on the CPUs it had."""
-    if _started_with is None:
+    back on the pinned CPU. Back on the pin, not on what the thread had before: on the event loop's
+    thread two tasks' blocks can interleave across an ``await``, and the second saw the first's set."""
+    if _started_with is None or _pinned is None:
         yield
         return
-    before = os.sched_getaffinity(0)
     os.sched_setaffinity(0, _started_with)
     try:
         yield
     finally:
-        os.sched_setaffinity(0, before)
+        os.sched_setaffinity(0, _pinned)
 
 
 def background_thread(tid: int = 0) -> None:

@@ -109,9 +109,10 @@ def test_what_needs_every_cpu_gets_it_back(tmp_path: Path) -> None:
         with cpu_placement.widened():
             seen["widened"] = sorted(os.sched_getaffinity(0))
         seen["after_widened"] = sorted(os.sched_getaffinity(0))
-        async def commands():  # a short command reads its CPUs at once: it must have them from the fork
-            return [(await process.run(["grep", "Cpus_allowed_list", "/proc/self/status"])).text.split()[-1]
-                    for _ in range(5)]
+        async def command():  # a short command reads its CPUs at once: it must have them from the fork
+            return (await process.run(["grep", "Cpus_allowed_list", "/proc/self/status"])).text.split()[-1]
+        async def commands():  # at the same time: their widened blocks interleave on the event loop's thread
+            return await asyncio.gather(*(command() for _ in range(5)))
         seen.update(cpu=cpu, dirs=len(result), scan=scan_cpus, commands=asyncio.run(commands()),
                     main=sorted(os.sched_getaffinity(0)))
         print(json.dumps(seen))
