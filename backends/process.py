@@ -1,4 +1,5 @@
-"""The one subprocess helper: argument lists (never a shell), a timeout, stderr in the error."""
+"""The one subprocess helper: argument lists (never a shell), a timeout, stderr in the error; :func:`spawn`
+for a process that lives on (the FUSE view)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import asyncio
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from backends import cpu_placement
 from backends.errors import ExternalError
@@ -31,6 +33,15 @@ class CommandFailed(ExternalError):
         self.stderr = stderr
 
 
+async def spawn(argv: Sequence[str], **kwargs: Any) -> asyncio.subprocess.Process:
+    """Start ``argv`` (no shell) and return at once; ``kwargs`` as for ``asyncio.create_subprocess_exec``.
+
+    Every process the agent starts comes through here: it is given every CPU the agent started with, not
+    the one the agent's own threads are pinned to (backends/cpu_placement.py)."""
+    with cpu_placement.widened():  # a child inherits the CPUs of the thread that forks it
+        return await asyncio.create_subprocess_exec(*argv, **kwargs)
+
+
 async def run(
     argv: Sequence[str],
     *,
@@ -44,14 +55,13 @@ async def run(
     With ``check`` a non-zero exit raises :class:`CommandFailed` carrying stderr.
     """
     try:
-        with cpu_placement.widened():  # the command inherits every CPU, not the agent's pinned one
-            proc = await asyncio.create_subprocess_exec(
-                *argv,
-                stdin=asyncio.subprocess.PIPE if input is not None else asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-                env={**os.environ, **env} if env is not None else None,
-            )
+        proc = await spawn(
+            argv,
+            stdin=asyncio.subprocess.PIPE if input is not None else asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env={**os.environ, **env} if env is not None else None,
+        )
     except OSError as e:
         raise CommandFailed(argv, None, e.strerror or str(e), "could not be started") from e
     try:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from agent.config import Config, masked
 from agent.services import cancel_and_wait
 from agent.view import mounts
-from backends import cpu_placement
+from backends import process
 
 if TYPE_CHECKING:
     from agent.context import Agent
@@ -70,10 +70,9 @@ class ViewSupervisor:
             log.error("cannot detach the view mount at %s: %s", root, e)
 
     async def _spawn(self) -> asyncio.subprocess.Process:
-        with cpu_placement.widened():  # the view inherits every CPU, not the agent's pinned one
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "agent", "view", "--config", "-", stdin=asyncio.subprocess.PIPE
-            )
+        proc = await process.spawn(
+            [sys.executable, "-m", "agent", "view", "--config", "-"], stdin=asyncio.subprocess.PIPE
+        )
         assert proc.stdin is not None
         proc.stdin.write(json.dumps(masked(self.config)).encode())
         await proc.stdin.drain()
