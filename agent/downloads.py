@@ -25,6 +25,9 @@ from email.utils import formatdate, parsedate_to_datetime
 from aiohttp import web
 from zipstream import ZIP_STORED, ZipStream
 
+from agent.errors import REQUEST_ID, ApiError, problem_response
+from agent.strict import digits
+
 log = logging.getLogger(__name__)
 
 READ_CHUNK = 1 << 20  # one read from a file inside a zip
@@ -60,26 +63,29 @@ def _if_range_holds(value: str, st: os.stat_result) -> bool:
 def _parse_range(value: str, size: int) -> tuple[int, int] | None:
     """``(start, count)`` of a single ``bytes=`` range; None to ignore the header (multi-range or malformed).
 
+    Positions are ASCII digits (:func:`agent.strict.digits`); one too long to hold is past any end, so a
+    last-byte-pos beyond the file means "to the end" (RFC 9110 §14.1.2) however many digits it has.
     Raises ValueError when the range is well formed but cannot be satisfied (→ 416).
     """
     unit, _, spec = value.strip().partition("=")
     if unit.strip().lower() != "bytes" or "," in spec:
         return None
-    first, dash, last = spec.strip().partition("-")
-    if not dash or not (first.isdigit() or first == "") or not (last.isdigit() or last == ""):
+    first_text, dash, last_text = spec.strip().partition("-")
+    first = digits(first_text, saturate=True) if first_text else -1
+    last = digits(last_text, saturate=True) if last_text else -1
+    if not dash or first is None or last is None or first == last == -1:
         return None
-    if first == "":
-        if last == "" or int(last) == 0:
+    if first < 0:
+        if last <= 0:
             raise ValueError("empty suffix range")
-        count = min(int(last), size)
+        count = min(last, size)
         return size - count, count
-    start = int(first)
-    end = size - 1 if last == "" else min(int(last), size - 1)
-    if last != "" and int(last) < start:
+    if 0 <= last < first:
         return None
-    if start >= size:
+    if first >= size:
         raise ValueError("range starts past the end")
-    return start, end - start + 1
+    end = size - 1 if last < 0 else min(last, size - 1)
+    return first, end - first + 1
 
 
 def _common_headers(filename: str, no_cache: bool) -> dict[str, str]:
@@ -110,9 +116,10 @@ async def send_file(
     ):
         try:
             chosen = _parse_range(rng, size)
-        except ValueError:
-            headers["Content-Range"] = f"bytes */{size}"
-            resp = web.Response(status=416, headers=headers)
+        except ValueError as e:  # a problem body like every 4xx, with the size the client may ask within
+            msg = f"Range {rng[:40]!r} cannot be satisfied ({e}): the file has {size} byte(s)"
+            resp = problem_response(ApiError(416, msg, "range-not-satisfiable"), request.get(REQUEST_ID))
+            resp.headers["Content-Range"] = f"bytes */{size}"
             return resp
         if chosen is not None:
             status, (start, count) = 206, chosen

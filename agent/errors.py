@@ -18,6 +18,7 @@ from typing import Any
 
 from aiohttp import web
 
+from agent.logs import request_target
 from backends import errors as be
 from backends.errors import BackendError
 
@@ -142,7 +143,8 @@ async def _answer_or_problem(request: web.Request, handler: Handler) -> web.Stre
     def answer(err: ApiError) -> web.Response:
         if err.status < 500:  # one line per refused request, under the id the caller sees in the body
             msg = " ".join(err.msg.splitlines())  # the message may quote the caller's input: keep it one line
-            log.info("%s %s -> %d %s [request %s]", request.method, request.raw_path, err.status, msg, request_id)
+            target = request_target(request.path, request.rel_url.raw_query_string)
+            log.info("%s %s -> %d %s [request %s]", request.method, target, err.status, msg, request_id)
         return problem_response(err, request_id)
 
     try:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-import json
+import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, TypeVar
@@ -14,6 +14,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    PlainValidator,
     StrictBool,
     StrictInt,
     ValidationError,
@@ -21,6 +22,7 @@ from pydantic import (
 )
 
 from agent.errors import invalid_params, malformed
+from agent.strict import json_body, name_validator
 from backends.ids import VFolderID, parse_qsid
 
 M = TypeVar("M", bound=BaseModel)
@@ -57,7 +59,36 @@ QSID = Annotated[
         }
     ),
 ]
-RelPath = Annotated[str, Field(max_length=4096)]
+_NAME_FORM = (
+    "bytes that are not UTF-8 travel as lone surrogates U+DC80..U+DCFF, as the listing gives them "
+    "(README: Names that are not UTF-8)"
+)
+RelPath = Annotated[
+    str,
+    PlainValidator(name_validator(4096)),
+    WithJsonSchema({"type": "string", "maxLength": 4096, "description": f"a path inside the vfolder; {_NAME_FORM}"}),
+]
+FileName = Annotated[
+    str,
+    PlainValidator(name_validator(255, min_length=1)),
+    WithJsonSchema({"type": "string", "minLength": 1, "maxLength": 255, "description": f"a name; {_NAME_FORM}"}),
+]
+
+
+def _host_path(value: object) -> str:
+    path = name_validator(4096)(value)
+    if "\0" in path:
+        raise ValueError("contains a NUL byte")
+    if not os.path.isabs(path):
+        raise ValueError("must be an absolute host path")
+    return path
+
+
+HostPath = Annotated[
+    str,
+    PlainValidator(_host_path),
+    WithJsonSchema({"type": "string", "maxLength": 4096, "description": f"an absolute host path; {_NAME_FORM}"}),
+]
 
 
 class Params(BaseModel):
@@ -123,7 +154,7 @@ class RelPathParams(VFolderParams):
 
 
 class RenameParams(RelPathParams):
-    new_name: Annotated[str, Field(min_length=1, max_length=255)]
+    new_name: FileName
     is_dir: Any = None
 
 
@@ -134,7 +165,7 @@ class MoveParams(VFolderParams):
 
 class DownloadParams(RelPathParams):
     archive: StrictBool = False
-    unmanaged_path: str | None = None
+    unmanaged_path: HostPath | None = None
 
 
 class UploadParams(RelPathParams):
@@ -163,10 +194,7 @@ async def read_body(request: web.Request) -> Any:
     raw = await request.read()
     if not raw.strip():
         return None
-    try:
-        return json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise malformed(f"request body is not valid JSON: {e}") from None
+    return json_body(raw)
 
 
 async def parse(request: web.Request, model: type[M]) -> M:

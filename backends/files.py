@@ -13,7 +13,7 @@ import stat
 from dataclasses import dataclass
 
 from backends.errors import FileOpError
-from backends.resolver import VFolderRoot, check_name, fs_errors, rename_noreplace
+from backends.resolver import VFolderRoot, check_name, check_relpath, fs_errors, rename_noreplace
 from backends.rmtree import remove_tree_at
 
 
@@ -37,7 +37,8 @@ def _type_of(mode: int) -> str:
 
 
 def _parts(relpath: str) -> list[str]:
-    return [p for p in relpath.split("/") if p not in ("", ".")]
+    """The components of a relpath, refused (absolute, NUL) by the same check every route's resolve uses."""
+    return [p for p in check_relpath(relpath).split("/") if p not in ("", ".")]
 
 
 def mkdir(root: VFolderRoot, relpath: str, *, parents: bool, exist_ok: bool) -> None:

@@ -6,9 +6,32 @@ history; a test checks that the two agree.
 
 from __future__ import annotations
 
+from typing import Any
+
 import sqlalchemy as sa
 
 metadata = sa.MetaData()
+
+
+class FsName(sa.types.TypeDecorator[str]):
+    """A name or path as the agent holds it (``os.fsdecode`` of its disk bytes, README "Names that are not
+    UTF-8"): a UTF-8 one is stored as TEXT, any other as the BLOB of its bytes (SQLite keeps each value's
+    own type in a TEXT column), and both are read back as the same ``str``."""
+
+    impl = sa.Text
+    cache_ok = True
+
+    def process_bind_param(self, value: str | None, dialect: Any) -> str | bytes | None:
+        if value is None or value.isascii():
+            return value
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return value.encode("utf-8", "surrogateescape")
+        return value
+
+    def process_result_value(self, value: Any, dialect: Any) -> str | None:
+        return value.decode("utf-8", "surrogateescape") if isinstance(value, bytes) else value
 
 volumes = sa.Table(
     "volumes",
@@ -98,7 +121,7 @@ upload_sessions = sa.Table(
     sa.Column("volume", sa.Text, nullable=False),
     sa.Column("qsid", sa.Text, nullable=False),
     sa.Column("folder_id", sa.Text, nullable=False),
-    sa.Column("relpath", sa.Text, nullable=False),
+    sa.Column("relpath", FsName, nullable=False),
     sa.Column("size", sa.Integer, nullable=False),
     sa.Column("received", sa.Integer, nullable=False),
     sa.Column("created_at", sa.Float, nullable=False),

@@ -17,7 +17,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from agent import downloads, metrics, tokens, uploads
+from agent import downloads, metrics, strict, tokens, uploads
 from agent.context import Agent, agent_of
 from agent.errors import ApiError, malformed
 from agent.params import DownloadQuery, TokenQuery, documented
@@ -43,8 +43,6 @@ CORS_HEADERS = {
     ),
     "Access-Control-Max-Age": "86400",
 }
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off", ""}
 
 
 async def add_cors_headers(request: web.Request, response: web.StreamResponse) -> None:
@@ -54,26 +52,26 @@ async def add_cors_headers(request: web.Request, response: web.StreamResponse) -
 
 
 def _flag(request: web.Request, name: str) -> bool | None:
-    value = request.query.get(name)
-    if value is None:
-        return None
-    if value.lower() in _TRUE:
-        return True
-    if value.lower() in _FALSE:
-        return False
-    raise malformed(f"query parameter {name} must be true or false, not {value!r}")
+    return strict.flag(strict.query(request).get(name), name)
 
 
 def _claims(request: web.Request, op: tokens.Op) -> dict[str, Any]:
     agent = agent_of(request)
-    return tokens.verify(agent.config.storage_proxy.secret.get_secret_value(), request.query.get("token"), op)
+    return tokens.verify(agent.config.storage_proxy.secret.get_secret_value(), strict.query(request).get("token"), op)
 
 
 def _claim_str(claims: dict[str, Any], name: str) -> str:
     value = claims.get(name)
     if not isinstance(value, str):
         raise ApiError(403, f"invalid token: the {name} claim is missing or not a string", "invalid-token")
-    return value
+    try:
+        return strict.check_name_form(value)
+    except ValueError as e:
+        raise ApiError(403, f"invalid token: the {name} claim {e}", "invalid-token") from None
+
+
+def _dst_dir(request: web.Request) -> str | None:
+    return strict.query_name(request, "dst_dir")
 
 
 def _join(dst_dir: str | None, relpath: str) -> str:
@@ -90,10 +88,10 @@ def _join(dst_dir: str | None, relpath: str) -> str:
 def _open_root(agent: Agent, claims: dict[str, Any]) -> tuple[VFolderRoot, str]:
     """The root the token grants (its vfolder, or the manager's unmanaged host path) and a fallback name."""
     vol: Volume = agent.volume(_claim_str(claims, "volume"))
-    unmanaged = claims.get("unmanaged_path")
-    if unmanaged is not None:
-        if not isinstance(unmanaged, str) or not os.path.isabs(unmanaged):
-            raise ApiError(403, "invalid token: unmanaged_path must be an absolute path", "invalid-token")
+    if claims.get("unmanaged_path") is not None:
+        unmanaged = _claim_str(claims, "unmanaged_path")
+        if "\0" in unmanaged or not os.path.isabs(unmanaged):
+            raise ApiError(403, "invalid token: unmanaged_path must be an absolute path without NUL", "invalid-token")
         try:
             fd = os.open(unmanaged, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as e:
@@ -148,7 +146,7 @@ async def download(request: web.Request) -> web.StreamResponse:
     """A file (Range, If-Range) or, with archive, a directory as a zip streamed on the fly."""
     claims = _claims(request, "download")
     agent = agent_of(request)
-    path = _join(request.query.get("dst_dir") or None, _claim_str(claims, "relpath"))
+    path = _join(_dst_dir(request), _claim_str(claims, "relpath"))
     archive = _flag(request, "archive")
     if archive is None:
         archive = claims.get("archive") is True
@@ -204,7 +202,7 @@ async def upload_head(request: web.Request) -> web.Response:
     claims = _claims(request, "upload")
     _check_tus_version(request)
     agent = agent_of(request)
-    upload = await uploads.open_upload(agent, claims, request.query.get("dst_dir") or None)
+    upload = await uploads.open_upload(agent, claims, _dst_dir(request))
     offset = await uploads.offset_of(agent, upload)
     headers = _tus_headers(
         **{"Upload-Offset": str(offset), "Upload-Length": str(upload.row.size), "Cache-Control": "no-store"}
@@ -225,15 +223,13 @@ async def upload_patch(request: web.Request) -> web.Response:
             f"a tus PATCH body must be {TUS_CONTENT_TYPE}, not {content_type or 'untyped'}",
             "unsupported-media-type",
         )
-    raw = request.headers.get("Upload-Offset")
-    if raw is None or not raw.strip().isdigit():
-        raise malformed("the Upload-Offset header (a non-negative integer) is required")
+    offset = strict.uint(request.headers.get("Upload-Offset"), "the Upload-Offset header")
     agent = agent_of(request)
-    upload = await uploads.open_upload(agent, claims, request.query.get("dst_dir") or None, check=False)
+    upload = await uploads.open_upload(agent, claims, _dst_dir(request), check=False)
     spliced = SocketBody.of(request)
     try:
-        new = await uploads.append(agent, upload, int(raw), request.content, request.content_length, spliced)
+        new = await uploads.append(agent, upload, offset, request.content, request.content_length, spliced)
     except (ConnectionError, HttpProcessingError):  # the body broke off; what arrived was kept and HEAD reports it
         raise malformed("the connection was lost before the whole PATCH body arrived") from None
-    metrics.UPLOAD_BYTES.inc(max(0, new - int(raw)))
+    metrics.UPLOAD_BYTES.inc(max(0, new - offset))
     return web.Response(status=204, headers=_tus_headers(**{"Upload-Offset": str(new)}))
