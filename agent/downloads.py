@@ -54,10 +54,10 @@ def _if_range_holds(value: str, st: os.stat_result) -> bool:
     if value.startswith(('"', "W/")):
         return value == _etag(st)  # weak validators never match (RFC 9110 §13.1.5)
     try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+        when = parsedate_to_datetime(value).timestamp()
+    except (TypeError, ValueError, OverflowError, IndexError):  # the stdlib's date parser on hostile input
         return False
-    return int(st.st_mtime) <= when.timestamp()  # Last-Modified has one-second resolution
+    return int(st.st_mtime) <= when  # Last-Modified has one-second resolution
 
 
 def _parse_range(value: str, size: int) -> tuple[int, int] | None:

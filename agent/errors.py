@@ -143,7 +143,7 @@ async def _answer_or_problem(request: web.Request, handler: Handler) -> web.Stre
     def answer(err: ApiError) -> web.Response:
         if err.status < 500:  # one line per refused request, under the id the caller sees in the body
             msg = " ".join(err.msg.splitlines())  # the message may quote the caller's input: keep it one line
-            target = request_target(request.path, request.rel_url.raw_query_string)
+            target = request_target(request.rel_url.raw_path, request.rel_url.raw_query_string)  # still %-encoded
             log.info("%s %s -> %d %s [request %s]", request.method, target, err.status, msg, request_id)
         return problem_response(err, request_id)
 

@@ -148,12 +148,26 @@ def test_upload_offset_headers(served: AgentProcess, vfid: str, offset: str) -> 
         assert r.status_code == 400 and "Upload-Offset" in r.json()["msg"], (offset, r.text)
 
 
+if_range = st.one_of(
+    st.none(),
+    st.text(max_size=40).filter(_header_safe),
+    st.builds(lambda d, y: f"Mon, {d} Jan {y} 00:00:00 GMT", header_numbers, header_numbers),
+    st.builds(lambda s: f'"{s}"', st.text(alphabet="0123456789abcdef-", max_size=40)),
+)
+
+
 @FUZZ
-@given(first=header_numbers | st.just(""), last=header_numbers | st.just(""))
-def test_range_headers(served: AgentProcess, vfid: str, first: str, last: str) -> None:
+@given(first=header_numbers | st.just(""), last=header_numbers | st.just(""), cond=if_range)
+def test_range_headers(served: AgentProcess, vfid: str, first: str, last: str, cond: str | None) -> None:
     token = sign(served, {"op": "download", "volume": "local", "vfid": vfid, "relpath": "ten"})
     value = f"bytes={first}-{last}"
-    r = httpx.get(f"{served.client_url}/download", params={"token": token}, headers={"Range": value.encode()})
+    headers = {"Range": value.encode()}
+    if cond is not None:
+        conditional = {**headers, "If-Range": cond.encode("utf-8", "surrogateescape")}
+        r = httpx.get(f"{served.client_url}/download", params={"token": token}, headers=conditional)
+        clean(r)
+        assert r.status_code in (200, 206, 416), (value, cond, r.status_code)
+    r = httpx.get(f"{served.client_url}/download", params={"token": token}, headers=headers)
     clean(r)
     assert r.status_code in (200, 206, 416), (value, r.status_code)
     ascii_num = all(x == "" or (x.isascii() and x.isdigit()) for x in (first, last))

@@ -214,3 +214,25 @@ def test_range_positions_follow_rfc_9110(
         assert content.decode() in problem(r, 416) and r.headers["Content-Range"] == "bytes */10"
     else:
         assert (r.status_code, r.content) == (status, content), r.text
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "Mon, 01 Jan 99999999999999999999 00:00:00 GMT",  # OverflowError in the stdlib's date parser: was a 500
+        "Mon, 99999999999999999999 Jan 2020 00:00:00 GMT",
+        "Mon, 01 Jan 2020 99999999999999999999:00:00 GMT",
+        "Mon, 01 Jan " + "9" * 5000 + " 00:00:00 GMT",
+        '"0-0-0"',
+        "",
+    ],
+)
+def test_an_odd_if_range_is_a_validator_that_does_not_match(
+    served: AgentProcess, api: httpx.Client, vfid: str, value: str
+) -> None:
+    """Found by test_input_fuzz: a date the stdlib cannot hold. A validator that does not match means the
+    whole file (RFC 9110 §13.1.5), never a 500."""
+    token = download_token(api, vfid, "ten")
+    headers = {"Range": "bytes=2-4", "If-Range": value}
+    r = httpx.get(f"{served.client_url}/download", params={"token": token}, headers=headers)
+    assert (r.status_code, r.content) == (200, b"0123456789"), r.text
