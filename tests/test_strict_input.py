@@ -236,3 +236,25 @@ def test_an_odd_if_range_is_a_validator_that_does_not_match(
     headers = {"Range": "bytes=2-4", "If-Range": value}
     r = httpx.get(f"{served.client_url}/download", params={"token": token}, headers=headers)
     assert (r.status_code, r.content) == (200, b"0123456789"), r.text
+
+
+def test_json_log_lines_carry_no_token_either(tmp_path: Path) -> None:
+    proc = make_agent(tmp_path / "agent", logging={"format": "json"}).start()
+    try:
+        token = sign(proc, {"op": "upload", "volume": "local", "vfid": "qs/" + uuid.uuid4().hex, "relpath": "x"})
+        assert httpx.get(f"{proc.client_url}/download", params={"token": token}).status_code == 403
+        port = int(proc.client_url.rpartition(":")[2])
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(f"GET /download?token={token}\x7f HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            assert s.recv(4096).split(b" ")[1] == b"400"
+        lines = eventually(lambda: _json_lines(proc, 2))
+    finally:
+        proc.stop()
+    assert token.split(".")[1][:40] not in proc.log()
+    assert any("token=<token, unverified claims: op='upload'" in line["msg"] for line in lines)
+
+
+def _json_lines(proc: AgentProcess, refused: int) -> list[dict[str, Any]]:
+    lines = [json.loads(line) for line in proc.log().splitlines() if line.startswith("{")]
+    assert sum("/download?token=" in line["msg"] for line in lines) >= refused
+    return lines
