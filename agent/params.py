@@ -22,7 +22,7 @@ from pydantic import (
 )
 
 from agent.errors import invalid_params, malformed
-from agent.strict import json_body, name_validator
+from agent.strict import MAX_INT64, json_body, name_validator
 from backends.ids import VFolderID, parse_qsid
 
 M = TypeVar("M", bound=BaseModel)
@@ -104,7 +104,7 @@ class VFolderParams(VolumeParams):
 
 
 class QuotaOptions(Params):
-    limit_bytes: StrictInt | None = Field(default=None, ge=-1)
+    limit_bytes: StrictInt | None = Field(default=None, ge=-1, le=MAX_INT64)
 
 
 class QuotaScopeParams(VolumeParams):
@@ -140,7 +140,7 @@ class MetadataSet(VFolderParams):
 
 
 class VolumeQuotaParams(VFolderParams):
-    size_bytes: StrictInt | None = None
+    size_bytes: StrictInt | None = Field(default=None, le=MAX_INT64)
 
 
 class MkdirParams(VFolderParams):
@@ -169,7 +169,7 @@ class DownloadParams(RelPathParams):
 
 
 class UploadParams(RelPathParams):
-    size: StrictInt = Field(ge=0)
+    size: StrictInt = Field(ge=0, le=MAX_INT64)
 
 
 class DeleteFilesParams(VFolderParams):

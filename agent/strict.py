@@ -28,6 +28,7 @@ from agent.errors import malformed
 
 MAX_DIGITS = 19  # 10**19 > 2**63: more than any size or offset the agent can hold
 SATURATED = 10**MAX_DIGITS  # what a longer number reads as where "past the end" is meaningful (a Range)
+MAX_INT64 = 2**63 - 1  # the largest integer a catalogue column (SQLite INTEGER) holds: every byte count's bound
 MAX_JSON_DEPTH = 32  # objects and arrays nested in a manager body (the deepest legitimate one is 3)
 MAX_JSON_INT_DIGITS = 40  # a JSON integer's digits (sign excluded); far above 2**64, far below int()'s limit
 _DIGITS = re.compile(r"[0-9]+")  # a str pattern's [0-9] is ASCII only, unlike \d or isdigit()

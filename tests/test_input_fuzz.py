@@ -179,31 +179,39 @@ def test_range_headers(served: AgentProcess, vfid: str, first: str, last: str, c
         assert (r.status_code, r.content) == (206, b"0123456789"[int(first): int(last) + 1 if last else 10]), value
 
 
+JSON_ROUTES = [
+    ("POST", "/quota-scope"), ("PATCH", "/quota-scope"), ("POST", "/folder/create"), ("POST", "/folder/clone"),
+    ("POST", "/folder/file/upload"), ("POST", "/folder/file/mkdir"), ("POST", "/folder/metadata"),
+    ("PATCH", "/volume/quota"),
+]
+
+
 @FUZZ
 @given(
-    path=st.sampled_from(["/folder/create", "/folder/file/upload", "/folder/file/mkdir", "/quota-scope",
-                          "/folder/metadata", "/folder/clone"]),
     extra=json_values,
     depth=st.integers(min_value=0, max_value=30_000),
-    big=huge_ints | st.integers().map(str),
+    big=huge_ints | st.sampled_from([2**63 - 1, 2**63, -(2**63) - 1, 2**64, 10**40]).map(str) | st.integers().map(str),
     odd=st.sampled_from(["NaN", "Infinity", "-Infinity", "1e999", '"\\ud800"', '"\\udcff"', "[]", "{}", "0"]),
 )
-def test_json_bodies(served: AgentProcess, vfid: str, path: str, extra: Any, depth: int, big: str, odd: str) -> None:
-    base = json.dumps({"volume": "local", "vfid": vfid, "qsid": "fuzz", "relpath": "j", "x": extra})[:-1]
+def test_json_bodies(served: AgentProcess, vfid: str, extra: Any, depth: int, big: str, odd: str) -> None:
+    qsid = f"fz{uuid.uuid4().hex[:8]}"  # a new scope each time, so that a create gets as far as storing its limit
+    base = json.dumps({"volume": "local", "vfid": vfid, "qsid": qsid, "relpath": "j", "x": extra})[:-1]
     nested = "[" * depth + "]" * depth
     with served.client() as api:
-        for text in (
-            base + f', "size": {big}}}',
-            base + f', "deep": {nested or "0"}}}',
-            base + f', "odd": {odd}}}',
-            nested or "null",
-        ):
-            r = post_json(api, "POST", path, text)
-            clean(r)
-            if depth > 31 and nested in text:
-                assert r.status_code == 400 and "nested deeper" in r.json()["msg"], r.text
-            if len(big.lstrip("-")) > 40 and big in text:
-                assert r.status_code == 400 and "integer of" in r.json()["msg"], r.text
+        for method, path in JSON_ROUTES:
+            for text in (
+                base + f', "size": {big}, "size_bytes": {big}}}',
+                base + f', "options": {{"limit_bytes": {big}}}}}',
+                base + f', "deep": {nested or "0"}}}',
+                base + f', "odd": {odd}}}',
+                nested or "null",
+            ):
+                r = post_json(api, method, path, text)
+                clean(r)
+                if depth > 31 and nested in text:
+                    assert r.status_code == 400 and "nested deeper" in r.json()["msg"], r.text
+                if len(big.lstrip("-")) > 40 and big in text:
+                    assert r.status_code == 400 and "integer of" in r.json()["msg"], r.text
 
 
 @FUZZ

@@ -94,6 +94,19 @@ def test_a_body_nested_to_the_limit_is_still_accepted(api: httpx.Client) -> None
     assert r.status_code == 204, r.text
 
 
+@pytest.mark.parametrize("limit", [2**63, 10**30, -(2**63)])
+def test_a_byte_count_past_64_bits_is_a_400_naming_the_field(api: httpx.Client, limit: int) -> None:
+    """A limit SQLite cannot hold was an OverflowError (500) when the catalogue stored it."""
+    qsid = f"big{uuid.uuid4().hex[:6]}"
+    msg = problem(api.post("/quota-scope", json={"volume": "local", "qsid": qsid, "options": {"limit_bytes": limit}}))
+    assert "options.limit_bytes" in msg
+    assert api.post("/quota-scope", json={"volume": "local", "qsid": qsid}).status_code == 204
+    msg = problem(api.patch("/quota-scope", json={"volume": "local", "qsid": qsid, "options": {"limit_bytes": limit}}))
+    assert "options.limit_bytes" in msg
+    r = api.patch("/quota-scope", json={"volume": "local", "qsid": qsid, "options": {"limit_bytes": 2**63 - 1}})
+    assert r.status_code == 204, r.text
+
+
 @pytest.mark.parametrize("value", ["²", "maybe", "truee", "１"])
 def test_an_odd_query_flag_is_a_400_naming_it(served: AgentProcess, api: httpx.Client, vfid: str, value: str) -> None:
     token = download_token(api, vfid, "ten")
