@@ -25,7 +25,7 @@ from tests.client_helpers import TUS, sign, vfolder_path
 from tests.support import AgentProcess, assert_clean_log, make_agent
 
 FUZZ = settings(
-    max_examples=60,
+    max_examples=40,
     deadline=None,
     derandomize=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
