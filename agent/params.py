@@ -21,39 +21,42 @@ from pydantic import (
 )
 
 from agent.errors import invalid_params, malformed
-from backends.ids import VFolderID, parse_qsid
+from backends.ids import QuotaScopeID, VFolderID
 
 M = TypeVar("M", bound=BaseModel)
 
 MAX_METADATA = 10 * 2**20
 
 
-def _vfid(value: object) -> VFolderID:
-    if isinstance(value, VFolderID):
-        return value
-    return VFolderID.parse(value)
-
+# The two quota scope spellings (backends.ids): bare 23.03.5 ids, and typed ids of 23.03.7+ managers.
+_SCOPE_PATTERN = (
+    r"(?:[A-Za-z0-9]+(?:[-_][A-Za-z0-9]+)*"
+    r"|(?:[Uu][Ss][Ee][Rr]|[Pp][Rr][Oo][Jj][Ee][Cc][Tt]):[0-9a-fA-F]+(?:-[0-9a-fA-F]+)*)"
+)
+_SCOPE_FORMS = "'user:<uuid>' / 'project:<uuid>' (23.03.7+; its directory: the UUID's hex) or bare (23.03.5)"
 
 VFID = Annotated[
     VFolderID,
-    BeforeValidator(_vfid),
+    BeforeValidator(VFolderID.parse),
     WithJsonSchema(
         {
             "type": "string",
-            "pattern": r"^[A-Za-z0-9]+([-_][A-Za-z0-9]+)*/([0-9a-fA-F]{32}|[0-9a-fA-F-]{36})$",
-            "description": "'<quota-scope-id>/<folder-uuid>'",
-            "examples": ["user-1/0123456789abcdef0123456789abcdef"],
+            "pattern": rf"^{_SCOPE_PATTERN}/(?:[0-9a-fA-F]{{32}}|[0-9a-fA-F-]{{36}})$",
+            "description": f"'<quota-scope-id>/<folder-uuid>'; the scope is {_SCOPE_FORMS}",
+            "examples": ["user:8a3f2c1e-0b4d-4e6f-9a01-2b3c4d5e6f70/0123456789abcdef0123456789abcdef",
+                         "user-1/0123456789abcdef0123456789abcdef"],
         }
     ),
 ]
 QSID = Annotated[
-    str,
-    BeforeValidator(parse_qsid),
+    QuotaScopeID,
+    BeforeValidator(QuotaScopeID.parse),
     WithJsonSchema(
         {
             "type": "string",
-            "pattern": r"^[A-Za-z0-9]+([-_][A-Za-z0-9]+)*$",
-            "description": "quota scope id: letters and digits, optionally joined by single '-' or '_'",
+            "pattern": rf"^{_SCOPE_PATTERN}$",
+            "description": f"quota scope id: {_SCOPE_FORMS}",
+            "examples": ["user:8a3f2c1e-0b4d-4e6f-9a01-2b3c4d5e6f70", "user-1"],
         }
     ),
 ]
@@ -88,8 +91,20 @@ class QuotaScopeUpdate(QuotaScopeParams):
     options: QuotaOptions
 
 
+class CreateOptions(Params):
+    """``folder/create`` options: the rest is deprecated and ignored (per-vfolder quota is gone)."""
+
+    initial_max_size_for_quota_scope: StrictInt | None = Field(
+        default=None,
+        ge=0,
+        description="23.03.7+ managers: the limit of the quota scope when this create makes it (0 / null: none)",
+    )
+
+
 class VFolderCreate(VFolderParams):
-    options: Any = None
+    options: CreateOptions | None = Field(
+        default=None, description="with a typed quota scope id, a missing scope is created first, with this limit"
+    )
 
 
 class VFolderClone(Params):
@@ -112,8 +127,13 @@ class VolumeQuotaParams(VFolderParams):
     size_bytes: StrictInt | None = None
 
 
+MAX_MKDIR_PATHS = 50  # as upstream 24.03+
+
+
 class MkdirParams(VFolderParams):
-    relpath: RelPath
+    relpath: RelPath | Annotated[list[RelPath], Field(min_length=1, max_length=MAX_MKDIR_PATHS)] = Field(
+        description=f"a path, or (24.03+ managers) a list of at most {MAX_MKDIR_PATHS} paths, each answered on its own"
+    )
     parents: StrictBool = True
     exist_ok: StrictBool = False
 
@@ -210,6 +230,7 @@ class ApiDoc:
     summary: str = ""
     raw_body: str | None = None  # media type of a streamed (non-JSON) request body
     headers: tuple[str, ...] = ()  # request headers the route reads
+    also: tuple[tuple[int, bool, str], ...] = ()  # other answers: (status, carries `answer`, when)
 
 
 def takes(
@@ -218,6 +239,7 @@ def takes(
     answer: type[BaseModel] | None = None,
     status: int | None = None,
     content_type: str = "application/json",
+    also: tuple[tuple[int, bool, str], ...] = (),
 ) -> Callable[[Callable[..., Awaitable[web.StreamResponse]]], Handler]:
     """Parse the JSON body into ``body`` and call ``handler(request, params)``; ``None``: no parameters
     allowed, ``handler(request)``. The model is also what the OpenAPI document shows."""
@@ -231,7 +253,9 @@ def takes(
             return await fn(request, await parse(request, body))
 
         code = status if status is not None else (200 if answer is not None else 204)
-        doc = ApiDoc(body=body, answer=answer, status=code, content_type=content_type, summary=_summary(fn))
+        doc = ApiDoc(
+            body=body, answer=answer, status=code, content_type=content_type, summary=_summary(fn), also=also
+        )
         setattr(handler, API_DOC, doc)
         return handler
 
@@ -246,6 +270,7 @@ def documented(
     content_type: str = "application/json",
     raw_body: str | None = None,
     headers: tuple[str, ...] = (),
+    also: tuple[tuple[int, bool, str], ...] = (),
 ) -> Callable[[Handler], Handler]:
     """Record what a handler that reads its own input (query string, headers, stream) takes and answers."""
 
@@ -259,6 +284,7 @@ def documented(
             summary=_summary(fn),
             raw_body=raw_body,
             headers=headers,
+            also=also,
         )
         setattr(fn, API_DOC, doc)
         return fn

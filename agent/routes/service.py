@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+from datetime import UTC, datetime
 from typing import NoReturn
 
 from aiohttp import web
 
-from agent import answers
+from agent import __version__, answers
 from agent.context import agent_of
 from agent.errors import ApiError
 from agent.params import VFolderParams, VolumeParams, VolumeQuotaParams, documented, takes
@@ -28,6 +29,54 @@ async def root(request: web.Request) -> web.Response:
 async def status(request: web.Request) -> web.Response:
     """A liveness answer without auth."""
     return web.json_response({"status": "ok"})
+
+
+def _health(request: web.Request, *, volumes: bool, probe: bool) -> web.Response:
+    """Upstream's health shape: one check per volume (served, or why not) when ``volumes``; ``probe``: a failed
+    check answers 503 (a Kubernetes probe), else 200 with status "degraded"."""
+    agent = agent_of(request)
+    now = datetime.now(UTC).isoformat()
+    checks = []
+    for name, vol in agent.volumes.items() if volumes else ():
+        state = agent.refresh_state(vol)
+        checks.append(
+            {
+                "service_group": "volume",
+                "component_id": name,
+                "is_healthy": state.serving,
+                "last_checked_at": now,
+                "error_message": None if state.serving else state.info,
+            }
+        )
+    healthy = all(c["is_healthy"] for c in checks)
+    body = {
+        "status": "ok" if healthy else "error" if probe else "degraded",
+        "version": __version__,
+        "component": "storage-proxy",
+        "connectivity": {"overall_healthy": healthy, "connectivity_checks": checks, "timestamp": now},
+    }
+    return web.json_response(body, status=503 if probe and not healthy else 200)
+
+
+@routes.get("/health")
+@documented(answer=answers.Health)
+async def health(request: web.Request) -> web.Response:
+    """Whether each volume is served, without auth; always 200 ("degraded" when one is not)."""
+    return _health(request, volumes=True, probe=False)
+
+
+@routes.get("/livez")
+@documented(answer=answers.Health)
+async def livez(request: web.Request) -> web.Response:
+    """Liveness probe without auth: 200 whenever the agent answers (no check gates it)."""
+    return _health(request, volumes=False, probe=True)
+
+
+@routes.get("/readyz")
+@documented(answer=answers.Health, also=((503, True, "a volume is not served (status `error`)"),))
+async def readyz(request: web.Request) -> web.Response:
+    """Readiness probe without auth: 200 when every volume is served, else 503 naming those that are not."""
+    return _health(request, volumes=True, probe=True)
 
 
 @routes.get("/volumes")
