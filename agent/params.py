@@ -128,12 +128,42 @@ class VolumeQuotaParams(VFolderParams):
 
 
 MAX_MKDIR_PATHS = 50  # as upstream 24.03+
+MAX_RELPATH = 4096
+
+
+def _one_or_more_paths(value: object) -> object:
+    """One path, or a list of 1 to 50 (24.03+); one error naming ``relpath`` instead of one per union arm."""
+    paths = value if isinstance(value, list) else [value]
+    if (
+        not 1 <= len(paths) <= MAX_MKDIR_PATHS
+        or not all(isinstance(p, str) and len(p) <= MAX_RELPATH for p in paths)
+    ):
+        raise ValueError(f"relpath must be a path or a list of 1 to {MAX_MKDIR_PATHS} paths")
+    return value
+
+
+MkdirPaths = Annotated[
+    str | list[str],
+    BeforeValidator(_one_or_more_paths),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "string", "maxLength": MAX_RELPATH},
+                {
+                    "type": "array",
+                    "items": {"type": "string", "maxLength": MAX_RELPATH},
+                    "minItems": 1,
+                    "maxItems": MAX_MKDIR_PATHS,
+                },
+            ],
+            "description": f"a path, or (24.03+ managers) a list of 1 to {MAX_MKDIR_PATHS} paths answered one by one",
+        }
+    ),
+]
 
 
 class MkdirParams(VFolderParams):
-    relpath: RelPath | Annotated[list[RelPath], Field(min_length=1, max_length=MAX_MKDIR_PATHS)] = Field(
-        description=f"a path, or (24.03+ managers) a list of at most {MAX_MKDIR_PATHS} paths, each answered on its own"
-    )
+    relpath: MkdirPaths
     parents: StrictBool = True
     exist_ok: StrictBool = False
 
