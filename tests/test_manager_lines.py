@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -20,6 +21,8 @@ from typing import Any
 
 import httpx
 import pytest
+from hypothesis import HealthCheck, given, seed, settings
+from hypothesis import strategies as st
 
 from catalog import Catalog
 from tests.client_helpers import TUS, claims_of
@@ -410,6 +413,54 @@ def test_malformed_scope_ids_are_400_and_make_nothing(served: AgentProcess, qsid
         r = api.post("/folder/create", json={"volume": "local", "vfid": vfid, "options": {}})
         assert r.status_code == 400, r.text
     assert sorted(os.listdir(served.volume_root())) == before
+
+
+# the rule of upstream's validators, written out independently of backends/ids.py: the oracle of the search
+_BARE = re.compile(r"[A-Za-z0-9]+(?:[_-][A-Za-z0-9]+)*")
+_TYPED = re.compile(r"(?i:user|project):([0-9a-fA-F]+(?:-[0-9a-fA-F]+)*)")
+
+
+def _expected_dir(qsid: str) -> str | None:
+    if len(qsid) > 200:
+        return None
+    if _BARE.fullmatch(qsid):
+        return qsid
+    m = _TYPED.fullmatch(qsid)
+    if m and len(m.group(1).replace("-", "")) == 32:
+        return m.group(1).replace("-", "").lower()
+    return None
+
+
+_PIECES = st.sampled_from(["user", "USER", "project", "Proj", "group", ":", "-", "_", "--", "/", ".", "..", "\n",
+                           "\r", "\t", " ", "\x00", "²", "٣", "ü", "0123456789abcdef", "ABCDEF", "0" * 8, "{", "}"])
+_UUIDS = st.uuids().flatmap(lambda u: st.sampled_from([str(u), u.hex, str(u).upper(), u.hex.upper()]))
+_SCOPE_IDS = st.one_of(
+    st.lists(_PIECES, min_size=1, max_size=8).map("".join),
+    st.tuples(st.sampled_from(["user:", "project:", "USER:", "user:-", "user: "]), _UUIDS,
+              st.sampled_from(["", "\n", "-", "0", "/x", " "])).map("".join),
+    st.text(min_size=1, max_size=40),
+)
+
+
+@seed(20201203)  # fixed: repeatable; hypothesis prints the falsifying example, which then becomes a plain case
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(qsid=_SCOPE_IDS)
+def test_search_scope_ids_make_exactly_the_directory_upstream_names(served: AgentProcess, qsid: str) -> None:
+    root = served.volume_root()
+    before = set(os.listdir(root))
+    expected = _expected_dir(qsid)
+    with served.client() as api:
+        r = api.post("/quota-scope", json={"volume": "local", "qsid": qsid, "options": None})
+        assert r.status_code in (204, 400, 409), r.text
+        after = set(os.listdir(root))
+        if expected is None:
+            assert r.status_code == 400 and after == before, (qsid, r.text)
+            return
+        assert r.status_code in (204, 409), (qsid, r.text)
+        assert after - before <= {expected} and expected in after
+        if r.status_code == 204:
+            assert api.request("DELETE", "/quota-scope", json={"volume": "local", "qsid": qsid}).status_code == 204
+            assert not (root / expected).exists()
 
 
 def test_bare_form_keeps_the_23_03_5_contract(served: AgentProcess) -> None:
