@@ -564,6 +564,24 @@ def test_health_liveness_and_readiness_need_no_secret_and_name_unserved_volumes(
         r = httpx.get(agent.manager_url + "/readyz")
         assert r.status_code == 200 and r.json()["status"] == "ok"
         assert all(c["is_healthy"] for c in r.json()["connectivity"]["connectivity_checks"])
+
+        # a volume root that stops answering (a hung mount; here a FIFO whose read blocks): the probes still
+        # answer, naming it, and no second check piles up behind the first
+        fifo = good / "version.fifo"
+        os.mkfifo(fifo)
+        os.rename(fifo, good / "version.txt")
+        for _ in range(2):
+            r = httpx.get(agent.manager_url + "/readyz", timeout=30)
+            assert r.status_code == 503, r.text
+            checks = {c["component_id"]: c for c in r.json()["connectivity"]["connectivity_checks"]}
+            assert "has not answered" in checks["local"]["error_message"] and checks["old"]["is_healthy"]
+        assert httpx.get(agent.manager_url + "/livez").status_code == 200
+        with open(good / "version.txt", "w") as w:  # the blocked read gets its answer
+            w.write("3\n")
+        (good / "version.new").write_text("3\n")
+        os.rename(good / "version.new", good / "version.txt")
+        r = httpx.get(agent.manager_url + "/readyz", timeout=30)
+        assert r.status_code == 200, r.text
     finally:
         agent.stop()
     assert_clean_log(agent)
