@@ -51,8 +51,10 @@ class FsUsage(Answer):
 
 
 class ScopeUsage(Answer):
-    used_bytes: int = Field(description="-1 when not known")
-    limit_bytes: int = Field(description="-1 when the scope has no limit")
+    """Unknown usage or no limit: -1 for a bare scope id (23.03.5 contract), null for a typed one (as 23.03.7+)."""
+
+    used_bytes: int | None = Field(description="-1 / null when not known")
+    limit_bytes: int | None = Field(description="-1 / null when the scope has no limit")
 
 
 class MountAnswer(Answer):
@@ -95,6 +97,46 @@ class DirEntry(Answer):
 
 class Listing(Answer):
     items: list[DirEntry]
+
+
+class ItemResult(Answer):
+    msg: str | None = Field(description="null on success; what went wrong otherwise")
+    item: str = Field(description="the path as it was sent")
+
+
+class ResultSet(Answer):
+    success: list[ItemResult]
+    failed: list[ItemResult]
+
+
+class MkdirResults(Answer):
+    """mkdir as 24.03+ proxies answer it: 200 every path made, 207 some, 422 none (then also ``msg``)."""
+
+    results: ResultSet
+    msg: str | None = None
+
+
+class HealthCheck(Answer):
+    service_group: str = Field(description="`volume`: one check per configured volume")
+    component_id: str = Field(description="the volume's name")
+    is_healthy: bool = Field(description="the volume is served")
+    last_checked_at: str
+    error_message: str | None = Field(description="why the volume is not served")
+
+
+class Connectivity(Answer):
+    overall_healthy: bool
+    connectivity_checks: list[HealthCheck]
+    timestamp: str
+
+
+class Health(Answer):
+    """The shape of upstream's /health, /livez and /readyz (26.4+; status, version and component since 25.15)."""
+
+    status: Literal["ok", "degraded", "error"]
+    version: str
+    component: Literal["storage-proxy"]
+    connectivity: Connectivity
 
 
 class TokenAnswer(Answer):

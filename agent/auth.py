@@ -9,7 +9,7 @@ from aiohttp import web
 from agent.errors import ApiError, Handler, problem_response
 
 AUTH_HEADER = "X-BackendAI-Storage-Auth-Token"
-PUBLIC_PATHS = frozenset({"/status"})
+PUBLIC_PATHS = frozenset({"/status", "/health", "/livez", "/readyz"})  # probes: no secret needed
 
 
 def manager_auth(secret: str) -> web.middleware:

@@ -20,13 +20,12 @@ import errno
 import fcntl
 import logging
 import os
-import re
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from backends.ids import parse_folder_id, parse_qsid
+from backends.ids import is_hex_part, parse_folder_id, scope_dir
 from backends.layout import LAYOUT_VERSION, read_version, write_version
 from backends.resolver import rename_noreplace
 from catalog import Catalog
@@ -34,10 +33,6 @@ from catalog.layout_moves import LayoutMoves
 
 log = logging.getLogger(__name__)
 
-_HEX2 = re.compile(r"^[0-9a-f]{2}$")
-_HEX28 = re.compile(r"^[0-9a-f]{28}$")
-# Backend.AI managers store scopes as "user:<uuid>" / "project:<uuid>"; on disk the scope is the UUID's hex.
-_TYPED_SCOPE = re.compile(r"^(?:user|project):([0-9a-fA-F-]{32,36})$")
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 Progress = Callable[[int, int], None]
@@ -96,12 +91,9 @@ class Report:
 
 
 def normalize_qsid(value: str) -> str:
-    """The on-disk quota scope name for a mapping value (``user:<uuid>`` -> the UUID's hex)."""
-    value = value.strip()
-    m = _TYPED_SCOPE.match(value)
-    if m:
-        return parse_folder_id(m.group(1)).hex
-    return parse_qsid(value)
+    """The on-disk quota scope name for a mapping value (``user:<uuid>`` -> the UUID's hex, as the manager
+    stores typed scopes; see :mod:`backends.ids`)."""
+    return scope_dir(value.strip())
 
 
 def _add(mapping: dict[str, str], errors: list[str], where: str, fid: str, qsid: str) -> None:
@@ -165,21 +157,22 @@ def mapping_from_postgres(dsn: str) -> dict[str, str]:
 # -- the disk -----------------------------------------------------------------
 
 
-def _subdirs(dir_fd: int, pattern: re.Pattern[str]) -> list[str]:
+def _subdirs(dir_fd: int, length: int) -> list[str]:
+    """Subdirectories named like a piece of a folder id's ``aa/bb/rest`` split (``length`` hex digits)."""
     with os.scandir(dir_fd) as it:
-        return sorted(e.name for e in it if pattern.match(e.name) and e.is_dir(follow_symlinks=False))
+        return sorted(e.name for e in it if is_hex_part(e.name, length) and e.is_dir(follow_symlinks=False))
 
 
 def scan_old_layout(root_fd: int) -> list[str]:
     """Folder ids (32 hex) of every ``aa/bb/rest`` directory below the root."""
     found = []
-    for a in _subdirs(root_fd, _HEX2):
+    for a in _subdirs(root_fd, 2):
         a_fd = os.open(a, _DIR_FLAGS, dir_fd=root_fd)
         try:
-            for b in _subdirs(a_fd, _HEX2):
+            for b in _subdirs(a_fd, 2):
                 b_fd = os.open(b, _DIR_FLAGS, dir_fd=a_fd)
                 try:
-                    found += [a + b + rest for rest in _subdirs(b_fd, _HEX28)]
+                    found += [a + b + rest for rest in _subdirs(b_fd, 28)]
                 finally:
                     os.close(b_fd)
         finally:
@@ -260,10 +253,10 @@ class _Tree:
 
 def _sweep_empty_prefixes(tree: _Tree) -> None:
     """Remove the old layout's empty ``aa/bb`` and ``aa`` directories (this run's and a killed run's)."""
-    for a in _subdirs(tree.root_fd, _HEX2):
+    for a in _subdirs(tree.root_fd, 2):
         a_fd = os.open(a, _DIR_FLAGS, dir_fd=tree.root_fd)
         try:
-            names = _subdirs(a_fd, _HEX2)
+            names = _subdirs(a_fd, 2)
         finally:
             os.close(a_fd)
         for b in names:

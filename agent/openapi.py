@@ -25,7 +25,9 @@ PROBLEM = {"$ref": "#/components/responses/Problem"}
 TITLES = {
     "manager": (
         "storage-agent manager API",
-        "Called by the Backend.AI manager; every route but /status needs the token.",
+        "Called by the Backend.AI manager; every route but /status, /health, /livez and /readyz needs the token. "
+        "A quota scope id is bare (`user-1`: 23.03.5 managers) or typed (`user:<uuid>` / `project:<uuid>`: "
+        "23.03.7+ managers, stored under the UUID's hex); a typed id is answered as 23.03.7+ proxies answer.",
     ),
     "client": ("storage-agent client API", "Called by end users with a token from the manager API (tus uploads)."),
 }
@@ -103,6 +105,11 @@ def _operation(
     elif doc.status == 200 and method != "head" and doc.content_type != "application/json":
         ok["content"] = {doc.content_type: {"schema": {"type": "string", "format": "binary"}}}
     responses: dict[str, Any] = {str(doc.status): ok if doc.status < 400 else PROBLEM}
+    for code, with_answer, when in doc.also:
+        other: dict[str, Any] = {"description": when}
+        if with_answer and doc.answer is not None:
+            other["content"] = {doc.content_type: {"schema": refs[(doc.answer, "serialization")]}}
+        responses[str(code)] = other
     responses["4XX"] = PROBLEM
     responses["5XX"] = PROBLEM
     op["responses"] = responses

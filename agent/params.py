@@ -23,39 +23,42 @@ from pydantic import (
 
 from agent.errors import invalid_params, malformed
 from agent.strict import MAX_INT64, json_body, name_validator
-from backends.ids import VFolderID, parse_qsid
+from backends.ids import QuotaScopeID, VFolderID
 
 M = TypeVar("M", bound=BaseModel)
 
 MAX_METADATA = 10 * 2**20
 
 
-def _vfid(value: object) -> VFolderID:
-    if isinstance(value, VFolderID):
-        return value
-    return VFolderID.parse(value)
-
+# The two quota scope spellings (backends.ids): bare 23.03.5 ids, and typed ids of 23.03.7+ managers.
+_SCOPE_PATTERN = (
+    r"(?:[A-Za-z0-9]+(?:[-_][A-Za-z0-9]+)*"
+    r"|(?:[Uu][Ss][Ee][Rr]|[Pp][Rr][Oo][Jj][Ee][Cc][Tt]):[0-9a-fA-F]+(?:-[0-9a-fA-F]+)*)"
+)
+_SCOPE_FORMS = "'user:<uuid>' / 'project:<uuid>' (23.03.7+; its directory: the UUID's hex) or bare (23.03.5)"
 
 VFID = Annotated[
     VFolderID,
-    BeforeValidator(_vfid),
+    BeforeValidator(VFolderID.parse),
     WithJsonSchema(
         {
             "type": "string",
-            "pattern": r"^[A-Za-z0-9]+([-_][A-Za-z0-9]+)*/([0-9a-fA-F]{32}|[0-9a-fA-F-]{36})$",
-            "description": "'<quota-scope-id>/<folder-uuid>'",
-            "examples": ["user-1/0123456789abcdef0123456789abcdef"],
+            "pattern": rf"^{_SCOPE_PATTERN}/(?:[0-9a-fA-F]{{32}}|[0-9a-fA-F-]{{36}})$",
+            "description": f"'<quota-scope-id>/<folder-uuid>'; the scope is {_SCOPE_FORMS}",
+            "examples": ["user:8a3f2c1e-0b4d-4e6f-9a01-2b3c4d5e6f70/0123456789abcdef0123456789abcdef",
+                         "user-1/0123456789abcdef0123456789abcdef"],
         }
     ),
 ]
 QSID = Annotated[
-    str,
-    BeforeValidator(parse_qsid),
+    QuotaScopeID,
+    BeforeValidator(QuotaScopeID.parse),
     WithJsonSchema(
         {
             "type": "string",
-            "pattern": r"^[A-Za-z0-9]+([-_][A-Za-z0-9]+)*$",
-            "description": "quota scope id: letters and digits, optionally joined by single '-' or '_'",
+            "pattern": rf"^{_SCOPE_PATTERN}$",
+            "description": f"quota scope id: {_SCOPE_FORMS}",
+            "examples": ["user:8a3f2c1e-0b4d-4e6f-9a01-2b3c4d5e6f70", "user-1"],
         }
     ),
 ]
@@ -119,8 +122,20 @@ class QuotaScopeUpdate(QuotaScopeParams):
     options: QuotaOptions
 
 
+class CreateOptions(Params):
+    """``folder/create`` options: the rest is deprecated and ignored (per-vfolder quota is gone)."""
+
+    initial_max_size_for_quota_scope: StrictInt | None = Field(
+        default=None,
+        ge=0,
+        description="23.03.7+ managers: the limit of the quota scope when this create makes it (0 / null: none)",
+    )
+
+
 class VFolderCreate(VFolderParams):
-    options: Any = None
+    options: CreateOptions | None = Field(
+        default=None, description="with a typed quota scope id, a missing scope is created first, with this limit"
+    )
 
 
 class VFolderClone(Params):
@@ -143,8 +158,41 @@ class VolumeQuotaParams(VFolderParams):
     size_bytes: StrictInt | None = Field(default=None, le=MAX_INT64)
 
 
+MAX_MKDIR_PATHS = 50  # as upstream 24.03+
+MAX_RELPATH = 4096
+
+
+def _one_or_more_paths(value: object) -> object:
+    """One path, or a list of 1 to 50 (24.03+); one error naming ``relpath`` instead of one per union arm."""
+    paths = value if isinstance(value, list) else [value]
+    if not 1 <= len(paths) <= MAX_MKDIR_PATHS or not all(isinstance(p, str) for p in paths):
+        raise ValueError(f"relpath must be a path or a list of 1 to {MAX_MKDIR_PATHS} paths")
+    checked = [name_validator(MAX_RELPATH)(p) for p in paths]
+    return checked if isinstance(value, list) else checked[0]
+
+
+MkdirPaths = Annotated[
+    str | list[str],
+    BeforeValidator(_one_or_more_paths),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "string", "maxLength": MAX_RELPATH},
+                {
+                    "type": "array",
+                    "items": {"type": "string", "maxLength": MAX_RELPATH},
+                    "minItems": 1,
+                    "maxItems": MAX_MKDIR_PATHS,
+                },
+            ],
+            "description": f"a path, or (24.03+ managers) a list of 1 to {MAX_MKDIR_PATHS} paths answered one by one",
+        }
+    ),
+]
+
+
 class MkdirParams(VFolderParams):
-    relpath: RelPath
+    relpath: MkdirPaths
     parents: StrictBool = True
     exist_ok: StrictBool = False
 
@@ -238,6 +286,7 @@ class ApiDoc:
     summary: str = ""
     raw_body: str | None = None  # media type of a streamed (non-JSON) request body
     headers: tuple[str, ...] = ()  # request headers the route reads
+    also: tuple[tuple[int, bool, str], ...] = ()  # other answers: (status, carries `answer`, when)
 
 
 def takes(
@@ -246,6 +295,7 @@ def takes(
     answer: type[BaseModel] | None = None,
     status: int | None = None,
     content_type: str = "application/json",
+    also: tuple[tuple[int, bool, str], ...] = (),
 ) -> Callable[[Callable[..., Awaitable[web.StreamResponse]]], Handler]:
     """Parse the JSON body into ``body`` and call ``handler(request, params)``; ``None``: no parameters
     allowed, ``handler(request)``. The model is also what the OpenAPI document shows."""
@@ -259,7 +309,9 @@ def takes(
             return await fn(request, await parse(request, body))
 
         code = status if status is not None else (200 if answer is not None else 204)
-        doc = ApiDoc(body=body, answer=answer, status=code, content_type=content_type, summary=_summary(fn))
+        doc = ApiDoc(
+            body=body, answer=answer, status=code, content_type=content_type, summary=_summary(fn), also=also
+        )
         setattr(handler, API_DOC, doc)
         return handler
 
@@ -274,6 +326,7 @@ def documented(
     content_type: str = "application/json",
     raw_body: str | None = None,
     headers: tuple[str, ...] = (),
+    also: tuple[tuple[int, bool, str], ...] = (),
 ) -> Callable[[Handler], Handler]:
     """Record what a handler that reads its own input (query string, headers, stream) takes and answers."""
 
@@ -287,6 +340,7 @@ def documented(
             summary=_summary(fn),
             raw_body=raw_body,
             headers=headers,
+            also=also,
         )
         setattr(fn, API_DOC, doc)
         return fn

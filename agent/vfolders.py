@@ -5,15 +5,23 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import TypeVar
 
 from agent import usage
 from agent.context import Agent
 from agent.errors import ApiError
 from backends.base import ScopeUsage, Volume
-from backends.errors import FileOpError, QuotaExceeded, QuotaScopeNotEmpty, QuotaScopeNotFound, VFolderNotFound
-from backends.ids import VFolderID
+from backends.errors import (
+    BackendError,
+    FileOpError,
+    QuotaExceeded,
+    QuotaScopeNotEmpty,
+    QuotaScopeNotFound,
+    VFolderNotFound,
+)
+from backends.ids import QuotaScopeID, VFolderID
 from backends.resolver import VFolderRoot
 
 log = logging.getLogger(__name__)
@@ -30,7 +38,7 @@ async def in_vfolder(vol: Volume, vfid: VFolderID, fn: Callable[..., T], *args: 
             except FileOpError as e:
                 if e.errno == errno.EDQUOT:
                     what = f"{fn.__name__} {', '.join(e.paths) or '.'} in {vfid}"
-                    raise QuotaExceeded.at_limit(vol.name, vfid.qsid, what) from None
+                    raise QuotaExceeded.at_limit(vol.name, str(vfid.scope), what) from None
                 raise
 
     return await asyncio.to_thread(work)
@@ -39,6 +47,17 @@ async def in_vfolder(vol: Volume, vfid: VFolderID, fn: Callable[..., T], *args: 
 async def open_root(vol: Volume, vfid: VFolderID) -> VFolderRoot:
     """An open vfolder root (the caller closes it)."""
     return await asyncio.to_thread(vol.open_vfolder, vfid)
+
+
+@contextmanager
+def scope_named(scope: QuotaScopeID) -> Iterator[None]:
+    """Backends name a scope by its directory; a typed request (``user:<uuid>``) is answered in its own words."""
+    try:
+        yield
+    except (QuotaScopeNotFound, QuotaScopeNotEmpty, QuotaExceeded) as e:
+        if not scope.typed or repr(scope.name) not in str(e):
+            raise
+        raise type(e)(str(e).replace(repr(scope.name), repr(str(scope)))) from None
 
 
 # -- quota scopes ----------------------------------------------------------------
@@ -81,10 +100,32 @@ async def delete_scope(agent: Agent, vol: Volume, qsid: str) -> None:
 # -- vfolders --------------------------------------------------------------------
 
 
-async def create_vfolder(agent: Agent, vol: Volume, vfid: VFolderID) -> None:
-    if not await asyncio.to_thread(vol.scopes_on_disk().__contains__, vfid.qsid):
+async def scope_exists(vol: Volume, qsid: str) -> bool:
+    return await asyncio.to_thread(vol.scopes_on_disk().__contains__, qsid)
+
+
+async def ensure_scope(agent: Agent, vol: Volume, qsid: str, limit_bytes: int | None) -> None:
+    """Create a missing scope (with its limit), as 23.03.7+ proxies do on the first vfolder of a scope."""
+    if await scope_exists(vol, qsid):
+        return
+    try:
+        await create_scope(agent, vol, qsid, limit_bytes)
+    except (BackendError, OSError):
+        if not await scope_exists(vol, qsid):  # else a concurrent create of the same scope made it
+            raise
+        return
+    log.info("quota scope %s on %s did not exist: created (limit %s)", qsid, vol.name, limit_bytes)
+
+
+async def create_vfolder(
+    agent: Agent, vol: Volume, vfid: VFolderID, *, make_scope: bool = False, scope_limit: int | None = None
+) -> None:
+    """``make_scope``: a missing scope is created first (with ``scope_limit``) instead of refused."""
+    if make_scope:
+        await ensure_scope(agent, vol, vfid.qsid, scope_limit)
+    elif not await scope_exists(vol, vfid.qsid):
         raise QuotaScopeNotFound(
-            f"quota scope {vfid.qsid!r} does not exist on volume {vol.name!r}; create it first (POST /quota-scope)"
+            f"quota scope '{vfid.scope}' does not exist on volume {vol.name!r}; create it first (POST /quota-scope)"
         )
     await vol.create_vfolder(vfid)
     await agent.catalog.add_vfolder(vol.name, vfid.qsid, vfid.hex)

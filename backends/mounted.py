@@ -24,7 +24,7 @@ from backends.errors import (
     VFolderExists,
     VFolderNotFound,
 )
-from backends.ids import VFolderID, parse_folder_id, parse_qsid
+from backends.ids import VFolderID, is_hex_part, parse_folder_id, parse_qsid
 from backends.layout import LAYOUT_VERSION, read_version
 from backends.resolver import VFolderRoot, rename_noreplace
 from backends.rmtree import remove_tree
@@ -253,7 +253,7 @@ def _subdirs(path: Path, length: int) -> list[str]:
             return [
                 e.name
                 for e in it
-                if len(e.name) == length and not e.name.startswith(".") and e.is_dir(follow_symlinks=False)
+                if is_hex_part(e.name, length) and e.is_dir(follow_symlinks=False)
             ]
     except (FileNotFoundError, NotADirectoryError):
         return []

@@ -11,7 +11,7 @@ from aiohttp import web
 
 from agent import answers, tokens, uploads, vfolders
 from agent.context import agent_of
-from agent.errors import ApiError
+from agent.errors import ApiError, from_backend
 from agent.params import (
     DeleteFilesParams,
     DownloadParams,
@@ -23,8 +23,8 @@ from agent.params import (
     takes,
 )
 from backends import files
-from backends.errors import FileOpError
-from backends.resolver import check_relpath
+from backends.errors import BackendError, FileOpError
+from backends.resolver import VFolderRoot, check_relpath
 
 routes = web.RouteTableDef()
 CHUNK = 1 << 20
@@ -34,13 +34,48 @@ def _iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, tz=UTC).isoformat()
 
 
+def _mkdir_each(root: VFolderRoot, relpaths: list[str], *, parents: bool, exist_ok: bool) -> list[BackendError | None]:
+    """mkdir of every path in turn, each path's failure kept (a per-path answer), none stopping the rest."""
+    outcome: list[BackendError | None] = []
+    for relpath in relpaths:
+        try:
+            files.mkdir(root, relpath, parents=parents, exist_ok=exist_ok)
+            outcome.append(None)
+        except BackendError as e:
+            outcome.append(e)
+    return outcome
+
+
 @routes.post("/folder/file/mkdir")
-@takes(MkdirParams)
+@takes(
+    MkdirParams,
+    answer=answers.MkdirResults,
+    status=200,
+    also=(
+        (204, False, "one path, bare quota scope id (23.03.5): made"),
+        (207, True, "some of the paths made, the others failed"),
+        (422, True, "none of the paths made (also `msg`)"),
+    ),
+)
 async def mkdir(request: web.Request, p: MkdirParams) -> web.Response:
-    """Make a directory (parents, exist_ok)."""
+    """Make directories: 204 for one path of a bare id (23.03.5), else per path: 200 all / 207 some / 422 none.
+
+    The per-path answer is 24.03+'s; 23.03.7-23.09 managers read no body, so a typed id always gets it."""
     vol = agent_of(request).volume(p.volume)
-    await vfolders.in_vfolder(vol, p.vfid, files.mkdir, p.relpath, parents=p.parents, exist_ok=p.exist_ok)
-    return web.Response(status=204)
+    if isinstance(p.relpath, str) and not p.vfid.typed:
+        await vfolders.in_vfolder(vol, p.vfid, files.mkdir, p.relpath, parents=p.parents, exist_ok=p.exist_ok)
+        return web.Response(status=204)
+    relpaths = [p.relpath] if isinstance(p.relpath, str) else list(p.relpath)
+    outcome = await vfolders.in_vfolder(vol, p.vfid, _mkdir_each, relpaths, parents=p.parents, exist_ok=p.exist_ok)
+    success = [{"msg": None, "item": path} for path, err in zip(relpaths, outcome, strict=True) if err is None]
+    failed = [
+        {"msg": from_backend(err).msg, "item": path} for path, err in zip(relpaths, outcome, strict=True) if err
+    ]
+    body: dict[str, object] = {"results": {"success": success, "failed": failed}}
+    if not success:
+        body["msg"] = "; ".join(f"{r['item']}: {r['msg']}" for r in failed)
+        return web.json_response(body, status=422)
+    return web.json_response(body, status=207 if failed else 200)
 
 
 @routes.post("/folder/file/list")

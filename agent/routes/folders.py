@@ -17,18 +17,26 @@ routes = web.RouteTableDef()
 @routes.post("/folder/create")
 @takes(VFolderCreate)
 async def create(request: web.Request, p: VFolderCreate) -> web.Response:
-    """Create a vfolder in an existing quota scope."""
+    """Create a vfolder; its quota scope must exist, unless the id is typed (23.03.7+: the scope is made)."""
     agent = agent_of(request)
-    await vfolders.create_vfolder(agent, agent.volume(p.volume), p.vfid)
+    limit = p.options.initial_max_size_for_quota_scope if p.options is not None else None
+    with vfolders.scope_named(p.vfid.scope):
+        await vfolders.create_vfolder(
+            agent, agent.volume(p.volume), p.vfid, make_scope=p.vfid.typed, scope_limit=limit or None
+        )
     return web.Response(status=204)
 
 
 @routes.post("/folder/delete")
 @takes(VFolderParams)
 async def delete(request: web.Request, p: VFolderParams) -> web.Response:
-    """Delete a vfolder and its whole tree."""
+    """Delete a vfolder and its whole tree (an unknown one: 404, or 204 for a typed id, as 23.03.7+ proxies)."""
     agent = agent_of(request)
-    await vfolders.delete_vfolder(agent, agent.volume(p.volume), p.vfid)
+    try:
+        await vfolders.delete_vfolder(agent, agent.volume(p.volume), p.vfid)
+    except VFolderNotFound:
+        if not p.vfid.typed:
+            raise
     return web.Response(status=204)
 
 
@@ -38,7 +46,8 @@ async def clone(request: web.Request, p: VFolderClone) -> web.Response:
     """Copy a vfolder (staged, published only when complete)."""
     agent = agent_of(request)
     vfolders.cross_volume(p.src_volume, p.dst_volume)
-    await vfolders.clone_vfolder(agent, agent.volume(p.src_volume), p.src_vfid, p.dst_vfid)
+    with vfolders.scope_named(p.dst_vfid.scope):
+        await vfolders.clone_vfolder(agent, agent.volume(p.src_volume), p.src_vfid, p.dst_vfid)
     return web.Response(status=204)
 
 

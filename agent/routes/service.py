@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+from datetime import UTC, datetime
 from typing import NoReturn
 
 from aiohttp import web
 
-from agent import answers
-from agent.context import agent_of
+from agent import __version__, answers
+from agent.context import Agent, VolumeState, agent_of
 from agent.errors import ApiError
 from agent.params import VFolderParams, VolumeParams, VolumeQuotaParams, documented, takes
-from backends.base import HwInfo
+from backends.base import HwInfo, Volume
 
 routes = web.RouteTableDef()
 
@@ -28,6 +30,70 @@ async def root(request: web.Request) -> web.Response:
 async def status(request: web.Request) -> web.Response:
     """A liveness answer without auth."""
     return web.json_response({"status": "ok"})
+
+
+HEALTH_TIMEOUT = 5.0  # a probe answers within this even when a volume's mount hangs
+_checking: dict[str, asyncio.Future[VolumeState]] = {}  # per volume: the check still running, if any
+
+
+async def _volume_state(agent: Agent, vol: Volume) -> VolumeState:
+    """The volume's state, checked off the event loop (a hung mount blocks a thread, never the loop), bounded by
+    HEALTH_TIMEOUT; while an earlier check of the volume has not come back, no new one is started."""
+    pending = _checking.get(vol.name)
+    if pending is None or pending.done():
+        pending = _checking[vol.name] = asyncio.ensure_future(asyncio.to_thread(agent.refresh_state, vol))
+    try:
+        return await asyncio.wait_for(asyncio.shield(pending), HEALTH_TIMEOUT)
+    except TimeoutError:
+        return VolumeState(False, f"volume root {vol.root} has not answered for {HEALTH_TIMEOUT:g} s or more")
+
+
+async def _health(request: web.Request, *, volumes: bool, probe: bool) -> web.Response:
+    """Upstream's health shape: one check per volume (served, or why not) when ``volumes``; ``probe``: a failed
+    check answers 503 (a Kubernetes probe), else 200 with status "degraded"."""
+    agent = agent_of(request)
+    now = datetime.now(UTC).isoformat()
+    names = list(agent.volumes) if volumes else []
+    states = await asyncio.gather(*(_volume_state(agent, agent.volumes[name]) for name in names))
+    checks = [
+        {
+            "service_group": "volume",
+            "component_id": name,
+            "is_healthy": state.serving,
+            "last_checked_at": now,
+            "error_message": None if state.serving else state.info,
+        }
+        for name, state in zip(names, states, strict=True)
+    ]
+    healthy = all(c["is_healthy"] for c in checks)
+    body = {
+        "status": "ok" if healthy else "error" if probe else "degraded",
+        "version": __version__,
+        "component": "storage-proxy",
+        "connectivity": {"overall_healthy": healthy, "connectivity_checks": checks, "timestamp": now},
+    }
+    return web.json_response(body, status=503 if probe and not healthy else 200)
+
+
+@routes.get("/health")
+@documented(answer=answers.Health)
+async def health(request: web.Request) -> web.Response:
+    """Whether each volume is served, without auth; always 200 ("degraded" when one is not)."""
+    return await _health(request, volumes=True, probe=False)
+
+
+@routes.get("/livez")
+@documented(answer=answers.Health)
+async def livez(request: web.Request) -> web.Response:
+    """Liveness probe without auth: 200 whenever the agent answers (no check gates it)."""
+    return await _health(request, volumes=False, probe=True)
+
+
+@routes.get("/readyz")
+@documented(answer=answers.Health, also=((503, True, "a volume is not served (status `error`)"),))
+async def readyz(request: web.Request) -> web.Response:
+    """Readiness probe without auth: 200 when every volume is served, else 503 naming those that are not."""
+    return await _health(request, volumes=True, probe=True)
 
 
 @routes.get("/volumes")
