@@ -149,12 +149,28 @@ def _add_operator_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    """As upstream: logging, the pid file, bind the ports, then (as root with user/group set) drop privileges;
+    unlike upstream the drop comes before the catalogue, volumes and threads start (capabilities are per
+    thread, agent/privileges.py), so everything the agent creates belongs to the configured user."""
     config = _config(args)
-    logs.setup(config.logging.level, config.logging.format)
+    logged = logs.configure(config.logging)
+    if logged.unsupported:
+        log.warning("[logging] drivers %s are not supported by storage-agent: nothing is sent to them (logs go "
+                    "to %s)", ", ".join(logged.unsupported),
+                    ", ".join(d for d in ("console", "file") if d in config.logging.drivers) or "standard error")
     _pin_cpu(config.storage_proxy.cpu_pin)
-    from agent.server import serve
+    from agent import privileges
+    from agent.server import bind, remove_pid_file, serve, write_pid_file
 
-    asyncio.run(serve(config, banner=args.config is None or sys.stdout.isatty()))
+    pid_file = config.storage_proxy.pid_file
+    sockets = bind(config)
+    write_pid_file(pid_file)
+    try:
+        privileges.apply(config, handover=[*logged.created_dirs, *logged.files])
+        asyncio.run(serve(config, sockets, banner=args.config is None or sys.stdout.isatty()))
+    finally:
+        sockets.close()
+        remove_pid_file(pid_file)
     return 0
 
 
@@ -178,10 +194,30 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         except ValueError as e:
             raise ConfigError(f"[volume.{name}]: {e}") from None
     print(json.dumps(masked(config), indent=2, default=str))
-    ignored = config.ignored_keys()
-    if ignored:
-        print(f"# ignored (not used by storage-agent): {', '.join(ignored)}", file=sys.stderr)
+    no_effect = [*config.no_effect_keys(), *_unused_options(config)]
+    if no_effect:
+        print("# accepted with no effect here (ignored by storage-agent):", file=sys.stderr)
+        for key in no_effect:
+            print(f"#   {key}", file=sys.stderr)
     return 0
+
+
+def _unused_options(config: Config) -> list[str]:
+    """``volume.NAME.options.KEY`` for options an appliance backend does not read (e.g. upstream's
+    ``netapp_xcp_cmd``). Other backends' options are free-form and not listed."""
+    from backends import BACKENDS
+
+    out = []
+    for name, vc in config.volume.items():
+        model = getattr(BACKENDS.get(vc.backend), "Options", None)
+        if model is None:
+            continue
+        known = set(model.model_fields) | {"usage-watch", "usage-rescan-interval"}  # read by the usage engine
+        for f in model.model_fields.values():
+            alias = f.validation_alias
+            known |= {a for a in getattr(alias, "choices", [alias]) if isinstance(a, str)}
+        out += [f"volume.{name}.options.{k}" for k in vc.options if k not in known]
+    return out
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
