@@ -1,0 +1,115 @@
+"""``[storage-proxy] user`` / ``group``: an agent started as root serves as that user (agent/privileges.py)."""
+
+from __future__ import annotations
+
+import grp
+import os
+import pwd
+import shutil
+import uuid
+from pathlib import Path
+
+import pytest
+
+from agent.privileges import BASE, CAP_SYS_ADMIN
+from tests.support import AgentProcess, assert_clean_log, eventually, make_agent
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="starting an agent as root needs root")
+
+USER, GROUP = "nobody", "nogroup"
+
+
+def _ids() -> tuple[int, int]:
+    try:
+        return pwd.getpwnam(USER).pw_uid, grp.getgrnam(GROUP).gr_gid
+    except KeyError:
+        pytest.skip(f"no {USER}/{GROUP} user and group on this system")
+
+
+def _status(pid: int) -> dict[str, str]:
+    lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    return {k: v.strip() for k, v in (line.split(":", 1) for line in lines)}
+
+
+def _mask(caps: frozenset[int]) -> int:
+    return sum(1 << c for c in caps)
+
+
+def _folder(agent: AgentProcess, api, qsid: str) -> Path:  # noqa: ANN001
+    folder = uuid.uuid4().hex
+    assert api.post("/quota-scope", json={"volume": "local", "qsid": qsid}).status_code == 204
+    r = api.post("/folder/create", json={"volume": "local", "vfid": f"{qsid}/{folder}"})
+    assert r.status_code == 204, r.text
+    return agent.volume_root() / qsid / folder[:2] / folder[2:4] / folder[4:]
+
+
+def test_root_start_serves_as_the_configured_user(tmp_path: Path) -> None:
+    uid, gid = _ids()
+    pid_file = tmp_path / "run" / "agent.pid"
+    pid_file.parent.mkdir()
+    agent = make_agent(tmp_path / "agent", storage_proxy={"user": USER, "group": GROUP, "pid-file": str(pid_file)})
+    agent.start()
+    try:
+        assert agent.proc is not None
+        status = _status(agent.proc.pid)
+        assert status["Uid"].split() == [str(uid)] * 4, status["Uid"]
+        assert status["Gid"].split() == [str(gid)] * 4, status["Gid"]
+        assert "0" not in status["Groups"].split()
+        # only what the packaged unit grants (CAP_SYS_ADMIN: the default watcher is fanotify), and ambient too
+        kept = BASE | {CAP_SYS_ADMIN}
+        assert int(status["CapEff"], 16) == _mask(kept), status["CapEff"]
+        assert int(status["CapAmb"], 16) == _mask(kept), status["CapAmb"]
+        assert int(status["CapBnd"], 16) == _mask(kept), status["CapBnd"]
+        assert pid_file.read_text().strip() == str(agent.proc.pid)
+        with agent.client() as api:
+            where = _folder(agent, api, f"qs{uuid.uuid4().hex[:8]}")
+            # what the agent creates belongs to the configured user, as with upstream
+            assert (where.stat().st_uid, where.stat().st_gid) == (uid, gid)
+            assert Path(agent.config["catalog"]["path"]).stat().st_uid == uid
+            # the kept capabilities work: a file of another user, in a directory only root may write, is removed
+            inner = where / "locked"
+            inner.mkdir()
+            (inner / "f").write_bytes(b"x" * 10)
+            os.chown(inner / "f", 12345, 12345)
+            inner.chmod(0o500)
+            os.chown(inner, 0, 0)
+            vfid = f"{where.parts[-4]}/{''.join(where.parts[-3:])}"
+            r = api.post("/folder/delete", json={"volume": "local", "vfid": vfid})
+            assert r.status_code in (200, 204), r.text
+            eventually(lambda: not where.exists(), timeout=30)
+        assert "running as uid" in agent.log() and "watching with fanotify" in agent.log()
+    finally:
+        assert agent.stop() == 0, agent.log()
+    assert not pid_file.exists(), "the pid file is removed at the end"
+    assert_clean_log(agent)
+
+
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="setpriv (util-linux) is needed to withhold a capability")
+def test_a_capability_the_process_lacks_is_not_kept_and_fanotify_falls_back(tmp_path: Path) -> None:
+    """Root without CAP_SYS_ADMIN in its bounding set (a container): the drop keeps the rest, says what is
+    missing, and the usage engine watches with inotify; usage still follows writes."""
+    uid, _gid = _ids()
+    agent = make_agent(tmp_path / "agent", storage_proxy={"user": USER, "group": GROUP})
+    agent.wrapper = ["setpriv", "--bounding-set", "-sys_admin", "--"]
+    agent.start()
+    try:
+        assert agent.proc is not None
+        status = _status(agent.proc.pid)
+        assert status["Uid"].split() == [str(uid)] * 4
+        assert int(status["CapEff"], 16) == _mask(BASE)
+        text = agent.log()
+        assert "CAP_SYS_ADMIN is not held" in text and "inotify" in text, text
+        with agent.client() as api:
+            qsid = f"qs{uuid.uuid4().hex[:8]}"
+            where = _folder(agent, api, qsid)
+            vfid = f"{qsid}/{''.join(where.parts[-3:])}"
+            (where / "data").write_bytes(os.urandom(64 * 1024))
+
+            def measured() -> None:
+                r = api.request("GET", "/folder/usage", json={"volume": "local", "vfid": vfid})
+                assert r.status_code == 200 and r.json()["used_bytes"] >= 64 * 1024, r.text
+
+            eventually(measured, timeout=30)
+    finally:
+        assert agent.stop() == 0, agent.log()
+    assert_clean_log(agent)
