@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from agent.privileges import BASE, CAP_SYS_ADMIN
-from tests.support import AgentProcess, assert_clean_log, eventually, make_agent
+from agent.privileges import BASE, CAP_SYS_ADMIN, NAMES
+from tests.support import ROOT, AgentProcess, assert_clean_log, eventually, make_agent
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="starting an agent as root needs root")
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="starting an agent as root needs root")
 
 USER, GROUP = "nobody", "nogroup"
 
@@ -43,6 +43,16 @@ def _folder(agent: AgentProcess, api, qsid: str) -> Path:  # noqa: ANN001
     return agent.volume_root() / qsid / folder[:2] / folder[2:4] / folder[4:]
 
 
+def test_kept_capabilities_are_those_the_packaged_unit_grants() -> None:
+    """The README promises the same set either way an agent runs as its own user."""
+    unit = (ROOT / "packaging/debian/storage-agent.service").read_text()
+    granted = next(line for line in unit.splitlines() if line.startswith("AmbientCapabilities="))
+    assert set(granted.split("=", 1)[1].split()) == {NAMES[c] for c in BASE}
+    drop_in = (ROOT / "packaging/sys-admin.conf").read_text()
+    assert f"AmbientCapabilities={NAMES[CAP_SYS_ADMIN]}" in drop_in
+
+
+@needs_root
 def test_root_start_serves_as_the_configured_user(tmp_path: Path) -> None:
     uid, gid = _ids()
     pid_file = tmp_path / "run" / "agent.pid"
@@ -84,6 +94,7 @@ def test_root_start_serves_as_the_configured_user(tmp_path: Path) -> None:
     assert_clean_log(agent)
 
 
+@needs_root
 @pytest.mark.skipif(shutil.which("setpriv") is None, reason="setpriv (util-linux) is needed to withhold a capability")
 def test_a_capability_the_process_lacks_is_not_kept_and_fanotify_falls_back(tmp_path: Path) -> None:
     """Root without CAP_SYS_ADMIN in its bounding set (a container): the drop keeps the rest, says what is
