@@ -194,30 +194,12 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         except ValueError as e:
             raise ConfigError(f"[volume.{name}]: {e}") from None
     print(json.dumps(masked(config), indent=2, default=str))
-    no_effect = [*config.no_effect_keys(), *_unused_options(config)]
+    no_effect = config.no_effect_keys()
     if no_effect:
         print("# accepted with no effect here (ignored by storage-agent):", file=sys.stderr)
         for key in no_effect:
             print(f"#   {key}", file=sys.stderr)
     return 0
-
-
-def _unused_options(config: Config) -> list[str]:
-    """``volume.NAME.options.KEY`` for options an appliance backend does not read (e.g. upstream's
-    ``netapp_xcp_cmd``). Other backends' options are free-form and not listed."""
-    from backends import BACKENDS
-
-    out = []
-    for name, vc in config.volume.items():
-        model = getattr(BACKENDS.get(vc.backend), "Options", None)
-        if model is None:
-            continue
-        known = set(model.model_fields) | {"usage-watch", "usage-rescan-interval"}  # read by the usage engine
-        for f in model.model_fields.values():
-            alias = f.validation_alias
-            known |= {a for a in getattr(alias, "choices", [alias]) if isinstance(a, str)}
-        out += [f"volume.{name}.options.{k}" for k in vc.options if k not in known]
-    return out
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:

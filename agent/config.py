@@ -251,7 +251,22 @@ class Config(_Section):
         elif log.file is not None and "format" in log.file.model_fields_set:
             found.add("logging.file.format")
         found |= {f"debug.{k}" for k in self.debug}
-        return sorted(found)
+        return sorted(found | set(self._unused_options()))
+
+    def _unused_options(self) -> list[str]:
+        """``volume.NAME.options.KEY`` for options an appliance backend does not read (e.g. upstream's
+        ``netapp_xcp_cmd``). Other backends' options are free-form and not listed."""
+        out = []
+        for name, vc in self.volume.items():
+            model = getattr(BACKENDS.get(vc.backend), "Options", None)
+            if model is None:
+                continue
+            known = set(model.model_fields) | {"usage-watch", "usage-rescan-interval"}  # read by the usage engine
+            for f in model.model_fields.values():
+                alias = f.validation_alias
+                known |= {a for a in getattr(alias, "choices", [alias]) if isinstance(a, str)}
+            out += [f"volume.{name}.options.{k}" for k in vc.options if k not in known]
+        return out
 
 
 def _extras(model: BaseModel, prefix: str) -> set[str]:
