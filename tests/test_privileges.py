@@ -124,3 +124,46 @@ def test_a_capability_the_process_lacks_is_not_kept_and_fanotify_falls_back(tmp_
     finally:
         assert agent.stop() == 0, agent.log()
     assert_clean_log(agent)
+
+
+@needs_root
+def test_the_view_process_mounts_after_the_switch(tmp_path: Path) -> None:
+    """The FUSE view is started after the switch: it runs as the configured user and mounts thanks to the
+    ambient CAP_SYS_ADMIN it inherits."""
+    pytest.importorskip("pyfuse3", reason="the view needs pyfuse3 (extra 'fuse')")
+    if not os.path.exists("/dev/fuse"):
+        pytest.skip("FUSE mounts need /dev/fuse")
+    import psutil
+
+    from agent.view import mounts
+
+    uid, gid = _ids()
+    mnt = tmp_path / "view"
+    agent = make_agent(tmp_path / "agent", storage_proxy={"user": USER, "group": GROUP},
+                       view={"enabled": True, "mount-root": str(mnt)})
+    try:
+        agent.start()
+        with agent.client() as api:
+            qsid = f"qs{uuid.uuid4().hex[:8]}"
+            where = _folder(agent, api, qsid)
+            (where / "hello").write_bytes(b"hi\n")
+            folder = uuid.UUID("".join(where.parts[-3:]))
+            seen = mnt / "local" / qsid / str(folder) / "hello"
+
+            def shown() -> None:
+                assert seen.exists(), f"{seen} not in the view"
+                assert seen.read_bytes() == b"hi\n"
+
+            eventually(shown, timeout=30)
+        assert agent.proc is not None
+        views = [p for p in psutil.Process(agent.proc.pid).children() if "view" in " ".join(p.cmdline())]
+        assert views, "no view process"
+        status = _status(views[0].pid)
+        assert status["Uid"].split() == [str(uid)] * 4 and status["Gid"].split() == [str(gid)] * 4
+        assert int(status["CapEff"], 16) & (1 << CAP_SYS_ADMIN)
+        assert agent.stop() == 0
+        assert not mounts.is_view_mounted(mnt)
+        assert_clean_log(agent)
+    finally:
+        agent.kill()
+        mounts.detach(mnt)
