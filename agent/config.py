@@ -21,7 +21,7 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, SecretStr, ValidationError
 
 from backends import BACKENDS
 
@@ -218,10 +218,16 @@ class ViewConfig(_Section):
         return self.scopes == "*" or qsid in self.scopes
 
 
+# Backends of later upstream lines that this agent does not implement: such a volume is accepted and not
+# served (an ERROR at start names it), so that upstream's sample configs of those lines load too.
+UPSTREAM_ONLY_BACKENDS = ("kmanila", "vast", "exascaler")
+
+
 class Config(_Section):
     storage_proxy: StorageProxy = Field(alias="storage-proxy")
     api: Api
     volume: dict[str, VolumeConfig] = Field(min_length=1)
+    _unsupported: dict[str, str] = PrivateAttr(default_factory=dict)  # volume name -> its upstream-only backend
     catalog: CatalogConfig = CatalogConfig()
     logging: LoggingConfig = LoggingConfig()
     usage: UsageConfig = UsageConfig()
@@ -251,7 +257,14 @@ class Config(_Section):
         elif log.file is not None and "format" in log.file.model_fields_set:
             found.add("logging.file.format")
         found |= {f"debug.{k}" for k in self.debug}
+        found |= {f"volume.{n} (backend {b!r} is not supported by storage-agent: not served)"
+                  for n, b in self._unsupported.items()}
         return sorted(found | set(self._unused_options()))
+
+    @property
+    def unsupported_volumes(self) -> dict[str, str]:
+        """Volumes of an upstream-only backend (name -> backend), left out of :attr:`volume`."""
+        return dict(self._unsupported)
 
     def _unused_options(self) -> list[str]:
         """``volume.NAME.options.KEY`` for options an appliance backend does not read (e.g. upstream's
@@ -295,10 +308,20 @@ def _describe(err: ValidationError) -> str:
 
 
 def validate(data: dict[str, Any], source: str) -> Config:
+    volumes = data.get("volume")
+    unsupported: dict[str, str] = {}
+    if isinstance(volumes, dict):
+        unsupported = {n: v["backend"] for n, v in volumes.items()
+                       if isinstance(v, dict) and v.get("backend") in UPSTREAM_ONLY_BACKENDS}
+        if unsupported and len(unsupported) == len(volumes):
+            raise ConfigError(f"{source}: volume: no volume this agent can serve (backend(s) "
+                              f"{', '.join(sorted(set(unsupported.values())))} are not supported by storage-agent)")
+        data = {**data, "volume": {n: v for n, v in volumes.items() if n not in unsupported}}
     try:
         config = Config.model_validate(data)
     except ValidationError as e:
         raise ConfigError(f"{source}: {_describe(e)}") from None
+    config._unsupported.update(unsupported)
     for name, listener in (("api.client", config.api.client), ("api.manager", config.api.manager)):
         if listener.ssl_enabled and not (listener.ssl_cert and listener.ssl_privkey):
             raise ConfigError(f"{source}: {name}.ssl-enabled is true but ssl-cert and ssl-privkey are not both set")

@@ -176,6 +176,8 @@ async def start(config: Config, sockets: Sockets | None = None) -> tuple[Agent, 
             volumes[name] = build_volume(name, vc.backend, vc.path, vc.options)
         except ValueError as e:  # unknown backend or unusable options: a config error, not a traceback
             raise ConfigError(f"[volume.{name}]: {e}") from None
+    for name, backend in config.unsupported_volumes.items():
+        log.error("volume %s is NOT served: backend %r is not supported by storage-agent", name, backend)
     agent = Agent(config=config, catalog=catalog, volumes=volumes)
     keep = {f"upload-{s.session_id}" for s in await catalog.upload_sessions()}
     reports: dict[str, Report] = {}

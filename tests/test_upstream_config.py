@@ -1,7 +1,9 @@
 """An upstream storage-proxy config loads unchanged and means the same (issue 20, item 5).
 
-``tests/data/upstream-storage-proxy-23.03.5-sample.toml`` is upstream's ``configs/storage-proxy/sample.toml``
-as released in 23.03.5 (the same file up to 23.03.10), byte for byte.
+``tests/data/upstream-storage-proxy-<release>-sample.toml`` are upstream's ``configs/storage-proxy/sample.toml``
+byte for byte, as released in 23.03.5 (the contract; the same file up to 23.03.10), 23.03.12 (the last of the
+23.03 line: adds a ``kmanila`` volume) and 24.09.0 (adds ``vast``). Volumes of those upstream-only backends are
+accepted and not served.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+import tomllib
 import uuid
 from pathlib import Path
 
@@ -22,7 +25,9 @@ import pytest
 
 from tests.support import AUTH_HEADER, ROOT, free_port, make_agent
 
-SAMPLE = Path(__file__).parent / "data" / "upstream-storage-proxy-23.03.5-sample.toml"
+DATA = Path(__file__).parent / "data"
+RELEASES = ("23.03.5", "23.03.12", "24.09.0")
+UPSTREAM_ONLY = {"kmanila", "vast", "exascaler"}
 
 
 def _self_signed(cert: Path, key: Path) -> None:
@@ -34,7 +39,7 @@ def _self_signed(cert: Path, key: Path) -> None:
     )
 
 
-def _localised(where: Path) -> tuple[str, int, int]:
+def _localised(sample: Path, where: Path) -> tuple[str, int, int]:
     """The sample with the minimal substitutions a test needs, and nothing else:
     - the volume paths (/vfroot/..., /mnt/vfroot/..., /gpfs/...) moved under ``where``;
     - the two ports (6021, 6022) replaced by free ones;
@@ -42,7 +47,7 @@ def _localised(where: Path) -> tuple[str, int, int]:
       node's /var/lib/storage-agent/catalog.db).
     The relative TLS paths (configs/storage-proxy/ssl/...) stay as they are: like upstream, the agent reads
     them relative to the config file's directory, where the test puts a fresh self-signed pair."""
-    text = SAMPLE.read_text()
+    text = sample.read_text()
     client, manager = free_port(), free_port()
     out = text
     for prefix in ('"/vfroot/', '"/mnt/vfroot/', '"/gpfs/'):
@@ -65,8 +70,11 @@ def _cli(*args: str, cwd: Path | str = "/") -> subprocess.CompletedProcess[str]:
 
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="the openssl CLI is needed to make the sample's TLS pair")
-def test_upstream_sample_config_loads_unchanged_and_serves(tmp_path: Path) -> None:
-    text, client_port, manager_port = _localised(tmp_path)
+@pytest.mark.parametrize("release", RELEASES)
+def test_upstream_sample_config_loads_unchanged_and_serves(tmp_path: Path, release: str) -> None:
+    sample = DATA / f"upstream-storage-proxy-{release}-sample.toml"
+    declared = tomllib.loads(sample.read_text())["volume"]
+    text, client_port, manager_port = _localised(sample, tmp_path)
     config = tmp_path / "storage-proxy.toml"
     config.write_text(text)
     _self_signed(tmp_path / "configs/storage-proxy/ssl/manager-api-selfsigned.cert.pem",
@@ -103,7 +111,7 @@ def test_upstream_sample_config_loads_unchanged_and_serves(tmp_path: Path) -> No
                 assert time.monotonic() < deadline, log_path.read_text()
                 time.sleep(0.2)
             volumes = {v["name"]: v for v in api.get("/volumes").json()["volumes"]}
-            assert set(volumes) == {"local", "fastlocal", "mypure", "myceph", "netapp", "weka", "gpfs"}
+            assert set(volumes) == {n for n, v in declared.items() if v["backend"] not in UPSTREAM_ONLY}
             assert volumes["local"]["backend"] == "vfs" and volumes["gpfs"]["backend"] == "gpfs"
             qsid, folder = f"qs{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
             vfid = f"{qsid}/{folder}"
@@ -118,6 +126,9 @@ def test_upstream_sample_config_loads_unchanged_and_serves(tmp_path: Path) -> No
     assert rc == 0, out
     assert "Traceback" not in out, out
     assert out.count("config keys accepted with no effect here") == 1, out
+    for name, vol in declared.items():
+        if vol["backend"] in UPSTREAM_ONLY:
+            assert f"volume {name} is NOT served: backend {vol['backend']!r} is not supported" in out
 
 
 def test_scandir_limit_zero_means_no_limit(tmp_path: Path) -> None:
