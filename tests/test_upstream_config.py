@@ -150,3 +150,43 @@ def test_scandir_limit_zero_means_no_limit(tmp_path: Path) -> None:
             assert len(r.json()["items"]) == count
     finally:
         agent.stop()
+
+
+@pytest.mark.parametrize(
+    "user,group,expected",
+    [
+        ("nobody", "nogroup", ("nobody", "nogroup")),
+        (65534, "65534", ("nobody", "nogroup")),
+        ("nobody", "nobody", ("nobody", "nobody's primary group")),  # upstream looks a group name up as a user
+        ("", -1, (None, None)),  # upstream: empty or -1 = not set
+    ],
+)
+def test_user_and_group_resolve_as_upstream(tmp_path: Path, user: object, group: object, expected: tuple) -> None:
+    import grp
+    import pwd
+
+    from agent.config import load
+    from tests.support import to_toml
+
+    try:
+        nobody = pwd.getpwnam("nobody")
+        grp.getgrnam("nogroup")
+    except KeyError:
+        pytest.skip("no nobody/nogroup on this system")
+    agent = make_agent(tmp_path / "agent", storage_proxy={"user": user, "group": group})
+    agent.config_path.write_text(to_toml(agent.config))
+    config = load(agent.config_path)
+    want_user = None if expected[0] is None else nobody.pw_uid
+    group_names = {g.gr_name: g.gr_gid for g in grp.getgrall()}
+    want_group = {None: None, "nogroup": group_names["nogroup"],
+                  "nobody's primary group": group_names.get("nobody", nobody.pw_gid)}[expected[1]]
+    assert (config.storage_proxy.user, config.storage_proxy.group) == (want_user, want_group)
+
+
+def test_unknown_user_is_a_config_error_naming_the_key(tmp_path: Path) -> None:
+    from tests.support import to_toml
+
+    agent = make_agent(tmp_path / "agent", storage_proxy={"user": f"no-such-{uuid.uuid4().hex[:6]}"})
+    agent.config_path.write_text(to_toml(agent.config))
+    r = _cli("check-config", "-f", str(agent.config_path))
+    assert r.returncode == 2 and "storage-proxy.user" in r.stderr and "no such user" in r.stderr, r.stderr
