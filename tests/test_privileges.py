@@ -6,9 +6,11 @@ import grp
 import os
 import pwd
 import shutil
+import socket
 import uuid
 from pathlib import Path
 
+import httpx
 import pytest
 
 from agent.privileges import BASE, CAP_SYS_ADMIN, NAMES
@@ -29,6 +31,18 @@ def _ids() -> tuple[int, int]:
 def _status(pid: int) -> dict[str, str]:
     lines = Path(f"/proc/{pid}/status").read_text().splitlines()
     return {k: v.strip() for k, v in (line.split(":", 1) for line in lines)}
+
+
+def _privileged_port() -> int:
+    """A free port below 1024: only root may bind it, so serving there shows the bind came before the switch."""
+    for port in range(1023, 900, -1):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    pytest.skip("no free port below 1024")
 
 
 def _mask(caps: frozenset[int]) -> int:
@@ -58,6 +72,7 @@ def test_root_start_serves_as_the_configured_user(tmp_path: Path) -> None:
     pid_file = tmp_path / "run" / "agent.pid"
     pid_file.parent.mkdir()
     agent = make_agent(tmp_path / "agent", storage_proxy={"user": USER, "group": GROUP, "pid-file": str(pid_file)})
+    agent.config["api"]["client"]["service-addr"]["port"] = _privileged_port()
     agent.start()
     try:
         assert agent.proc is not None
@@ -71,6 +86,7 @@ def test_root_start_serves_as_the_configured_user(tmp_path: Path) -> None:
         assert int(status["CapAmb"], 16) == _mask(kept), status["CapAmb"]
         assert int(status["CapBnd"], 16) == _mask(kept), status["CapBnd"]
         assert pid_file.read_text().strip() == str(agent.proc.pid)
+        assert httpx.get(f"{agent.client_url}/openapi.json", timeout=10).status_code == 200  # the port below 1024
         with agent.client() as api:
             where = _folder(agent, api, f"qs{uuid.uuid4().hex[:8]}")
             # what the agent creates belongs to the configured user, as with upstream
