@@ -166,7 +166,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     sockets = bind(config)
     write_pid_file(pid_file)
     try:
-        privileges.apply(config, handover=[*logged.created_dirs, *logged.files])
+        db = Path(config.catalog.path)  # a catalogue a root-run agent made: its files go to the new owner too
+        catalogue = [p for p in (db, Path(f"{db}-wal"), Path(f"{db}-shm")) if p.exists()]
+        privileges.apply(config, handover=[*logged.created_dirs, *logged.files, *catalogue])
         asyncio.run(serve(config, sockets, banner=args.config is None or sys.stdout.isatty()))
     finally:
         sockets.close()

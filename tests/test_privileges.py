@@ -71,9 +71,12 @@ def test_root_start_serves_as_the_configured_user(tmp_path: Path) -> None:
     uid, gid = _ids()
     pid_file = tmp_path / "run" / "agent.pid"
     pid_file.parent.mkdir()
-    agent = make_agent(tmp_path / "agent", storage_proxy={"user": USER, "group": GROUP, "pid-file": str(pid_file)})
+    agent = make_agent(tmp_path / "agent", storage_proxy={"pid-file": str(pid_file)})
+    agent.start().stop()  # first as root: the catalogue is root's ...
+    assert Path(agent.config["catalog"]["path"]).stat().st_uid == 0
+    agent.config["storage-proxy"].update(user=USER, group=GROUP)
     agent.config["api"]["client"]["service-addr"]["port"] = _privileged_port()
-    agent.start()
+    agent.start()  # ... then as the user, who is handed the catalogue
     try:
         assert agent.proc is not None
         status = _status(agent.proc.pid)
