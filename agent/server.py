@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import resource
@@ -57,9 +58,15 @@ def _bind(addr: HostPort, backlog: int = 1024) -> list[socket.socket]:
     host = addr.host or None
     infos = socket.getaddrinfo(host, addr.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     out: list[socket.socket] = []
+    infos = list(dict.fromkeys(infos))
     try:
-        for family, kind, proto, _name, sockaddr in dict.fromkeys(infos):
-            sock = socket.socket(family, kind, proto)
+        for family, kind, proto, _name, sockaddr in infos:
+            try:
+                sock = socket.socket(family, kind, proto)
+            except OSError:
+                if len(infos) > 1:
+                    continue  # e.g. an IPv6 address of "every interface" on a kernel without IPv6
+                raise
             out.append(sock)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if family == socket.AF_INET6:
@@ -67,9 +74,14 @@ def _bind(addr: HostPort, backlog: int = 1024) -> list[socket.socket]:
             try:
                 sock.bind(sockaddr)
             except OSError as e:
+                if len(infos) > 1 and e.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
+                    out.pop().close()
+                    continue
                 raise OSError(e.errno, f"cannot listen on {addr.host}:{addr.port}: {e.strerror}") from None
             sock.listen(backlog)
             sock.setblocking(False)
+        if not out:
+            raise OSError(errno.EADDRNOTAVAIL, f"cannot listen on {addr.host}:{addr.port}: no usable address")
     except BaseException:
         for sock in out:
             sock.close()

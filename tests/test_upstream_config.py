@@ -190,3 +190,14 @@ def test_unknown_user_is_a_config_error_naming_the_key(tmp_path: Path) -> None:
     agent.config_path.write_text(to_toml(agent.config))
     r = _cli("check-config", "-f", str(agent.config_path))
     assert r.returncode == 2 and "storage-proxy.user" in r.stderr and "no such user" in r.stderr, r.stderr
+
+
+def test_blank_host_listens_on_every_interface(tmp_path: Path) -> None:
+    """Upstream allows ``service-addr.host = ""``: every interface (loopback included)."""
+    agent = make_agent(tmp_path / "agent")
+    agent.config["api"]["client"]["service-addr"]["host"] = ""
+    agent.start()
+    try:
+        assert httpx.get(f"{agent.client_url}/openapi.json", timeout=10).status_code == 200
+    finally:
+        assert agent.stop() == 0
