@@ -186,3 +186,27 @@ def test_the_view_process_mounts_after_the_switch(tmp_path: Path) -> None:
     finally:
         agent.kill()
         mounts.detach(mnt)
+
+
+@needs_root
+def test_file_log_keeps_rotating_after_the_switch(tmp_path: Path) -> None:
+    """The file log is opened as root (before the switch) and handed to the user: rotation, which renames and
+    creates files in its directory, goes on as that user."""
+    uid, gid = _ids()
+    logs = tmp_path / "logs"
+    agent = make_agent(tmp_path / "agent", storage_proxy={"user": USER, "group": GROUP},
+                       logging={"drivers": ["file"], "file": {"path": str(logs), "filename": "sp.log",
+                                                              "rotation-size": "1k", "backup-count": 3}})
+    agent.start()
+    try:
+        with agent.client() as api:
+            for _ in range(40):
+                assert api.post("/folder/create", json={"volume": "nowhere", "vfid": "qs1/" + uuid.uuid4().hex}
+                                ).status_code == 404
+    finally:
+        assert agent.stop() == 0, agent.log()
+    names = sorted(p.name for p in logs.iterdir())
+    assert names == ["sp.log", "sp.log.1", "sp.log.2", "sp.log.3"], names
+    assert (logs.stat().st_uid, logs.stat().st_gid) == (uid, gid)  # the directory the agent created
+    assert all((logs / n).stat().st_uid == uid for n in names)
+    assert "Traceback" not in agent.log() and "Logging error" not in agent.log()
