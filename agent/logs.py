@@ -19,6 +19,9 @@ from typing import TYPE_CHECKING
 
 from aiohttp.http_exceptions import HttpProcessingError
 
+if TYPE_CHECKING:
+    from agent.config import LoggingConfig
+
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
@@ -91,10 +94,6 @@ def _install(handlers: list[logging.Handler], level: str) -> None:
     server_log = logging.getLogger("aiohttp.server")
     if not any(isinstance(f, BadRequestHeads) for f in server_log.filters):
         server_log.addFilter(BadRequestHeads())
-
-
-if TYPE_CHECKING:
-    from agent.config import LoggingConfig
 
 
 class Configured:
