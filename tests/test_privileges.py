@@ -106,6 +106,8 @@ def test_root_start_serves_as_the_configured_user(tmp_path: Path) -> None:
             r = api.post("/folder/delete", json={"volume": "local", "vfid": vfid})
             assert r.status_code in (200, 204), r.text
             eventually(lambda: not where.exists(), timeout=30)
+            metrics = api.get("/metrics")  # the process figures read /proc/self, non-dumpable after the switch
+            assert metrics.status_code == 200 and "process_open_fds" in metrics.text
         assert "running as uid" in agent.log() and "watching with fanotify" in agent.log()
     finally:
         assert agent.stop() == 0, agent.log()
