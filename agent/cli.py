@@ -149,12 +149,30 @@ def _add_operator_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    """As upstream: logging, the pid file, bind the ports, then (as root with user/group set) drop privileges;
+    unlike upstream the drop comes before the catalogue, volumes and threads start (capabilities are per
+    thread, agent/privileges.py), so everything the agent creates belongs to the configured user."""
     config = _config(args)
-    logs.setup(config.logging.level, config.logging.format)
+    logged = logs.configure(config.logging)
+    if logged.unsupported:
+        log.warning("[logging] drivers %s are not supported by storage-agent: nothing is sent to them (logs go "
+                    "to %s)", ", ".join(logged.unsupported),
+                    ", ".join(d for d in ("console", "file") if d in config.logging.drivers) or "standard error")
     _pin_cpu(config.storage_proxy.cpu_pin)
-    from agent.server import serve
+    from agent import privileges
+    from agent.server import bind, remove_pid_file, serve, write_pid_file
 
-    asyncio.run(serve(config, banner=args.config is None or sys.stdout.isatty()))
+    pid_file = config.storage_proxy.pid_file
+    sockets = bind(config)
+    write_pid_file(pid_file)
+    try:
+        db = Path(config.catalog.path)  # a catalogue a root-run agent made: its files go to the new owner too
+        catalogue = [p for p in (db, Path(f"{db}-wal"), Path(f"{db}-shm")) if p.exists()]
+        privileges.apply(config, handover=[*logged.created_dirs, *logged.files, *catalogue])
+        asyncio.run(serve(config, sockets, banner=args.config is None or sys.stdout.isatty()))
+    finally:
+        sockets.close()
+        remove_pid_file(pid_file)
     return 0
 
 
@@ -178,9 +196,11 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         except ValueError as e:
             raise ConfigError(f"[volume.{name}]: {e}") from None
     print(json.dumps(masked(config), indent=2, default=str))
-    ignored = config.ignored_keys()
-    if ignored:
-        print(f"# ignored (not used by storage-agent): {', '.join(ignored)}", file=sys.stderr)
+    no_effect = config.no_effect_keys()
+    if no_effect:
+        print("# accepted with no effect here (ignored by storage-agent):", file=sys.stderr)
+        for key in no_effect:
+            print(f"#   {key}", file=sys.stderr)
     return 0
 
 

@@ -1,13 +1,18 @@
 """Configuration: the upstream storage-proxy TOML, validated, plus the agent's own sections.
 
-A config written for the upstream proxy loads unchanged; keys the agent does
-not use (``etcd``, ``num-proc``, …) are accepted and reported once in the log.
+A config written for the upstream proxy loads unchanged and means the same; keys the agent accepts
+but does not act on (``etcd``, ``num-proc``, ``logging.logstash``, …) are listed by ``check-config``
+and logged once at start (:meth:`Config.no_effect_keys`). Relative paths of upstream keys (TLS files,
+``pid-file``, the file log's ``path``) are relative to the config file's directory, as upstream
+(which changes into that directory) reads them.
 """
 
 from __future__ import annotations
 
+import grp
 import json
 import os
+import pwd
 import re
 import secrets
 import socket
@@ -16,7 +21,7 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, SecretStr, ValidationError
 
 from backends import BACKENDS
 
@@ -63,6 +68,43 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="allow", populate_by_name=True, frozen=True)
 
 
+def _user_id(value: object) -> int | None:
+    """A user name or numeric id (an int or a digit string), as upstream; empty or -1 = not set."""
+    if value is None or value == "" or value == -1 or value == "-1":
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ValueError("must be a user name or a numeric uid")
+    if isinstance(value, int) or value.isdigit():
+        if int(value) < 0:
+            raise ValueError("a uid is 0 or more")
+        return int(value)
+    try:
+        return pwd.getpwnam(value).pw_uid
+    except KeyError:
+        raise ValueError(f"no such user {value!r} on this system") from None
+
+
+def _group_id(value: object) -> int | None:
+    """A group name or numeric id; a name that is not a group but a user means that user's primary
+    group (the lookup upstream makes), so every value upstream accepts means the same here."""
+    if value is None or value == "" or value == -1 or value == "-1":
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ValueError("must be a group name or a numeric gid")
+    if isinstance(value, int) or value.isdigit():
+        if int(value) < 0:
+            raise ValueError("a gid is 0 or more")
+        return int(value)
+    try:
+        return grp.getgrnam(value).gr_gid
+    except KeyError:
+        pass
+    try:
+        return pwd.getpwnam(value).pw_gid
+    except KeyError:
+        raise ValueError(f"no such group {value!r} on this system") from None
+
+
 class HostPort(_Section):
     host: str
     port: int = Field(ge=0, le=65535)
@@ -72,10 +114,11 @@ class StorageProxy(_Section):
     node_id: str = Field(default_factory=socket.gethostname, alias="node-id")
     secret: SecretStr = Field(min_length=1)
     session_expire: Duration = Field(default=86400.0, alias="session-expire")
-    scandir_limit: int = Field(default=1000, ge=1, alias="scandir-limit")
+    scandir_limit: int = Field(default=1000, ge=0, alias="scandir-limit")  # 0 = no limit, as upstream
     max_upload_size: Size = Field(default=100 * 2**30, alias="max-upload-size")
-    user: int | str | None = None
-    group: int | str | None = None
+    # started as root, the agent switches to these after binding its ports (agent/privileges.py)
+    user: Annotated[int | None, BeforeValidator(lambda v: _user_id(v))] = None
+    group: Annotated[int | None, BeforeValidator(lambda v: _group_id(v))] = None
     pid_file: Path | None = Field(default=None, alias="pid-file")
     # the CPU that the agent's Python threads share (backends/cpu_placement.py): "auto", "off" or a number
     cpu_pin: Literal["auto", "off"] | Annotated[int, Field(ge=0)] = Field(default="auto", alias="cpu-pin")
@@ -110,9 +153,45 @@ class CatalogConfig(_Section):
     path: Path = DEFAULT_CATALOG
 
 
+Level = Literal["NOTSET", "DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL", "debug", "info", "warning", "error",
+                "critical"]
+LogStyle = Literal["simple", "verbose"]
+
+
+class ConsoleLog(_Section):
+    """``[logging.console]`` (upstream): ``format`` simple or verbose; ``colored`` has no effect here."""
+
+    colored: bool | None = None
+    format: LogStyle = "verbose"
+
+
+class FileLog(_Section):
+    """``[logging.file]`` (upstream): ``path``/``filename``, rotated at ``rotation-size``, ``backup-count`` kept.
+
+    Written as one JSON object per line whatever ``format`` says (upstream's file log is JSON too)."""
+
+    path: Path
+    filename: str = Field(min_length=1, pattern=r"^[^/]+$")
+    backup_count: int = Field(default=5, ge=1, le=100, alias="backup-count")
+    rotation_size: Size = Field(default=10 * 2**20, alias="rotation-size")
+    format: LogStyle = "verbose"
+
+
 class LoggingConfig(_Section):
-    level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL", "debug", "info", "warning", "error"] = "INFO"
-    format: Literal["text", "json"] = "text"
+    level: Level = "INFO"
+    format: Literal["text", "json"] = "text"  # ours: the console's lines as text or JSON
+    drivers: list[Literal["console", "file", "logstash", "graylog"]] = ["console"]
+    pkg_ns: dict[str, Level] = Field(default_factory=dict, alias="pkg-ns")
+    console: ConsoleLog = ConsoleLog()
+    file: FileLog | None = None
+    logstash: dict[str, Any] | None = None
+    graylog: dict[str, Any] | None = None
+
+
+class MetricsConfig(_Section):
+    """``[metrics]`` (ours): ``GET /metrics`` also on its own listener, without the manager secret."""
+
+    service_addr: HostPort | None = Field(default=None, alias="service-addr")
 
 
 class UsageConfig(_Section):
@@ -139,19 +218,68 @@ class ViewConfig(_Section):
         return self.scopes == "*" or qsid in self.scopes
 
 
+# Backends of later upstream lines that this agent does not implement: such a volume is accepted and not
+# served (an ERROR at start names it), so that upstream's sample configs of those lines load too.
+UPSTREAM_ONLY_BACKENDS = ("kmanila", "vast", "exascaler")
+
+
 class Config(_Section):
     storage_proxy: StorageProxy = Field(alias="storage-proxy")
     api: Api
     volume: dict[str, VolumeConfig] = Field(min_length=1)
+    _unsupported: dict[str, str] = PrivateAttr(default_factory=dict)  # volume name -> its upstream-only backend
     catalog: CatalogConfig = CatalogConfig()
     logging: LoggingConfig = LoggingConfig()
     usage: UsageConfig = UsageConfig()
     view: ViewConfig = ViewConfig()
+    metrics: MetricsConfig = MetricsConfig()
     debug: dict[str, Any] = Field(default_factory=dict)
 
     def ignored_keys(self) -> list[str]:
-        """Dotted names of keys present in the file that the agent does not use."""
+        """Dotted names of keys present in the file that the agent does not know at all."""
         return sorted(_extras(self, ""))
+
+    def no_effect_keys(self) -> list[str]:
+        """Every key present in the file that is accepted but changes nothing here: unknown keys, and the
+        upstream keys the agent knows but does not act on (drivers it lacks, the console's colours, ...)."""
+        found = set(_extras(self, ""))
+        log = self.logging
+        fields_set = log.model_fields_set
+        for driver in ("logstash", "graylog"):
+            if driver in log.drivers:
+                found.add(f"logging.drivers[{driver}] (not supported: nothing is sent)")
+            if driver in fields_set:
+                found.add(f"logging.{driver}")
+        if "colored" in log.console.model_fields_set:
+            found.add("logging.console.colored")
+        if log.file is not None and "file" not in log.drivers:
+            found.add("logging.file (the file driver is not in logging.drivers)")
+        elif log.file is not None and "format" in log.file.model_fields_set:
+            found.add("logging.file.format")
+        found |= {f"debug.{k}" for k in self.debug}
+        found |= {f"volume.{n} (backend {b!r} is not supported by storage-agent: not served)"
+                  for n, b in self._unsupported.items()}
+        return sorted(found | set(self._unused_options()))
+
+    @property
+    def unsupported_volumes(self) -> dict[str, str]:
+        """Volumes of an upstream-only backend (name -> backend), left out of :attr:`volume`."""
+        return dict(self._unsupported)
+
+    def _unused_options(self) -> list[str]:
+        """``volume.NAME.options.KEY`` for options an appliance backend does not read (e.g. upstream's
+        ``netapp_xcp_cmd``). Other backends' options are free-form and not listed."""
+        out = []
+        for name, vc in self.volume.items():
+            model = getattr(BACKENDS.get(vc.backend), "Options", None)
+            if model is None:
+                continue
+            known = set(model.model_fields) | {"usage-watch", "usage-rescan-interval"}  # read by the usage engine
+            for f in model.model_fields.values():
+                alias = f.validation_alias
+                known |= {a for a in getattr(alias, "choices", [alias]) if isinstance(a, str)}
+            out += [f"volume.{name}.options.{k}" for k in vc.options if k not in known]
+        return out
 
 
 def _extras(model: BaseModel, prefix: str) -> set[str]:
@@ -180,10 +308,20 @@ def _describe(err: ValidationError) -> str:
 
 
 def validate(data: dict[str, Any], source: str) -> Config:
+    volumes = data.get("volume")
+    unsupported: dict[str, str] = {}
+    if isinstance(volumes, dict):
+        unsupported = {n: v["backend"] for n, v in volumes.items()
+                       if isinstance(v, dict) and v.get("backend") in UPSTREAM_ONLY_BACKENDS}
+        if unsupported and len(unsupported) == len(volumes):
+            raise ConfigError(f"{source}: volume: no volume this agent can serve (backend(s) "
+                              f"{', '.join(sorted(set(unsupported.values())))} are not supported by storage-agent)")
+        data = {**data, "volume": {n: v for n, v in volumes.items() if n not in unsupported}}
     try:
         config = Config.model_validate(data)
     except ValidationError as e:
         raise ConfigError(f"{source}: {_describe(e)}") from None
+    config._unsupported.update(unsupported)
     for name, listener in (("api.client", config.api.client), ("api.manager", config.api.manager)):
         if listener.ssl_enabled and not (listener.ssl_cert and listener.ssl_privkey):
             raise ConfigError(f"{source}: {name}.ssl-enabled is true but ssl-cert and ssl-privkey are not both set")
@@ -205,6 +343,9 @@ def validate(data: dict[str, Any], source: str) -> Config:
                               f"(available: {known})")
         if not vol.path.is_absolute():
             raise ConfigError(f"{source}: volume.{name}.path: must be an absolute path, got {str(vol.path)!r}")
+    if "file" in config.logging.drivers and config.logging.file is None:
+        raise ConfigError(f"{source}: logging.file: the file driver is in logging.drivers but [logging.file] "
+                          "(path, filename) is missing")
     if not config.view.mount_root.is_absolute():
         raise ConfigError(f"{source}: view.mount-root: must be an absolute path, got {str(config.view.mount_root)!r}")
     for name, vol in config.volume.items() if config.view.enabled else ():
@@ -233,6 +374,25 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+# upstream keys holding a path that upstream reads relative to the config file's directory
+_RELATIVE_PATHS = (
+    ("api", "client", "ssl-cert"), ("api", "client", "ssl-privkey"),
+    ("api", "manager", "ssl-cert"), ("api", "manager", "ssl-privkey"),
+    ("storage-proxy", "pid-file"), ("logging", "file", "path"),
+)
+
+
+def _anchor(data: dict[str, Any], base: Path) -> None:
+    """Relative paths of upstream keys made absolute against ``base`` (the config file's directory)."""
+    for keys in _RELATIVE_PATHS:
+        table: Any = data
+        for key in keys[:-1]:
+            table = table.get(key) if isinstance(table, dict) else None
+        value = table.get(keys[-1]) if isinstance(table, dict) else None
+        if isinstance(value, str) and value and not os.path.isabs(value):
+            table[keys[-1]] = str(base / value)
+
+
 def load(path: Path) -> Config:
     """Read a TOML config; a top-level ``include = [files]`` (e.g. the packaged secrets.toml, mode 0600)
     is merged in, so that the main file can stay world-readable and free of secrets."""
@@ -240,6 +400,7 @@ def load(path: Path) -> Config:
     includes = data.pop("include", [])
     for inc in [includes] if isinstance(includes, str) else includes:
         data = _merge(data, _read_toml(Path(path).parent / inc))
+    _anchor(data, Path(path).resolve().parent)
     return validate(data, str(path))
 
 

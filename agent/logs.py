@@ -1,17 +1,30 @@
-"""Logging: one line per event, as text or JSON (``[logging] format``)."""
+"""Logging: one line per event, as text or JSON (``[logging] format``), to the drivers upstream names.
+
+``[logging] drivers``: ``console`` (standard error) and ``file`` (upstream's ``[logging.file]`` path,
+filename, rotation-size, backup-count: JSON lines, rotated by size) are served; ``logstash`` and
+``graylog`` are accepted, and one warning says nothing is sent to them. ``pkg-ns`` sets loggers'
+levels as upstream does; its ``ai.backend`` names mean the agent's own loggers.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import logging.handlers
 import re
 import sys
 import time
 import urllib.parse
-from typing import Any
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import jwt
 from aiohttp.http_exceptions import HttpProcessingError
+
+if TYPE_CHECKING:
+    from agent.config import LoggingConfig
+
 
 # a client-API token is a bearer credential valid for a day: it must never reach the journal
 _TOKEN_VALUE = re.compile(r"(token=)(?!<)[^&\s'\"]+", re.IGNORECASE)
@@ -66,6 +79,23 @@ class JsonFormatter(logging.Formatter):
         return redact(json.dumps(data))
 
 
+class FileJsonFormatter(logging.Formatter):
+    """The file driver's lines: one JSON object with upstream's field names, so log shippers set up for
+    the upstream proxy's files read these too."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        data = {
+            "timestamp": datetime.fromtimestamp(record.created, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+            "level": record.levelname,
+            "name": record.name,
+            "processName": record.processName,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            data["exc_info"] = self.formatException(record.exc_info)
+        return redact(json.dumps(data))
+
+
 class BadRequestHeads(logging.Filter):
     """aiohttp logs a malformed request head (a line too long, bad bytes) with a traceback although it is
     the client's fault and answered with a 400: one line naming the problem is enough."""
@@ -80,16 +110,76 @@ class BadRequestHeads(logging.Filter):
         return True
 
 
-def setup(level: str = "INFO", fmt: str = "text") -> None:
+_STYLES = {"verbose": "%(asctime)s %(levelname)s %(name)s: %(message)s", "simple": "%(levelname)s %(message)s"}
+OWN_LOGGERS = ("agent", "backends", "catalog", "storage-agent")  # what upstream's "ai.backend" names here
+UNSUPPORTED_DRIVERS = ("logstash", "graylog")
+
+
+def _console(fmt: str, style: str = "verbose") -> logging.Handler:
     handler = logging.StreamHandler(sys.stderr)
-    if fmt == "json":
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter(_STYLES[style]))
+    return handler
+
+
+def setup(level: str = "INFO", fmt: str = "text") -> None:
+    """Standard error only (the sub-commands, and the view process that serve starts)."""
+    _install([_console(fmt)], level.upper())
+
+
+def _install(handlers: list[logging.Handler], level: str) -> None:
     root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
+    for old in root.handlers:
+        if old not in handlers:
+            old.close()
+    root.handlers[:] = handlers
+    root.setLevel(level)
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     server_log = logging.getLogger("aiohttp.server")
     if not any(isinstance(f, BadRequestHeads) for f in server_log.filters):
         server_log.addFilter(BadRequestHeads())
+
+
+class Configured:
+    """What :func:`configure` set up: files written (to hand over on a privilege drop), drivers not served."""
+
+    def __init__(self) -> None:
+        self.files: list[Path] = []
+        self.created_dirs: list[Path] = []
+        self.unsupported: list[str] = []
+
+
+def configure(cfg: LoggingConfig) -> Configured:
+    """``serve``'s logging from the whole ``[logging]`` table. Raises OSError when the log file cannot be
+    opened (a start-up error naming the file, as upstream)."""
+    out = Configured()
+    level = cfg.level.upper()
+    handlers: list[logging.Handler] = []
+    if "console" in cfg.drivers:
+        handlers.append(_console(cfg.format, cfg.console.format))
+    if "file" in cfg.drivers and cfg.file is not None:
+        where = cfg.file.path
+        missing = [p for p in (where, *where.parents) if not p.exists()]
+        where.mkdir(parents=True, exist_ok=True)  # upstream creates the directory too
+        out.created_dirs = list(reversed(missing))
+        handler = logging.handlers.RotatingFileHandler(
+            where / cfg.file.filename, maxBytes=cfg.file.rotation_size, backupCount=cfg.file.backup_count,
+            encoding="utf-8",
+        )
+        handler.setFormatter(FileJsonFormatter())
+        handlers.append(handler)
+        out.files.append(where / cfg.file.filename)
+    out.unsupported = [d for d in UNSUPPORTED_DRIVERS if d in cfg.drivers]
+    if not handlers:  # only drivers this agent cannot feed: standard error rather than nowhere
+        handlers.append(_console(cfg.format, cfg.console.format))
+    for h in handlers:
+        h.setLevel(level)
+    _install(handlers, level)
+    for name, ns_level in sorted(cfg.pkg_ns.items(), key=lambda kv: len(kv[0])):
+        if name == "":
+            logging.getLogger().setLevel(ns_level.upper())
+        elif name == "ai.backend" or name.startswith("ai.backend."):
+            for own in OWN_LOGGERS:
+                logging.getLogger(own).setLevel(ns_level.upper())
+        else:
+            logging.getLogger(name).setLevel(ns_level.upper())
+    return out

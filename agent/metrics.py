@@ -7,7 +7,9 @@ than events (upload sessions open, vfolders watched or stale) are read when ``/m
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
+import logging
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -17,9 +19,13 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, g
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from agent.context import Agent, agent_of
-from agent.errors import Handler
+from agent.context import AGENT_KEY, Agent, agent_of
+from agent.errors import Handler, error_middleware
 from agent.params import documented
+from backends.base import FSUsage
+from catalog.report import ScopeGauge, scope_gauges
+
+log = logging.getLogger(__name__)
 
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 _LABELS = ("listener", "method", "route", "status")
@@ -127,9 +133,82 @@ class _AgentCollector:
         )
 
 
+# -- capacity gauges: volumes (filesystem figures) and quota scopes (the catalogue) ------------------------
+
+FS_USAGE_TTL = 15.0  # seconds a volume's capacity figure is reused: an appliance answers it over REST
+FS_USAGE_TIMEOUT = 2.0  # a scrape waits no longer for a volume; the last figure (if any) is shown meanwhile
+
+
+class _FsUsageCache:
+    """The last capacity figure of each volume, refreshed at scrape time when older than FS_USAGE_TTL."""
+
+    def __init__(self) -> None:
+        self.figures: dict[str, tuple[float, FSUsage]] = {}
+
+    async def refresh(self, agent: Agent) -> dict[str, FSUsage]:
+        now = time.monotonic()
+        due = [
+            vol for name, vol in agent.volumes.items()
+            if (state := agent.states.get(name)) is not None and state.serving
+            and now - self.figures.get(name, (-FS_USAGE_TTL, None))[0] >= FS_USAGE_TTL
+        ]
+        results = await asyncio.gather(
+            *(asyncio.wait_for(vol.fs_usage(), FS_USAGE_TIMEOUT) for vol in due), return_exceptions=True
+        )
+        for vol, result in zip(due, results, strict=True):
+            if isinstance(result, FSUsage):
+                self.figures[vol.name] = (now, result)
+            else:
+                log.debug("volume %s: capacity figure not read for /metrics: %r", vol.name, result)
+        return {name: fig for name, (_, fig) in self.figures.items() if name in agent.volumes}
+
+
+_FS_USAGE = _FsUsageCache()
+
+
+class _CapacityCollector:
+    """Per volume capacity/used bytes; per quota scope used/limit bytes (unknown figures are left out)."""
+
+    def __init__(self, fs: dict[str, FSUsage], scopes: list[ScopeGauge]) -> None:
+        self.fs = fs
+        self.scopes = scopes
+
+    def collect(self) -> Iterator[Metric]:
+        capacity = GaugeMetricFamily("storage_agent_volume_capacity_bytes", "Size of a volume's filesystem",
+                                     labels=["volume"])
+        used = GaugeMetricFamily("storage_agent_volume_used_bytes", "Bytes used on a volume's filesystem",
+                                 labels=["volume"])
+        for name, fig in sorted(self.fs.items()):
+            capacity.add_metric([name], fig.capacity_bytes)
+            used.add_metric([name], fig.used_bytes)
+        yield capacity
+        yield used
+        scope_used = GaugeMetricFamily(
+            "storage_agent_quota_scope_used_bytes",
+            "A quota scope's used bytes as the catalogue holds them (absent until every vfolder is measured)",
+            labels=["volume", "qsid"],
+        )
+        scope_limit = GaugeMetricFamily(
+            "storage_agent_quota_scope_limit_bytes", "A quota scope's limit (absent when unlimited)",
+            labels=["volume", "qsid"],
+        )
+        for g in self.scopes:
+            if g.used_bytes is not None:
+                scope_used.add_metric([g.volume, g.qsid], g.used_bytes)
+            if g.limit_bytes is not None:
+                scope_limit.add_metric([g.volume, g.qsid], g.limit_bytes)
+        yield scope_used
+        yield scope_limit
+
+
+async def _capacity(agent: Agent) -> _CapacityCollector:
+    return _CapacityCollector(await _FS_USAGE.refresh(agent), await scope_gauges(agent.catalog))
+
+
 async def render(agent: Agent) -> bytes:
     local = CollectorRegistry(auto_describe=False)
     local.register(_AgentCollector(agent, await agent.catalog.count_upload_sessions("open")))
+    local.register(await _capacity(agent))
     return generate_latest(REGISTRY) + generate_latest(local)
 
 
@@ -143,3 +222,12 @@ def add_route(app: web.Application) -> None:
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     app.router.add_get("/metrics", metrics)
+
+
+def standalone_app(agent: Agent) -> web.Application:
+    """``[metrics] service-addr``: ``GET /metrics`` alone, without the manager secret, for a scraper that
+    must not hold the key to every user's data. Nothing else is served there."""
+    app = web.Application(middlewares=[middleware("metrics"), error_middleware])
+    app[AGENT_KEY] = agent
+    add_route(app)
+    return app

@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import resource
 import signal
+import socket
 import ssl
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 from aiohttp import web
 
 from agent.app import client_app, manager_app
-from agent.config import Config, ConfigError, Listener
+from agent.config import Config, ConfigError, HostPort, Listener
 from agent.context import Agent
+from agent.metrics import standalone_app as metrics_app
 from agent.reconcile import Report, reconcile
 from agent.services import factories
 from backends import build_volume, cpu_placement
@@ -32,6 +36,83 @@ WORKER_THREADS = 32
 class Bound:
     manager_url: str
     client_url: str
+    metrics_url: str | None = None
+
+
+@dataclass
+class Sockets:
+    """The listening sockets, bound before anything else (and before a privilege drop), by listener."""
+
+    manager: list[socket.socket]
+    client: list[socket.socket]
+    metrics: list[socket.socket] = field(default_factory=list)
+
+    def close(self) -> None:
+        for sock in (*self.manager, *self.client, *self.metrics):
+            sock.close()
+
+
+def _bind(addr: HostPort, backlog: int = 1024) -> list[socket.socket]:
+    """Listening sockets for ``host:port`` the way asyncio's create_server makes them: one per address
+    the host resolves to (an empty host: every interface); SO_REUSEADDR, IPv6 sockets IPv6-only."""
+    host = addr.host or None
+    infos = socket.getaddrinfo(host, addr.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    out: list[socket.socket] = []
+    infos = list(dict.fromkeys(infos))
+    try:
+        for family, kind, proto, _name, sockaddr in infos:
+            try:
+                sock = socket.socket(family, kind, proto)
+            except OSError:
+                if len(infos) > 1:
+                    continue  # e.g. an IPv6 address of "every interface" on a kernel without IPv6
+                raise
+            out.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                sock.bind(sockaddr)
+            except OSError as e:
+                if len(infos) > 1 and e.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
+                    out.pop().close()
+                    continue
+                raise OSError(e.errno, f"cannot listen on {addr.host}:{addr.port}: {e.strerror}") from None
+            sock.listen(backlog)
+            sock.setblocking(False)
+        if not out:
+            raise OSError(errno.EADDRNOTAVAIL, f"cannot listen on {addr.host}:{addr.port}: no usable address")
+    except BaseException:
+        for sock in out:
+            sock.close()
+        raise
+    return out
+
+
+def bind(config: Config) -> Sockets:
+    """Every listener's sockets; called before the event loop exists, so before a privilege drop."""
+    done: list[list[socket.socket]] = []
+    try:
+        for addr in (config.api.manager.service_addr, config.api.client.service_addr, config.metrics.service_addr):
+            done.append(_bind(addr) if addr is not None else [])
+    except BaseException:
+        for sock in (s for group in done for s in group):
+            sock.close()
+        raise
+    return Sockets(*done)
+
+
+def write_pid_file(path: Path | None) -> None:
+    if path is not None:
+        path.write_text(f"{os.getpid()}\n")
+
+
+def remove_pid_file(path: Path | None) -> None:
+    if path is not None and path.is_file():  # never /dev/null, upstream's default
+        try:
+            path.unlink()
+        except OSError as e:
+            log.warning("cannot remove the pid file %s: %s", path, e.strerror)
 
 
 def _ssl_context(listener: Listener) -> ssl.SSLContext | None:
@@ -86,16 +167,19 @@ def _raise_fd_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-async def start(config: Config) -> tuple[Agent, list[web.AppRunner], Bound]:
+async def start(config: Config, sockets: Sockets | None = None) -> tuple[Agent, list[web.AppRunner], Bound]:
+    """Open the catalogue and the volumes, reconcile, start the services, then serve on ``sockets``
+    (bound here when not given)."""
+    sockets = sockets if sockets is not None else bind(config)
     _raise_fd_limit()
     asyncio.get_running_loop().set_default_executor(
         ThreadPoolExecutor(
             WORKER_THREADS, thread_name_prefix="storage-agent-io", initializer=cpu_placement.background_thread
         )
     )
-    ignored = config.ignored_keys()
-    if ignored:
-        log.info("ignoring config keys storage-agent does not use: %s", ", ".join(ignored))
+    no_effect = config.no_effect_keys()
+    if no_effect:
+        log.info("config keys accepted with no effect here: %s", ", ".join(no_effect))
     catalog = await Catalog.open_or_rebuild(config.catalog.path)
     log.info("catalogue %s at schema version %d", config.catalog.path, await catalog.schema_version())
     volumes: dict[str, Volume] = {}
@@ -104,6 +188,8 @@ async def start(config: Config) -> tuple[Agent, list[web.AppRunner], Bound]:
             volumes[name] = build_volume(name, vc.backend, vc.path, vc.options)
         except ValueError as e:  # unknown backend or unusable options: a config error, not a traceback
             raise ConfigError(f"[volume.{name}]: {e}") from None
+    for name, backend in config.unsupported_volumes.items():
+        log.error("volume %s is NOT served: backend %r is not supported by storage-agent", name, backend)
     agent = Agent(config=config, catalog=catalog, volumes=volumes)
     keep = {f"upload-{s.session_id}" for s in await catalog.upload_sessions()}
     reports: dict[str, Report] = {}
@@ -128,21 +214,27 @@ async def start(config: Config) -> tuple[Agent, list[web.AppRunner], Bound]:
             log.info("started %s", service.name)
 
     runners = []
-    urls = []
-    for app, listener in (
-        (manager_app(agent), config.api.manager),
-        (client_app(agent), config.api.client),
+    urls: list[str | None] = []
+    for app, listener, socks in (
+        (manager_app(agent), config.api.manager, sockets.manager),
+        (client_app(agent), config.api.client, sockets.client),
+        (metrics_app(agent), None, sockets.metrics),
     ):
-        runner = web.AppRunner(app, access_log=None, handle_signals=False, keepalive_timeout=listener.idle_timeout)
+        if not socks:
+            urls.append(None)
+            continue
+        timeout = listener.idle_timeout if listener is not None else 75.0
+        runner = web.AppRunner(app, access_log=None, handle_signals=False, keepalive_timeout=timeout)
         await runner.setup()
-        ctx = _ssl_context(listener)
-        site = web.TCPSite(runner, listener.service_addr.host, listener.service_addr.port, ssl_context=ctx)
-        await site.start()
+        ctx = _ssl_context(listener) if listener is not None else None
+        for sock in socks:
+            await web.SockSite(runner, sock, ssl_context=ctx).start()
         runners.append(runner)
-        host, port = site._server.sockets[0].getsockname()[:2]  # the real port when 0 was asked for
-        shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+        host, port = socks[0].getsockname()[:2]  # the real port when 0 was asked for
+        shown = "127.0.0.1" if host in ("0.0.0.0", "", "::") else f"[{host}]" if ":" in host else host
         urls.append(f"{'https' if ctx else 'http'}://{shown}:{port}")
-    return agent, runners, Bound(urls[0], urls[1])
+    assert urls[0] is not None and urls[1] is not None
+    return agent, runners, Bound(urls[0], urls[1], urls[2])
 
 
 async def stop(agent: Agent, runners: list[web.AppRunner]) -> None:
@@ -158,12 +250,11 @@ async def stop(agent: Agent, runners: list[web.AppRunner]) -> None:
     await agent.catalog.close()
 
 
-async def serve(config: Config, *, banner: bool = False) -> None:
-    agent, runners, bound = await start(config)
-    pid_file = config.storage_proxy.pid_file
-    if pid_file:
-        pid_file.write_text(f"{os.getpid()}\n")
-    log.info("manager API on %s, client API on %s", bound.manager_url, bound.client_url)
+async def serve(config: Config, sockets: Sockets | None = None, *, banner: bool = False) -> None:
+    """Run until SIGINT/SIGTERM (the pid file is written and removed by the caller, around the drop)."""
+    agent, runners, bound = await start(config, sockets)
+    log.info("manager API on %s, client API on %s%s", bound.manager_url, bound.client_url,
+             f", metrics on {bound.metrics_url}/metrics" if bound.metrics_url else "")
     if banner:
         secret = config.api.manager.secret.get_secret_value()
         print(
@@ -183,5 +274,3 @@ async def serve(config: Config, *, banner: bool = False) -> None:
     finally:
         log.info("stopping")
         await stop(agent, runners)
-        if pid_file:
-            pid_file.unlink(missing_ok=True)

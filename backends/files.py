@@ -74,14 +74,15 @@ def require(root: VFolderRoot, relpath: str) -> None:
 
 
 def listdir(root: VFolderRoot, relpath: str, *, limit: int) -> list[EntryInfo]:
-    """Direct children of a directory, links described not followed, at most ``limit``."""
+    """Direct children of a directory, links described not followed, at most ``limit`` (0: all, as upstream's
+    ``scandir-limit = 0``)."""
     items: list[EntryInfo] = []
     with fs_errors(relpath):
         fd = root.open_dir(relpath)
         try:
             with os.scandir(fd) as it:
                 for entry in it:
-                    if len(items) >= limit:
+                    if limit and len(items) >= limit:
                         break
                     try:
                         st = entry.stat(follow_symlinks=False)

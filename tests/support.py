@@ -69,6 +69,7 @@ class AgentProcess:
     workdir: Path
     config: dict[str, Any]
     proc: subprocess.Popen | None = None
+    wrapper: list[str] = field(default_factory=list)  # a command the agent runs under (e.g. setpriv ...)
     log_path: Path = field(init=False)
 
     def __post_init__(self) -> None:
@@ -101,7 +102,7 @@ class AgentProcess:
         self.config_path.write_text(to_toml(self.config))
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "agent", "serve", "--config", str(self.config_path)],
+                [*self.wrapper, sys.executable, "-m", "agent", "serve", "--config", str(self.config_path)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 cwd=self.workdir,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -199,3 +200,20 @@ GARBLED = [
 @pytest.mark.parametrize("case", GARBLED, ids=sc.garbled_case_id)
 def test_malformed_answer(env: sc.VendorEnv, qsid: str, case: sc.Garbled) -> None:
     sc.malformed_answer(env, case, qsid, APPLIANCE)
+
+
+def test_without_dell_ifs_path_quotas_are_named_by_the_volume_path(tmp_path: Path) -> None:
+    """An upstream config has no dell_ifs_path (upstream names each quota by the scope's local path): the volume
+    starts (it was refused with exit 2) and its quotas land on <volume path>/<qsid> on the cluster."""
+    root = tmp_path / "mount"
+
+    def options(sim: OnefsSimulator) -> dict[str, object]:
+        return {"dell_endpoint": sim.url, "dell_admin": "root", "dell_password": "a", "dell_api_version": "12",
+                "dell_system_name": "nfs", "request_timeout": 2}
+
+    with sc.vendor_env(tmp_path, "dellemc-onefs", lambda m: OnefsSimulator(m, ifs_path=str(root)), options) as env:
+        q = sc.new_qsid()
+        sc.create_scope(env, q, 2**30)
+        found = env.sim.quota_for(q)
+        assert found is not None and found[1] == 2**30, found
+        assert "no dell_ifs_path" in env.agent.log()

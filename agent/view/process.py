@@ -26,8 +26,15 @@ READAHEAD_KB = 4096  # sequential reads reach the view as 1 MiB requests (the ke
 
 
 def mount_options() -> set[str]:
-    """Read-only at the VFS level too, and permission checks by the kernel against the mirrored modes."""
-    return {"ro", "default_permissions", f"fsname={mounts.FSNAME}", f"subtype={mounts.SUBTYPE}"}
+    """Read-only at the VFS level too, and permission checks by the kernel against the mirrored modes.
+
+    Run as a user other than root (the packaged unit, or ``[storage-proxy] user``), the mount also lets
+    root in (``allow_root``): a FUSE mount is otherwise closed to everyone but its owner, root included,
+    and the view is for node admins."""
+    options = {"ro", "default_permissions", f"fsname={mounts.FSNAME}", f"subtype={mounts.SUBTYPE}"}
+    if os.geteuid() != 0:
+        options.add("allow_root")
+    return options
 
 
 def die_with_parent() -> None:

@@ -5,11 +5,16 @@ with ``type=directory`` rather than by an id kept in a file inside the scope
 (as the upstream proxy did): nothing extra lives in the user's tree, and a
 quota made by an operator on the same path is seen too. Limits are hard
 thresholds on the logical size, snapshots excluded, enforced.
+
+Without ``dell_ifs_path`` the volume's ``path`` is taken as its ``/ifs`` path, the assumption the
+upstream proxy makes (it names each quota by the scope's local path): right when the cluster is
+mounted at the same path locally (e.g. ``/ifs/data/ai``), and said with a warning at start-up.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 from pydantic import AliasChoices, Field, SecretStr
@@ -18,6 +23,8 @@ from backends.base import Capability, FSUsage, PerfMetric, QuotaModel, ScopeUsag
 from backends.vendors.appliance import ApplianceVolume, VendorOptions, rmdir_scope
 from backends.vendors.rest import BasicAuth, RestClient
 
+log = logging.getLogger(__name__)
+
 
 class OnefsOptions(VendorOptions):
     dell_endpoint: str
@@ -25,7 +32,7 @@ class OnefsOptions(VendorOptions):
     dell_password: SecretStr
     dell_api_version: str = "12"
     dell_system_name: str = "nfs"
-    dell_ifs_path: str = Field(pattern=r"^/ifs(/.*)?$")
+    dell_ifs_path: str | None = Field(default=None, pattern=r"^/ifs(/.*)?$")  # None: the volume's path
     dell_verify_ssl: bool = False
 
 
@@ -34,7 +41,7 @@ class OnefsQuotaModel(QuotaModel):
         self.v = volume
 
     def ifs_path(self, qsid: str) -> str:
-        return self.v.opts.dell_ifs_path.rstrip("/") + "/" + qsid
+        return self.v.ifs_root.rstrip("/") + "/" + qsid
 
     async def _find(self, qsid: str, op: str) -> dict[str, Any] | None:
         r = await self.v.client.get("/quota/quotas", op=op, params={"path": self.ifs_path(qsid), "type": "directory"})
@@ -121,6 +128,13 @@ class OnefsVolume(ApplianceVolume):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._quota = OnefsQuotaModel(self)
+        self.ifs_root = self.opts.dell_ifs_path or str(self.root)
+        if self.opts.dell_ifs_path is None:
+            log.warning(
+                "volume %s: no dell_ifs_path: quotas are named by the volume's path %s on the cluster (as the "
+                "upstream proxy does)%s", self.name, self.root,
+                "" if self.ifs_root.startswith("/ifs") else "; OneFS only knows /ifs paths, so set dell_ifs_path",
+            )
 
     @property
     def quota(self) -> OnefsQuotaModel:
