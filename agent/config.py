@@ -126,6 +126,10 @@ class UsageConfig(_Section):
     scan_threads: int = Field(default=0, ge=0, le=64, alias="scan-threads")  # 0 = picked from the CPU count
     fast_poll_interval: Duration = Field(default=10.0, alias="fast-poll-interval")
     fallback_rescan_interval: Duration = Field(default=300.0, alias="fallback-rescan-interval")
+    # volumes on a filesystem other nodes write to (NFS, GPFS, FUSE, ...): rescanned this often, with this
+    # many directory reads in flight per scan (latency-bound: a network round trip each)
+    remote_rescan_interval: Duration = Field(default=60.0, alias="remote-rescan-interval")
+    remote_scan_threads: int = Field(default=16, ge=1, le=128, alias="remote-scan-threads")
 
 
 class ViewConfig(_Section):
