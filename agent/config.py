@@ -130,6 +130,9 @@ class UsageConfig(_Section):
     # many directory reads in flight per scan (latency-bound: a network round trip each)
     remote_rescan_interval: Duration = Field(default=60.0, alias="remote-rescan-interval")
     remote_scan_threads: int = Field(default=16, ge=1, le=128, alias="remote-scan-threads")
+    # after a (re)start the last figures are served flagged stale; their rescans may wait this long for the
+    # node to settle first (a vfolder never measured is scanned at once)
+    startup_rescan_delay: float = Field(default=0.0, ge=0, le=3600, alias="startup-rescan-delay")
 
 
 class ViewConfig(_Section):

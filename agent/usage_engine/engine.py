@@ -91,6 +91,7 @@ class StartupRescan:
     done: int = 0
     jobs: dict[str, str] = field(default_factory=dict)  # volume -> catalogue job id, while it runs
     reported: dict[str, float] = field(default_factory=dict)
+    registered: bool = False  # every vfolder known at start-up is in ``pending``
 
     def pending_count(self) -> int:
         return sum(len(p) for p in self.pending.values())
@@ -147,6 +148,7 @@ class UsageEngine:
                 st = self.register(vol, vfid, last=last.get((vol.name, row.qsid, row.folder_id)))
                 if st.mode != "fast":
                     self.startup.pending.setdefault(vol.name, set()).add(st.key)
+        self.startup.registered = True
         log.info("usage engine: %d vfolder(s) registered", len(self._vfs))
         await self._start_rescan_jobs()
 
@@ -160,8 +162,23 @@ class UsageEngine:
         for task in list(self._tasks):
             with contextlib.suppress(BaseException):
                 await task
+        await self._save_figures()
         if self.watcher is not None:
             self.watcher.close()
+
+    async def _save_figures(self) -> None:
+        """At a stop, the figures being served go to the catalogue: a flush cut short by the stop must not
+        leave an older figure to be served (stale) after the restart. Only totals: the restart rescans."""
+        changes = []
+        for st in self._vfs.values():
+            f = st.figure
+            if f is not None and not st.gone and st.mode != "fast":
+                totals = Totals(f.file_count, f.used_bytes, f.allocated_bytes, f.source, f.stale, f.measured_at)
+                changes.append(VFolderChange(st.key, totals, [], []))
+        try:
+            await self.store.apply(changes)
+        except Exception:
+            log.exception("usage engine: saving the figures at stop failed")
 
     def _served_volumes(self) -> list[Volume]:
         return [
@@ -217,6 +234,13 @@ class UsageEngine:
             st.figure = Usage(tree.entries, tree.size_bytes, tree.allocated_bytes, now, "fast", False)
             await self.store.put_totals(st.key, Totals(tree.entries, tree.size_bytes, tree.allocated_bytes,
                                                        "fast", False, now))
+
+    async def _startup_delay(self, st: VFState) -> None:
+        """A start-up rescan of a vfolder whose last figure is being served waits ``startup-rescan-delay``."""
+        delay = self.settings.startup_rescan_delay
+        pending = self.startup.pending.get(st.vol.name, ())
+        if delay and st.figure is not None and (st.key in pending or not self.startup.registered):
+            await asyncio.sleep(max(0.0, self.startup.began + delay - time.time()))
 
     def _startup_progress(self, st: VFState) -> None:
         """A vfolder's start-up rescan landed (or it is gone): count it, and update the volume's job."""
@@ -397,6 +421,7 @@ class UsageEngine:
     async def _full_scan(self, st: VFState, fast_lane: bool, *, idle: bool = True) -> None:
         """Scans run one after another per vfolder, ``scan-concurrency`` vfolders at once; a rescan's
         readers are in the idle I/O class (a first sight, which a caller waits for, is not)."""
+        await self._startup_delay(st)
         while True:
             st.scan_again = False
             async with self._first_sight_slots if fast_lane else self._scan_slots:
