@@ -16,7 +16,7 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
 from backends import BACKENDS
 
@@ -104,6 +104,17 @@ class VolumeConfig(_Section):
     backend: str
     path: Path
     options: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("options")
+    @classmethod
+    def _usage_options(cls, options: dict[str, Any]) -> dict[str, Any]:
+        """The usage engine's per-volume options are checked here, not when the engine first reads them."""
+        if options.get("usage-rescan-interval") is not None:
+            parse_duration(options["usage-rescan-interval"])
+        for flag in ("usage-watch", "usage-remote-writers"):
+            if flag in options and not isinstance(options[flag], bool):
+                raise ValueError(f"{flag} must be true or false")
+        return options
 
 
 class CatalogConfig(_Section):

@@ -184,23 +184,37 @@ def _run(*cmd: str) -> None:
     subprocess.run(cmd, check=True, timeout=60, capture_output=True)
 
 
+def _port_open(port: int) -> bool:
+    import socket
+
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
 @contextlib.contextmanager
 def _nfs_server(export: Path, mount: Path) -> Iterator[None]:
-    """Start nfsd (v4 only: no rpcbind needed), export ``export`` to 127.0.0.1, mount it on ``mount``;
-    undo all of it on the way out, failures included."""
+    """Start the kernel NFS server (v4 only), export ``export`` to 127.0.0.1 and mount it on ``mount``;
+    undo all of it on the way out, failures included (CI starts with nothing running)."""
     export.mkdir(parents=True)
     mount.mkdir(parents=True)
     undo: list[list[str]] = []
-    mountd: subprocess.Popen | None = None
+    daemons: list[subprocess.Popen] = []
     try:
         if not os.path.ismount("/proc/fs/nfsd"):
             _run("mount", "-t", "nfsd", "nfsd", "/proc/fs/nfsd")
             undo.append(["umount", "/proc/fs/nfsd"])
+        for knob in ("nfsv4gracetime", "nfsv4leasetime"):  # a fresh server refuses renames for its grace time
+            with contextlib.suppress(OSError):
+                Path("/proc/fs/nfsd", knob).write_text("10\n")
+        if shutil.which("rpcbind") and not _port_open(111):
+            daemons.append(subprocess.Popen(["rpcbind", "-f", "-w"], stdout=subprocess.DEVNULL,
+                                            stderr=subprocess.DEVNULL))
+            time.sleep(0.5)
         fsid = str(uuid.uuid4())
         _run("exportfs", "-o", f"rw,no_root_squash,insecure,no_subtree_check,fsid={fsid}", f"127.0.0.1:{export}")
         undo.append(["exportfs", "-u", f"127.0.0.1:{export}"])
-        mountd = subprocess.Popen(["rpc.mountd", "-F", "-N", "2", "-N", "3"], stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.DEVNULL)
+        daemons.append(subprocess.Popen(["rpc.mountd", "-F", "-N", "2", "-N", "3"], stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL))
         _run("rpc.nfsd", "-N", "2", "-N", "3", "4")
         undo.append(["rpc.nfsd", "0"])
         _run("mount", "-t", "nfs4", "-o", "vers=4.2,actimeo=0,lookupcache=none", f"127.0.0.1:{export}", str(mount))
@@ -209,12 +223,13 @@ def _nfs_server(export: Path, mount: Path) -> Iterator[None]:
     finally:
         for cmd in reversed(undo):
             subprocess.run(cmd, check=False, timeout=60, capture_output=True)
-        if mountd is not None:
-            mountd.terminate()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                mountd.wait(10)
-            if mountd.poll() is None:
-                mountd.kill()
+        for daemon in reversed(daemons):
+            daemon.terminate()
+            try:
+                daemon.wait(10)
+            except subprocess.TimeoutExpired:
+                daemon.kill()
+                daemon.wait()
 
 
 @pytest.mark.skipif(_nfs_unavailable() is not None, reason=str(_nfs_unavailable()))
@@ -247,3 +262,24 @@ def test_the_reader_pool_is_bounded(tmp_path: Path) -> None:
     finally:
         os.close(fd)
     assert 1 < peak <= 8, peak
+
+
+def test_usage_options_are_checked_with_the_config(tmp_path: Path) -> None:
+    from agent.config import ConfigError, load
+    from tests.support import to_toml
+
+    agent = make_agent(tmp_path)
+    for options, word in (({"usage-rescan-interval": "soon"}, "soon"), ({"usage-remote-writers": "maybe"}, "true")):
+        agent.config["volume"]["local"]["options"] = options
+        agent.config_path.write_text(to_toml(agent.config))
+        with pytest.raises(ConfigError, match=word):
+            load(agent.config_path)
+    agent.config["volume"]["local"]["options"] = {"usage-rescan-interval": "90s", "usage-remote-writers": True}
+    agent.config_path.write_text(to_toml(agent.config))
+    cfg = load(agent.config_path)
+    from agent.usage_engine.policy import choose
+    from backends import BACKENDS
+
+    pol = choose(BACKENDS["vfs"].capabilities, tmp_path, cfg.volume["local"].options, cfg.usage, watcher=True)
+    assert (pol.mode, pol.remote, pol.rescan_interval) == ("scan", True, 90.0), pol
+    assert pol.reason.startswith("usage-remote-writers = true"), pol
