@@ -215,7 +215,10 @@ class UsageEngine:
     def refresh(self, vol: Volume, vfid: VFolderID) -> VFState:
         """Rescan a vfolder now (``POST /folder/usage/refresh``): its figure is served flagged stale until
         the walk lands. Backends that know usage are asked again instead."""
+        known = self._vfs.get((vol.name, vfid.qsid, vfid.hex))
         st = self.register(vol, vfid)
+        if known is None or known.gone:
+            return st  # first sight: registering it has started its scan
         if st.mode == "fast":
             self._spawn(self._poll_fast_once(st))
             return st
