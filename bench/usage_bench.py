@@ -259,6 +259,18 @@ def restart_figures(agent: AgentProcess, cases: list[dict]) -> tuple[list[tuple[
     return first, wait_measured(agent, [c["vfid"] for c in cases])
 
 
+def restart_only(agent: AgentProcess, cases: list[dict]) -> int:
+    agent.start()
+    startup_scan = wait_measured(agent, [c["vfid"] for c in cases])
+    first, settled = restart_figures(agent, cases)
+    print(f"\nfirst start: every figure measured after {startup_scan:.2f} s")
+    print(f"after a restart (first GET /folder/usage once the port opened; rescans done {settled:.2f} s later):")
+    for c, (took, body) in zip(cases, first, strict=True):
+        print(f"  {c['size'] + '/' + c['shape']:<12} {fmt_ms(took):>9}  stale: {str(body['stale']).lower()}, "
+              f"file_count {body['file_count']}")
+    return 0
+
+
 def catalogue_bytes_per_dir(db: Path) -> float | None:
     con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
     try:
@@ -283,6 +295,8 @@ def main() -> int:
     ap.add_argument("--cold", action="store_true", help="also time cold-cache scans (drops the kernel caches)")
     ap.add_argument("--no-cp", action="store_true", help="skip the watcher-cost cp -r measurement")
     ap.add_argument("--workdir", type=Path, default=None)
+    ap.add_argument("--restart-only", action="store_true",
+                    help="only the restart figures (e.g. --sizes 1m --shapes wide --restart-only)")
     args = ap.parse_args()
     sizes = [s.strip().lower() for s in args.sizes.split(",") if s.strip()]
     shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
@@ -305,6 +319,8 @@ def main() -> int:
         # the trees just built leave the kernel writing back millions of inodes for a while: let it finish
         # first, or that work competes for the 2 CPUs with whatever is measured next
         os.sync()
+        if args.restart_only:
+            return restart_only(agent, cases)
         for case in cases:
             case["du_warm"] = timed(lambda c=case: du(c["path"]))
             case["scan_warm"] = timed(lambda c=case: engine_scan(c["path"]))
@@ -356,6 +372,8 @@ def main() -> int:
         watcher = "fanotify" if "watching with fanotify" in log else "inotify"
     finally:
         agent.stop()
+        if args.restart_only:
+            shutil.rmtree(work, ignore_errors=True)
 
     print(f"\nusage engine benchmark ({watcher}; {os.cpu_count()} CPUs; answers over loopback HTTP)\n")
     head = (
