@@ -12,7 +12,9 @@ its scan. Flow:
   dropped with everything below it;
 * events lost (queue overflow, no more watches) -> the vfolder is flagged stale and rescanned; the last
   figure is served with ``stale: true`` meanwhile;
-* backends that know usage (``fast-size``) are polled instead.
+* backends that know usage (``fast-size``) are polled instead;
+* volumes other nodes write to (NFS, GPFS, FUSE, ...) are never watched: rescanned on a schedule
+  (``policy.py`` chooses per volume; rescans read in the idle I/O class).
 """
 
 from __future__ import annotations
