@@ -74,6 +74,12 @@ class FolderUsage(Answer):
     stale: bool
 
 
+class RefreshAccepted(Answer):
+    """``POST /folder/usage/refresh`` (an extension of the contract): the rescan is under way."""
+
+    status: Literal["accepted"]
+
+
 class UsedBytes(Answer):
     used_bytes: int
     measured_at: float | None

@@ -116,8 +116,9 @@ def _add_operator_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "status",
         help="volumes, health, quota scopes with usage and limits, running jobs",
-        description=_para("Show the configured volumes (health, layout, capacity), the catalogue's quota scopes "
-        "(usage, limit, stale or missing figures) and running jobs. Reads the catalogue read-only."),
+        description=_para("Show the configured volumes (health, layout, capacity, how their usage is kept: "
+        "watched, polled or rescanned, and why), the catalogue's quota scopes (usage, limit, stale or missing "
+        "figures) and running jobs (the start-up usage rescan among them). Reads the catalogue read-only."),
         epilog=EXIT_CODES,
         formatter_class=fmt,
     )

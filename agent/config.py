@@ -21,7 +21,16 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, SecretStr, ValidationError
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    SecretStr,
+    ValidationError,
+    field_validator,
+)
 
 from backends import BACKENDS
 
@@ -148,6 +157,17 @@ class VolumeConfig(_Section):
     path: Path
     options: dict[str, Any] = Field(default_factory=dict)
 
+    @field_validator("options")
+    @classmethod
+    def _usage_options(cls, options: dict[str, Any]) -> dict[str, Any]:
+        """The usage engine's per-volume options are checked here, not when the engine first reads them."""
+        if options.get("usage-rescan-interval") is not None:
+            parse_duration(options["usage-rescan-interval"])
+        for flag in ("usage-watch", "usage-remote-writers"):
+            if flag in options and not isinstance(options[flag], bool):
+                raise ValueError(f"{flag} must be true or false")
+        return options
+
 
 class CatalogConfig(_Section):
     path: Path = DEFAULT_CATALOG
@@ -205,6 +225,13 @@ class UsageConfig(_Section):
     scan_threads: int = Field(default=0, ge=0, le=64, alias="scan-threads")  # 0 = picked from the CPU count
     fast_poll_interval: Duration = Field(default=10.0, alias="fast-poll-interval")
     fallback_rescan_interval: Duration = Field(default=300.0, alias="fallback-rescan-interval")
+    # volumes on a filesystem other nodes write to (NFS, GPFS, FUSE, ...): rescanned this often, with this
+    # many directory reads in flight per scan (latency-bound: a network round trip each)
+    remote_rescan_interval: Duration = Field(default=60.0, alias="remote-rescan-interval")
+    remote_scan_threads: int = Field(default=16, ge=1, le=128, alias="remote-scan-threads")
+    # after a (re)start the last figures are served flagged stale; their rescans may wait this long for the
+    # node to settle first (a vfolder never measured is scanned at once)
+    startup_rescan_delay: float = Field(default=0.0, ge=0, le=3600, alias="startup-rescan-delay")
 
 
 class ViewConfig(_Section):

@@ -13,6 +13,7 @@ import logging
 import sys
 import time
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, generate_latest
@@ -26,6 +27,9 @@ from backends.base import FSUsage
 from catalog.report import ScopeGauge, scope_gauges
 
 log = logging.getLogger(__name__)
+
+if TYPE_CHECKING:
+    from agent.usage_engine import UsageEngine
 
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 _LABELS = ("listener", "method", "route", "status")
@@ -131,6 +135,26 @@ class _AgentCollector:
         yield CounterMetricFamily(
             "storage_agent_usage_watch_overflows", "watcher event-queue overflows", value=engine.overflows
         )
+        yield from _usage_policy_metrics(engine)
+
+
+def _usage_policy_metrics(engine: UsageEngine) -> Iterator[Metric]:
+    """How each volume's figures are kept (policy.py), and the progress of the start-up rescan."""
+    modes = GaugeMetricFamily(
+        "storage_agent_usage_volume_mode", "1 for the way a volume's usage is kept (watch, fast or scan)",
+        labels=["volume", "mode", "fstype"],
+    )
+    for name, pol in engine.policies.items():
+        modes.add_metric([name, pol.mode, pol.fstype], 1)
+    yield modes
+    yield GaugeMetricFamily(
+        "storage_agent_usage_startup_rescan_pending", "vfolders whose start-up rescan has not landed yet",
+        value=engine.startup.pending_count(),
+    )
+    yield GaugeMetricFamily(
+        "storage_agent_usage_startup_rescan_done", "vfolders whose start-up rescan has landed",
+        value=engine.startup.done,
+    )
 
 
 # -- capacity gauges: volumes (filesystem figures) and quota scopes (the catalogue) ------------------------

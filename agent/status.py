@@ -50,10 +50,23 @@ def _volume_health(root: Path) -> tuple[str, str | None]:
     return "healthy", None
 
 
-def _volume(name: str, backend: str, root: Path) -> dict[str, Any]:
+def _usage_mode(config: Config, name: str) -> dict[str, Any]:
+    """How the usage engine keeps this volume's figures, and why (the choice the agent logs at start-up)."""
+    from agent.usage_engine.policy import choose
+    from backends import BACKENDS
+
+    vc = config.volume[name]
+    cls = BACKENDS.get(vc.backend)
+    if cls is None or not config.usage.enabled:
+        return {"mode": "none", "reason": "usage engine disabled" if cls else "backend not available"}
+    pol = choose(cls.capabilities, vc.path, vc.options, config.usage, watcher=config.usage.watcher != "none")
+    return {"mode": pol.mode, "fstype": pol.fstype, "rescan_interval_s": pol.rescan_interval, "reason": pol.reason}
+
+
+def _volume(name: str, backend: str, root: Path, config: Config) -> dict[str, Any]:
     health, info = _volume_health(root)
     vol: dict[str, Any] = {"name": name, "backend": backend, "path": str(root), "health": health, "info": info,
-                           "scopes": []}
+                           "scopes": [], "usage": _usage_mode(config, name)}
     try:
         st = os.statvfs(root)
         vol["capacity_bytes"] = st.f_frsize * st.f_blocks
@@ -99,7 +112,7 @@ def collect(config: Config) -> dict[str, Any]:
     """Everything ``status`` shows, as JSON-ready data."""
     out: dict[str, Any] = {
         "agent": {"answers": _agent_answers(config)},
-        "volumes": [_volume(name, vc.backend, vc.path) for name, vc in config.volume.items()],
+        "volumes": [_volume(name, vc.backend, vc.path, config) for name, vc in config.volume.items()],
         "jobs": [],
         "catalogue": str(config.catalog.path),
     }
@@ -138,6 +151,12 @@ def render(data: dict[str, Any], *, as_json: bool) -> None:
         vols.add_row(v["name"], v["backend"], v["path"], v["health"], _size(v.get("used_bytes")),
                      _size(v.get("capacity_bytes")), v["info"] or "")
     console.print(vols)
+    modes = Table(title="usage kept by")
+    for col in ("volume", "filesystem", "mode", "why"):
+        modes.add_column(col)
+    for v in data["volumes"]:
+        modes.add_row(v["name"], v["usage"].get("fstype", "-"), v["usage"]["mode"], v["usage"]["reason"])
+    console.print(modes)
     scopes = Table(title="quota scopes")
     for col in ("volume", "scope", "state", "vfolders", "used", "limit", "stale", "unmeasured"):
         scopes.add_column(col)

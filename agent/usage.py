@@ -13,6 +13,7 @@ engine disabled by config, each answer is a fresh walk in a worker thread.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import TYPE_CHECKING
 
@@ -26,7 +27,9 @@ if TYPE_CHECKING:
 
 UNKNOWN = Usage(-1, -1, -1, 0.0, "scan", True)
 
-__all__ = ["UNKNOWN", "Usage", "as_json", "engine_of", "factory", "get", "registered", "scope_used", "unregistered"]
+__all__ = [
+    "UNKNOWN", "Usage", "as_json", "engine_of", "factory", "get", "refresh", "registered", "scope_used", "unregistered",
+]
 
 
 def factory(agent: Agent) -> Service | None:
@@ -63,6 +66,16 @@ async def get(agent: Agent, vol: Volume, vfid: VFolderID) -> Usage:
         return figure
     figure = await engine.usage(vol, vfid)
     return UNKNOWN if figure is None else figure
+
+
+async def refresh(agent: Agent, vol: Volume, vfid: VFolderID) -> None:
+    """Rescan a vfolder now, without waiting for it (``POST /folder/usage/refresh``). Raises
+    VFolderNotFound for a vfolder that does not exist. Without the engine every answer is a fresh walk
+    already: nothing to start."""
+    await asyncio.to_thread(lambda: vol.open_vfolder(vfid).close())
+    engine = engine_of(agent)
+    if engine is not None:
+        engine.refresh(vol, vfid)
 
 
 async def scope_used(agent: Agent, vol: Volume, qsid: str) -> int | None:

@@ -12,7 +12,10 @@ is filled on disk and a real agent is started over it. Measured in the same run:
   processes beside the agent time the scheduler as much as the agent);
 * freshness: time from a write to the answer that reflects it;
 * the agent's RSS and the catalogue bytes per directory (``usage_dirs`` pages, via dbstat);
-* watcher cost: agent CPU seconds while ``cp -r`` of the wide tree lands in a fresh vfolder, next to cp's own.
+* watcher cost: agent CPU seconds while ``cp -r`` of the wide tree lands in a fresh vfolder, next to cp's own;
+* restart: the agent is stopped and started again; the first ``GET /folder/usage`` of each tree right
+  after the port opens (the last figure, served at once, flagged stale), then the time until every
+  figure is fresh again (the start-up rescan, idle I/O class).
 
 Run: ``.venv/bin/python bench/usage_bench.py [--sizes 10k,100k,1m] [--shapes wide,deep] [--cold]``.
 """
@@ -243,6 +246,43 @@ def wait_measured(agent: AgentProcess, vfids: list[str], timeout: float = 1800) 
     return time.perf_counter() - t
 
 
+def restart_figures(agent: AgentProcess, cases: list[dict]) -> tuple[list[tuple[float, dict]], float]:
+    """Stop and start the agent: each tree's first answer (time, body) and the time until all are fresh;
+    the answers timed while the start-up rescan runs are printed too."""
+    agent.stop()
+    agent.start()
+    first = []
+    during: list[float] = []
+    with agent.client() as c:
+        for case in cases:
+            t = time.perf_counter()
+            body = usage(c, case["vfid"])
+            first.append((time.perf_counter() - t, body))
+        while len(during) < 2000:
+            t = time.perf_counter()
+            body = usage(c, cases[-1]["vfid"])
+            if not body["stale"]:
+                break
+            during.append(time.perf_counter() - t)
+    if during:
+        during.sort()
+        print(f"answers while the start-up rescan ran: {len(during)}, median {fmt_ms(statistics.median(during))}, "
+              f"max {fmt_ms(during[-1])}", file=sys.stderr)
+    return first, wait_measured(agent, [c["vfid"] for c in cases])
+
+
+def restart_only(agent: AgentProcess, cases: list[dict]) -> int:
+    agent.start()
+    startup_scan = wait_measured(agent, [c["vfid"] for c in cases])
+    first, settled = restart_figures(agent, cases)
+    print(f"\nfirst start: every figure measured after {startup_scan:.2f} s")
+    print(f"after a restart (first GET /folder/usage once the port opened; rescans done {settled:.2f} s later):")
+    for c, (took, body) in zip(cases, first, strict=True):
+        print(f"  {c['size'] + '/' + c['shape']:<12} {fmt_ms(took):>9}  stale: {str(body['stale']).lower()}, "
+              f"file_count {body['file_count']}")
+    return 0
+
+
 def catalogue_bytes_per_dir(db: Path) -> float | None:
     con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
     try:
@@ -267,6 +307,8 @@ def main() -> int:
     ap.add_argument("--cold", action="store_true", help="also time cold-cache scans (drops the kernel caches)")
     ap.add_argument("--no-cp", action="store_true", help="skip the watcher-cost cp -r measurement")
     ap.add_argument("--workdir", type=Path, default=None)
+    ap.add_argument("--restart-only", action="store_true",
+                    help="only the restart figures (e.g. --sizes 1m --shapes wide --restart-only)")
     args = ap.parse_args()
     sizes = [s.strip().lower() for s in args.sizes.split(",") if s.strip()]
     shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
@@ -289,6 +331,8 @@ def main() -> int:
         # the trees just built leave the kernel writing back millions of inodes for a while: let it finish
         # first, or that work competes for the 2 CPUs with whatever is measured next
         os.sync()
+        if args.restart_only:
+            return restart_only(agent, cases)
         for case in cases:
             case["du_warm"] = timed(lambda c=case: du(c["path"]))
             case["scan_warm"] = timed(lambda c=case: engine_scan(c["path"]))
@@ -335,10 +379,13 @@ def main() -> int:
             agent_cpu = sum(proc.cpu_times()[:2]) - cpu0
             cp_cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
             cp = (src, want, cp_wall, cp_cpu, agent_cpu, settle)
+        restart = restart_figures(agent, cases)
         log = agent.log()
         watcher = "fanotify" if "watching with fanotify" in log else "inotify"
     finally:
         agent.stop()
+        if args.restart_only:
+            shutil.rmtree(work, ignore_errors=True)
 
     print(f"\nusage engine benchmark ({watcher}; {os.cpu_count()} CPUs; answers over loopback HTTP)\n")
     head = (
@@ -379,6 +426,11 @@ def main() -> int:
             f"{cp_cpu:.2f} s CPU; the agent spent {agent_cpu:.2f} s CPU ({agent_cpu / max(cp_cpu, 1e-9):.2f}x cp), "
             f"figure right {settle:.2f} s after cp ended"
         )
+    first, settled = restart
+    print(f"\nafter a restart (first GET /folder/usage once the port opened; rescans done {settled:.2f} s later):")
+    for c, (took, body) in zip(cases, first, strict=True):
+        print(f"  {c['size'] + '/' + c['shape']:<12} {fmt_ms(took):>9}  stale: {str(body['stale']).lower()}, "
+              f"file_count {body['file_count']}")
     shutil.rmtree(work, ignore_errors=True)
     return 0
 

@@ -9,6 +9,7 @@ APT_PACKAGES=(fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv attr)
 if [[ "${1:-}" == "--test" ]]; then
     APT_PACKAGES+=(btrfs-progs xfsprogs e2fsprogs util-linux openssl)  # openssl: self-signed certs for the TLS tests
     APT_PACKAGES+=(postgresql systemd)  # migration tests (a throwaway cluster); systemd-analyze for the .deb test
+    APT_PACKAGES+=(nfs-kernel-server bindfs)  # usage on volumes other nodes write to: a loopback NFS export, a FUSE mount
 fi
 
 missing=()

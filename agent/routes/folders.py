@@ -95,6 +95,15 @@ async def folder_usage(request: web.Request, p: VFolderParams) -> web.Response:
     return web.json_response(usage.as_json(u))
 
 
+@routes.post("/folder/usage/refresh")
+@takes(VFolderParams, answer=answers.RefreshAccepted, status=202)
+async def refresh_usage(request: web.Request, p: VFolderParams) -> web.Response:
+    """Extension: rescan the vfolder now; answers at once, later usage answers say stale: true until it lands."""
+    agent = agent_of(request)
+    await usage.refresh(agent, agent.volume(p.volume), p.vfid)
+    return web.json_response({"status": "accepted"}, status=202)
+
+
 @routes.get("/folder/used-bytes")
 @takes(VFolderParams, answer=answers.UsedBytes)
 async def used_bytes(request: web.Request, p: VFolderParams) -> web.Response:

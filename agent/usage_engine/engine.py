@@ -12,7 +12,9 @@ its scan. Flow:
   dropped with everything below it;
 * events lost (queue overflow, no more watches) -> the vfolder is flagged stale and rescanned; the last
   figure is served with ``stale: true`` meanwhile;
-* backends that know usage (``fast-size``) are polled instead.
+* backends that know usage (``fast-size``) are polled instead;
+* volumes other nodes write to (NFS, GPFS, FUSE, ...) are never watched: rescanned on a schedule
+  (``policy.py`` chooses per volume; rescans read in the idle I/O class).
 """
 
 from __future__ import annotations
@@ -25,14 +27,14 @@ import os
 import threading
 import time
 from collections.abc import Coroutine
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
-from agent.config import parse_duration
 from agent.usage_engine.aggregates import DirAgg, VFolderTree, encode_links, join, split
+from agent.usage_engine.policy import VolumePolicy, choose
 from agent.usage_engine.scanner import ScanCancelled, scan
 from agent.usage_engine.watchers import Watcher, WatchLimit, pick_watcher
-from backends.base import Capability, Volume
+from backends.base import Volume
 from backends.errors import VFolderNotFound
 from backends.ids import VFolderID
 from catalog.usage_store import DirRow, Totals, UsageStore, VFKey, VFolderChange
@@ -81,6 +83,22 @@ class VFState:
         return self.scan_task is not None and not self.scan_task.done()
 
 
+@dataclass
+class StartupRescan:
+    """Progress of the rescan every vfolder gets at start-up (``/metrics``, ``status`` through a job)."""
+
+    began: float = field(default_factory=time.time)
+    pending: dict[str, set[VFKey]] = field(default_factory=dict)  # per volume
+    total: dict[str, int] = field(default_factory=dict)
+    done: int = 0
+    jobs: dict[str, str] = field(default_factory=dict)  # volume -> catalogue job id, while it runs
+    reported: dict[str, float] = field(default_factory=dict)
+    registered: bool = False  # every vfolder known at start-up is in ``pending``
+
+    def pending_count(self) -> int:
+        return sum(len(p) for p in self.pending.values())
+
+
 def _row(rel: str, agg: DirAgg) -> DirRow:
     return DirRow(rel, agg.ino, agg.entries, agg.size, agg.alloc, agg.own_alloc, encode_links(agg.links))
 
@@ -105,6 +123,8 @@ class UsageEngine:
         self._stopping = False
         self.overflows = 0  # watcher queue overflows seen (for /metrics)
         self.scans = 0  # full scans started (for /metrics)
+        self.policies: dict[str, VolumePolicy] = {}  # per volume: how its figures are kept (policy.py)
+        self.startup = StartupRescan()
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -113,8 +133,10 @@ class UsageEngine:
         dropped = await self.store.forget_orphans()
         if dropped:
             log.info("usage engine: dropped aggregates of %d vfolder(s) no longer known", dropped)
+        self._choose_policies(watcher=True)
         roots = [str(v.root) for v in self._served_volumes() if self._wants_watch(v)]
         self.watcher = pick_watcher(self.settings.watcher, roots)
+        self._choose_policies(watcher=self.watcher is not None, log_them=True)
         if self.watcher is not None:
             self._spawn(self.watcher.run(self))
         self._spawn(self._flush_loop())
@@ -125,20 +147,40 @@ class UsageEngine:
                 if row.state != "ready":
                     continue
                 vfid = VFolderID.parse(f"{row.qsid}/{row.folder_id}")
-                self.register(vol, vfid, last=last.get((vol.name, row.qsid, row.folder_id)))
+                st = self.register(vol, vfid, last=last.get((vol.name, row.qsid, row.folder_id)))
+                if st.mode != "fast":
+                    self.startup.pending.setdefault(vol.name, set()).add(st.key)
+        self.startup.registered = True
         log.info("usage engine: %d vfolder(s) registered", len(self._vfs))
+        await self._start_rescan_jobs()
 
     async def stop(self) -> None:
         self._stopping = True
         for st in self._vfs.values():
             st.cancel.set()
+        await self._finish_rescan_jobs("the agent stopped before the start-up rescan ended")
         for task in list(self._tasks):
             task.cancel()
         for task in list(self._tasks):
             with contextlib.suppress(BaseException):
                 await task
+        await self._save_figures()
         if self.watcher is not None:
             self.watcher.close()
+
+    async def _save_figures(self) -> None:
+        """At a stop, the figures being served go to the catalogue: a flush cut short by the stop must not
+        leave an older figure to be served (stale) after the restart. Only totals: the restart rescans."""
+        changes = []
+        for st in self._vfs.values():
+            f = st.figure
+            if f is not None and not st.gone and st.mode != "fast":
+                totals = Totals(f.file_count, f.used_bytes, f.allocated_bytes, f.source, f.stale, f.measured_at)
+                changes.append(VFolderChange(st.key, totals, [], []))
+        try:
+            await self.store.apply(changes)
+        except Exception:
+            log.exception("usage engine: saving the figures at stop failed")
 
     def _served_volumes(self) -> list[Volume]:
         return [
@@ -146,7 +188,102 @@ class UsageEngine:
         ]
 
     def _wants_watch(self, vol: Volume) -> bool:
-        return Capability.FAST_SIZE not in vol.capabilities and bool(vol.options.get("usage-watch", True))
+        return self._policy(vol).mode == "watch"
+
+    # -- per-volume policy (policy.py) and scan scheduling --------------------------------------------
+
+    def _policy(self, vol: Volume) -> VolumePolicy:
+        pol = self.policies.get(vol.name)
+        if pol is None:
+            pol = self.policies[vol.name] = choose(
+                vol.capabilities, vol.root, vol.options, self.settings, watcher=self.watcher is not None
+            )
+        return pol
+
+    def _choose_policies(self, *, watcher: bool, log_them: bool = False) -> None:
+        for vol in self._served_volumes():
+            pol = self.policies[vol.name] = choose(vol.capabilities, vol.root, vol.options, self.settings,
+                                                   watcher=watcher)
+            if log_them:
+                log.info("usage engine: volume %s (%s) kept by %s: %s", vol.name, pol.fstype, pol.mode, pol.reason)
+
+    def _rescan_interval(self, st: VFState) -> float | None:
+        """Seconds between scheduled rescans of a vfolder (None: only on events and requests)."""
+        pol = self._policy(st.vol)
+        if pol.mode == "watch" and st.incomplete_watches and pol.rescan_interval is None:
+            return self.settings.fallback_rescan_interval  # not every directory is watched
+        return pol.rescan_interval
+
+    def refresh(self, vol: Volume, vfid: VFolderID) -> VFState:
+        """Rescan a vfolder now (``POST /folder/usage/refresh``): its figure is served flagged stale until
+        the walk lands. Backends that know usage are asked again instead."""
+        known = self._vfs.get((vol.name, vfid.qsid, vfid.hex))
+        st = self.register(vol, vfid)
+        if known is None or known.gone:
+            return st  # first sight: registering it has started its scan
+        if st.mode == "fast":
+            self._spawn(self._poll_fast_once(st))
+            return st
+        self._mark_stale(st)
+        self.request_scan(st, refresh=True)
+        return st
+
+    async def _poll_fast_once(self, st: VFState) -> None:
+        try:
+            tree = await st.vol.fast_usage(st.vfid)
+        except Exception:
+            log.exception("usage engine: %s could not report usage of %s", st.vol.name, st.vfid)
+            return
+        if tree is not None:
+            now = time.time()
+            st.figure = Usage(tree.entries, tree.size_bytes, tree.allocated_bytes, now, "fast", False)
+            await self.store.put_totals(st.key, Totals(tree.entries, tree.size_bytes, tree.allocated_bytes,
+                                                       "fast", False, now))
+
+    async def _startup_delay(self, st: VFState) -> None:
+        """A start-up rescan of a vfolder whose last figure is being served waits ``startup-rescan-delay``."""
+        delay = self.settings.startup_rescan_delay
+        pending = self.startup.pending.get(st.vol.name, ())
+        if delay and st.figure is not None and (st.key in pending or not self.startup.registered):
+            await asyncio.sleep(max(0.0, self.startup.began + delay - time.time()))
+
+    def _startup_progress(self, st: VFState) -> None:
+        """A vfolder's start-up rescan landed (or it is gone): count it, and update the volume's job."""
+        pending = self.startup.pending.get(st.vol.name)
+        if pending is None or st.key not in pending or not (st.gone or st.last_scan >= self.startup.began):
+            return
+        pending.discard(st.key)
+        self.startup.done += 1
+        job = self.startup.jobs.get(st.vol.name)
+        if job is None:
+            return
+        if not pending:
+            del self.startup.jobs[st.vol.name]
+            self._spawn(self.agent.catalog.finish_job(job))
+            log.info("usage engine: start-up rescan of volume %s done", st.vol.name)
+        elif time.monotonic() - self.startup.reported.get(st.vol.name, 0.0) >= 1.0:
+            self.startup.reported[st.vol.name] = time.monotonic()
+            total = self.startup.total.get(st.vol.name, 0)
+            self._spawn(self.agent.catalog.update_job(job, done=total - len(pending)))
+
+    async def _start_rescan_jobs(self) -> None:
+        """The start-up rescan of each volume is a job in the catalogue: ``storage-agent status`` lists it
+        with its progress while it runs."""
+        for name, pending in self.startup.pending.items():
+            self.startup.total[name] = len(pending)
+            if pending:
+                self.startup.jobs[name] = await self.agent.catalog.start_job(
+                    "usage-rescan", name, {}, total=len(pending)
+                )
+                self.startup.reported[name] = time.monotonic()
+        for st in list(self._vfs.values()):
+            self._startup_progress(st)  # scans that landed while the jobs were being written
+
+    async def _finish_rescan_jobs(self, error: str) -> None:
+        for job in self.startup.jobs.values():
+            with contextlib.suppress(Exception):
+                await self.agent.catalog.finish_job(job, error=error)
+        self.startup.jobs.clear()
 
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro)
@@ -162,11 +299,8 @@ class UsageEngine:
         st = self._vfs.get(key)
         if st is not None and not st.gone:
             return st
-        if Capability.FAST_SIZE in vol.capabilities:
-            mode = "fast"
-        elif self.watcher is not None and self._wants_watch(vol):
-            mode = "watch"
-        else:
+        mode = self._policy(vol).mode
+        if mode == "watch" and self.watcher is None:
             mode = "scan"
         st = VFState(key, vol, vfid, mode)
         if mode == "watch" and self.watcher is not None:
@@ -281,22 +415,26 @@ class UsageEngine:
 
     # -- scans -------------------------------------------------------------------------------------
 
-    def request_scan(self, st: VFState, *, fast_lane: bool = False) -> None:
+    def request_scan(self, st: VFState, *, fast_lane: bool = False, refresh: bool = False) -> None:
         if st.gone or self._stopping:
             return
         if st.scanning:
             st.scan_again = True
             return
-        st.scan_task = self._spawn(self._full_scan(st, fast_lane))
+        st.scan_task = self._spawn(self._full_scan(st, fast_lane or refresh, idle=not fast_lane))
 
-    async def _full_scan(self, st: VFState, fast_lane: bool) -> None:
+    async def _full_scan(self, st: VFState, fast_lane: bool, *, idle: bool = True) -> None:
+        """Scans run one after another per vfolder, ``scan-concurrency`` vfolders at once; a rescan's
+        readers are in the idle I/O class (a first sight, which a caller waits for, is not)."""
+        await self._startup_delay(st)
         while True:
             st.scan_again = False
             async with self._first_sight_slots if fast_lane else self._scan_slots:
-                await self._scan_once(st)
+                await self._scan_once(st, idle=idle)
+            self._startup_progress(st)
             if not st.scan_again or st.gone or self._stopping:
                 return
-            fast_lane = False
+            fast_lane, idle = False, True
 
     def _on_open(self, st: VFState):  # noqa: ANN202 - a callback for scanner threads
         watcher = self.watcher if st.mode == "watch" else None
@@ -317,7 +455,7 @@ class UsageEngine:
 
         return on_open, state
 
-    async def _scan_once(self, st: VFState) -> None:
+    async def _scan_once(self, st: VFState, *, idle: bool = True) -> None:
         if st.gone:
             return
         st.cancel = threading.Event()
@@ -325,11 +463,12 @@ class UsageEngine:
         on_open, state = self._on_open(st)
         started = time.time()
         self.scans += 1
+        threads = self._policy(st.vol).scan_threads or self.settings.scan_threads
 
         def work() -> tuple[VFolderTree, list[DirRow]]:
             # the tree and the rows are built here too: 100k directories would hold the event loop up
             with st.vol.open_vfolder(st.vfid) as root:
-                dirs = scan(root.fd, "", threads=self.settings.scan_threads, cancel=cancel, on_open=on_open)
+                dirs = scan(root.fd, "", threads=threads, cancel=cancel, on_open=on_open, idle=idle)
             tree = VFolderTree()
             for rel, agg in dirs.items():
                 tree.put(rel, agg)
@@ -354,7 +493,8 @@ class UsageEngine:
         st.stale = st.scan_again  # events were lost during this walk: another one follows, stale till then
         st.incomplete_watches = bool(state["full"])
         st.last_scan = started
-        st.figure = self._figure(st, "scan")
+        # the walk saw the tree as it was between its start and its end: its start is the honest time
+        st.figure = replace(self._figure(st, "scan"), measured_at=started)
         st.ready.set()
         # a tree of 100k directories is long-lived: keep the cyclic GC from re-traversing it on every full
         # collection (those pauses would show up as slow answers); freed objects still go by refcount
@@ -561,10 +701,8 @@ class UsageEngine:
                 for st in list(self._vfs.values()):
                     if st.mode == "fast" or st.scanning or st.gone or not st.last_scan:
                         continue
-                    interval = st.vol.options.get("usage-rescan-interval")
-                    if interval is None and (st.mode == "scan" or st.incomplete_watches):
-                        interval = self.settings.fallback_rescan_interval
-                    if interval is not None and now - st.last_scan >= parse_duration(interval):
+                    interval = self._rescan_interval(st)
+                    if interval is not None and now - st.last_scan >= interval:
                         self.request_scan(st)
             except Exception:
                 log.exception("usage engine: scheduled rescans failed")
@@ -578,4 +716,6 @@ class UsageEngine:
             "directories": sum(len(st.tree.dirs) for st in self._vfs.values() if st.tree is not None),
             "scanning": sum(1 for st in self._vfs.values() if st.scanning),
             "stale": sum(1 for st in self._vfs.values() if st.figure is not None and st.figure.stale),
+            "modes": {name: pol.mode for name, pol in self.policies.items()},
+            "startup_rescan": {"pending": self.startup.pending_count(), "done": self.startup.done},
         }

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from agent.usage_engine.aggregates import DirAgg, join, read_dir
-from backends import cpu_placement
+from backends import cpu_placement, ioprio
 
 
 class ScanCancelled(Exception):
@@ -44,8 +44,13 @@ def scan(
     cancel: threading.Event | None = None,
     on_open: Callable[[str, int], None] | None = None,
     progress: ScanProgress | None = None,
+    idle: bool = False,
 ) -> dict[str, DirAgg]:
-    """Walk the tree below ``start`` (relative to the vfolder root fd); symlinks are never followed."""
+    """Walk the tree below ``start`` (relative to the vfolder root fd); symlinks are never followed.
+
+    ``threads`` directory reads are in flight at once: on a network filesystem each waits a round trip, so
+    more readers than CPUs pay off there. ``idle``: the readers are in the idle I/O class (a rescan on a
+    busy node reads only when nothing else waits for the disk)."""
     threads = threads or default_threads()
     cancel = cancel or threading.Event()
     result: dict[str, DirAgg] = {}
@@ -58,6 +63,8 @@ def scan(
     def worker() -> None:
         nonlocal outstanding
         cpu_placement.widen_thread()  # the reads wait on the filesystem without the GIL: use every CPU
+        if idle:
+            ioprio.idle_thread()
         while True:
             rel = work.get()
             if rel is None:
