@@ -9,6 +9,10 @@ For each way of sharing the port and each N in --workers, starts N worker proces
                 accepts on it (what a supervisor that binds port 0 once would do)
     reuseport   every worker binds the same port itself with SO_REUSEPORT (what upstream's num-proc does);
                 the parent keeps a bound, not listening, socket only to hold the port
+    parent-reuseport  the parent binds N listening sockets on one port with SO_REUSEPORT and hands
+                worker i socket i: the kernel's spread, sockets made before any privilege drop (a
+                reuseport group only admits sockets of the same user) and kept by the parent across a
+                worker's death (its queued connections wait for the replacement instead of being reset)
 
 Then a load generator (a second process: one asyncio loop, --connections keep-alive connections, each
 its own task sending the next request as soon as the last is answered, a minimal HTTP/1.1 client that
@@ -36,6 +40,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+MODES = ("inherit", "reuseport", "parent-reuseport")
 TICK = os.sysconf("SC_CLK_TCK")
 REQUEST = b"GET /j HTTP/1.1\r\nHost: bench\r\n\r\n"
 
@@ -149,18 +154,27 @@ def cpu_seconds(pids: list[int]) -> float:
 def run(mode: str, n: int, args: argparse.Namespace) -> tuple[Any, ...]:
     me = str(Path(__file__).resolve())
     holder = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    if mode == "reuseport":
+    if mode != "inherit":
         holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     holder.bind(("127.0.0.1", 0))
     port = holder.getsockname()[1]
-    if mode == "inherit":
-        holder.listen(1024)
+    own = [holder]  # mode "parent-reuseport": one listening socket per worker, all bound here
+    if mode == "parent-reuseport":
+        for _ in range(n - 1):
+            extra = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            extra.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            extra.bind(("127.0.0.1", port))
+            own.append(extra)
+    if mode != "reuseport":
+        for sock in own:
+            sock.listen(1024)
     workers = []
     try:
-        for _ in range(n):
-            if mode == "inherit":
-                cmd = [sys.executable, me, "--worker", "--fd", str(holder.fileno())]
-                proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, pass_fds=(holder.fileno(),), text=True)
+        for i in range(n):
+            if mode != "reuseport":
+                fd = own[i if mode == "parent-reuseport" else 0].fileno()
+                cmd = [sys.executable, me, "--worker", "--fd", str(fd)]
+                proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, pass_fds=(fd,), text=True)
             else:
                 cmd = [sys.executable, me, "--worker", "--port", str(port)]
                 proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
@@ -182,7 +196,8 @@ def run(mode: str, n: int, args: argparse.Namespace) -> tuple[Any, ...]:
         for proc in workers:
             proc.kill()
             proc.wait(30)
-        holder.close()
+        for sock in own:
+            sock.close()
     order = [str(p) for p in pids]
     conns = "/".join(str(spread.get(w, 0)) for w in order)
     share = "/".join(f"{100 * by_worker.get(w, 0) / max(count, 1):.0f}" for w in order)
@@ -216,7 +231,7 @@ def main() -> None:
         port, connections, seconds = args.load
         asyncio.run(load(int(port), int(connections), float(seconds)))
         return
-    rows = [run(mode, n, args) for n in (int(x) for x in args.workers.split(",")) for mode in ("inherit", "reuseport")]
+    rows = [run(mode, n, args) for n in (int(x) for x in args.workers.split(",")) for mode in MODES]
     print(f"\n{args.connections} keep-alive connections, closed loop, {args.seconds:g} s per run, trivial JSON handler")
     head = (
         "port shared by",
@@ -229,9 +244,9 @@ def main() -> None:
         "CPU µs/req",
         "gen µs/req",
     )
-    print(f"{head[0]:15}", *(f"{h:>12}" for h in head[1:]))
+    print(f"{head[0]:16}", *(f"{h:>12}" for h in head[1:]))
     for mode, n, rps, p50, p99, conns, share, cpu, gen in rows:
-        print(f"{mode:15} {n:12d} {rps:12.0f} {p50:12.2f} {p99:12.2f} {conns:>12} {share:>12} {cpu:12.0f} {gen:12.0f}")
+        print(f"{mode:16} {n:12d} {rps:12.0f} {p50:12.2f} {p99:12.2f} {conns:>12} {share:>12} {cpu:12.0f} {gen:12.0f}")
     print(
         f"\n{os.cpu_count()} CPUs, shared with other work (load average {os.getloadavg()[0]:.1f}); the load generator"
         "\nruns on them too, so 2 workers + generator want more CPUs than there are: the 2-worker req/s is a floor."
