@@ -1,6 +1,6 @@
 """N aiohttp worker processes on one port: an inherited listening socket against SO_REUSEPORT (issue 21).
 
-    .venv/bin/python bench/reuseport_bench.py [--seconds 3] [--workers 1,2] [--connections 32]
+    .venv/bin/python bench/reuseport_bench.py [--seconds 1.5] [--rounds 3] [--workers 1,2] [--connections 32]
 
 For each way of sharing the port and each N in --workers, starts N worker processes (this file with
 ``--worker``), each an aiohttp app with one trivial JSON handler that names its process:
@@ -16,14 +16,21 @@ For each way of sharing the port and each N in --workers, starts N worker proces
 
 Then a load generator (a second process: one asyncio loop, --connections keep-alive connections, each
 its own task sending the next request as soon as the last is answered, a minimal HTTP/1.1 client that
-costs less CPU than aiohttp's) runs for --seconds. Printed per run: requests/s, p50/p99, how the
-connections spread over the workers (each connection stays on the worker that accepted it), the share of
-requests each worker answered, the workers' CPU per request (from /proc, all workers together) and the
-generator's own.
+costs less CPU than aiohttp's) runs for --seconds. Every row runs --rounds times, interleaved with the
+others. Printed per row: requests/s (median and range), p50/p99 (medians), the workers' CPU per request
+(from /proc, all workers together) and the generator's own, and in each round how the connections spread
+over the workers (each keep-alive connection stays on the worker that accepted it).
 
 The load generator runs on the same cores as the workers: on this 2-core machine (shared with other
 work) 2 workers plus the generator want more than 2 CPUs, so the 2-worker figure is a floor, not what
-two free cores would give. Bounded: each run is --seconds long, every child is killed if it overstays.
+two free cores would give.
+
+Then, per way of sharing, what a worker's death costs: with 2 workers, worker 1 stalls (SIGSTOP), 32 new
+connections arrive (the kernel queues some on worker 1's socket), worker 1 is SIGKILLed and its
+replacement starts --restart-delay later. Printed: how many were answered (and by the replacement), how
+many failed and why, and the slowest answer.
+
+Bounded: about a minute by default; each run is --seconds long, every child is killed if it overstays.
 """
 
 from __future__ import annotations
@@ -32,7 +39,9 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -151,74 +160,137 @@ def cpu_seconds(pids: list[int]) -> float:
     return total / TICK
 
 
-def run(mode: str, n: int, args: argparse.Namespace) -> tuple[Any, ...]:
-    me = str(Path(__file__).resolve())
-    holder = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    if mode != "inherit":
-        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    holder.bind(("127.0.0.1", 0))
-    port = holder.getsockname()[1]
-    own = [holder]  # mode "parent-reuseport": one listening socket per worker, all bound here
-    if mode == "parent-reuseport":
-        for _ in range(n - 1):
-            extra = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            extra.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            extra.bind(("127.0.0.1", port))
-            own.append(extra)
-    if mode != "reuseport":
-        for sock in own:
-            sock.listen(1024)
-    workers = []
-    try:
+class Pool:
+    """The listening sockets of one way of sharing the port, and the worker processes on them."""
+
+    def __init__(self, mode: str, n: int) -> None:
+        self.mode, self.me = mode, str(Path(__file__).resolve())
+        holder = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        if mode != "inherit":
+            holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        holder.bind(("127.0.0.1", 0))
+        self.port = holder.getsockname()[1]
+        self.socks = [holder]  # mode "parent-reuseport": one listening socket per worker, all bound here
+        if mode == "parent-reuseport":
+            for _ in range(n - 1):
+                extra = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                extra.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                extra.bind(("127.0.0.1", self.port))
+                self.socks.append(extra)
+        if mode != "reuseport":
+            for sock in self.socks:
+                sock.listen(1024)
+        self.workers: list[subprocess.Popen[str]] = []
         for i in range(n):
-            if mode != "reuseport":
-                fd = own[i if mode == "parent-reuseport" else 0].fileno()
-                cmd = [sys.executable, me, "--worker", "--fd", str(fd)]
-                proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, pass_fds=(fd,), text=True)
-            else:
-                cmd = [sys.executable, me, "--worker", "--port", str(port)]
-                proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-            workers.append(proc)
-        for proc in workers:
-            if proc.stdout.readline().strip() != "ready":
-                raise RuntimeError("a worker did not start")
-        pids = [p.pid for p in workers]
+            self.workers.append(self.spawn(i))
+        for proc in self.workers:
+            self.wait_ready(proc)
+
+    def spawn(self, i: int) -> subprocess.Popen[str]:
+        """Worker ``i`` (a first one, or the replacement of a dead one): on socket i, or binding the port."""
+        if self.mode == "reuseport":
+            cmd = [sys.executable, self.me, "--worker", "--port", str(self.port)]
+            return subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+        fd = self.socks[i if self.mode == "parent-reuseport" else 0].fileno()
+        cmd = [sys.executable, self.me, "--worker", "--fd", str(fd)]
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, pass_fds=(fd,), text=True)
+
+    @staticmethod
+    def wait_ready(proc: subprocess.Popen[str]) -> None:
+        if proc.stdout is None or proc.stdout.readline().strip() != "ready":
+            raise RuntimeError("a worker did not start")
+
+    def close(self) -> None:
+        for proc in self.workers:
+            proc.kill()
+            proc.wait(30)
+        for sock in self.socks:
+            sock.close()
+
+
+def run(mode: str, n: int, args: argparse.Namespace) -> dict[str, Any]:
+    pool = Pool(mode, n)
+    try:
+        pids = [p.pid for p in pool.workers]
         gen = subprocess.Popen(
-            [sys.executable, me, "--load", str(port), str(args.connections), str(args.seconds)],
+            [sys.executable, pool.me, "--load", str(pool.port), str(args.connections), str(args.seconds)],
             stdout=subprocess.PIPE,
             text=True,
         )
         cpu0 = cpu_seconds(pids)
         out, _ = gen.communicate(timeout=args.seconds + 60)
         cpu1 = cpu_seconds(pids)
-        count, p50, p99, spread, by_worker, gen_cpu = json.loads(out)
+        count, p50, p99, spread, _by_worker, gen_cpu = json.loads(out)
     finally:
-        for proc in workers:
-            proc.kill()
-            proc.wait(30)
-        for sock in own:
-            sock.close()
+        pool.close()
     order = [str(p) for p in pids]
-    conns = "/".join(str(spread.get(w, 0)) for w in order)
-    share = "/".join(f"{100 * by_worker.get(w, 0) / max(count, 1):.0f}" for w in order)
-    return (
-        mode,
-        n,
-        count / args.seconds,
-        p50 * 1000,
-        p99 * 1000,
-        conns,
-        share,
-        (cpu1 - cpu0) / max(count, 1) * 1e6,
-        gen_cpu / max(count, 1) * 1e6,
-    )
+    return {
+        "rps": count / args.seconds,
+        "p50": p50 * 1000,
+        "p99": p99 * 1000,
+        "conns": "/".join(str(spread.get(w, 0)) for w in order),
+        "cpu": (cpu1 - cpu0) / max(count, 1) * 1e6,
+        "gen": gen_cpu / max(count, 1) * 1e6,
+    }
+
+
+async def ask(port: int, timeout: float) -> tuple[str, float]:
+    """One request on a new connection: who answered (or the error) and when, from now."""
+    began = time.perf_counter()
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), timeout)
+        writer.write(REQUEST.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n"))
+        answer = await asyncio.wait_for(reader.read(), timeout)
+        writer.close()
+        if not answer.startswith(b"HTTP/1.1 200"):
+            return "bad answer", time.perf_counter() - began
+        i = answer.lower().find(b"x-worker:")
+        return answer[i + 9 : answer.find(b"\r\n", i)].strip().decode(), time.perf_counter() - began
+    except (OSError, TimeoutError) as e:
+        return type(e).__name__, time.perf_counter() - began
+
+
+def kill_one(mode: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Two workers; worker 1 stops accepting (SIGSTOP), connections arrive, it is SIGKILLed, and its
+    replacement starts --restart-delay later (the supervisor's back-off): what becomes of the connections
+    that arrived meanwhile (those the kernel put in worker 1's queue, and the rest)?"""
+    pool = Pool(mode, 2)
+    try:
+        dead = pool.workers[1]
+        os.kill(dead.pid, signal.SIGSTOP)
+
+        async def scenario() -> tuple[list[tuple[str, float]], str]:
+            asks = [asyncio.create_task(ask(pool.port, 30.0)) for _ in range(args.connections)]
+            await asyncio.sleep(0.3)  # connected and queued (or answered by worker 0)
+            dead.kill()
+            dead.wait(30)
+            await asyncio.sleep(args.restart_delay)
+            pool.workers[1] = pool.spawn(1)
+            await asyncio.to_thread(pool.wait_ready, pool.workers[1])
+            return await asyncio.gather(*asks), str(pool.workers[1].pid)
+
+        results, replacement = asyncio.run(scenario())
+    finally:
+        pool.close()
+    failed = [who for who, _ in results if not who.isdigit()]
+    return {
+        "answered": len(results) - len(failed),
+        "by replacement": sum(who == replacement for who, _ in results),
+        "failed": len(failed),
+        "why": ",".join(sorted(set(failed))) or "-",
+        "slowest": max(t for _, t in results),
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--seconds", type=float, default=1.5, help="length of each run")
+    parser.add_argument("--rounds", type=int, default=3, help="every row is run this many times, interleaved")
     parser.add_argument("--workers", default="1,2")
     parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument(
+        "--restart-delay", type=float, default=1.0, help="the kill experiment's back-off; negative: skip it"
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--fd", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
@@ -231,22 +303,43 @@ def main() -> None:
         port, connections, seconds = args.load
         asyncio.run(load(int(port), int(connections), float(seconds)))
         return
-    rows = [run(mode, n, args) for n in (int(x) for x in args.workers.split(",")) for mode in MODES]
-    print(f"\n{args.connections} keep-alive connections, closed loop, {args.seconds:g} s per run, trivial JSON handler")
-    head = (
-        "port shared by",
-        "workers",
-        "req/s",
-        "p50 ms",
-        "p99 ms",
-        "conns/worker",
-        "% req/worker",
-        "CPU µs/req",
-        "gen µs/req",
+    counts = [int(x) for x in args.workers.split(",")]
+    runs: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for _ in range(args.rounds):  # interleaved, so that a burst of other work hits every row alike
+        for n in counts:
+            for mode in MODES:
+                runs.setdefault((mode, n), []).append(run(mode, n, args))
+    print(
+        f"\n{args.connections} keep-alive connections, closed loop, {args.seconds:g} s per run, {args.rounds} rounds"
+        " interleaved, trivial JSON handler; medians (req/s: median and range), connections per worker in each round"
     )
-    print(f"{head[0]:16}", *(f"{h:>12}" for h in head[1:]))
-    for mode, n, rps, p50, p99, conns, share, cpu, gen in rows:
-        print(f"{mode:16} {n:12d} {rps:12.0f} {p50:12.2f} {p99:12.2f} {conns:>12} {share:>12} {cpu:12.0f} {gen:12.0f}")
+    head = ("port shared by", "workers", "req/s", "range", "p50 ms", "p99 ms", "CPU µs/req", "gen µs/req")
+    print(f"{head[0]:16}", *(f"{h:>11}" for h in head[1:]), "  conns/worker")
+    for (mode, n), rs in runs.items():
+        med = {k: statistics.median(r[k] for r in rs) for k in ("rps", "p50", "p99", "cpu", "gen")}
+        span = f"{min(r['rps'] for r in rs) / 1000:.1f}-{max(r['rps'] for r in rs) / 1000:.1f}k"
+        print(
+            f"{mode:16} {n:11d} {med['rps']:11.0f} {span:>11} {med['p50']:11.2f} {med['p99']:11.2f}"
+            f" {med['cpu']:11.0f} {med['gen']:11.0f}  ",
+            " ".join(r["conns"] for r in rs),
+        )
+    if args.restart_delay >= 0:
+        print(
+            f"\na worker stalls, {args.connections} new connections arrive, it is SIGKILLed, its replacement starts"
+            f" {args.restart_delay:g} s later (2 workers)"
+        )
+        print(
+            f"{'port shared by':16}",
+            *(f"{h:>14}" for h in ("answered", "by replacement", "failed", "slowest s")),
+            " why",
+        )
+        for mode in MODES:
+            k = kill_one(mode, args)
+            print(
+                f"{mode:16} {k['answered']:14d} {k['by replacement']:14d} {k['failed']:14d} {k['slowest']:14.2f}",
+                "",
+                k["why"],
+            )
     print(
         f"\n{os.cpu_count()} CPUs, shared with other work (load average {os.getloadavg()[0]:.1f}); the load generator"
         "\nruns on them too, so 2 workers + generator want more CPUs than there are: the 2-worker req/s is a floor."
