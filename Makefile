@@ -34,6 +34,8 @@ bench: test-deps
 	$(PY) bench/btrfs_bench.py
 	$(PY) bench/view_bench.py
 	$(PY) bench/migrate_bench.py
+	$(PY) bench/writer_paths_bench.py
+	$(PY) bench/reuseport_bench.py
 	$(PY) bench/load_bench.py
 
 # dist/storage-agent_<version>_<arch>.deb (dpkg-buildpackage from packaging/debian, then lintian)
