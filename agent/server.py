@@ -25,6 +25,7 @@ from agent.services import factories
 from backends import build_volume, cpu_placement
 from backends.base import Capability, Volume
 from catalog import Catalog
+from catalog import db as catalog_db
 from catalog.recovery import LOST
 
 log = logging.getLogger(__name__)
@@ -172,6 +173,7 @@ async def start(config: Config, sockets: Sockets | None = None) -> tuple[Agent, 
     (bound here when not given)."""
     sockets = sockets if sockets is not None else bind(config)
     _raise_fd_limit()
+    catalog_db.set_thread_hook(cpu_placement.background_thread)
     asyncio.get_running_loop().set_default_executor(
         ThreadPoolExecutor(
             WORKER_THREADS, thread_name_prefix="storage-agent-io", initializer=cpu_placement.background_thread
