@@ -32,7 +32,7 @@ async def status(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
-HEALTH_TIMEOUT = 5.0  # a probe answers within this even when a volume's mount hangs
+HEALTH_TIMEOUT = 5.0  # probes, /volumes and /volume/hwinfo answer within this even when a volume's mount hangs
 _checking: dict[str, asyncio.Future[VolumeState]] = {}  # per volume: the check still running, if any
 
 
@@ -101,20 +101,19 @@ async def readyz(request: web.Request) -> web.Response:
 async def volumes(request: web.Request) -> web.Response:
     """Every configured volume: backend, capabilities, whether it is served."""
     agent = agent_of(request)
-    out = []
-    for name, vol in agent.volumes.items():
-        state = agent.refresh_state(vol)
-        out.append(
-            {
-                "name": name,
-                "backend": vol.backend,
-                "path": str(vol.root),
-                "fsprefix": vol.fsprefix,
-                "capabilities": sorted(str(c) for c in vol.capabilities),
-                "status": "serving" if state.serving else "unavailable",
-                "status_info": state.info,
-            }
-        )
+    states = await asyncio.gather(*(_volume_state(agent, vol) for vol in agent.volumes.values()))
+    out = [
+        {
+            "name": name,
+            "backend": vol.backend,
+            "path": str(vol.root),
+            "fsprefix": vol.fsprefix,
+            "capabilities": sorted(str(c) for c in vol.capabilities),
+            "status": "serving" if state.serving else "unavailable",
+            "status_info": state.info,
+        }
+        for (name, vol), state in zip(agent.volumes.items(), states, strict=True)
+    ]
     return web.json_response({"volumes": out})
 
 
@@ -126,7 +125,7 @@ async def hwinfo(request: web.Request, p: VolumeParams) -> web.Response:
     vol = agent.volumes.get(p.volume)
     if vol is None:
         agent.volume(p.volume)  # raises the unknown-volume answer
-    state = agent.refresh_state(vol)
+    state = await _volume_state(agent, vol)  # a hung mount answers "unavailable" here, before vol.hwinfo() meets it
     info = await vol.hwinfo() if state.serving else HwInfo("unavailable", state.info, {"backend": vol.backend})
     return web.json_response({"status": info.status, "status_info": info.status_info, "metadata": dict(info.metadata)})
 
