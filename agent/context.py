@@ -47,11 +47,16 @@ class Agent:
     walks: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(8))
     services: list[Service] = field(default_factory=list)
 
-    def volume(self, name: str) -> Volume:
-        """A volume that is being served, or a 4xx naming the problem."""
+    def configured(self, name: str) -> Volume:
+        """A configured volume, served or not, or the 404 naming it."""
         vol = self.volumes.get(name)
         if vol is None:
             raise ApiError(404, f"unknown volume {name!r}", "invalid-volume")
+        return vol
+
+    def volume(self, name: str) -> Volume:
+        """A volume that is being served, or a 4xx naming the problem."""
+        vol = self.configured(name)
         state = self.states.get(name)
         if state is not None and not state.serving:
             state = self.refresh_state(vol)  # e.g. `storage-agent migrate` finished since start-up

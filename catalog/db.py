@@ -176,6 +176,7 @@ class _Writer(threading.Thread):
             conn = self._conn
             tx = conn.begin()
             raw = conn.connection.driver_connection  # the sqlite3.Connection
+            assert raw is not None  # a live connection (engine.connect() just gave it) always has one
         except Exception as e:  # cannot connect (corrupt, unreadable) or BEGIN IMMEDIATE timed out
             self._reset()
             for job in jobs:

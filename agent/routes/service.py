@@ -122,9 +122,7 @@ async def volumes(request: web.Request) -> web.Response:
 async def hwinfo(request: web.Request, p: VolumeParams) -> web.Response:
     """A volume's health."""
     agent = agent_of(request)
-    vol = agent.volumes.get(p.volume)
-    if vol is None:
-        agent.volume(p.volume)  # raises the unknown-volume answer
+    vol = agent.configured(p.volume)
     state = await _volume_state(agent, vol)  # a hung mount answers "unavailable" here, before vol.hwinfo() meets it
     info = await vol.hwinfo() if state.serving else HwInfo("unavailable", state.info, {"backend": vol.backend})
     return web.json_response({"status": info.status, "status_info": info.status_info, "metadata": dict(info.metadata)})

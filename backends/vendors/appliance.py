@@ -9,10 +9,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
@@ -58,13 +58,19 @@ class ApplianceQuotaModel(QuotaModel):
         self.v = volume
 
 
+class QuotaModelClass(Protocol):
+    """A quota model's class: called with the volume it serves."""
+
+    def __call__(self, volume: Any, /) -> QuotaModel: ...
+
+
 class ApplianceVolume(MountedVolume):
     """A mounted volume whose quotas and figures live on a vendor appliance reached over REST."""
 
     appliance: ClassVar[str]
     Options: ClassVar[type[VendorOptions]]
     target: ClassVar[RestTarget]
-    quota_model: ClassVar[Callable[[Any], QuotaModel]]  # built once per volume, with the volume
+    quota_model: ClassVar[QuotaModelClass]  # built once per volume, with the volume
 
     def __init__(self, name: str, root: Path, options: Mapping[str, Any]) -> None:
         super().__init__(name, root, options)
