@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,6 +72,15 @@ class ApplianceVolume(MountedVolume):
     Options: ClassVar[type[VendorOptions]]
     target: ClassVar[RestTarget]
     quota_model: ClassVar[QuotaModelClass]  # built once per volume, with the volume
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """A :class:`RestTarget` naming an option its ``Options`` lacks fails on import, not on a node."""
+        super().__init_subclass__(**kwargs)
+        t = cls.target
+        named = [t.endpoint, t.verify_ssl, *(t.basic_auth or ()), *re.findall(r"{(\w+)}", t.path)]
+        missing = [key for key in named if key not in cls.Options.model_fields]
+        if missing:
+            raise TypeError(f"{cls.__name__}.target names options {cls.Options.__name__} lacks: {missing}")
 
     def __init__(self, name: str, root: Path, options: Mapping[str, Any]) -> None:
         super().__init__(name, root, options)
