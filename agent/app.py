@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-from aiohttp import web
+from types import SimpleNamespace
+from typing import Any
 
-from agent import metrics, openapi
+from aiohttp import web
+from pydantic import SecretStr
+
+from agent import __version__, metrics, openapi
 from agent.auth import manager_auth
 from agent.context import AGENT_KEY, Agent
 from agent.errors import error_middleware
@@ -35,3 +39,14 @@ def client_app(agent: Agent) -> web.Application:
     openapi.add_route(app, "client")
     app.on_response_prepare.append(client.add_cors_headers)
     return app
+
+
+def documents() -> dict[str, dict[str, Any]]:
+    """Both listeners' OpenAPI documents, built from the apps without a running agent (for docs/api.md)."""
+    stand_in: Any = SimpleNamespace(
+        config=SimpleNamespace(api=SimpleNamespace(manager=SimpleNamespace(secret=SecretStr("unused"))))
+    )
+    return {
+        "manager": openapi.build(manager_app(stand_in), "manager", __version__),
+        "client": openapi.build(client_app(stand_in), "client", __version__),
+    }

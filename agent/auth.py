@@ -5,6 +5,7 @@ from __future__ import annotations
 import hmac
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from agent.errors import ApiError, Handler, problem_response
 
@@ -12,7 +13,7 @@ AUTH_HEADER = "X-BackendAI-Storage-Auth-Token"
 PUBLIC_PATHS = frozenset({"/status", "/health", "/livez", "/readyz"})  # probes: no secret needed
 
 
-def manager_auth(secret: str) -> web.middleware:
+def manager_auth(secret: str) -> Middleware:
     expected = secret.encode()
 
     @web.middleware

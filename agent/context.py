@@ -38,6 +38,9 @@ class VolumeState:
     info: str | None = None
 
 
+CHECK_TIMEOUT = 5.0  # probes, /volumes and /volume/hwinfo answer within this even when a volume's mount hangs
+
+
 @dataclass
 class Agent:
     config: Config
@@ -46,18 +49,35 @@ class Agent:
     states: dict[str, VolumeState] = field(default_factory=dict)
     walks: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(8))
     services: list[Service] = field(default_factory=list)
+    _checking: dict[str, asyncio.Future[VolumeState]] = field(default_factory=dict, init=False, repr=False)
 
-    def volume(self, name: str) -> Volume:
-        """A volume that is being served, or a 4xx naming the problem."""
+    def configured(self, name: str) -> Volume:
+        """A configured volume, served or not, or the 404 naming it."""
         vol = self.volumes.get(name)
         if vol is None:
             raise ApiError(404, f"unknown volume {name!r}", "invalid-volume")
+        return vol
+
+    def volume(self, name: str) -> Volume:
+        """A volume that is being served, or a 4xx naming the problem."""
+        vol = self.configured(name)
         state = self.states.get(name)
         if state is not None and not state.serving:
             state = self.refresh_state(vol)  # e.g. `storage-agent migrate` finished since start-up
         if state is not None and not state.serving:
             raise VolumeUnavailable(f"volume {name!r} is not served: {state.info}")
         return vol
+
+    async def checked_state(self, vol: Volume) -> VolumeState:
+        """:meth:`refresh_state` off the event loop (a hung mount blocks a thread, never the loop), bounded by
+        CHECK_TIMEOUT; while an earlier check of the volume has not come back, no new one is started."""
+        pending = self._checking.get(vol.name)
+        if pending is None or pending.done():
+            pending = self._checking[vol.name] = asyncio.ensure_future(asyncio.to_thread(self.refresh_state, vol))
+        try:
+            return await asyncio.wait_for(asyncio.shield(pending), CHECK_TIMEOUT)
+        except TimeoutError:
+            return VolumeState(False, f"volume root {vol.root} has not answered for {CHECK_TIMEOUT:g} s or more")
 
     def refresh_state(self, vol: Volume) -> VolumeState:
         """Whether ``vol`` can be served; the first call (at start-up) initialises a new, empty volume."""

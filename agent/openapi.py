@@ -155,23 +155,6 @@ def add_route(app: web.Application, listener: str) -> None:
 # -- the rendered reference (docs/api.md) -----------------------------------------------------------
 
 
-def documents() -> dict[str, dict[str, Any]]:
-    """Both listeners' documents, built from the apps without a running agent (for the docs)."""
-    from types import SimpleNamespace
-
-    from pydantic import SecretStr
-
-    from agent.app import client_app, manager_app
-
-    stand_in: Any = SimpleNamespace(
-        config=SimpleNamespace(api=SimpleNamespace(manager=SimpleNamespace(secret=SecretStr("unused"))))
-    )
-    return {
-        "manager": build(manager_app(stand_in), "manager", VERSION),
-        "client": build(client_app(stand_in), "client", VERSION),
-    }
-
-
 def _type(schema: dict[str, Any]) -> str:
     if "$ref" in schema:
         name = schema["$ref"].rsplit("/", 1)[1]
@@ -247,5 +230,7 @@ def markdown(docs: dict[str, dict[str, Any]]) -> str:
 
 if __name__ == "__main__":
     import sys
+
+    from agent.app import documents  # the apps import this module: only as a script, never a cycle
 
     sys.stdout.write(markdown(documents()))

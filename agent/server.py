@@ -16,18 +16,26 @@ from pathlib import Path
 
 from aiohttp import web
 
+from agent import memory_trim, usage
 from agent.app import client_app, manager_app
 from agent.config import Config, ConfigError, HostPort, Listener
 from agent.context import Agent
 from agent.metrics import standalone_app as metrics_app
 from agent.reconcile import Report, reconcile
-from agent.services import factories
+from agent.services import ServiceFactory
+from agent.uploads import sweeper
+from agent.view import supervisor as view_supervisor
 from backends import build_volume, cpu_placement
 from backends.base import Capability, Volume
 from catalog import Catalog
+from catalog import db as catalog_db
 from catalog.recovery import LOST
 
 log = logging.getLogger(__name__)
+
+# The services ``serve`` runs, started in this order after reconciliation and stopped in reverse; a factory
+# returns None when its feature is disabled by config. Listed here, not in agent.services, which they import.
+SERVICES: list[ServiceFactory] = [usage.factory, sweeper, view_supervisor.factory, memory_trim.factory]
 
 WORKER_THREADS = 32
 
@@ -172,6 +180,7 @@ async def start(config: Config, sockets: Sockets | None = None) -> tuple[Agent, 
     (bound here when not given)."""
     sockets = sockets if sockets is not None else bind(config)
     _raise_fd_limit()
+    catalog_db.set_thread_hook(cpu_placement.background_thread)
     asyncio.get_running_loop().set_default_executor(
         ThreadPoolExecutor(
             WORKER_THREADS, thread_name_prefix="storage-agent-io", initializer=cpu_placement.background_thread
@@ -206,7 +215,7 @@ async def start(config: Config, sockets: Sockets | None = None) -> tuple[Agent, 
         log.info("volume %s (%s) at %s: serving", vol.name, vol.backend, vol.root)
     _report_new_catalogue(catalog, volumes, reports)
 
-    for factory in factories():
+    for factory in SERVICES:
         service = factory(agent)
         if service is not None:
             await service.start()

@@ -63,12 +63,3 @@ class Periodic:
                 await self._tick()
             except Exception:
                 log.exception("%s failed", self.name)
-
-
-def factories() -> list[ServiceFactory]:
-    """The services ``serve`` runs; a factory returns None when its feature is disabled by config."""
-    from agent import memory_trim, usage
-    from agent.uploads import sweeper  # imported here: agent.uploads needs the context this module helps define
-    from agent.view import supervisor as view_supervisor
-
-    return [usage.factory, sweeper, view_supervisor.factory, memory_trim.factory]

@@ -140,7 +140,12 @@ def _move_here(
 
 async def _readable(loop: asyncio.AbstractEventLoop, fd: int, timeout: float) -> None:
     ready = loop.create_future()
-    loop.add_reader(fd, lambda: ready.done() or ready.set_result(None))
+
+    def wake() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    loop.add_reader(fd, wake)
     try:
         async with asyncio.timeout(timeout):
             await ready

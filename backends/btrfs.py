@@ -305,6 +305,7 @@ class BtrfsVolume(QuotaScopedVolume):
         problem = self._mount_problem()
         if problem:
             return HwInfo("unavailable", problem, meta)
+        assert self.mount is not None  # _mount_problem says so otherwise
         meta.update(mount_point=self.mount.mount_point, device=self.mount.source)
         try:
             stats = await self.device_stats()

@@ -28,7 +28,6 @@ from sqlalchemy import event
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-from backends import cpu_placement
 from catalog.metrics import COMMITS, WRITE_SECONDS
 from catalog.migrations import SCHEMA_VERSION, STEPS
 
@@ -38,6 +37,17 @@ BUSY_TIMEOUT_MS = 10_000
 SWITCH_INTERVAL = 0.0005  # seconds; see _Writer.start
 
 T = TypeVar("T")
+
+ThreadHook = Callable[[int], None]
+_thread_hook: ThreadHook = lambda tid: None  # noqa: E731
+
+
+def set_thread_hook(hook: ThreadHook) -> None:
+    """Call ``hook(tid)`` (0: the calling thread) in or for each thread the catalogue starts: its writer and
+    aiosqlite's reader threads. The agent uses it to place them beside its own (``cpu_placement``); the
+    catalogue itself stays free of agent and backend code."""
+    global _thread_hook
+    _thread_hook = hook
 
 
 class CatalogError(Exception):
@@ -81,7 +91,7 @@ def _reader_engine(path: Path, *, readonly: bool) -> AsyncEngine:
         # itself runs on the event loop's thread, so the thread is named by its id)
         thread = getattr(getattr(dbapi_conn, "driver_connection", None), "_thread", None)
         if thread is not None and thread.native_id is not None:
-            cpu_placement.background_thread(thread.native_id)
+            _thread_hook(thread.native_id)
 
     return engine
 
@@ -129,7 +139,7 @@ class _Writer(threading.Thread):
         super().start()
 
     def run(self) -> None:
-        cpu_placement.background_thread()
+        _thread_hook(0)
         stop = False
         while not stop:
             first = self.jobs.get()
@@ -166,6 +176,7 @@ class _Writer(threading.Thread):
             conn = self._conn
             tx = conn.begin()
             raw = conn.connection.driver_connection  # the sqlite3.Connection
+            assert raw is not None  # a live connection (engine.connect() just gave it) always has one
         except Exception as e:  # cannot connect (corrupt, unreadable) or BEGIN IMMEDIATE timed out
             self._reset()
             for job in jobs:

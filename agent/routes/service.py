@@ -10,10 +10,10 @@ from typing import NoReturn
 from aiohttp import web
 
 from agent import __version__, answers
-from agent.context import Agent, VolumeState, agent_of
+from agent.context import agent_of
 from agent.errors import ApiError
 from agent.params import VFolderParams, VolumeParams, VolumeQuotaParams, documented, takes
-from backends.base import HwInfo, Volume
+from backends.base import HwInfo
 
 routes = web.RouteTableDef()
 
@@ -32,29 +32,13 @@ async def status(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
-HEALTH_TIMEOUT = 5.0  # a probe answers within this even when a volume's mount hangs
-_checking: dict[str, asyncio.Future[VolumeState]] = {}  # per volume: the check still running, if any
-
-
-async def _volume_state(agent: Agent, vol: Volume) -> VolumeState:
-    """The volume's state, checked off the event loop (a hung mount blocks a thread, never the loop), bounded by
-    HEALTH_TIMEOUT; while an earlier check of the volume has not come back, no new one is started."""
-    pending = _checking.get(vol.name)
-    if pending is None or pending.done():
-        pending = _checking[vol.name] = asyncio.ensure_future(asyncio.to_thread(agent.refresh_state, vol))
-    try:
-        return await asyncio.wait_for(asyncio.shield(pending), HEALTH_TIMEOUT)
-    except TimeoutError:
-        return VolumeState(False, f"volume root {vol.root} has not answered for {HEALTH_TIMEOUT:g} s or more")
-
-
 async def _health(request: web.Request, *, volumes: bool, probe: bool) -> web.Response:
     """Upstream's health shape: one check per volume (served, or why not) when ``volumes``; ``probe``: a failed
     check answers 503 (a Kubernetes probe), else 200 with status "degraded"."""
     agent = agent_of(request)
     now = datetime.now(UTC).isoformat()
     names = list(agent.volumes) if volumes else []
-    states = await asyncio.gather(*(_volume_state(agent, agent.volumes[name]) for name in names))
+    states = await asyncio.gather(*(agent.checked_state(agent.volumes[name]) for name in names))
     checks = [
         {
             "service_group": "volume",
@@ -101,20 +85,19 @@ async def readyz(request: web.Request) -> web.Response:
 async def volumes(request: web.Request) -> web.Response:
     """Every configured volume: backend, capabilities, whether it is served."""
     agent = agent_of(request)
-    out = []
-    for name, vol in agent.volumes.items():
-        state = agent.refresh_state(vol)
-        out.append(
-            {
-                "name": name,
-                "backend": vol.backend,
-                "path": str(vol.root),
-                "fsprefix": vol.fsprefix,
-                "capabilities": sorted(str(c) for c in vol.capabilities),
-                "status": "serving" if state.serving else "unavailable",
-                "status_info": state.info,
-            }
-        )
+    states = await asyncio.gather(*(agent.checked_state(vol) for vol in agent.volumes.values()))
+    out = [
+        {
+            "name": name,
+            "backend": vol.backend,
+            "path": str(vol.root),
+            "fsprefix": vol.fsprefix,
+            "capabilities": sorted(str(c) for c in vol.capabilities),
+            "status": "serving" if state.serving else "unavailable",
+            "status_info": state.info,
+        }
+        for (name, vol), state in zip(agent.volumes.items(), states, strict=True)
+    ]
     return web.json_response({"volumes": out})
 
 
@@ -123,10 +106,8 @@ async def volumes(request: web.Request) -> web.Response:
 async def hwinfo(request: web.Request, p: VolumeParams) -> web.Response:
     """A volume's health."""
     agent = agent_of(request)
-    vol = agent.volumes.get(p.volume)
-    if vol is None:
-        agent.volume(p.volume)  # raises the unknown-volume answer
-    state = agent.refresh_state(vol)
+    vol = agent.configured(p.volume)
+    state = await agent.checked_state(vol)  # a hung mount answers "unavailable" here, before vol.hwinfo() meets it
     info = await vol.hwinfo() if state.serving else HwInfo("unavailable", state.info, {"backend": vol.backend})
     return web.json_response({"status": info.status, "status_info": info.status_info, "metadata": dict(info.metadata)})
 

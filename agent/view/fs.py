@@ -30,7 +30,7 @@ import os
 import stat
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -363,7 +363,7 @@ class ViewFS(pyfuse3.Operations):
         node.lookups += 1
         return attr
 
-    async def forget(self, inode_list: list[tuple[int, int]]) -> None:
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         for ino, n in inode_list:
             node = self.nodes.get(ino)
             if node is not None:
@@ -556,7 +556,8 @@ class ViewFS(pyfuse3.Operations):
         # size or mtime says otherwise (auto_inval_data); a second read never reaches this process.
         return pyfuse3.FileInfo(fh=fd, keep_cache=True)
 
-    async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:
+    async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:  # type: ignore[override]
+        # (pyfuse3 hands any buffer to the kernel; its stub says bytes, which would cost a copy per read)
         blob = self.blobs.get(fh)
         if blob is not None:
             return blob[off : off + size]
@@ -621,7 +622,7 @@ class ViewFS(pyfuse3.Operations):
         raise _fail(errno.EROFS)
 
     setattr = mknod = mkdir = unlink = rmdir = symlink = rename = link = create = write = _read_only  # type: ignore
-    setxattr = removexattr = _read_only  # type: ignore[assignment]
+    setxattr = removexattr = _read_only
 
 
 def _guard(op: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:

@@ -38,7 +38,6 @@ class ViewSupervisor:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.proc: asyncio.subprocess.Process | None = None
-        self.starts = 0
         self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -86,7 +85,6 @@ class ViewSupervisor:
             began = loop.time()
             try:
                 self.proc = await self._spawn()
-                self.starts += 1
                 log.info("view started (pid %d), mounting at %s", self.proc.pid, self.config.view.mount_root)
                 rc = await self.proc.wait()
             except OSError as e:

@@ -9,15 +9,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
-from backends.base import HwInfo
+from backends.base import HwInfo, QuotaModel
 from backends.mounted import MountedVolume
-from backends.vendors.rest import ApplianceError, Auth, RestClient
+from backends.vendors.rest import ApplianceError, Auth, BasicAuth, RestClient
 
 log = logging.getLogger(__name__)
 
@@ -37,11 +39,48 @@ def _explain(e: ValidationError) -> str:
     return "; ".join(f"{'.'.join(str(x) for x in err['loc'])}: {err['msg']}" for err in e.errors())
 
 
+@dataclass(frozen=True)
+class RestTarget:
+    """Which of a vendor's options say where its REST API is; the base builds the client from them.
+
+    Names, not values: the options are only validated per volume, and each vendor spells its keys its own way.
+    """
+
+    endpoint: str  # option holding the appliance's URL
+    path: str  # the API's root under it; ``{option}`` placeholders are filled from the options
+    verify_ssl: str  # option turning certificate checks on
+    basic_auth: tuple[str, str] | None = None  # (user option, password option); else the volume overrides ``auth``
+
+
+class ApplianceQuotaModel(QuotaModel):
+    """A quota model that asks its volume's appliance."""
+
+    def __init__(self, volume: Any) -> None:
+        self.v = volume
+
+
+class QuotaModelClass(Protocol):
+    """A quota model's class: called with the volume it serves."""
+
+    def __call__(self, volume: Any, /) -> QuotaModel: ...
+
+
 class ApplianceVolume(MountedVolume):
     """A mounted volume whose quotas and figures live on a vendor appliance reached over REST."""
 
     appliance: ClassVar[str]
     Options: ClassVar[type[VendorOptions]]
+    target: ClassVar[RestTarget]
+    quota_model: ClassVar[QuotaModelClass]  # built once per volume, with the volume
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """A :class:`RestTarget` naming an option its ``Options`` lacks fails on import, not on a node."""
+        super().__init_subclass__(**kwargs)
+        t = cls.target
+        named = [t.endpoint, t.verify_ssl, *(t.basic_auth or ()), *re.findall(r"{(\w+)}", t.path)]
+        missing = [key for key in named if key not in cls.Options.model_fields]
+        if missing:
+            raise TypeError(f"{cls.__name__}.target names options {cls.Options.__name__} lacks: {missing}")
 
     def __init__(self, name: str, root: Path, options: Mapping[str, Any]) -> None:
         super().__init__(name, root, options)
@@ -50,23 +89,37 @@ class ApplianceVolume(MountedVolume):
         except ValidationError as e:
             raise ValueError(f"volume {name!r} ({self.backend}): invalid options: {_explain(e)}") from None
         self.client = self.make_client()
+        self._quota = self.quota_model(self)
         self._ready = False
         self._ready_lock = asyncio.Lock()
 
-    def make_client(self) -> RestClient:
-        raise NotImplementedError
+    @property
+    def quota(self) -> QuotaModel:
+        return self._quota
 
-    def rest(self, base_url: str, auth: Auth | None, verify_ssl: bool, **kw: Any) -> RestClient:
+    def option(self, key: str) -> Any:
+        value = getattr(self.opts, key)
+        return value.get_secret_value() if isinstance(value, SecretStr) else value
+
+    def auth(self) -> Auth:
+        """Basic auth from the options :attr:`target` names; vendors with sessions or tokens override it."""
+        if self.target.basic_auth is None:
+            raise NotImplementedError(f"{type(self).__name__} names no basic_auth options and has no auth()")
+        user, password = self.target.basic_auth
+        return BasicAuth(self.option(user), self.option(password))
+
+    def make_client(self) -> RestClient:
+        t, o = self.target, self.opts
+        path = t.path.format_map({k: getattr(o, k) for k in type(o).model_fields})
         return RestClient(
             self.appliance,
-            base_url,
-            auth=auth,
-            verify_ssl=verify_ssl,
-            ca_file=self.opts.ca_file,
-            timeout=self.opts.request_timeout,
-            retries=self.opts.request_retries,
-            backoff=self.opts.retry_backoff,
-            **kw,
+            self.option(t.endpoint).rstrip("/") + path,
+            auth=self.auth(),
+            verify_ssl=self.option(t.verify_ssl),
+            ca_file=o.ca_file,
+            timeout=o.request_timeout,
+            retries=o.request_retries,
+            backoff=o.retry_backoff,
         )
 
     async def init(self) -> None:

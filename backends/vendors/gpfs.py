@@ -16,10 +16,10 @@ from typing import Any
 
 from pydantic import Field, SecretStr
 
-from backends.base import Capability, FSUsage, PerfMetric, QuotaModel, ScopeUsage
+from backends.base import Capability, FSUsage, PerfMetric, ScopeUsage
 from backends.errors import QuotaScopeNotFound
-from backends.vendors.appliance import ApplianceVolume, VendorOptions, rmdir_scope
-from backends.vendors.rest import ApplianceError, BasicAuth, Fields, Reply, RestClient
+from backends.vendors.appliance import ApplianceQuotaModel, ApplianceVolume, RestTarget, VendorOptions, rmdir_scope
+from backends.vendors.rest import ApplianceError, Fields, Reply
 
 UNHEALTHY = {"FAILED", "DEGRADED", "ERROR"}
 PERF_QUERY = (
@@ -45,9 +45,8 @@ def _kib(limit_bytes: int) -> str:
     return f"{-(-limit_bytes // 1024)}K"
 
 
-class GpfsQuotaModel(QuotaModel):
-    def __init__(self, volume: GpfsVolume) -> None:
-        self.v = volume
+class GpfsQuotaModel(ApplianceQuotaModel):
+    v: GpfsVolume
 
     def fileset(self, qsid: str) -> str:
         return self.v.opts.gpfs_fileset_prefix + qsid
@@ -134,20 +133,9 @@ class GpfsVolume(ApplianceVolume):
     appliance = "GPFS"
     Options = GpfsOptions
     capabilities = frozenset({Capability.VFOLDER, Capability.QUOTA, Capability.METRIC, Capability.FAST_FS_SIZE})
+    target = RestTarget("gpfs_endpoint", "/scalemgmt/v2", "gpfs_verify_ssl", ("gpfs_username", "gpfs_password"))
+    quota_model = GpfsQuotaModel
     opts: GpfsOptions
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._quota = GpfsQuotaModel(self)
-
-    @property
-    def quota(self) -> GpfsQuotaModel:
-        return self._quota
-
-    def make_client(self) -> RestClient:
-        o = self.opts
-        auth = BasicAuth(o.gpfs_username, o.gpfs_password.get_secret_value())
-        return self.rest(o.gpfs_endpoint.rstrip("/") + "/scalemgmt/v2", auth, o.gpfs_verify_ssl)
 
     async def wait_jobs(self, reply: Reply, op: str) -> None:
         """Poll each job the mutation started until it is COMPLETED; FAILED / CANCELLED become errors.

@@ -15,9 +15,9 @@ from typing import Any
 
 from pydantic import Field, SecretStr
 
-from backends.base import Capability, FSUsage, PerfMetric, QuotaModel, ScopeUsage
-from backends.vendors.appliance import ApplianceVolume, VendorOptions, rmdir_scope
-from backends.vendors.rest import ApplianceError, BasicAuth, Reply, RestClient
+from backends.base import Capability, FSUsage, PerfMetric, ScopeUsage
+from backends.vendors.appliance import ApplianceQuotaModel, ApplianceVolume, RestTarget, VendorOptions, rmdir_scope
+from backends.vendors.rest import ApplianceError, Reply
 
 QUOTA_ALREADY_ON = "5308507"
 WAITING = {"queued", "running", "paused"}
@@ -34,9 +34,8 @@ class NetappOptions(VendorOptions):
     netapp_job_timeout: float = Field(default=60.0, gt=0)
 
 
-class NetappQuotaModel(QuotaModel):
-    def __init__(self, volume: NetappVolume) -> None:
-        self.v = volume
+class NetappQuotaModel(ApplianceQuotaModel):
+    v: NetappVolume
 
     def _ids(self) -> dict[str, Any]:
         return {"svm": {"uuid": self.v.svm_uuid}, "volume": {"uuid": self.v.vol_uuid}}
@@ -145,6 +144,10 @@ class NetappVolume(ApplianceVolume):
     appliance = "NetApp ONTAP"
     Options = NetappOptions
     capabilities = frozenset({Capability.VFOLDER, Capability.QUOTA, Capability.METRIC, Capability.FAST_FS_SIZE})
+    target = RestTarget(
+        "netapp_ontap_endpoint", "/api", "netapp_verify_ssl", ("netapp_ontap_user", "netapp_ontap_password")
+    )
+    quota_model = NetappQuotaModel
     opts: NetappOptions
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -152,16 +155,6 @@ class NetappVolume(ApplianceVolume):
         self.vol_uuid = ""
         self.svm_uuid = ""
         self._quota_on = False
-        self._quota = NetappQuotaModel(self)
-
-    @property
-    def quota(self) -> NetappQuotaModel:
-        return self._quota
-
-    def make_client(self) -> RestClient:
-        o = self.opts
-        auth = BasicAuth(o.netapp_ontap_user, o.netapp_ontap_password.get_secret_value())
-        return self.rest(o.netapp_ontap_endpoint.rstrip("/") + "/api", auth, o.netapp_verify_ssl)
 
     async def discover(self) -> None:
         name = self.opts.netapp_volume_name

@@ -19,9 +19,8 @@ from typing import Any
 
 from pydantic import AliasChoices, Field, SecretStr
 
-from backends.base import Capability, FSUsage, PerfMetric, QuotaModel, ScopeUsage
-from backends.vendors.appliance import ApplianceVolume, VendorOptions, rmdir_scope
-from backends.vendors.rest import BasicAuth, RestClient
+from backends.base import Capability, FSUsage, PerfMetric, ScopeUsage
+from backends.vendors.appliance import ApplianceQuotaModel, ApplianceVolume, RestTarget, VendorOptions, rmdir_scope
 
 log = logging.getLogger(__name__)
 
@@ -36,9 +35,8 @@ class OnefsOptions(VendorOptions):
     dell_verify_ssl: bool = False
 
 
-class OnefsQuotaModel(QuotaModel):
-    def __init__(self, volume: OnefsVolume) -> None:
-        self.v = volume
+class OnefsQuotaModel(ApplianceQuotaModel):
+    v: OnefsVolume
 
     def ifs_path(self, qsid: str) -> str:
         return self.v.ifs_root.rstrip("/") + "/" + qsid
@@ -123,11 +121,14 @@ class OnefsVolume(ApplianceVolume):
     appliance = "PowerScale OneFS"
     Options = OnefsOptions
     capabilities = frozenset({Capability.VFOLDER, Capability.QUOTA, Capability.METRIC, Capability.FAST_FS_SIZE})
+    target = RestTarget(
+        "dell_endpoint", "/platform/{dell_api_version}", "dell_verify_ssl", ("dell_username", "dell_password")
+    )
+    quota_model = OnefsQuotaModel
     opts: OnefsOptions
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._quota = OnefsQuotaModel(self)
         self.ifs_root = self.opts.dell_ifs_path or str(self.root)
         if self.opts.dell_ifs_path is None:
             log.warning(
@@ -135,15 +136,6 @@ class OnefsVolume(ApplianceVolume):
                 "upstream proxy does)%s", self.name, self.root,
                 "" if self.ifs_root.startswith("/ifs") else "; OneFS only knows /ifs paths, so set dell_ifs_path",
             )
-
-    @property
-    def quota(self) -> OnefsQuotaModel:
-        return self._quota
-
-    def make_client(self) -> RestClient:
-        o = self.opts
-        auth = BasicAuth(o.dell_username, o.dell_password.get_secret_value())
-        return self.rest(f"{o.dell_endpoint.rstrip('/')}/platform/{o.dell_api_version}", auth, o.dell_verify_ssl)
 
     async def _pools(self, op: str) -> list[dict[str, Any]]:
         r = await self.client.get("/storagepool/storagepools", op=op)

@@ -17,7 +17,7 @@ from typing import Any
 from pydantic import SecretStr
 
 from backends.base import Capability, FSUsage, PerfMetric
-from backends.vendors.appliance import ApplianceVolume, VendorOptions
+from backends.vendors.appliance import ApplianceVolume, RestTarget, VendorOptions
 from backends.vendors.rest import ApplianceError, Auth, RestClient
 from backends.vfs import DirectoryQuotaModel
 
@@ -74,20 +74,12 @@ class PureVolume(ApplianceVolume):
     appliance = "FlashBlade"
     Options = PureOptions
     capabilities = frozenset({Capability.VFOLDER, Capability.METRIC, Capability.FAST_FS_SIZE})
+    target = RestTarget("purity_endpoint", "/api", "purity_ssl_verify")
+    quota_model = DirectoryQuotaModel
     opts: PureOptions
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._quota = DirectoryQuotaModel(self)
-
-    @property
-    def quota(self) -> DirectoryQuotaModel:
-        return self._quota
-
-    def make_client(self) -> RestClient:
-        o = self.opts
-        auth = PureSessionAuth(o.purity_api_token.get_secret_value())
-        return self.rest(o.purity_endpoint.rstrip("/") + "/api", auth, o.purity_ssl_verify)
+    def auth(self) -> Auth:
+        return PureSessionAuth(self.option("purity_api_token"))
 
     def _v(self, path: str) -> str:
         return f"/{self.opts.purity_api_version}{path}"

@@ -17,8 +17,8 @@ from typing import Any
 
 from pydantic import SecretStr
 
-from backends.base import Capability, FSUsage, PerfMetric, QuotaModel, ScopeUsage
-from backends.vendors.appliance import ApplianceVolume, VendorOptions, rmdir_scope
+from backends.base import Capability, FSUsage, PerfMetric, ScopeUsage
+from backends.vendors.appliance import ApplianceQuotaModel, ApplianceVolume, RestTarget, VendorOptions, rmdir_scope
 from backends.vendors.rest import ApplianceError, Auth, Fields, RestClient
 
 UNLIMITED = 2**63 - 1  # Weka answers "no limit" as the largest int64
@@ -94,9 +94,8 @@ class WekaTokenAuth(Auth):
         self.expires = time.monotonic() + max(ttl - min(30.0, ttl * 0.1), 0.0)
 
 
-class WekaQuotaModel(QuotaModel):
-    def __init__(self, volume: WekaVolume) -> None:
-        self.v = volume
+class WekaQuotaModel(ApplianceQuotaModel):
+    v: WekaVolume
 
     async def _inode(self, qsid: str) -> int:
         path = await asyncio.to_thread(self.v.require_scope, qsid)
@@ -165,20 +164,16 @@ class WekaVolume(ApplianceVolume):
     appliance = "Weka"
     Options = WekaOptions
     capabilities = frozenset({Capability.VFOLDER, Capability.QUOTA, Capability.METRIC, Capability.FAST_FS_SIZE})
+    target = RestTarget("weka_endpoint", "/api/v2", "weka_verify_ssl")
+    quota_model = WekaQuotaModel
     opts: WekaOptions
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.fs_uid = ""
-        self._quota = WekaQuotaModel(self)
 
-    @property
-    def quota(self) -> WekaQuotaModel:
-        return self._quota
-
-    def make_client(self) -> RestClient:
-        base = self.opts.weka_endpoint.rstrip("/") + "/api/v2"
-        return self.rest(base, WekaTokenAuth(self.opts), self.opts.weka_verify_ssl)
+    def auth(self) -> Auth:
+        return WekaTokenAuth(self.opts)
 
     async def discover(self) -> None:
         f = self.client.fields(f"look up filesystem {self.opts.weka_fs_name!r}")
