@@ -16,6 +16,7 @@ from backends import layout
 from backends.base import Volume
 from backends.errors import VolumeUnavailable
 from backends.layout import LAYOUT_VERSION
+from backends.locks import LifecycleLocks
 from catalog import Catalog
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,12 @@ class Agent:
     states: dict[str, VolumeState] = field(default_factory=dict)
     walks: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(8))
     services: list[Service] = field(default_factory=list)
+    locks: LifecycleLocks = field(default=None)  # type: ignore[assignment]  # set in __post_init__
+
+    def __post_init__(self) -> None:
+        if self.locks is None:  # lock files beside the catalogue: shared by every agent process of this node
+            path = self.config.catalog.path
+            self.locks = LifecycleLocks(path.with_name(path.name + ".locks"))
 
     def volume(self, name: str) -> Volume:
         """A volume that is being served, or a 4xx naming the problem."""

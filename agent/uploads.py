@@ -59,7 +59,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from agent.errors import ApiError
 from agent.services import Periodic
-from backends import cpu_placement, files
+from backends import cpu_placement, files, locks
 from backends.errors import BackendError, FileOpError, InvalidPath, QuotaExceeded
 from backends.ids import VFolderID
 from backends.mounted import STAGING, MountedVolume
@@ -108,6 +108,7 @@ def _start_writeback(fd: int, offset: int, length: int) -> None:
 
 _locks: dict[str, asyncio.Lock] = {}
 _users: collections.Counter[str] = collections.Counter()
+_ended: set[str] = set()  # sessions ended (vfolder deleted) while a request of theirs was running
 
 
 @asynccontextmanager
@@ -128,6 +129,7 @@ async def _session_lock(session_id: str) -> AsyncIterator[bool]:
         if _users[session_id] <= 0:
             del _users[session_id]
             _locks.pop(session_id, None)
+            _ended.discard(session_id)
 
 
 # -- session rows: the catalogue, with this process's copy ------------------------------
@@ -149,10 +151,20 @@ async def _row(agent: Agent, session_id: str) -> UploadSessionRow | None:
 
 
 async def create_session(
-    agent: Agent, volume: str, qsid: str, folder_id: str, relpath: str, size: int, *, expires_at: float
+    agent: Agent,
+    volume: str,
+    qsid: str,
+    folder_id: str,
+    relpath: str,
+    size: int,
+    *,
+    expires_at: float,
+    incarnation: str | None = None,
 ) -> UploadSessionRow:
     """A new session row (the manager API's upload token names it), kept here too: its PATCHes read no row."""
-    row = await agent.catalog.create_upload_session(volume, qsid, folder_id, relpath, size, expires_at=expires_at)
+    row = await agent.catalog.create_upload_session(
+        volume, qsid, folder_id, relpath, size, expires_at=expires_at, incarnation=incarnation
+    )
     _rows[row.session_id] = row
     return row
 
@@ -162,6 +174,8 @@ async def _record(
 ) -> UploadSessionRow:
     """Record the acknowledged offset, with the newest durable offset known (given, or what the syncer reached)."""
     sid = row.session_id
+    if sid in _ended:  # its vfolder was deleted meanwhile: nothing of it may come back
+        raise _no_session(sid)
     if synced is None:
         synced = max(row.synced, _synced.get(sid, 0))
     synced = min(synced, received)
@@ -181,6 +195,26 @@ async def _forget(agent: Agent, session_id: str) -> None:
     await agent.catalog.delete_upload_session(session_id)
     _rows.pop(session_id, None)
     _synced.pop(session_id, None)
+
+
+async def end_sessions(agent: Agent, vol: object, vfid: VFolderID) -> int:
+    """Deleting a vfolder ends its upload sessions: staged bytes removed, rows forgotten (HEAD/PATCH → 404).
+
+    Called under the vfolder's lifecycle lock. A PATCH running meanwhile is not waited for: it finds its
+    session ended when it records its offset (404) and removes what it staged itself."""
+    rows = await agent.catalog.upload_sessions(folder=(getattr(vol, "name", ""), vfid.qsid, vfid.hex))
+    for row in rows:
+        if _users.get(row.session_id):
+            _ended.add(row.session_id)
+        if isinstance(vol, MountedVolume):
+            try:
+                await asyncio.to_thread(remove_staged, vol, row.qsid, row.session_id)
+            except OSError as e:  # start-up sweeps staged files no session names
+                log.warning("upload %s: cannot remove its staged file: %s", row.session_id, e)
+        await _forget(agent, row.session_id)
+    if rows:
+        log.info("vfolder %s deleted: ended %d upload session(s)", vfid, len(rows))
+    return len(rows)
 
 
 # -- background durability: one fdatasync at a time per session, at most one a second ---------------------
@@ -323,12 +357,13 @@ async def open_upload(agent: Agent, claims: dict[str, Any], dst_dir: str | None,
         vfid = VFolderID.parse(claims.get("vfid"))
     except ValueError:
         raise ApiError(403, "invalid token: bad vfid claim", "invalid-token") from None
-    if (claims.get("volume"), vfid.qsid, vfid.hex, claims.get("relpath"), claims.get("size")) != (
+    if (claims.get("volume"), vfid.qsid, vfid.hex, claims.get("relpath"), claims.get("size"), claims.get("inc")) != (
         row.volume,
         row.qsid,
         row.folder_id,
         row.relpath,
         row.size,
+        row.incarnation,
     ):
         raise ApiError(403, "invalid token: its claims do not match the upload session", "invalid-token")
     vol = agent.volume(row.volume)
@@ -515,6 +550,16 @@ async def append(
 async def _append(
     agent: Agent, upload: Upload, offset: int, body: StreamReader, declared: int | None, spliced: SocketBody | None
 ) -> int:
+    try:
+        return await _append_locked(agent, upload, offset, body, declared, spliced)
+    finally:
+        if upload.session_id in _ended:  # its vfolder was deleted while this PATCH ran: drop what it staged
+            await asyncio.shield(asyncio.to_thread(remove_staged, upload.vol, upload.row.qsid, upload.session_id))
+
+
+async def _append_locked(
+    agent: Agent, upload: Upload, offset: int, body: StreamReader, declared: int | None, spliced: SocketBody | None
+) -> int:
     async with _session_lock(upload.session_id) as mine:
         if not mine:
             raise ApiError(
@@ -678,6 +723,21 @@ def _written_length(fd: int, offset: int) -> int:
 
 
 async def _publish(agent: Agent, upload: Upload) -> None:
+    """Move the finished file into its vfolder -- only the incarnation the session was issued for, checked
+    under the vfolder's lifecycle lock (held shared: a delete or re-create waits for the rename)."""
+    row = upload.row
+    vfid = upload.vfid
+    wants = [(locks.scope_key(row.volume, vfid.qsid), locks.SHARED)]
+    wants.append((locks.vfolder_key(row.volume, vfid), locks.SHARED))
+    async with agent.locks.hold(wants, what=f"vfolder {vfid}"):
+        current = await agent.catalog.get_vfolder(row.volume, vfid.qsid, vfid.hex)
+        other = row.incarnation is not None and (current is None or current.incarnation != row.incarnation)
+        if row.session_id in _ended or other:  # deleted (and maybe created anew) since the token was issued
+            raise _no_session(row.session_id)
+        await _publish_locked(agent, upload)
+
+
+async def _publish_locked(agent: Agent, upload: Upload) -> None:
     row = upload.row
     published = await asyncio.to_thread(_move_into_place, upload)
     if not published:
