@@ -745,8 +745,21 @@ async def _publish_locked(agent: Agent, upload: Upload) -> None:
     await _record(agent, row, received=row.size, synced=row.size, state="complete")
 
 
+class _StagingGone(Exception):
+    """The empty staging directory was removed (another operation's cleanup) after we opened it."""
+
+
 def _move_into_place(upload: Upload) -> bool:
     """Rename the staged file onto the target (parents created). False when it was already published."""
+    for _ in range(5):
+        try:
+            return _move_once(upload)
+        except _StagingGone:
+            continue
+    raise OSError(errno.ENOENT, "staging directory keeps disappearing", STAGING)
+
+
+def _move_once(upload: Upload) -> bool:
     row = upload.row
     target = upload.target
     try:
@@ -760,7 +773,10 @@ def _move_into_place(upload: Upload) -> bool:
         except FileNotFoundError:
             if row.size > 0:
                 return False
-            fd = os.open(name, _STAGED_FLAGS, 0o600, dir_fd=sdir)  # a zero-byte upload never had a PATCH body
+            try:
+                fd = os.open(name, _STAGED_FLAGS, 0o600, dir_fd=sdir)  # a zero-byte upload never had a PATCH body
+            except FileNotFoundError:
+                raise _StagingGone from None
         try:
             os.fchmod(fd, PUBLISHED_MODE)  # staged private, published like any file the user writes
             _flush(fd)  # durable before it is visible (the background syncs may lag behind)

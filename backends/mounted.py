@@ -34,6 +34,16 @@ RETRIES = 50  # a mkdir undone by a concurrent cleanup of an emptied directory i
 STAGING = ".staging"  # per quota scope: same filesystem (and subvolume) as its vfolders, outside every vfolder
 
 
+def _mkdir_racy(path: Path, mode: int = 0o755) -> None:
+    """mkdir that tolerates the directory existing -- unlike ``Path.mkdir(exist_ok=True)``, which raises
+    FileExistsError when a concurrent cleanup removes it between the mkdir and its own is_dir check. The
+    caller's next step meets FileNotFoundError if it went meanwhile, and retries."""
+    try:
+        os.mkdir(path, mode)
+    except FileExistsError:
+        pass
+
+
 def _rmdir_if_empty(path: Path) -> None:
     try:
         path.rmdir()
@@ -118,9 +128,7 @@ class MountedVolume(Volume):
         bb = self.vfolder_path(vfid).parent
         for d in (bb.parent, bb):
             try:
-                d.mkdir(mode=0o755)
-            except FileExistsError:
-                pass
+                _mkdir_racy(d)
             except FileNotFoundError:
                 if not scope.is_dir():
                     raise QuotaScopeNotFound(
@@ -133,7 +141,7 @@ class MountedVolume(Volume):
         the emptied staging directory between its mkdir and ours."""
         staging = self.staging_path(qsid)
         for _ in range(RETRIES):
-            staging.mkdir(exist_ok=True)
+            _mkdir_racy(staging, 0o700)
             try:
                 (staging / name).mkdir(mode=0o700)
                 return staging / name
@@ -157,7 +165,7 @@ class MountedVolume(Volume):
         staging = self.staging_path(vfid.qsid)
         trash = staging / f"trash-{uuid.uuid4().hex}"
         for _ in range(RETRIES):
-            staging.mkdir(exist_ok=True)
+            _mkdir_racy(staging, 0o700)
             try:
                 os.rename(path, trash)
                 break
