@@ -83,12 +83,12 @@ def _fill(agent: AgentProcess, vfid: str, files: int = 30) -> None:
 
 def test_parallel_deletes_in_a_fresh_scope_remove_every_tree(agent, api) -> None:  # noqa: ANN001
     """Ten deletes at once of different vfolders of one scope: each 204 means the tree is gone."""
-    for _ in range(4):
+    for n in range(12):
         qsid = _new_scope(api)
         vfids = [f"{qsid}/{uuid.uuid4().hex}" for _ in range(10)]
-        for v in vfids:
+        for i, v in enumerate(vfids):
             assert api.post("/folder/create", json={"volume": VOL, "vfid": v}).status_code == 204
-            _fill(agent, v)
+            _fill(agent, v, files=(n + i) % 4 * 5)  # removals of different lengths: the staging dir empties often
         barrier = threading.Barrier(len(vfids))
 
         def delete(v: str, barrier: threading.Barrier = barrier) -> int:
