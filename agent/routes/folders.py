@@ -26,7 +26,7 @@ async def create(request: web.Request, p: VFolderCreate) -> web.Response:
 @routes.post("/folder/delete")
 @takes(VFolderParams)
 async def delete(request: web.Request, p: VFolderParams) -> web.Response:
-    """Delete a vfolder and its whole tree."""
+    """Delete a vfolder, its whole tree and its upload sessions (409 while another operation holds it)."""
     agent = agent_of(request)
     await vfolders.delete_vfolder(agent, agent.volume(p.volume), p.vfid)
     return web.Response(status=204)
