@@ -820,6 +820,14 @@ async def reconcile(agent: Agent) -> None:
         state = agent.states.get(row.volume)
         if state is not None and not state.serving:
             continue
+        if await agent.catalog.get_vfolder(row.volume, row.qsid, row.folder_id) is None:
+            # its vfolder was deleted (the agent died before the delete ended its sessions): end it now
+            try:
+                await asyncio.to_thread(remove_staged, vol, row.qsid, row.session_id)
+                await _forget(agent, row.session_id)
+            except OSError as e:
+                log.warning("upload %s: cannot remove its staged file: %s", row.session_id, e)
+            continue
         rebooted = row.synced < row.received and (this_boot is None or row.boot_id != this_boot)
         trusted = row.synced if rebooted else row.received
         try:

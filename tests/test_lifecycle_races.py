@@ -6,21 +6,26 @@ and bounded to a few seconds; each defect they found is also pinned by a plain t
 
 from __future__ import annotations
 
+import asyncio
 import os
 import random
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import pytest
 
+from backends.rmtree import remove_tree
 from tests.client_helpers import TUS, claims_of, head, patch, staged_file, upload_token, vfolder_path
-from tests.support import AgentProcess
+from tests.support import AgentProcess, eventually
 
 VOL = "local"
 
@@ -262,3 +267,80 @@ def test_lifecycle_stress_keeps_disk_and_catalogue_in_step(agent, api) -> None: 
         assert api.post("/folder/delete", json={"volume": VOL, "vfid": f"{qsid}/{v}"}).status_code == 204
     r = api.request("DELETE", "/quota-scope", json={"volume": VOL, "qsid": qsid})
     assert r.status_code == 204, r.text
+
+
+# -- the locks themselves ---------------------------------------------------------------------------
+
+
+_HOLDER = """
+import asyncio, sys
+from pathlib import Path
+from backends.locks import EXCLUSIVE, LifecycleLocks
+
+async def main():
+    async with LifecycleLocks(Path(sys.argv[1])).hold([(sys.argv[2], EXCLUSIVE)], what="test"):
+        print("held", flush=True)
+        await asyncio.sleep(60)
+
+asyncio.run(main())
+"""
+
+
+def test_lifecycle_locks_hold_between_processes(tmp_path) -> None:  # noqa: ANN001
+    """A lock another agent process holds makes this one wait, then answer Busy (409); shared locks coexist."""
+    from backends.errors import Busy
+    from backends.locks import EXCLUSIVE, SHARED, LifecycleLocks, scope_key, vfolder_key
+
+    key = vfolder_key("local", "qs/0123")
+    locks = LifecycleLocks(tmp_path / "locks")
+    child = subprocess.Popen([sys.executable, "-c", _HOLDER, str(tmp_path / "locks"), key],
+                             stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(Path.cwd())})
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == b"held"
+
+        async def attempt(mode: int) -> None:
+            async with locks.hold([(key, mode)], what="vfolder qs/0123", wait=0.3):
+                pass
+
+        for mode in (SHARED, EXCLUSIVE):
+            with pytest.raises(Busy, match="vfolder qs/0123"):
+                asyncio.run(attempt(mode))
+    finally:
+        child.kill()
+        child.wait()
+    asyncio.run(attempt(EXCLUSIVE))
+
+    async def shared_twice() -> None:  # two holders of one scope, shared; clone src == dst merges to exclusive
+        s = scope_key("local", "qs")
+        async with locks.hold([(s, SHARED)], what="a"), locks.hold([(s, SHARED)], what="b", wait=0.3):
+            pass
+        async with locks.hold([(key, SHARED), (key, EXCLUSIVE)], what="c", wait=0.3):
+            pass
+
+    asyncio.run(shared_twice())
+
+
+def test_an_upload_session_of_a_vanished_vfolder_is_ended_at_start_up(agent, api, cli) -> None:  # noqa: ANN001
+    """The agent died between a delete's removal and the end of its sessions: start-up ends them."""
+    qsid = _new_scope(api)
+    vfid = f"{qsid}/{uuid.uuid4().hex}"
+    assert api.post("/folder/create", json={"volume": VOL, "vfid": vfid}).status_code == 204
+    token = upload_token(api, vfid, "y.bin", 10)
+    assert patch(cli, token, 0, b"01234").status_code == 204
+    staged = staged_file(agent, token)
+    agent.stop()
+    gone = vfolder_path(agent, vfid)
+    remove_tree(gone)
+    gone.parent.rmdir()
+    gone.parent.parent.rmdir()
+    con = sqlite3.connect(agent.workdir / "catalog.db")
+    with con:
+        con.execute("DELETE FROM vfolders WHERE folder_id = ?", (uuid.UUID(vfid.partition("/")[2]).hex,))
+    con.close()
+    agent.start()
+    eventually(lambda: not staged.exists())
+    with httpx.Client(base_url=agent.client_url, timeout=60) as c:
+        assert head(c, token).status_code == 404
+    with agent.client() as c:
+        r = c.request("DELETE", "/quota-scope", json={"volume": VOL, "qsid": qsid})
+        assert r.status_code == 204, r.text
