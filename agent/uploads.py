@@ -550,91 +550,92 @@ async def append(
 async def _append(
     agent: Agent, upload: Upload, offset: int, body: StreamReader, declared: int | None, spliced: SocketBody | None
 ) -> int:
-    try:
-        return await _append_locked(agent, upload, offset, body, declared, spliced)
-    finally:
-        if upload.session_id in _ended:  # its vfolder was deleted while this PATCH ran: drop what it staged
-            await asyncio.shield(asyncio.to_thread(remove_staged, upload.vol, upload.row.qsid, upload.session_id))
-
-
-async def _append_locked(
-    agent: Agent, upload: Upload, offset: int, body: StreamReader, declared: int | None, spliced: SocketBody | None
-) -> int:
     async with _session_lock(upload.session_id) as mine:
         if not mine:
             raise ApiError(
                 409, "another PATCH for this upload is in progress; HEAD for the offset and retry", "conflict"
             )
-        row = await _row(agent, upload.session_id)  # fresh, under the lock
-        if row is None:
-            raise _no_session(upload.session_id)
-        upload = Upload(row, upload.vol, upload.vfid, upload.target)
-        max_size = agent.config.storage_proxy.max_upload_size
-        if row.size > max_size:
-            raise ApiError(413, f"upload size {row.size} exceeds max-upload-size {max_size}", "upload-too-large")
-        if offset != row.received:
-            raise ApiError(
-                409,
-                f"Upload-Offset {offset} does not match the current offset {row.received}",
-                "conflict",
-                offset=row.received,
-            )
-        if row.state == "complete":
-            if declared:
-                raise ApiError(413, "the upload is already complete", "upload-too-large")
-            return row.size
-        remaining = row.size - offset
-        if declared is not None and declared > remaining:
-            raise ApiError(
-                413, f"the body ({declared} bytes) goes past the declared size ({row.size} bytes)", "upload-too-large"
-            )
         try:
-            fd = await asyncio.to_thread(_prepare_staged, upload)  # checks the target first
-        except _Lost as lost:
-            log.warning("upload %s: staged file holds %d of %d recorded bytes", row.session_id, lost.length, offset)
-            await _record(agent, row, received=lost.length)
-            raise ApiError(
-                409, f"staged bytes were lost; resume from offset {lost.length}", "conflict", offset=lost.length
-            ) from None
-        try:
-            try:
-                if spliced is not None:  # its length is the declared one, checked above against the size
-                    idle = agent.config.api.client.idle_timeout
-                    got = await spliced.copy_to(
-                        lambda parts, pos: _pwrite_all(fd, parts, pos),
-                        lambda pos, length: _start_writeback(fd, pos, length),
-                        fd,
-                        offset,
-                        idle,
-                    )
-                else:
-                    got = await _receive(body, fd, offset, remaining)
-            except _TooMuch:
-                await asyncio.to_thread(_rollback, fd, offset)
-                raise ApiError(
-                    413,
-                    f"the body goes past the declared size ({row.size} bytes); nothing was written",
-                    "upload-too-large",
-                ) from None
-            except BaseException as e:
-                # the client went away or a write failed: keep what was written (tus: store as much as possible)
-                got = await asyncio.shield(asyncio.to_thread(_written_length, fd, offset))
-                if got:
-                    _sync_later(row.session_id, fd, offset + got)
-                    await asyncio.shield(_record(agent, row, received=offset + got))
-                if isinstance(e, OSError) and not isinstance(e, ConnectionError):  # ENOSPC, EDQUOT, EIO ...
-                    raise FileOpError(e.errno or errno.EIO, e.strerror or str(e), [upload.target]) from None
-                raise
-            new = offset + got
-            if got and new < row.size:  # the last PATCH is synced by publication instead
-                _sync_later(row.session_id, fd, new)
+            return await _append_locked(agent, upload, offset, body, declared, spliced)
         finally:
-            os.close(fd)
-        if got:
-            row = await _record(agent, row, received=new)
-        if new == row.size:
-            await _publish(agent, dataclasses.replace(upload, row=row))
-        return new
+            if upload.session_id in _ended:  # its vfolder was deleted while this PATCH ran: drop what it staged
+                await asyncio.shield(asyncio.to_thread(remove_staged, upload.vol, upload.row.qsid, upload.session_id))
+
+
+async def _append_locked(
+    agent: Agent, upload: Upload, offset: int, body: StreamReader, declared: int | None, spliced: SocketBody | None
+) -> int:
+    """The PATCH itself; the caller holds the session's lock."""
+    row = await _row(agent, upload.session_id)  # fresh, under the lock
+    if row is None:
+        raise _no_session(upload.session_id)
+    upload = Upload(row, upload.vol, upload.vfid, upload.target)
+    max_size = agent.config.storage_proxy.max_upload_size
+    if row.size > max_size:
+        raise ApiError(413, f"upload size {row.size} exceeds max-upload-size {max_size}", "upload-too-large")
+    if offset != row.received:
+        raise ApiError(
+            409,
+            f"Upload-Offset {offset} does not match the current offset {row.received}",
+            "conflict",
+            offset=row.received,
+        )
+    if row.state == "complete":
+        if declared:
+            raise ApiError(413, "the upload is already complete", "upload-too-large")
+        return row.size
+    remaining = row.size - offset
+    if declared is not None and declared > remaining:
+        raise ApiError(
+            413, f"the body ({declared} bytes) goes past the declared size ({row.size} bytes)", "upload-too-large"
+        )
+    try:
+        fd = await asyncio.to_thread(_prepare_staged, upload)  # checks the target first
+    except _Lost as lost:
+        log.warning("upload %s: staged file holds %d of %d recorded bytes", row.session_id, lost.length, offset)
+        await _record(agent, row, received=lost.length)
+        raise ApiError(
+            409, f"staged bytes were lost; resume from offset {lost.length}", "conflict", offset=lost.length
+        ) from None
+    try:
+        try:
+            if spliced is not None:  # its length is the declared one, checked above against the size
+                idle = agent.config.api.client.idle_timeout
+                got = await spliced.copy_to(
+                    lambda parts, pos: _pwrite_all(fd, parts, pos),
+                    lambda pos, length: _start_writeback(fd, pos, length),
+                    fd,
+                    offset,
+                    idle,
+                )
+            else:
+                got = await _receive(body, fd, offset, remaining)
+        except _TooMuch:
+            await asyncio.to_thread(_rollback, fd, offset)
+            raise ApiError(
+                413,
+                f"the body goes past the declared size ({row.size} bytes); nothing was written",
+                "upload-too-large",
+            ) from None
+        except BaseException as e:
+            # the client went away or a write failed: keep what was written (tus: store as much as possible)
+            got = await asyncio.shield(asyncio.to_thread(_written_length, fd, offset))
+            if got:
+                _sync_later(row.session_id, fd, offset + got)
+                await asyncio.shield(_record(agent, row, received=offset + got))
+            if isinstance(e, OSError) and not isinstance(e, ConnectionError):  # ENOSPC, EDQUOT, EIO ...
+                raise FileOpError(e.errno or errno.EIO, e.strerror or str(e), [upload.target]) from None
+            raise
+        new = offset + got
+        if got and new < row.size:  # the last PATCH is synced by publication instead
+            _sync_later(row.session_id, fd, new)
+    finally:
+        os.close(fd)
+    if got:
+        row = await _record(agent, row, received=new)
+    if new == row.size:
+        await _publish(agent, dataclasses.replace(upload, row=row))
+    return new
 
 
 def _prepare_staged(upload: Upload) -> int:

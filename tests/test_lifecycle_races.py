@@ -344,3 +344,29 @@ def test_an_upload_session_of_a_vanished_vfolder_is_ended_at_start_up(agent, api
     with agent.client() as c:
         r = c.request("DELETE", "/quota-scope", json={"volume": VOL, "qsid": qsid})
         assert r.status_code == 204, r.text
+
+
+def test_a_patch_running_while_its_vfolder_is_deleted_leaves_nothing_behind(agent, api, cli) -> None:  # noqa: ANN001
+    qsid = _new_scope(api)
+    vfid = f"{qsid}/{uuid.uuid4().hex}"
+    assert api.post("/folder/create", json={"volume": VOL, "vfid": vfid}).status_code == 204
+    token = upload_token(api, vfid, "z.bin", 300)
+    staged = staged_file(agent, token)
+    deleted = threading.Event()
+
+    def body() -> Iterator[bytes]:
+        yield b"a" * 100
+        eventually(staged.exists)  # the PATCH is under way and has staged its first bytes
+        r = api.post("/folder/delete", json={"volume": VOL, "vfid": vfid})
+        assert r.status_code == 204, r.text
+        deleted.set()
+        yield b"b" * 100
+
+    headers = dict(TUS, **{"Upload-Offset": "0"})
+    r = cli.patch("/upload", params={"token": token}, content=body(), headers=headers)
+    assert deleted.is_set()
+    assert r.status_code == 404 and "no-such-upload-session" in r.text, r.text
+    assert not staged.exists(), "the PATCH re-created or kept bytes of a deleted vfolder's upload"
+    assert head(cli, token).status_code == 404
+    r = api.request("DELETE", "/quota-scope", json={"volume": VOL, "qsid": qsid})
+    assert r.status_code == 204, r.text
