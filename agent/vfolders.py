@@ -6,6 +6,7 @@ import asyncio
 import errno
 import logging
 from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from typing import TypeVar
 
 from agent import uploads, usage
@@ -84,7 +85,9 @@ async def delete_scope(agent: Agent, vol: Volume, qsid: str) -> None:
 # -- vfolders --------------------------------------------------------------------
 
 
-def held(agent: Agent, vol: Volume, vfid: VFolderID, *, source: VFolderID | None = None):  # noqa: ANN201
+def held(
+    agent: Agent, vol: Volume, vfid: VFolderID, *, source: VFolderID | None = None
+) -> AbstractAsyncContextManager[None]:
     """The lifecycle locks of an operation on ``vfid`` (and a clone's ``source``): see backends.locks."""
     wants = [(locks.scope_key(vol.name, vfid.qsid), locks.SHARED), (locks.vfolder_key(vol.name, vfid), locks.EXCLUSIVE)]
     if source is not None:

@@ -204,9 +204,9 @@ class MountedVolume(Volume):
                     f"needs {need} bytes, {free} available"
                 )
             staging = self.staging_path(dst.qsid)
-            work = staging / "none"
+            work = staging / f"clone-{uuid.uuid4().hex}"
             try:
-                work = self._staging_entry(dst.qsid, f"clone-{uuid.uuid4().hex}")
+                self._staging_entry(dst.qsid, work.name)
                 src_fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY, dir_fd=root.fd)
                 dst_fd = os.open(work, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
                 try:
