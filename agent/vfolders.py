@@ -86,10 +86,10 @@ async def delete_scope(agent: Agent, vol: Volume, qsid: str) -> None:
 
 
 def held(
-    agent: Agent, vol: Volume, vfid: VFolderID, *, source: VFolderID | None = None
+    agent: Agent, vol: Volume, vfid: VFolderID, *, source: VFolderID | None = None, mode: int = locks.EXCLUSIVE
 ) -> AbstractAsyncContextManager[None]:
     """The lifecycle locks of an operation on ``vfid`` (and a clone's ``source``): see backends.locks."""
-    wants = [(locks.scope_key(vol.name, vfid.qsid), locks.SHARED), (locks.vfolder_key(vol.name, vfid), locks.EXCLUSIVE)]
+    wants = [(locks.scope_key(vol.name, vfid.qsid), locks.SHARED), (locks.vfolder_key(vol.name, vfid), mode)]
     if source is not None:
         wants.append((locks.scope_key(vol.name, source.qsid), locks.SHARED))
         wants.append((locks.vfolder_key(vol.name, source), locks.SHARED))
@@ -138,8 +138,9 @@ async def new_upload_session(
     agent: Agent, vol: Volume, vfid: VFolderID, relpath: str, size: int, *, expires_at: float
 ) -> UploadSessionRow:
     """An upload session bound to the vfolder's current incarnation; under its lock, so a delete running
-    meanwhile either comes first (404 here) or ends this session too."""
-    async with held(agent, vol, vfid):
+    meanwhile either comes first (404 here) or ends this session too. Shared: a clone of the vfolder
+    (which holds it shared for the whole copy) does not hold up an upload to it."""
+    async with held(agent, vol, vfid, mode=locks.SHARED):
         (await open_root(vol, vfid)).close()
         row = await agent.catalog.get_vfolder(vol.name, vfid.qsid, vfid.hex)
         if row is None:

@@ -338,7 +338,11 @@ def test_an_upload_session_of_a_vanished_vfolder_is_ended_at_start_up(agent, api
         con.execute("DELETE FROM vfolders WHERE folder_id = ?", (uuid.UUID(vfid.partition("/")[2]).hex,))
     con.close()
     agent.start()
-    eventually(lambda: not staged.exists())
+
+    def ended() -> None:
+        assert not staged.exists()
+
+    eventually(ended)
     with httpx.Client(base_url=agent.client_url, timeout=60) as c:
         assert head(c, token).status_code == 404
     with agent.client() as c:
@@ -356,7 +360,11 @@ def test_a_patch_running_while_its_vfolder_is_deleted_leaves_nothing_behind(agen
 
     def body() -> Iterator[bytes]:
         yield b"a" * 100
-        eventually(staged.exists)  # the PATCH is under way and has staged its first bytes
+
+        def under_way() -> None:  # the PATCH holds its session and has opened its staged file
+            assert staged.exists()
+
+        eventually(under_way)
         r = api.post("/folder/delete", json={"volume": VOL, "vfid": vfid})
         assert r.status_code == 204, r.text
         deleted.set()
