@@ -16,6 +16,7 @@ from backends import layout
 from backends.base import Volume
 from backends.errors import VolumeUnavailable
 from backends.layout import LAYOUT_VERSION
+from backends.locks import LifecycleLocks
 from catalog import Catalog
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,12 @@ class Agent:
     walks: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(8))
     services: list[Service] = field(default_factory=list)
     _checking: dict[str, asyncio.Future[VolumeState]] = field(default_factory=dict, init=False, repr=False)
+    locks: LifecycleLocks = field(default=None)  # type: ignore[assignment]  # set in __post_init__
+
+    def __post_init__(self) -> None:
+        if self.locks is None:  # lock files beside the catalogue: shared by every agent process of this node
+            path = self.config.catalog.path
+            self.locks = LifecycleLocks(path.with_name(path.name + ".locks"))
 
     def configured(self, name: str) -> Volume:
         """A configured volume, served or not, or the 404 naming it."""

@@ -27,13 +27,13 @@ from zipstream import ZIP_STORED, ZipStream
 
 from agent.errors import REQUEST_ID, ApiError, problem_response
 from agent.strict import digits
+from backends.safeopen import NotRegular, open_entry_at
 
 log = logging.getLogger(__name__)
 
 READ_CHUNK = 1 << 20  # one read from a file inside a zip
 BATCH = 1 << 20  # bytes of zip stream handed from the worker thread to the event loop at a time
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 
 def content_disposition(filename: str) -> str:
@@ -219,16 +219,13 @@ def zip_tree(top_fd: int) -> Iterator[bytes]:
                 zs.mkdir(arc)
             elif stat.S_ISREG(st.st_mode):
                 try:
-                    fd = os.open(entry.name, _FILE_FLAGS, dir_fd=dir_fd)
+                    fd, fst = open_entry_at(dir_fd, entry.name)  # never blocks (backends.safeopen)
+                except NotRegular:
+                    continue
                 except OSError as e:
-                    if e.errno in (errno.ENOENT, errno.ELOOP, errno.EACCES, errno.ENXIO):
+                    if e.errno in (errno.ENOENT, errno.EACCES):
                         continue
                     raise
-                fst = os.fstat(fd)
-                if not stat.S_ISREG(fst.st_mode):
-                    os.close(fd)
-                    continue
-                os.set_blocking(fd, True)
                 current = _FileChunks(fd, fst.st_size)
                 zs.add(current, arc, size=fst.st_size)
             else:

@@ -61,6 +61,7 @@ _BACKEND_MAP: dict[type[BackendError], tuple[int, str | None]] = {
     be.UnsupportedOperation: (400, "unsupported-operation"),
     be.VolumeUnavailable: (503, "volume-unavailable"),
     be.ExternalError: (502, "external-error"),
+    be.Busy: (409, "conflict"),
 }
 
 

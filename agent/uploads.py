@@ -59,7 +59,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from agent.errors import ApiError
 from agent.services import Periodic
-from backends import cpu_placement, files
+from backends import cpu_placement, files, locks
 from backends.errors import BackendError, FileOpError, InvalidPath, QuotaExceeded
 from backends.ids import VFolderID
 from backends.mounted import STAGING, MountedVolume
@@ -108,6 +108,7 @@ def _start_writeback(fd: int, offset: int, length: int) -> None:
 
 _locks: dict[str, asyncio.Lock] = {}
 _users: collections.Counter[str] = collections.Counter()
+_ended: set[str] = set()  # sessions ended (vfolder deleted) while a request of theirs was running
 
 
 @asynccontextmanager
@@ -128,6 +129,7 @@ async def _session_lock(session_id: str) -> AsyncIterator[bool]:
         if _users[session_id] <= 0:
             del _users[session_id]
             _locks.pop(session_id, None)
+            _ended.discard(session_id)
 
 
 # -- session rows: the catalogue, with this process's copy ------------------------------
@@ -149,10 +151,20 @@ async def _row(agent: Agent, session_id: str) -> UploadSessionRow | None:
 
 
 async def create_session(
-    agent: Agent, volume: str, qsid: str, folder_id: str, relpath: str, size: int, *, expires_at: float
+    agent: Agent,
+    volume: str,
+    qsid: str,
+    folder_id: str,
+    relpath: str,
+    size: int,
+    *,
+    expires_at: float,
+    incarnation: str | None = None,
 ) -> UploadSessionRow:
     """A new session row (the manager API's upload token names it), kept here too: its PATCHes read no row."""
-    row = await agent.catalog.create_upload_session(volume, qsid, folder_id, relpath, size, expires_at=expires_at)
+    row = await agent.catalog.create_upload_session(
+        volume, qsid, folder_id, relpath, size, expires_at=expires_at, incarnation=incarnation
+    )
     _rows[row.session_id] = row
     return row
 
@@ -162,6 +174,8 @@ async def _record(
 ) -> UploadSessionRow:
     """Record the acknowledged offset, with the newest durable offset known (given, or what the syncer reached)."""
     sid = row.session_id
+    if sid in _ended:  # its vfolder was deleted meanwhile: nothing of it may come back
+        raise _no_session(sid)
     if synced is None:
         synced = max(row.synced, _synced.get(sid, 0))
     synced = min(synced, received)
@@ -181,6 +195,26 @@ async def _forget(agent: Agent, session_id: str) -> None:
     await agent.catalog.delete_upload_session(session_id)
     _rows.pop(session_id, None)
     _synced.pop(session_id, None)
+
+
+async def end_sessions(agent: Agent, vol: object, vfid: VFolderID) -> int:
+    """Deleting a vfolder ends its upload sessions: staged bytes removed, rows forgotten (HEAD/PATCH → 404).
+
+    Called under the vfolder's lifecycle lock. A PATCH running meanwhile is not waited for: it finds its
+    session ended when it records its offset (404) and removes what it staged itself."""
+    rows = await agent.catalog.upload_sessions(folder=(getattr(vol, "name", ""), vfid.qsid, vfid.hex))
+    for row in rows:
+        if _users.get(row.session_id):
+            _ended.add(row.session_id)
+        if isinstance(vol, MountedVolume):
+            try:
+                await asyncio.to_thread(remove_staged, vol, row.qsid, row.session_id)
+            except OSError as e:  # start-up sweeps staged files no session names
+                log.warning("upload %s: cannot remove its staged file: %s", row.session_id, e)
+        await _forget(agent, row.session_id)
+    if rows:
+        log.info("vfolder %s deleted: ended %d upload session(s)", vfid, len(rows))
+    return len(rows)
 
 
 # -- background durability: one fdatasync at a time per session, at most one a second ---------------------
@@ -323,12 +357,13 @@ async def open_upload(agent: Agent, claims: dict[str, Any], dst_dir: str | None,
         vfid = VFolderID.parse(claims.get("vfid"))
     except ValueError:
         raise ApiError(403, "invalid token: bad vfid claim", "invalid-token") from None
-    if (claims.get("volume"), vfid.qsid, vfid.hex, claims.get("relpath"), claims.get("size")) != (
+    if (claims.get("volume"), vfid.qsid, vfid.hex, claims.get("relpath"), claims.get("size"), claims.get("inc")) != (
         row.volume,
         row.qsid,
         row.folder_id,
         row.relpath,
         row.size,
+        row.incarnation,
     ):
         raise ApiError(403, "invalid token: its claims do not match the upload session", "invalid-token")
     vol = agent.volume(row.volume)
@@ -520,76 +555,87 @@ async def _append(
             raise ApiError(
                 409, "another PATCH for this upload is in progress; HEAD for the offset and retry", "conflict"
             )
-        row = await _row(agent, upload.session_id)  # fresh, under the lock
-        if row is None:
-            raise _no_session(upload.session_id)
-        upload = Upload(row, upload.vol, upload.vfid, upload.target)
-        max_size = agent.config.storage_proxy.max_upload_size
-        if row.size > max_size:
-            raise ApiError(413, f"upload size {row.size} exceeds max-upload-size {max_size}", "upload-too-large")
-        if offset != row.received:
-            raise ApiError(
-                409,
-                f"Upload-Offset {offset} does not match the current offset {row.received}",
-                "conflict",
-                offset=row.received,
-            )
-        if row.state == "complete":
-            if declared:
-                raise ApiError(413, "the upload is already complete", "upload-too-large")
-            return row.size
-        remaining = row.size - offset
-        if declared is not None and declared > remaining:
-            raise ApiError(
-                413, f"the body ({declared} bytes) goes past the declared size ({row.size} bytes)", "upload-too-large"
-            )
         try:
-            fd = await asyncio.to_thread(_prepare_staged, upload)  # checks the target first
-        except _Lost as lost:
-            log.warning("upload %s: staged file holds %d of %d recorded bytes", row.session_id, lost.length, offset)
-            await _record(agent, row, received=lost.length)
-            raise ApiError(
-                409, f"staged bytes were lost; resume from offset {lost.length}", "conflict", offset=lost.length
-            ) from None
-        try:
-            try:
-                if spliced is not None:  # its length is the declared one, checked above against the size
-                    idle = agent.config.api.client.idle_timeout
-                    got = await spliced.copy_to(
-                        lambda parts, pos: _pwrite_all(fd, parts, pos),
-                        lambda pos, length: _start_writeback(fd, pos, length),
-                        fd,
-                        offset,
-                        idle,
-                    )
-                else:
-                    got = await _receive(body, fd, offset, remaining)
-            except _TooMuch:
-                await asyncio.to_thread(_rollback, fd, offset)
-                raise ApiError(
-                    413,
-                    f"the body goes past the declared size ({row.size} bytes); nothing was written",
-                    "upload-too-large",
-                ) from None
-            except BaseException as e:
-                # the client went away or a write failed: keep what was written (tus: store as much as possible)
-                got = await asyncio.shield(asyncio.to_thread(_written_length, fd, offset))
-                if got:
-                    _sync_later(row.session_id, fd, offset + got)
-                    await asyncio.shield(_record(agent, row, received=offset + got))
-                if isinstance(e, OSError) and not isinstance(e, ConnectionError):  # ENOSPC, EDQUOT, EIO ...
-                    raise FileOpError(e.errno or errno.EIO, e.strerror or str(e), [upload.target]) from None
-                raise
-            new = offset + got
-            if got and new < row.size:  # the last PATCH is synced by publication instead
-                _sync_later(row.session_id, fd, new)
+            return await _append_locked(agent, upload, offset, body, declared, spliced)
         finally:
-            os.close(fd)
-        if got:
-            row = await _record(agent, row, received=new)
-        if new == row.size:
-            await _publish(agent, dataclasses.replace(upload, row=row))
-        return new
+            if upload.session_id in _ended:  # its vfolder was deleted while this PATCH ran: drop what it staged
+                await asyncio.shield(asyncio.to_thread(remove_staged, upload.vol, upload.row.qsid, upload.session_id))
+
+
+async def _append_locked(
+    agent: Agent, upload: Upload, offset: int, body: StreamReader, declared: int | None, spliced: SocketBody | None
+) -> int:
+    """The PATCH itself; the caller holds the session's lock."""
+    row = await _row(agent, upload.session_id)  # fresh, under the lock
+    if row is None:
+        raise _no_session(upload.session_id)
+    upload = Upload(row, upload.vol, upload.vfid, upload.target)
+    max_size = agent.config.storage_proxy.max_upload_size
+    if row.size > max_size:
+        raise ApiError(413, f"upload size {row.size} exceeds max-upload-size {max_size}", "upload-too-large")
+    if offset != row.received:
+        raise ApiError(
+            409,
+            f"Upload-Offset {offset} does not match the current offset {row.received}",
+            "conflict",
+            offset=row.received,
+        )
+    if row.state == "complete":
+        if declared:
+            raise ApiError(413, "the upload is already complete", "upload-too-large")
+        return row.size
+    remaining = row.size - offset
+    if declared is not None and declared > remaining:
+        raise ApiError(
+            413, f"the body ({declared} bytes) goes past the declared size ({row.size} bytes)", "upload-too-large"
+        )
+    try:
+        fd = await asyncio.to_thread(_prepare_staged, upload)  # checks the target first
+    except _Lost as lost:
+        log.warning("upload %s: staged file holds %d of %d recorded bytes", row.session_id, lost.length, offset)
+        await _record(agent, row, received=lost.length)
+        raise ApiError(
+            409, f"staged bytes were lost; resume from offset {lost.length}", "conflict", offset=lost.length
+        ) from None
+    try:
+        try:
+            if spliced is not None:  # its length is the declared one, checked above against the size
+                idle = agent.config.api.client.idle_timeout
+                got = await spliced.copy_to(
+                    lambda parts, pos: _pwrite_all(fd, parts, pos),
+                    lambda pos, length: _start_writeback(fd, pos, length),
+                    fd,
+                    offset,
+                    idle,
+                )
+            else:
+                got = await _receive(body, fd, offset, remaining)
+        except _TooMuch:
+            await asyncio.to_thread(_rollback, fd, offset)
+            raise ApiError(
+                413,
+                f"the body goes past the declared size ({row.size} bytes); nothing was written",
+                "upload-too-large",
+            ) from None
+        except BaseException as e:
+            # the client went away or a write failed: keep what was written (tus: store as much as possible)
+            got = await asyncio.shield(asyncio.to_thread(_written_length, fd, offset))
+            if got:
+                _sync_later(row.session_id, fd, offset + got)
+                await asyncio.shield(_record(agent, row, received=offset + got))
+            if isinstance(e, OSError) and not isinstance(e, ConnectionError):  # ENOSPC, EDQUOT, EIO ...
+                raise FileOpError(e.errno or errno.EIO, e.strerror or str(e), [upload.target]) from None
+            raise
+        new = offset + got
+        if got and new < row.size:  # the last PATCH is synced by publication instead
+            _sync_later(row.session_id, fd, new)
+    finally:
+        os.close(fd)
+    if got:
+        row = await _record(agent, row, received=new)
+    if new == row.size:
+        await _publish(agent, dataclasses.replace(upload, row=row))
+    return new
 
 
 def _prepare_staged(upload: Upload) -> int:
@@ -678,6 +724,21 @@ def _written_length(fd: int, offset: int) -> int:
 
 
 async def _publish(agent: Agent, upload: Upload) -> None:
+    """Move the finished file into its vfolder -- only the incarnation the session was issued for, checked
+    under the vfolder's lifecycle lock (held shared: a delete or re-create waits for the rename)."""
+    row = upload.row
+    vfid = upload.vfid
+    wants = [(locks.scope_key(row.volume, vfid.qsid), locks.SHARED)]
+    wants.append((locks.vfolder_key(row.volume, vfid), locks.SHARED))
+    async with agent.locks.hold(wants, what=f"vfolder {vfid}"):
+        current = await agent.catalog.get_vfolder(row.volume, vfid.qsid, vfid.hex)
+        other = row.incarnation is not None and (current is None or current.incarnation != row.incarnation)
+        if row.session_id in _ended or other:  # deleted (and maybe created anew) since the token was issued
+            raise _no_session(row.session_id)
+        await _publish_locked(agent, upload)
+
+
+async def _publish_locked(agent: Agent, upload: Upload) -> None:
     row = upload.row
     published = await asyncio.to_thread(_move_into_place, upload)
     if not published:
@@ -685,8 +746,21 @@ async def _publish(agent: Agent, upload: Upload) -> None:
     await _record(agent, row, received=row.size, synced=row.size, state="complete")
 
 
+class _StagingGone(Exception):
+    """The empty staging directory was removed (another operation's cleanup) after we opened it."""
+
+
 def _move_into_place(upload: Upload) -> bool:
     """Rename the staged file onto the target (parents created). False when it was already published."""
+    for _ in range(5):
+        try:
+            return _move_once(upload)
+        except _StagingGone:
+            continue
+    raise OSError(errno.ENOENT, "staging directory keeps disappearing", STAGING)
+
+
+def _move_once(upload: Upload) -> bool:
     row = upload.row
     target = upload.target
     try:
@@ -700,7 +774,10 @@ def _move_into_place(upload: Upload) -> bool:
         except FileNotFoundError:
             if row.size > 0:
                 return False
-            fd = os.open(name, _STAGED_FLAGS, 0o600, dir_fd=sdir)  # a zero-byte upload never had a PATCH body
+            try:
+                fd = os.open(name, _STAGED_FLAGS, 0o600, dir_fd=sdir)  # a zero-byte upload never had a PATCH body
+            except FileNotFoundError:
+                raise _StagingGone from None
         try:
             os.fchmod(fd, PUBLISHED_MODE)  # staged private, published like any file the user writes
             _flush(fd)  # durable before it is visible (the background syncs may lag behind)
@@ -743,6 +820,14 @@ async def reconcile(agent: Agent) -> None:
             continue
         state = agent.states.get(row.volume)
         if state is not None and not state.serving:
+            continue
+        if await agent.catalog.get_vfolder(row.volume, row.qsid, row.folder_id) is None:
+            # its vfolder was deleted (the agent died before the delete ended its sessions): end it now
+            try:
+                await asyncio.to_thread(remove_staged, vol, row.qsid, row.session_id)
+                await _forget(agent, row.session_id)
+            except OSError as e:
+                log.warning("upload %s: cannot remove its staged file: %s", row.session_id, e)
             continue
         rebooted = row.synced < row.received and (this_boot is None or row.boot_id != this_boot)
         trusted = row.synced if rebooted else row.received

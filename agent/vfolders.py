@@ -6,12 +6,13 @@ import asyncio
 import errno
 import logging
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractAsyncContextManager, contextmanager
 from typing import TypeVar
 
-from agent import usage
+from agent import uploads, usage
 from agent.context import Agent
 from agent.errors import ApiError
+from backends import locks
 from backends.base import ScopeUsage, Volume
 from backends.errors import (
     BackendError,
@@ -23,6 +24,7 @@ from backends.errors import (
 )
 from backends.ids import QuotaScopeID, VFolderID
 from backends.resolver import VFolderRoot
+from catalog.store import UploadSessionRow
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -88,13 +90,14 @@ async def update_scope(agent: Agent, vol: Volume, qsid: str, limit_bytes: int | 
 
 
 async def delete_scope(agent: Agent, vol: Volume, qsid: str) -> None:
-    known = [vf for vf in await agent.catalog.vfolders(vol.name, qsid) if vf.state == "ready"]
-    if known:
-        raise QuotaScopeNotEmpty(f"quota scope {qsid!r} still holds {len(known)} vfolder(s); delete them first")
-    await vol.quota.delete(qsid)
-    for vf in await agent.catalog.vfolders(vol.name, qsid):
-        await agent.catalog.remove_vfolder(vol.name, qsid, vf.folder_id)
-    await agent.catalog.remove_quota_scope(vol.name, qsid)
+    async with agent.locks.hold([(locks.scope_key(vol.name, qsid), locks.EXCLUSIVE)], what=f"quota scope {qsid!r}"):
+        known = [vf for vf in await agent.catalog.vfolders(vol.name, qsid) if vf.state == "ready"]
+        if known:
+            raise QuotaScopeNotEmpty(f"quota scope {qsid!r} still holds {len(known)} vfolder(s); delete them first")
+        await vol.quota.delete(qsid)
+        for vf in await agent.catalog.vfolders(vol.name, qsid):
+            await agent.catalog.remove_vfolder(vol.name, qsid, vf.folder_id)
+        await agent.catalog.remove_quota_scope(vol.name, qsid)
 
 
 # -- vfolders --------------------------------------------------------------------
@@ -117,42 +120,77 @@ async def ensure_scope(agent: Agent, vol: Volume, qsid: str, limit_bytes: int | 
     log.info("quota scope %s on %s did not exist: created (limit %s)", qsid, vol.name, limit_bytes)
 
 
+def held(
+    agent: Agent, vol: Volume, vfid: VFolderID, *, source: VFolderID | None = None, mode: int = locks.EXCLUSIVE
+) -> AbstractAsyncContextManager[None]:
+    """The lifecycle locks of an operation on ``vfid`` (and a clone's ``source``): see backends.locks."""
+    wants = [(locks.scope_key(vol.name, vfid.qsid), locks.SHARED), (locks.vfolder_key(vol.name, vfid), mode)]
+    if source is not None:
+        wants.append((locks.scope_key(vol.name, source.qsid), locks.SHARED))
+        wants.append((locks.vfolder_key(vol.name, source), locks.SHARED))
+    return agent.locks.hold(wants, what=f"vfolder {vfid}")
+
+
 async def create_vfolder(
     agent: Agent, vol: Volume, vfid: VFolderID, *, make_scope: bool = False, scope_limit: int | None = None
 ) -> None:
-    """``make_scope``: a missing scope is created first (with ``scope_limit``) instead of refused."""
+    """``make_scope``: a missing scope is created first (with ``scope_limit``) instead of refused.
+
+    The scope is made before the vfolder's locks are taken: creating it takes no lock, and holding its
+    lock shared across its own creation would gain nothing."""
     if make_scope:
         await ensure_scope(agent, vol, vfid.qsid, scope_limit)
-    elif not await scope_exists(vol, vfid.qsid):
-        raise QuotaScopeNotFound(
-            f"quota scope '{vfid.scope}' does not exist on volume {vol.name!r}; create it first (POST /quota-scope)"
-        )
-    await vol.create_vfolder(vfid)
-    await agent.catalog.add_vfolder(vol.name, vfid.qsid, vfid.hex)
-    usage.registered(agent, vol, vfid, fresh=True)
+    async with held(agent, vol, vfid):
+        if not await scope_exists(vol, vfid.qsid):
+            raise QuotaScopeNotFound(
+                f"quota scope '{vfid.scope}' does not exist on volume {vol.name!r}; create it first (POST /quota-scope)"
+            )
+        await vol.create_vfolder(vfid)
+        await agent.catalog.add_vfolder(vol.name, vfid.qsid, vfid.hex)
+        usage.registered(agent, vol, vfid, fresh=True)
 
 
 async def delete_vfolder(agent: Agent, vol: Volume, vfid: VFolderID) -> None:
-    try:
-        await vol.delete_vfolder(vfid)
-    except VFolderNotFound:
-        if await agent.catalog.get_vfolder(vol.name, vfid.qsid, vfid.hex) is None:
-            raise
-        log.info("vfolder %s on %s was already gone from disk; forgetting it", vfid, vol.name)
-    await usage.unregistered(agent, vol, vfid)
-    await agent.catalog.remove_vfolder(vol.name, vfid.qsid, vfid.hex)
+    """Delete the tree, end the vfolder's upload sessions (staged bytes too), forget it."""
+    async with held(agent, vol, vfid):
+        try:
+            await vol.delete_vfolder(vfid)
+        except VFolderNotFound:
+            if await agent.catalog.get_vfolder(vol.name, vfid.qsid, vfid.hex) is None:
+                raise
+            log.info("vfolder %s on %s was already gone from disk; forgetting it", vfid, vol.name)
+        await uploads.end_sessions(agent, vol, vfid)
+        await usage.unregistered(agent, vol, vfid)
+        await agent.catalog.remove_vfolder(vol.name, vfid.qsid, vfid.hex)
 
 
 async def clone_vfolder(agent: Agent, vol: Volume, src: VFolderID, dst: VFolderID) -> None:
-    job = await agent.catalog.start_job("clone", vol.name, {"src": str(src), "dst": str(dst)})
-    try:
-        await vol.clone_vfolder(src, dst)
-    except BaseException as e:
-        await asyncio.shield(agent.catalog.finish_job(job, error=str(e) or type(e).__name__))
-        raise
-    await agent.catalog.add_vfolder(vol.name, dst.qsid, dst.hex)
-    usage.registered(agent, vol, dst, fresh=False)
-    await agent.catalog.finish_job(job)
+    async with held(agent, vol, dst, source=src):
+        job = await agent.catalog.start_job("clone", vol.name, {"src": str(src), "dst": str(dst)})
+        try:
+            await vol.clone_vfolder(src, dst)
+        except BaseException as e:
+            await asyncio.shield(agent.catalog.finish_job(job, error=str(e) or type(e).__name__))
+            raise
+        await agent.catalog.add_vfolder(vol.name, dst.qsid, dst.hex)
+        usage.registered(agent, vol, dst, fresh=False)
+        await agent.catalog.finish_job(job)
+
+
+async def new_upload_session(
+    agent: Agent, vol: Volume, vfid: VFolderID, relpath: str, size: int, *, expires_at: float
+) -> UploadSessionRow:
+    """An upload session bound to the vfolder's current incarnation; under its lock, so a delete running
+    meanwhile either comes first (404 here) or ends this session too. Shared: a clone of the vfolder
+    (which holds it shared for the whole copy) does not hold up an upload to it."""
+    async with held(agent, vol, vfid, mode=locks.SHARED):
+        (await open_root(vol, vfid)).close()
+        row = await agent.catalog.get_vfolder(vol.name, vfid.qsid, vfid.hex)
+        if row is None:
+            raise VFolderNotFound(f"vfolder {vfid} is not known on volume {vol.name!r}")
+        return await uploads.create_session(
+            agent, vol.name, vfid.qsid, vfid.hex, relpath, size, expires_at=expires_at, incarnation=row.incarnation
+        )
 
 
 def cross_volume(src_volume: str, dst_volume: str | None) -> None:

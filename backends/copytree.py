@@ -4,7 +4,11 @@ Used by clone. Every directory is opened with ``O_NOFOLLOW`` relative to its
 parent's descriptor, so a user who swaps a directory for a symlink while the
 copy runs gets an error, never a copy of something outside the vfolder.
 Regular files are reflinked where the filesystem can (``FICLONE``: btrfs, XFS
-with reflink), else copied in the kernel with ``copy_file_range``.
+with reflink), else copied in the kernel with ``copy_file_range``. Files are
+opened through :mod:`backends.safeopen`, so a FIFO swapped in for a file
+cannot block the copy. FIFOs, sockets and devices are not copied (the
+upstream proxy copies them; an agent that recreates device nodes a user
+planted would hand them to the next container).
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ import fcntl
 import os
 import stat
 from collections.abc import Callable
+
+from backends.safeopen import NotRegular, open_entry_at
 
 FICLONE = 0x40049409
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -63,7 +69,10 @@ def _copy_entries(sfd: int, dfd: int, stack: list[tuple]) -> int:
             os.symlink(os.readlink(name, dir_fd=sfd), name, dir_fd=dfd)
             _copy_meta(st, dir_fd=dfd, name=name)
         elif stat.S_ISREG(st.st_mode):
-            s = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=sfd)
+            try:
+                s, st = open_entry_at(sfd, name)
+            except (FileNotFoundError, NotRegular):
+                continue  # gone, or swapped for a special file or a link since the stat: skipped
             try:
                 d = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600, dir_fd=dfd)
                 try:

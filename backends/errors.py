@@ -64,3 +64,7 @@ class FileOpError(BackendError):
         self.errno = errno
         self.strerror = strerror
         self.paths = paths
+
+
+class Busy(BackendError):
+    """Another lifecycle operation holds the vfolder or quota scope for longer than a request waits."""

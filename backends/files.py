@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from backends.errors import FileOpError
 from backends.resolver import VFolderRoot, check_name, check_relpath, fs_errors, rename_noreplace
 from backends.rmtree import remove_tree_at
+from backends.safeopen import NotRegular, open_in_root
 
 
 @dataclass(frozen=True)
@@ -137,20 +138,11 @@ def delete(root: VFolderRoot, relpaths: list[str], *, recursive: bool) -> None:
 
 
 def open_regular(root: VFolderRoot, relpath: str) -> tuple[int, os.stat_result]:
-    """Open a regular file for reading (links followed within the vfolder).
-
-    Opened non-blocking first so a FIFO cannot hang the worker, then checked.
-    """
+    """Open a regular file for reading (links followed within the vfolder); never blocks (see safeopen)."""
     with fs_errors(relpath):
-        fd = root.open(relpath, os.O_RDONLY | os.O_NONBLOCK)
         try:
-            st = os.fstat(fd)
-            if stat.S_ISDIR(st.st_mode):
-                raise OSError(errno.EISDIR, os.strerror(errno.EISDIR))
-            if not stat.S_ISREG(st.st_mode):
-                raise OSError(errno.EINVAL, "not a regular file")
-            os.set_blocking(fd, True)
-        except BaseException:
-            os.close(fd)
-            raise
-    return fd, st
+            return open_in_root(root, relpath)
+        except NotRegular as e:
+            if stat.S_ISDIR(e.st.st_mode):
+                raise OSError(errno.EISDIR, os.strerror(errno.EISDIR)) from None
+            raise OSError(errno.EINVAL, e.strerror) from None

@@ -30,7 +30,18 @@ from backends.resolver import VFolderRoot, rename_noreplace
 from backends.rmtree import remove_tree
 from backends.walk import TreeUsage, tree_usage
 
+RETRIES = 50  # a mkdir undone by a concurrent cleanup of an emptied directory is tried again this often
 STAGING = ".staging"  # per quota scope: same filesystem (and subvolume) as its vfolders, outside every vfolder
+
+
+def _mkdir_racy(path: Path, mode: int = 0o755) -> None:
+    """mkdir that tolerates the directory existing -- unlike ``Path.mkdir(exist_ok=True)``, which raises
+    FileExistsError when a concurrent cleanup removes it between the mkdir and its own is_dir check. The
+    caller's next step meets FileNotFoundError if it went meanwhile, and retries."""
+    try:
+        os.mkdir(path, mode)
+    except FileExistsError:
+        pass
 
 
 def _rmdir_if_empty(path: Path) -> None:
@@ -97,28 +108,74 @@ class MountedVolume(Volume):
         path = self.vfolder_path(vfid)
         if os.path.lexists(path):
             raise VFolderExists(f"vfolder {vfid} already exists on volume {self.name!r}")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            path.mkdir(mode=0o755)
-        except FileExistsError:  # a concurrent create won the race
-            raise VFolderExists(f"vfolder {vfid} already exists on volume {self.name!r}") from None
+        for _ in range(RETRIES):
+            self._make_prefix(vfid)
+            try:
+                path.mkdir(mode=0o755)
+                return
+            except FileExistsError:  # a concurrent create won the race
+                raise VFolderExists(f"vfolder {vfid} already exists on volume {self.name!r}") from None
+            except FileNotFoundError:  # a delete in the same aa/bb removed the emptied prefix meanwhile
+                continue
+        raise OSError(errno.ENOENT, "the vfolder's prefix directory keeps disappearing", str(path.parent))
+
+    def _make_prefix(self, vfid: VFolderID) -> None:
+        """Make ``<qsid>/aa/bb`` (never the scope's own directory: a removed scope stays removed).
+
+        Another vfolder's delete removes these directories once empty, so a caller retries its next step
+        when it meets FileNotFoundError."""
+        scope = self.scope_path(vfid.qsid)
+        bb = self.vfolder_path(vfid).parent
+        for d in (bb.parent, bb):
+            try:
+                _mkdir_racy(d)
+            except FileNotFoundError:
+                if not scope.is_dir():
+                    raise QuotaScopeNotFound(
+                        f"quota scope {vfid.qsid!r} does not exist on volume {self.name!r}"
+                    ) from None
+                return  # `aa` went between the two mkdirs: the caller's next step fails and retries
+
+    def _staging_entry(self, qsid: str, name: str) -> Path:
+        """Make ``<qsid>/.staging/<name>`` (a private directory); retried when a concurrent operation removed
+        the emptied staging directory between its mkdir and ours."""
+        staging = self.staging_path(qsid)
+        for _ in range(RETRIES):
+            _mkdir_racy(staging, 0o700)
+            try:
+                (staging / name).mkdir(mode=0o700)
+                return staging / name
+            except FileNotFoundError:
+                continue
+        raise OSError(errno.ENOENT, "the staging directory keeps disappearing", str(staging))
 
     async def delete_vfolder(self, vfid: VFolderID) -> None:
         await asyncio.to_thread(self._delete_vfolder, vfid)
 
     def _delete_vfolder(self, vfid: VFolderID) -> None:
-        """Move the tree aside atomically (so no half-deleted folder is ever visible), then remove it."""
+        """Move the tree aside atomically (so no half-deleted folder is ever visible), then remove it.
+
+        Once the tree is in the staging area the delete has happened: an agent killed before the removal
+        finishes it at start-up (reconcile sweeps ``.staging``). "Not found" is only believed when the
+        vfolder itself is gone, never when the staging directory was (another delete emptied it).
+        """
         path = self.vfolder_path(vfid)
         if not os.path.lexists(path):
             raise VFolderNotFound(f"vfolder {vfid} does not exist on volume {self.name!r}")
         staging = self.staging_path(vfid.qsid)
-        staging.mkdir(exist_ok=True)
         trash = staging / f"trash-{uuid.uuid4().hex}"
-        try:
-            os.rename(path, trash)
-        except FileNotFoundError:  # a concurrent delete won the race
-            _rmdir_if_empty(staging)
-            raise VFolderNotFound(f"vfolder {vfid} does not exist on volume {self.name!r}") from None
+        for _ in range(RETRIES):
+            _mkdir_racy(staging, 0o700)
+            try:
+                os.rename(path, trash)
+                break
+            except FileNotFoundError:
+                if not os.path.lexists(path):  # a concurrent delete won the race
+                    _rmdir_if_empty(staging)
+                    raise VFolderNotFound(f"vfolder {vfid} does not exist on volume {self.name!r}") from None
+                # the staging directory was removed between our mkdir and the rename: again
+        else:
+            raise OSError(errno.ENOENT, "the staging directory keeps disappearing", str(staging))
         _rmdir_if_empty(path.parent)
         _rmdir_if_empty(path.parent.parent)
         with cpu_placement.widened():  # a big tree's unlinks are kernel work: off the agent's pinned CPU
@@ -135,7 +192,10 @@ class MountedVolume(Volume):
         if not self.scope_path(dst.qsid).is_dir():
             raise QuotaScopeNotFound(f"quota scope {dst.qsid!r} does not exist on volume {self.name!r}")
         with self.open_vfolder(src) as root:
-            need = self.clone_space_needed(src)
+            try:
+                need = self.clone_space_needed(src)
+            except (FileNotFoundError, NotADirectoryError):  # the source went while it was measured
+                raise VFolderNotFound(f"vfolder {src} does not exist on volume {self.name!r}") from None
             st = os.statvfs(self.scope_path(dst.qsid))
             free = st.f_bavail * st.f_frsize
             if need > free:
@@ -146,8 +206,7 @@ class MountedVolume(Volume):
             staging = self.staging_path(dst.qsid)
             work = staging / f"clone-{uuid.uuid4().hex}"
             try:
-                staging.mkdir(exist_ok=True)
-                work.mkdir(mode=0o700)
+                self._staging_entry(dst.qsid, work.name)
                 src_fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY, dir_fd=root.fd)
                 dst_fd = os.open(work, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
                 try:
@@ -156,8 +215,16 @@ class MountedVolume(Volume):
                 finally:
                     os.close(src_fd)
                     os.close(dst_fd)
-                dst_path.parent.mkdir(parents=True, exist_ok=True)
-                _publish(work, dst_path)
+                for _ in range(RETRIES):
+                    self._make_prefix(dst)
+                    try:
+                        _publish(work, dst_path)
+                        break
+                    except FileNotFoundError:  # the prefix went (a delete in the same aa/bb): again
+                        if not work.is_dir():
+                            raise
+                else:
+                    raise OSError(errno.ENOENT, "the vfolder's prefix directory keeps disappearing", str(dst_path))
             except FileExistsError:
                 remove_tree(work, ignore_errors=True)
                 raise VFolderExists(f"destination vfolder {dst} already exists on volume {self.name!r}") from None
@@ -170,6 +237,9 @@ class MountedVolume(Volume):
                 if e.errno == errno.ENOSPC:
                     raise NotEnoughSpace(f"volume {self.name!r} ran out of space while cloning {src}") from None
                 raise FileOpError(e.errno or errno.EIO, e.strerror or str(e), []) from None
+            except BaseException:  # e.g. the destination scope was removed meanwhile
+                remove_tree(work, ignore_errors=True)
+                raise
             finally:
                 _rmdir_if_empty(staging)
 

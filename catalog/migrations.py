@@ -82,6 +82,13 @@ STEPS: Sequence[Sequence[str]] = (
         "UPDATE upload_sessions SET synced = received",
         "ALTER TABLE upload_sessions ADD COLUMN boot_id TEXT",
     ),
+    # 6: a vfolder row names its incarnation (a new one each time the id is created), and an upload session
+    # the incarnation it was issued for: a token of a deleted vfolder never publishes into a recreated one
+    (
+        "ALTER TABLE vfolders ADD COLUMN incarnation TEXT",
+        "UPDATE vfolders SET incarnation = lower(hex(randomblob(16)))",
+        "ALTER TABLE upload_sessions ADD COLUMN incarnation TEXT",
+    ),
 )
 
 SCHEMA_VERSION = len(STEPS)

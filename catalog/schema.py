@@ -65,6 +65,7 @@ vfolders = sa.Table(
     sa.Column("state", sa.Text, nullable=False),  # ready | missing
     sa.Column("created_at", sa.Float, nullable=False),
     sa.Column("missing_since", sa.Float),
+    sa.Column("incarnation", sa.Text),  # random, new each time the id is created (schema 6)
 )
 
 vfolder_metadata = sa.Table(
@@ -129,6 +130,7 @@ upload_sessions = sa.Table(
     sa.Column("state", sa.Text, nullable=False),  # open | complete
     sa.Column("synced", sa.Integer, nullable=False),  # bytes known durable (fdatasync'ed), <= received
     sa.Column("boot_id", sa.Text),  # the boot in which bytes past ``synced`` were written
+    sa.Column("incarnation", sa.Text),  # the vfolder incarnation the session was issued for (schema 6)
 )
 
 jobs = sa.Table(

@@ -63,6 +63,7 @@ class VFolderRow:
     state: str
     created_at: float
     missing_since: float | None
+    incarnation: str | None = None  # new each time the id is created: tells a recreated vfolder apart
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,7 @@ class UploadSessionRow:
     state: str
     synced: int = 0  # bytes known durable; the rest survive a process kill but maybe not a power cut
     boot_id: str | None = None  # the boot that wrote the bytes past ``synced``
+    incarnation: str | None = None  # the vfolder incarnation it was issued for
 
 
 @dataclass(frozen=True)
@@ -287,7 +289,12 @@ class Catalog:
             if row is None:
                 conn.execute(
                     vfolders.insert().values(
-                        volume=volume, qsid=qsid, folder_id=folder_id, state="ready", created_at=time.time()
+                        volume=volume,
+                        qsid=qsid,
+                        folder_id=folder_id,
+                        state="ready",
+                        created_at=time.time(),
+                        incarnation=uuid.uuid4().hex,
                     )
                 )
                 return True
@@ -304,7 +311,7 @@ class Catalog:
     async def get_vfolder(self, volume: str, qsid: str, folder_id: str) -> VFolderRow | None:
         async with self.db.read() as conn:
             r = (await conn.execute(sa.select(vfolders).where(_vf_key(vfolders, volume, qsid, folder_id)))).first()
-        return None if r is None else VFolderRow(r.volume, r.qsid, r.folder_id, r.state, r.created_at, r.missing_since)
+        return None if r is None else VFolderRow(**r._asdict())
 
     async def vfolders(self, volume: str, qsid: str | None = None) -> list[VFolderRow]:
         stmt = sa.select(vfolders).where(vfolders.c.volume == volume)
@@ -312,7 +319,7 @@ class Catalog:
             stmt = stmt.where(vfolders.c.qsid == qsid)
         async with self.db.read() as conn:
             rows = await conn.execute(stmt.order_by(vfolders.c.qsid, vfolders.c.folder_id))
-            return [VFolderRow(r.volume, r.qsid, r.folder_id, r.state, r.created_at, r.missing_since) for r in rows]
+            return [VFolderRow(**r._asdict()) for r in rows]
 
     async def count_vfolders(self, volume: str, qsid: str) -> int:
         async with self.db.read() as conn:
@@ -429,7 +436,14 @@ class Catalog:
     # -- upload sessions -------------------------------------------------------
 
     async def create_upload_session(
-        self, volume: str, qsid: str, folder_id: str, relpath: str, size: int, expires_at: float
+        self,
+        volume: str,
+        qsid: str,
+        folder_id: str,
+        relpath: str,
+        size: int,
+        expires_at: float,
+        incarnation: str | None = None,
     ) -> UploadSessionRow:
         row = UploadSessionRow(
             session_id=uuid.uuid4().hex,
@@ -442,6 +456,7 @@ class Catalog:
             created_at=time.time(),
             expires_at=expires_at,
             state="open",
+            incarnation=incarnation,
         )
         await self.db.execute_write(upload_sessions.insert().values(**row.__dict__))
         return row
@@ -462,7 +477,11 @@ class Catalog:
         )
 
     async def upload_sessions(
-        self, *, state: str | None = None, expired_before: float | None = None
+        self,
+        *,
+        state: str | None = None,
+        expired_before: float | None = None,
+        folder: tuple[str, str, str] | None = None,
     ) -> list[UploadSessionRow]:
         """Session rows, all or only those in ``state`` / expired before a time (the sweeper's question,
         answered by the expiry index: finished sessions stay until they expire and can be many)."""
@@ -471,6 +490,8 @@ class Catalog:
             stmt = stmt.where(upload_sessions.c.state == state)
         if expired_before is not None:
             stmt = stmt.where(upload_sessions.c.expires_at < expired_before)
+        if folder is not None:  # (volume, qsid, folder_id): one vfolder's sessions
+            stmt = stmt.where(_vf_key(upload_sessions, *folder))
         async with self.db.read() as conn:
             rows = await conn.execute(stmt)
             return [UploadSessionRow(**r._asdict()) for r in rows]

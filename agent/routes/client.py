@@ -25,6 +25,7 @@ from agent.socket_body import SocketBody
 from backends.base import Volume
 from backends.ids import VFolderID
 from backends.resolver import VFolderRoot, check_relpath, fs_errors
+from backends.safeopen import NotRegular, open_in_root
 
 routes = web.RouteTableDef()
 
@@ -107,22 +108,16 @@ def _open_root(agent: Agent, claims: dict[str, Any]) -> tuple[VFolderRoot, str]:
 
 
 def _open_entry(root: VFolderRoot, path: str) -> tuple[int, os.stat_result]:
-    """Open what ``path`` names beneath the root: a regular file (blocking reads) or a directory."""
+    """Open what ``path`` names beneath the root: a regular file or a directory (never blocks: safeopen)."""
     with fs_errors(path):
         try:
-            fd = root.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO cannot hang the worker
+            return open_in_root(root, path, dirs=True)
         except (FileNotFoundError, NotADirectoryError):
             raise ApiError(404, f"no such file: {path}", "file-not-found", errno=errno.ENOENT, paths=[path]) from None
-        try:
-            st = os.fstat(fd)
-            if stat.S_ISREG(st.st_mode):
-                os.set_blocking(fd, True)
-            elif not stat.S_ISDIR(st.st_mode):
-                raise ApiError(400, f"{path} is not a regular file or directory", "invalid-api-params", paths=[path])
-        except BaseException:
-            os.close(fd)
-            raise
-    return fd, st
+        except NotRegular:
+            raise ApiError(
+                400, f"{path} is not a regular file or directory", "invalid-api-params", paths=[path]
+            ) from None
 
 
 def _open_download(agent: Agent, claims: dict[str, Any], path: str) -> tuple[int, os.stat_result, str]:

@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 
 from aiohttp import web
 
-from agent import answers, tokens, uploads, vfolders
+from agent import answers, tokens, vfolders
 from agent.context import agent_of
 from agent.errors import ApiError, from_backend
 from agent.params import (
@@ -180,10 +180,9 @@ async def upload_token(request: web.Request, p: UploadParams) -> web.Response:
     sp = agent.config.storage_proxy
     if p.size > sp.max_upload_size:
         raise ApiError(413, f"declared size {p.size} exceeds max-upload-size {sp.max_upload_size}", "upload-too-large")
-    (await vfolders.open_root(vol, p.vfid)).close()
     expires = sp.session_expire
-    session = await uploads.create_session(
-        agent, vol.name, p.vfid.qsid, p.vfid.hex, p.relpath, p.size, expires_at=time.time() + expires
+    session = await vfolders.new_upload_session(
+        agent, vol, p.vfid, p.relpath, p.size, expires_at=time.time() + expires
     )
     token = tokens.issue(
         sp.secret.get_secret_value(),
@@ -194,5 +193,6 @@ async def upload_token(request: web.Request, p: UploadParams) -> web.Response:
         relpath=p.relpath,
         session=session.session_id,
         size=p.size,
+        inc=session.incarnation,  # the vfolder incarnation: a re-created vfolder id never takes this upload
     )
     return web.json_response({"token": token})

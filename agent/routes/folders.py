@@ -30,7 +30,8 @@ async def create(request: web.Request, p: VFolderCreate) -> web.Response:
 @routes.post("/folder/delete")
 @takes(VFolderParams)
 async def delete(request: web.Request, p: VFolderParams) -> web.Response:
-    """Delete a vfolder and its whole tree (an unknown one: 404, or 204 for a typed id, as 23.03.7+ proxies)."""
+    """Delete a vfolder, its whole tree and its upload sessions (an unknown one: 404, or 204 for a typed id, as
+    23.03.7+ proxies; 409 while another operation holds it)."""
     agent = agent_of(request)
     try:
         await vfolders.delete_vfolder(agent, agent.volume(p.volume), p.vfid)

@@ -42,6 +42,7 @@ from agent.view.figures import dashed, scope_xattrs, usage_table, vfolder_xattrs
 from agent.view.links import shown_target
 from backends.ids import VFolderID
 from backends.resolver import RESOLVE_BENEATH, RESOLVE_NO_SYMLINKS, VFolderRoot, openat2
+from backends.safeopen import reopen_checked
 from catalog.readonly import ReadOnlyCatalog
 from catalog.store import QuotaScopeRow, VFolderRow
 
@@ -544,7 +545,8 @@ class ViewFS(pyfuse3.Operations):
         if node.link is not None:
             self._linked(root, node)  # picks a name that still is this file
         try:
-            fd = openat2(root.fd, node.relpath, os.O_RDONLY, BENEATH)
+            # O_PATH + fstat + reopen (backends.safeopen): a FIFO swapped in cannot block the view's loop
+            fd, _ = reopen_checked(openat2(root.fd, node.relpath, os.O_PATH, BENEATH))
         except OSError as e:
             raise _os_error(e) from None
         if node.link is not None:
