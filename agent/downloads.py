@@ -19,7 +19,7 @@ import os
 import stat
 import unicodedata
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from email.utils import formatdate, parsedate_to_datetime
 
 from aiohttp import web
@@ -118,9 +118,9 @@ async def send_file(
             chosen = _parse_range(rng, size)
         except ValueError as e:  # a problem body like every 4xx, with the size the client may ask within
             msg = f"Range {rng[:40]!r} cannot be satisfied ({e}): the file has {size} byte(s)"
-            resp = problem_response(ApiError(416, msg, "range-not-satisfiable"), request.get(REQUEST_ID))
-            resp.headers["Content-Range"] = f"bytes */{size}"
-            return resp
+            refused = problem_response(ApiError(416, msg, "range-not-satisfiable"), request.get(REQUEST_ID))
+            refused.headers["Content-Range"] = f"bytes */{size}"
+            return refused
         if chosen is not None:
             status, (start, count) = 206, chosen
             headers["Content-Range"] = f"bytes {start}-{start + count - 1}/{size}"
@@ -178,7 +178,7 @@ def _arcname(name: str) -> str:
     return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
-def zip_tree(top_fd: int) -> Iterator[bytes]:
+def zip_tree(top_fd: int) -> Generator[bytes, None, None]:
     """The zip of the directory open at ``top_fd`` (owned and closed here), produced while walking.
 
     Directories (empty ones too) become ``name/`` members, regular files their
@@ -243,7 +243,7 @@ def zip_tree(top_fd: int) -> Iterator[bytes]:
             os.close(dir_fd)
 
 
-def _next_batch(gen: Iterator[bytes]) -> bytes:
+def _next_batch(gen: Generator[bytes, None, None]) -> bytes:
     parts: list[bytes] = []
     n = 0
     for chunk in gen:

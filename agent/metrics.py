@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -44,7 +45,7 @@ LATENCY = Histogram(
 UPLOAD_BYTES = Counter("storage_agent_upload_received_bytes", "Bytes of tus PATCH bodies durably written")
 
 
-def middleware(listener: str) -> web.middleware:
+def middleware(listener: str) -> Middleware:
     """Outermost middleware of a listener's app: counts every answer, errors included."""
 
     @web.middleware

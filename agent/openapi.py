@@ -12,7 +12,7 @@ from typing import Any
 
 from aiohttp import web
 from pydantic import BaseModel
-from pydantic.json_schema import models_json_schema
+from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
 from agent import __version__ as VERSION
 from agent import answers
@@ -43,7 +43,7 @@ def build(app: web.Application, listener: str, version: str = "0") -> dict[str, 
             continue
         ops.append((path, route.method.lower(), doc))
 
-    models: list[tuple[type[BaseModel], str]] = [(answers.Problem, "serialization")]
+    models: list[tuple[type[BaseModel], JsonSchemaMode]] = [(answers.Problem, "serialization")]
     for _, _, doc in ops:
         if doc.body is not None:
             models.append((doc.body, "validation"))
@@ -80,7 +80,7 @@ def build(app: web.Application, listener: str, version: str = "0") -> dict[str, 
 
 
 def _operation(
-    path: str, method: str, doc: ApiDoc, refs: dict[tuple[type[BaseModel], str], Any], listener: str
+    path: str, method: str, doc: ApiDoc, refs: dict[Any, Any], listener: str
 ) -> dict[str, Any]:
     op: dict[str, Any] = {"operationId": f"{method}{path.replace('/', '_').replace('-', '_') or '_root'}"}
     if doc.summary:

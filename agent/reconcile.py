@@ -52,7 +52,7 @@ def _trash_inodes(vol: MountedVolume, qsid: str) -> set[int]:
 
 def _sweep_staging(vol: MountedVolume, qsid: str, keep: set[str]) -> list[str]:
     staging = vol.staging_path(qsid)
-    swept = []
+    swept: list[str] = []
     if not staging.is_dir():
         return swept
     for entry in staging.iterdir():
@@ -96,9 +96,9 @@ async def reconcile(catalog: Catalog, vol: Volume, *, keep_staged: set[str] | No
                         await catalog.remove_vfolder(vol.name, qsid, folder_id)
                         report.finished_deletes.append(f"{qsid}/{folder_id}")
             report.swept += await asyncio.to_thread(_sweep_staging, vol, qsid, keep_staged or set())
-    for key, row in known_vfolders.items():
-        if key not in on_disk and row.state != "missing" and key not in report.finished_deletes:
-            await catalog.mark_vfolder_missing(vol.name, row.qsid, row.folder_id)
+    for key, vrow in known_vfolders.items():
+        if key not in on_disk and vrow.state != "missing" and key not in report.finished_deletes:
+            await catalog.mark_vfolder_missing(vol.name, vrow.qsid, vrow.folder_id)
             report.missing_vfolders.append(key)
 
     for job in await catalog.running_jobs():

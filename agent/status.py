@@ -127,11 +127,12 @@ def collect(config: Config) -> dict[str, Any]:
 def _size(n: int | None) -> str:
     if n is None:
         return "-"
+    x = float(n)
     for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
-        if abs(n) < 1024 or unit == "PiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
+        if abs(x) < 1024 or unit == "PiB":
+            return f"{x:.0f} {unit}" if unit == "B" else f"{x:.1f} {unit}"
+        x /= 1024
+    return str(x)
 
 
 def render(data: dict[str, Any], *, as_json: bool) -> None:

@@ -263,10 +263,15 @@ async def _sync_loop(session_id: str) -> None:
         _syncing.pop(session_id, None)
 
 
+def _settle(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
 async def _pause(session_id: str, until: float) -> None:
     loop = asyncio.get_running_loop()
     pause = _pauses[session_id] = loop.create_future()
-    timer = loop.call_at(until, lambda: pause.done() or pause.set_result(None))
+    timer = loop.call_at(until, _settle, pause)
     try:
         await pause
     finally:

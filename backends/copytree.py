@@ -48,6 +48,7 @@ def _copy_meta(
         os.fchmod(fd, stat.S_IMODE(st.st_mode))
         os.utime(fd, ns=(st.st_atime_ns, st.st_mtime_ns))
     else:  # a symlink: its own owner and times (its mode is meaningless on Linux)
+        assert name is not None, "a symlink is named relative to dir_fd"
         os.chown(name, st.st_uid, st.st_gid, dir_fd=dir_fd, follow_symlinks=False)
         os.utime(name, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=dir_fd, follow_symlinks=False)
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from backends import cpu_placement
 
 try:
-    from . import _fastwalk
+    from . import _fastwalk  # type: ignore[attr-defined]  # a C extension, no stub
 except ImportError:  # extension not built: fall back to the pure-Python walk
     _fastwalk = None
 
