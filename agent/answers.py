@@ -70,6 +70,7 @@ class FolderUsage(Answer):
     measured_at: float | None
     source: str
     stale: bool
+    pending: bool
 
 
 class UsedBytes(Answer):
@@ -77,6 +78,7 @@ class UsedBytes(Answer):
     measured_at: float | None
     source: str
     stale: bool
+    pending: bool
 
 
 class EntryStat(Answer):

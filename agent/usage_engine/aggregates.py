@@ -154,6 +154,7 @@ class _LinkRef:
     alloc: int
     size: int
     holders: dict[str, int]  # relpath of a directory -> how many of its entries are this inode
+    nlink: int = 0  # the inode's link count when last read: more than ``holders`` hold = names outside
 
 
 class VFolderTree:
@@ -167,6 +168,8 @@ class VFolderTree:
         self.link_alloc = 0
         self.unplaced_links = False
         self._links: dict[tuple[int, int], _LinkRef] = {}
+        self._links_changed = True
+        self._escaping: set[str] = set()
 
     @property
     def root_alloc(self) -> int:
@@ -198,15 +201,18 @@ class VFolderTree:
         self.size += agg.size
         self.plain_alloc += agg.alloc
         stale: set[str] = set()
+        if agg.links or had:
+            self._links_changed = True
         for dev, ino, alloc, size, nlink in agg.links:
             ref = self._links.get((dev, ino))
             if ref is None:
-                self._links[(dev, ino)] = _LinkRef(alloc, size, {relpath: 1})
+                self._links[(dev, ino)] = _LinkRef(alloc, size, {relpath: 1}, nlink)
                 self.link_alloc += alloc
                 if (dev, ino) not in had and nlink > names[(dev, ino)]:
                     self.unplaced_links = True
                 continue
             ref.holders[relpath] = ref.holders.get(relpath, 0) + 1
+            ref.nlink = nlink
             if ref.size != size:
                 stale.update(h for h in ref.holders if h != relpath)
                 ref.size = size
@@ -215,7 +221,19 @@ class VFolderTree:
                 ref.alloc = alloc
         return stale
 
+    def escaping(self) -> set[str]:
+        """Directories holding a hard link whose inode also has names outside this vfolder (a write
+        through such a name is seen by no event of this vfolder, so the engine re-reads them itself)."""
+        if self._links_changed:
+            self._escaping = {
+                h for ref in self._links.values() if sum(ref.holders.values()) < ref.nlink for h in ref.holders
+            }
+            self._links_changed = False
+        return self._escaping
+
     def _remove(self, relpath: str, agg: DirAgg) -> None:
+        if agg.links:
+            self._links_changed = True
         self.entries -= agg.entries
         self.size -= agg.size
         self.plain_alloc -= agg.alloc

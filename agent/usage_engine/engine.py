@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import gc
 import logging
 import os
@@ -54,6 +55,7 @@ class Usage:
     measured_at: float
     source: str  # fast | watch | scan
     stale: bool
+    pending: bool = False  # events for this vfolder are queued or being applied (the figure lags)
 
 
 @dataclass(eq=False)
@@ -66,6 +68,8 @@ class VFState:
     figure: Usage | None = None
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     dirty: set[str] = field(default_factory=set)
+    expect: dict[str, set[int]] = field(default_factory=dict)  # dirty relpath -> inodes the events named
+    applying: bool = False  # a flush is re-reading this vfolder's directories
     pending: dict[str, DirAgg | None] = field(default_factory=dict)  # rows to write at the next flush
     scan_task: asyncio.Task[None] | None = None
     scan_again: bool = False
@@ -83,6 +87,17 @@ class VFState:
 
 def _row(rel: str, agg: DirAgg) -> DirRow:
     return DirRow(rel, agg.ino, agg.entries, agg.size, agg.alloc, agg.own_alloc, encode_links(agg.links))
+
+
+def _consistent(dirs: dict[str, DirAgg]) -> bool:
+    """Whether a subtree's walk saw one tree: every subdirectory a directory listed was read, and is the
+    inode its parent listed (a directory moved while it was walked breaks this)."""
+    for rel, agg in dirs.items():
+        for name, rec in agg.subdirs.items():
+            child = dirs.get(join(rel, name))
+            if child is None or child.ino != rec[0]:
+                return False
+    return True
 
 
 class UsageEngine:
@@ -207,7 +222,43 @@ class UsageEngine:
 
     def cached_key(self, key: VFKey) -> Usage | None:
         st = self._vfs.get(key)
-        return None if st is None or st.gone else st.figure
+        return None if st is None or st.gone else self._with_lag(st)
+
+    def _with_lag(self, st: VFState) -> Usage | None:
+        """The figure, flagged ``pending`` (and stale) while events for the vfolder are queued or being
+        applied: the kernel's queue is read first, so a change made before the request counts."""
+        f = st.figure
+        if f is None or st.mode != "watch":
+            return f
+        if self.watcher is not None:
+            self.watcher.drain(8)
+        if st.dirty or st.subtree_jobs or st.applying:
+            return dataclasses.replace(f, stale=True, pending=True)
+        return f
+
+    async def answer(self, vol: Volume, vfid: VFolderID) -> Usage | None:
+        """What the routes serve: :meth:`usage`, with hard links that also have names outside the vfolder
+        re-read first (a write through an outside name is seen by no event of this vfolder)."""
+        st = self._vfs.get((vol.name, vfid.qsid, vfid.hex))
+        if st is None or st.gone or st.figure is None:
+            return await self.usage(vol, vfid)
+        await self._recheck_links(st)
+        return self._with_lag(st)
+
+    async def _recheck_links(self, st: VFState) -> None:
+        tree = st.tree
+        if st.mode != "watch" or tree is None or st.scanning:
+            return
+        holders = [r for r in tree.escaping() if r in tree.dirs]
+        if not holders:
+            return
+        try:
+            results = await asyncio.to_thread(self._read_many, st, holders)
+        except VFolderNotFound:
+            await self._check_root(st)
+            return
+        if st.tree is tree and not st.scanning and not st.gone:
+            self._apply(st, results)
 
     async def usage(self, vol: Volume, vfid: VFolderID) -> Usage | None:
         """The figure being served; a vfolder never measured is scanned now and waited for a bounded time
@@ -229,11 +280,13 @@ class UsageEngine:
 
     # -- watcher sink (called on the event loop) ------------------------------------------------------
 
-    def dirty(self, vf: object, relpath: str) -> None:
+    def dirty(self, vf: object, relpath: str, ino: int = 0) -> None:
         st: VFState = vf  # type: ignore[assignment]
         if st.gone:
             return
         st.dirty.add(relpath)
+        if ino:
+            st.expect.setdefault(relpath, set()).add(ino)
         self._wake.set()
 
     def lost(self, vf: object, relpath: str) -> None:
@@ -391,13 +444,17 @@ class UsageEngine:
             if state["full"]:
                 st.incomplete_watches = True
             tree = st.tree
-            if tree is None or st.scanning or st.gone or rel not in dirs:
-                return
             parent_rel, name = split(rel)
+            if tree is None or st.scanning or st.gone:
+                return
             parent = tree.dirs.get(parent_rel)
             rec = parent.subdirs.get(name) if parent is not None else None
-            if rec is None or rec[0] != dirs[rel].ino:
-                return  # gone or replaced again since: the parent's next re-read decides
+            if rel not in dirs or rec is None or rec[0] != dirs[rel].ino or not _consistent(dirs):
+                # gone, replaced, or moved while it was walked: the parent's re-read decides (it walks
+                # the directory again if the tree still lacks it)
+                if parent is not None:
+                    st.dirty.add(parent_rel)
+                return
             for r in tree.drop(rel):
                 st.pending[r] = None
             for r, agg in dirs.items():
@@ -434,19 +491,27 @@ class UsageEngine:
             if not st.dirty or st.tree is None or st.scanning or st.gone:
                 continue
             rels, st.dirty = st.dirty, set()
+            expect = {r: st.expect.pop(r) for r in rels if r in st.expect}
             known = [r for r in rels if r in st.tree.dirs]
             if st.subtree_jobs:
-                st.dirty |= {r for r in rels if r not in st.tree.dirs}  # may belong to a subtree being walked
+                waiting = {r for r in rels if r not in st.tree.dirs}  # may belong to a subtree being walked
+                st.dirty |= waiting
+                for r in waiting & expect.keys():
+                    st.expect.setdefault(r, set()).update(expect[r])
             if not known:
                 continue
+            st.applying = True
             try:
                 results = await asyncio.to_thread(self._read_many, st, known)
             except VFolderNotFound:
                 await self._check_root(st)
                 continue
+            finally:
+                st.applying = False
             if st.scanning or st.tree is None or st.gone:
                 st.dirty |= set(known)
                 continue
+            self._doubt_moved(st, results, expect)
             self._apply(st, results)
         changes = []
         for st in self._vfs.values():
@@ -460,6 +525,17 @@ class UsageEngine:
             changes.append(VFolderChange(st.key, totals, upserts, deletes))
         if changes:
             await self.store.apply(changes)
+
+    def _doubt_moved(self, st: VFState, results: list[tuple[str, DirAgg | None]], expect: dict[str, set[int]]) -> None:
+        """An event happened in a directory that its path no longer names (a rotation of directories
+        while events were queued): the change may belong to a directory the re-read does not look at,
+        so the vfolder is flagged stale and rescanned rather than trusted."""
+        for rel, agg in results:
+            if agg is not None and expect.get(rel, {agg.ino}) - {agg.ino}:
+                log.debug("usage engine: %r of %s names another directory than its events did", rel, st.vfid)
+                self._mark_stale(st)
+                self.request_scan(st)
+                return
 
     @staticmethod
     def _read_many(st: VFState, rels: list[str]) -> list[tuple[str, DirAgg | None]]:
@@ -494,7 +570,9 @@ class UsageEngine:
                         self.watcher.forget(st, gone)
             for name, rec in agg.subdirs.items():
                 prev = old.subdirs.get(name)
-                if prev is None or prev[0] != rec[0]:
+                child = tree.dirs.get(join(rel, name))
+                # also a directory the tree still lacks (its walk found it moved) or holds with another inode
+                if prev is None or prev[0] != rec[0] or child is None or child.ino != rec[0]:
                     appeared.append(join(rel, name))
             others = tree.put(rel, agg)
             st.pending[rel] = agg
