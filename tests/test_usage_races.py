@@ -73,3 +73,22 @@ def test_directory_rotations_in_a_loop(watched: tuple[AgentProcess, httpx.Client
             os.rename(p / "ckpt.new", p / "ckpt")
             os.rename(p / "ckpt.old", p / "ckpt.new")
         settled_and_right(vf, quiet=2.0)
+
+
+def test_names_that_are_not_utf8_are_counted(watched: tuple[AgentProcess, httpx.Client, str]) -> None:
+    """A directory named with byte 0xff (and files with Latin-1 names) is counted like any other, at the
+    first scan and through events; nothing raises (the fixture checks the log)."""
+    agent, api, _ = watched
+    vf = _new_vfolder(api, agent)
+    root = os.fsencode(vf.path)
+    os.mkdir(root + b"/\xff")
+    with open(root + b"/\xff/caf\xe9", "wb") as f:
+        f.write(b"x" * 3000)
+    settled_and_right(vf, quiet=1.0)
+    os.mkdir(root + b"/\xff/sub\xfe")
+    with open(root + b"/\xff/sub\xfe/\x80", "wb") as f:
+        f.write(b"y" * 5000)
+    os.rename(root + b"/\xff", root + b"/moved\xfa")
+    settled_and_right(vf, quiet=1.0)
+    os.rename(root + b"/moved\xfa/sub\xfe", root + b"/\xfb")
+    settled_and_right(vf, quiet=1.0)
