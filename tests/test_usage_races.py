@@ -92,3 +92,54 @@ def test_names_that_are_not_utf8_are_counted(watched: tuple[AgentProcess, httpx.
     settled_and_right(vf, quiet=1.0)
     os.rename(root + b"/moved\xfa/sub\xfe", root + b"/\xfb")
     settled_and_right(vf, quiet=1.0)
+
+
+def test_lag_is_visible_during_a_burst(watched: tuple[AgentProcess, httpx.Client, str]) -> None:
+    """Issue 22 item 7: an answer asked right after a burst of creates and deletes is either exact or says
+    ``pending`` (and stale); it never serves the lagging figure as settled."""
+    agent, api, _ = watched
+    vf = _new_vfolder(api, agent)
+    p = vf.path
+    flagged = 0
+    for burst in range(8):
+        d = p / f"b{burst}"
+        d.mkdir()
+        for i in range(400):
+            (d / f"f{i}").write_bytes(b"x" * i)
+        for i in range(0, 400, 2):
+            (d / f"f{i}").unlink()
+        u = vf.usage()  # no pause: the engine has not applied the burst yet
+        count, size, _ = walk(p)
+        if u["stale"] or u.get("pending"):
+            flagged += 1
+        else:
+            assert (u["file_count"], u["used_bytes"]) == (count, size), ("lag served as settled", u, count, size)
+    settled_and_right(vf)
+    assert flagged, "every answer was already exact: the burst did not exercise lag"
+
+
+def test_a_hard_link_written_through_a_name_outside_the_vfolder(
+    watched: tuple[AgentProcess, httpx.Client, str], tmp_path: Path
+) -> None:
+    """Issue 22 item 6: a subtree holding one name of a hard-linked file moves out of the vfolder; an
+    append through that outside name grows the file still named inside, and the figures follow."""
+    agent, api, _ = watched
+    vf = _new_vfolder(api, agent)
+    p = vf.path
+    (p / "d").mkdir()
+    (p / "keep").write_bytes(b"k" * 10_000)
+    os.link(p / "keep", p / "d" / "alias")
+    settled_and_right(vf, quiet=1.0)
+    away = p.parent / f"{p.name}-away"
+    os.rename(p / "d", away)
+    try:
+        settled_and_right(vf, quiet=1.0)
+        with open(away / "alias", "ab") as f:
+            f.write(os.urandom(200_000))
+        settled_and_right(vf, quiet=1.0)
+        os.truncate(away / "alias", 10)
+        settled_and_right(vf, quiet=1.0)
+    finally:
+        for name in os.listdir(away):
+            os.unlink(away / name)
+        os.rmdir(away)
