@@ -143,3 +143,18 @@ def test_a_hard_link_written_through_a_name_outside_the_vfolder(
         for name in os.listdir(away):
             os.unlink(away / name)
         os.rmdir(away)
+
+
+def test_a_hard_link_into_a_sibling_vfolder_written_there(watched: tuple[AgentProcess, httpx.Client, str]) -> None:
+    """Issue 22 item 6: a file of one vfolder gets a second name in a sibling vfolder; an append through the
+    sibling's name grows the first vfolder's file too, and both vfolders' figures follow."""
+    agent, api, _ = watched
+    vf, sib = _new_vfolder(api, agent), _new_vfolder(api, agent)
+    (vf.path / "f").write_bytes(b"f" * 5000)
+    settled_and_right(vf, quiet=1.0)
+    os.link(vf.path / "f", sib.path / "f")
+    settled_and_right(sib, quiet=1.0)
+    with open(sib.path / "f", "ab") as f:
+        f.write(os.urandom(300_000))
+    settled_and_right(sib, quiet=1.0)
+    settled_and_right(vf)

@@ -167,6 +167,7 @@ class VFolderTree:
         self.plain_alloc = 0
         self.link_alloc = 0
         self.unplaced_links = False
+        self.unplaced: set[tuple[int, int]] = set()  # the inodes that set :attr:`unplaced_links`
         self._links: dict[tuple[int, int], _LinkRef] = {}
         self._links_changed = True
         self._escaping: set[str] = set()
@@ -210,6 +211,7 @@ class VFolderTree:
                 self.link_alloc += alloc
                 if (dev, ino) not in had and nlink > names[(dev, ino)]:
                     self.unplaced_links = True
+                    self.unplaced.add((dev, ino))
                 continue
             ref.holders[relpath] = ref.holders.get(relpath, 0) + 1
             ref.nlink = nlink
@@ -220,6 +222,11 @@ class VFolderTree:
                 self.link_alloc += alloc - ref.alloc
                 ref.alloc = alloc
         return stale
+
+    def escapes(self, key: tuple[int, int]) -> bool:
+        """Whether this hard-linked inode has names outside the vfolder."""
+        ref = self._links.get(key)
+        return ref is not None and sum(ref.holders.values()) < ref.nlink
 
     def escaping(self) -> set[str]:
         """Directories holding a hard link whose inode also has names outside this vfolder (a write

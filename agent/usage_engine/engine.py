@@ -70,6 +70,10 @@ class VFState:
     dirty: set[str] = field(default_factory=set)
     expect: dict[str, set[int]] = field(default_factory=dict)  # dirty relpath -> inodes the events named
     applying: bool = False  # a flush is re-reading this vfolder's directories
+    created: set[str] = field(default_factory=set)  # dirty relpaths where a non-directory entry appeared
+    deleted: set[str] = field(default_factory=set)  # relpaths of directories reported removed (not moved)
+    departed: dict[int, str] = field(default_factory=dict)  # inode -> relpath of directories moved away
+    hunted: set[tuple[int, int]] = field(default_factory=set)  # new hard links the next scan places
     pending: dict[str, DirAgg | None] = field(default_factory=dict)  # rows to write at the next flush
     scan_task: asyncio.Task[None] | None = None
     scan_again: bool = False
@@ -280,19 +284,23 @@ class UsageEngine:
 
     # -- watcher sink (called on the event loop) ------------------------------------------------------
 
-    def dirty(self, vf: object, relpath: str, ino: int = 0) -> None:
+    def dirty(self, vf: object, relpath: str, ino: int = 0, created: bool = False) -> None:
         st: VFState = vf  # type: ignore[assignment]
         if st.gone:
             return
         st.dirty.add(relpath)
+        if created:
+            st.created.add(relpath)
         if ino:
             st.expect.setdefault(relpath, set()).add(ino)
         self._wake.set()
 
-    def lost(self, vf: object, relpath: str) -> None:
+    def lost(self, vf: object, relpath: str, deleted: bool = False) -> None:
         st: VFState = vf  # type: ignore[assignment]
         if st.gone:
             return
+        if deleted:
+            st.deleted.add(relpath)
         if relpath:
             st.dirty.add(split(relpath)[0])
             self._wake.set()
@@ -404,6 +412,8 @@ class UsageEngine:
             return
         st.tree = tree
         st.pending.clear()
+        st.departed.clear()
+        self._links_from_elsewhere(st)
         st.stale = st.scan_again  # events were lost during this walk: another one follows, stale till then
         st.incomplete_watches = bool(state["full"])
         st.last_scan = started
@@ -422,6 +432,18 @@ class UsageEngine:
         log.debug("usage engine: scanned %s: %d dirs in %.3f s", st.vfid, len(rows), time.time() - started)
         if st.dirty:
             self._wake.set()
+
+    def _links_from_elsewhere(self, st: VFState) -> None:
+        """A new hard link here whose older name is in no directory of this vfolder: that name may be in a
+        sibling vfolder, which no event told that its file now has a name here (a write through this name
+        changes its figure). The other vfolders of the volume are rescanned, stale meanwhile; rare."""
+        assert st.tree is not None
+        hunted, st.hunted = st.hunted, set()
+        if not any(st.tree.escapes(key) for key in hunted):
+            return
+        for other in list(self._vfs.values()):
+            if other is not st and other.vol is st.vol and other.mode == "watch" and not other.gone:
+                self._doubt(other, "a hard link into a sibling vfolder")
 
     async def _retry(self, st: VFState) -> None:
         await asyncio.sleep(SCAN_RETRY)
@@ -449,6 +471,8 @@ class UsageEngine:
                 return
             parent = tree.dirs.get(parent_rel)
             rec = parent.subdirs.get(name) if parent is not None else None
+            if rel not in dirs and rel in st.created and rel not in st.deleted:
+                self._doubt(st, "a new directory that got new entries left before it was walked")
             if rel not in dirs or rec is None or rec[0] != dirs[rel].ino or not _consistent(dirs):
                 # gone, replaced, or moved while it was walked: the parent's re-read decides (it walks
                 # the directory again if the tree still lacks it)
@@ -460,6 +484,7 @@ class UsageEngine:
             for r, agg in dirs.items():
                 st.dirty |= tree.put(r, agg)
                 st.pending[r] = agg
+                st.departed.pop(agg.ino, None)
             if tree.refresh_entry(rel, dirs[rel]):
                 st.pending[parent_rel] = tree.dirs[parent_rel]
             if tree.unplaced_links:
@@ -493,11 +518,16 @@ class UsageEngine:
             rels, st.dirty = st.dirty, set()
             expect = {r: st.expect.pop(r) for r in rels if r in st.expect}
             known = [r for r in rels if r in st.tree.dirs]
-            if st.subtree_jobs:
-                waiting = {r for r in rels if r not in st.tree.dirs}  # may belong to a subtree being walked
+            created = rels & st.created
+            st.created -= rels
+            waiting = {r for r in rels if r not in st.tree.dirs}
+            if st.subtree_jobs:  # may belong to a subtree being walked
                 st.dirty |= waiting
+                st.created |= waiting & created
                 for r in waiting & expect.keys():
                     st.expect.setdefault(r, set()).update(expect[r])
+            elif waiting & created - st.deleted:
+                self._doubt(st, "a directory that got new entries left before it was read")
             if not known:
                 continue
             st.applying = True
@@ -512,7 +542,16 @@ class UsageEngine:
                 st.dirty |= set(known)
                 continue
             self._doubt_moved(st, results, expect)
+            self._doubt_left(st, results, created)
             self._apply(st, results)
+        for st in list(self._vfs.values()):
+            if not st.dirty and not st.subtree_jobs and not st.scanning:
+                st.deleted.clear()
+                if st.departed:
+                    # a directory left the vfolder: names created in it just before (hard links to files
+                    # that stay) reached no event the engine could read, so it looks again
+                    st.departed.clear()
+                    self._doubt(st, "a directory moved out of the vfolder")
         changes = []
         for st in self._vfs.values():
             if not st.pending or st.figure is None or st.scanning:
@@ -533,6 +572,22 @@ class UsageEngine:
         for rel, agg in results:
             if agg is not None and expect.get(rel, {agg.ino}) - {agg.ino}:
                 log.debug("usage engine: %r of %s names another directory than its events did", rel, st.vfid)
+                self._mark_stale(st)
+                self.request_scan(st)
+                return
+
+    def _doubt(self, st: VFState, why: str) -> None:
+        log.debug("usage engine: %s in %s; rescanning", why, st.vfid)
+        self._mark_stale(st)
+        self.request_scan(st)
+
+    def _doubt_left(self, st: VFState, results: list[tuple[str, DirAgg | None]], created: set[str]) -> None:
+        """A directory that got a new entry moved away before it was re-read: the entry may have been a
+        hard link to a file that stays in the vfolder (its link count, now > 1, reached no event of the
+        vfolder), so the vfolder is rescanned, stale meanwhile. A removed directory takes nothing along."""
+        for rel, agg in results:
+            if agg is None and rel in created and rel not in st.deleted:
+                log.debug("usage engine: %r of %s left with unread new entries; rescanning", rel, st.vfid)
                 self._mark_stale(st)
                 self.request_scan(st)
                 return
@@ -563,6 +618,8 @@ class UsageEngine:
             for name, rec in old.subdirs.items():
                 new = agg.subdirs.get(name)
                 if new is None or new[0] != rec[0]:
+                    if join(rel, name) not in st.deleted and join(rel, name) in tree.dirs:
+                        st.departed[rec[0]] = join(rel, name)  # moved: within (walked again) or out?
                     gone = tree.drop(join(rel, name))
                     for r in gone:
                         st.pending[r] = None
@@ -595,6 +652,8 @@ class UsageEngine:
         may still be counted as a plain file), so the vfolder is rescanned, stale meanwhile."""
         assert st.tree is not None
         st.tree.unplaced_links = False
+        st.hunted |= st.tree.unplaced
+        st.tree.unplaced = set()
         log.debug("usage engine: new hard link(s) in %s; rescanning to place them", st.vfid)
         self._mark_stale(st)
         self.request_scan(st)

@@ -41,10 +41,12 @@ class WatchLimit(Exception):
 
 
 class Sink(Protocol):
-    def dirty(self, vf: Hashable, relpath: str, ino: int = 0) -> None:
-        """``ino``: the directory the event happened in, as the watcher knew it (0: not known)."""
+    def dirty(self, vf: Hashable, relpath: str, ino: int = 0, created: bool = False) -> None:
+        """``ino``: the directory the event happened in, as the watcher knew it (0: not known);
+        ``created``: a non-directory entry appeared in it (maybe a new hard link)."""
 
-    def lost(self, vf: Hashable, relpath: str) -> None: ...
+    def lost(self, vf: Hashable, relpath: str, deleted: bool = False) -> None:
+        """The directory at ``relpath`` left (``deleted``: removed, not moved)."""
 
     def overflow(self) -> None: ...
 
@@ -148,9 +150,11 @@ class InotifyWatcher:
             return
         _, vf, rel, ino = entry
         if Mask.IGNORED in mask or Mask.DELETE_SELF in mask or Mask.MOVE_SELF in mask:
-            sink.lost(vf, rel)  # the parent's own event re-reads it; the root going away is special
+            # the parent's own event re-reads it; the root going away is special
+            sink.lost(vf, rel, deleted=Mask.DELETE_SELF in mask)
         else:
-            sink.dirty(vf, rel, ino)
+            created = bool(mask & (Mask.CREATE | Mask.MOVED_TO)) and Mask.ISDIR not in mask
+            sink.dirty(vf, rel, ino, created)
 
     def close(self) -> None:
         self._ino.close()
