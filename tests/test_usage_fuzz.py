@@ -14,7 +14,7 @@ import pytest
 from tests.test_usage_engine import WATCHERS
 from tests.usage_model import run_rounds
 
-SEEDS = list(range(1, 41))  # about half a minute per watcher on an idle 2-core machine
+SEEDS = list(range(1, 81))  # about half a minute per watcher on an idle 2-core machine
 
 
 @pytest.mark.parametrize("watcher", WATCHERS)
