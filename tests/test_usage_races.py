@@ -68,10 +68,16 @@ def test_directory_rotations_in_a_loop(watched: tuple[AgentProcess, httpx.Client
     settled_and_right(vf, quiet=2.0)
     for _round in range(3):
         end = time.monotonic() + 2.0
+        i = 0
         while time.monotonic() < end:
             os.rename(p / "ckpt", p / "ckpt.old")
             os.rename(p / "ckpt.new", p / "ckpt")
             os.rename(p / "ckpt.old", p / "ckpt.new")
+            i += 1
+            if i % 7 == 0:  # a trainer writing the next checkpoint meanwhile
+                with open(p / "ckpt.new" / "sub" / "g0", "ab") as f:
+                    f.write(b"c" * 100)
+                (p / "ckpt.new" / f"step{i % 5}").write_bytes(b"s" * (i % 3000))
         settled_and_right(vf, quiet=2.0)
 
 
@@ -158,3 +164,34 @@ def test_a_hard_link_into_a_sibling_vfolder_written_there(watched: tuple[AgentPr
         f.write(os.urandom(300_000))
     settled_and_right(sib, quiet=1.0)
     settled_and_right(vf)
+
+
+@pytest.mark.parametrize("fresh_dir", [False, True], ids=["old-dir", "new-dir"])
+def test_a_hard_link_made_just_before_its_directory_moves_out(
+    watched: tuple[AgentProcess, httpx.Client, str], fresh_dir: bool
+) -> None:
+    """Found by the fuzzer (seeds 13, 29, 39): ``ln keep d/alias; mv d outside`` before the engine read
+    ``d``: the link reached no event it could read, yet ``keep`` now has a name outside; an append through
+    it must show (the engine rescans, stale meanwhile, when a directory leaves the vfolder)."""
+    agent, api, _ = watched
+    vf = _new_vfolder(api, agent)
+    p = vf.path
+    (p / "keep").write_bytes(b"k" * 7000)
+    if not fresh_dir:
+        (p / "d").mkdir()
+        settled_and_right(vf, quiet=1.0)
+    else:
+        (p / "d").mkdir()
+    os.link(p / "keep", p / "d" / "alias")
+    away = p.parent / f"{p.name}-away"
+    os.rename(p / "d", away)
+    try:
+        with open(away / "alias", "ab") as f:
+            f.write(os.urandom(100_000))
+        settled_and_right(vf, quiet=1.0)
+        with open(away / "alias", "ab") as f:
+            f.write(os.urandom(50_000))
+        settled_and_right(vf, quiet=0.5)
+    finally:
+        os.unlink(away / "alias")
+        os.rmdir(away)

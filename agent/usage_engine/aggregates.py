@@ -168,6 +168,7 @@ class VFolderTree:
         self.link_alloc = 0
         self.unplaced_links = False
         self.unplaced: set[tuple[int, int]] = set()  # the inodes that set :attr:`unplaced_links`
+        self.by_ino: dict[int, str] = {}  # a directory's inode -> its relpath (where the tree has it)
         self._links: dict[tuple[int, int], _LinkRef] = {}
         self._links_changed = True
         self._escaping: set[str] = set()
@@ -198,6 +199,7 @@ class VFolderTree:
         for lk in agg.links:
             names[(lk[0], lk[1])] = names.get((lk[0], lk[1]), 0) + 1
         self.dirs[relpath] = agg
+        self.by_ino[agg.ino] = relpath
         self.entries += agg.entries
         self.size += agg.size
         self.plain_alloc += agg.alloc
@@ -266,6 +268,8 @@ class VFolderTree:
             agg = self.dirs.pop(rel, None)
             if agg is None:
                 continue
+            if self.by_ino.get(agg.ino) == rel:
+                del self.by_ino[agg.ino]
             self._remove(rel, agg)
             gone.append(rel)
             stack.extend(join(rel, name) for name in agg.subdirs)

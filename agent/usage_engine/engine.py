@@ -528,6 +528,7 @@ class UsageEngine:
                     st.expect.setdefault(r, set()).update(expect[r])
             elif waiting & created - st.deleted:
                 self._doubt(st, "a directory that got new entries left before it was read")
+            self._follow_moved(st, [(r, None) for r in waiting], expect)
             if not known:
                 continue
             st.applying = True
@@ -541,6 +542,7 @@ class UsageEngine:
             if st.scanning or st.tree is None or st.gone:
                 st.dirty |= set(known)
                 continue
+            self._follow_moved(st, results, expect)
             self._doubt_moved(st, results, expect)
             self._doubt_left(st, results, created)
             self._apply(st, results)
@@ -575,6 +577,21 @@ class UsageEngine:
                 self._mark_stale(st)
                 self.request_scan(st)
                 return
+
+    def _follow_moved(
+        self, st: VFState, results: list[tuple[str, DirAgg | None]], expect: dict[str, set[int]]
+    ) -> None:
+        """Events named a directory by a path it has left (an inotify watch keeps the path it was added
+        with until the engine sees the move): where the tree holds that directory now, it is re-read too."""
+        assert st.tree is not None
+        for rel, agg in results:
+            for ino in expect.get(rel, ()):
+                if agg is not None and agg.ino == ino:
+                    continue
+                other = st.tree.by_ino.get(ino)
+                if other is not None and other != rel:
+                    st.dirty.add(other)
+                    self._wake.set()
 
     def _doubt(self, st: VFState, why: str) -> None:
         log.debug("usage engine: %s in %s; rescanning", why, st.vfid)
