@@ -195,3 +195,28 @@ def test_a_hard_link_made_just_before_its_directory_moves_out(
     finally:
         os.unlink(away / "alias")
         os.rmdir(away)
+
+
+def _scans(api: httpx.Client) -> float:
+    r = api.get("/metrics")
+    assert r.status_code == 200, r.text
+    return float(next(x for x in r.text.splitlines() if x.startswith("storage_agent_usage_scans_total ")).split()[1])
+
+
+def test_moves_within_the_vfolder_cost_no_rescan(watched: tuple[AgentProcess, httpx.Client, str]) -> None:
+    """The doubts above are for moves *out*: a directory renamed within the vfolder (and a file created in
+    it first) is followed by walking it at its new place, never by a full rescan."""
+    agent, api, _ = watched
+    vf = _new_vfolder(api, agent)
+    p = vf.path
+    _ckpt(p / "a", 2)
+    (p / "deep" / "er").mkdir(parents=True)
+    settled_and_right(vf, quiet=1.0)
+    before = _scans(api)
+    here, there = p / "a", p / "deep" / "er" / "a"
+    for i in range(6):
+        (here / f"n{i}").write_bytes(b"n" * 100)
+        os.rename(here, there)
+        here, there = there, here
+        settled_and_right(vf, quiet=0.3)
+    assert _scans(api) == before

@@ -70,9 +70,9 @@ class VFState:
     dirty: set[str] = field(default_factory=set)
     expect: dict[str, set[int]] = field(default_factory=dict)  # dirty relpath -> inodes the events named
     applying: bool = False  # a flush is re-reading this vfolder's directories
-    created: set[str] = field(default_factory=set)  # dirty relpaths where a non-directory entry appeared
     deleted: set[str] = field(default_factory=set)  # relpaths of directories reported removed (not moved)
     departed: dict[int, str] = field(default_factory=dict)  # inode -> relpath of directories moved away
+    unread_moves: int = 0  # directories never read that moved away, less those walked at a new place since
     hunted: set[tuple[int, int]] = field(default_factory=set)  # new hard links the next scan places
     pending: dict[str, DirAgg | None] = field(default_factory=dict)  # rows to write at the next flush
     scan_task: asyncio.Task[None] | None = None
@@ -284,16 +284,20 @@ class UsageEngine:
 
     # -- watcher sink (called on the event loop) ------------------------------------------------------
 
-    def dirty(self, vf: object, relpath: str, ino: int = 0, created: bool = False) -> None:
+    def dirty(self, vf: object, relpath: str, ino: int = 0) -> None:
         st: VFState = vf  # type: ignore[assignment]
         if st.gone:
             return
         st.dirty.add(relpath)
-        if created:
-            st.created.add(relpath)
         if ino:
             st.expect.setdefault(relpath, set()).add(ino)
         self._wake.set()
+
+    def moved_away(self, vf: object, relpath: str) -> None:
+        """A directory was renamed away from ``relpath`` (within the vfolder or out of it)."""
+        st: VFState = vf  # type: ignore[assignment]
+        if not st.gone and st.tree is not None and relpath not in st.tree.dirs:
+            st.unread_moves += 1  # made and moved before the engine read it: where to, it cannot tell
 
     def lost(self, vf: object, relpath: str, deleted: bool = False) -> None:
         st: VFState = vf  # type: ignore[assignment]
@@ -413,6 +417,7 @@ class UsageEngine:
         st.tree = tree
         st.pending.clear()
         st.departed.clear()
+        st.unread_moves = 0
         self._links_from_elsewhere(st)
         st.stale = st.scan_again  # events were lost during this walk: another one follows, stale till then
         st.incomplete_watches = bool(state["full"])
@@ -450,8 +455,9 @@ class UsageEngine:
         self.request_scan(st)
 
     async def _scan_subtree(self, st: VFState, rel: str) -> None:
-        """A directory appeared (created, or moved in with its contents): walk it and merge it in."""
-        st.subtree_jobs += 1
+        """A directory appeared (created, or moved in with its contents): walk it and merge it in.
+        The caller counts the job in ``subtree_jobs`` when it spawns it (a move within the vfolder must not
+        look like a move out in between)."""
         try:
             on_open, state = self._on_open(st)
 
@@ -471,8 +477,8 @@ class UsageEngine:
                 return
             parent = tree.dirs.get(parent_rel)
             rec = parent.subdirs.get(name) if parent is not None else None
-            if rel not in dirs and rel in st.created and rel not in st.deleted:
-                self._doubt(st, "a new directory that got new entries left before it was walked")
+            if rec is not None and (rel not in dirs or rec[0] != dirs[rel].ino) and rel not in st.deleted:
+                st.departed[rec[0]] = rel  # left before it was walked: moved within (walked there) or out?
             if rel not in dirs or rec is None or rec[0] != dirs[rel].ino or not _consistent(dirs):
                 # gone, replaced, or moved while it was walked: the parent's re-read decides (it walks
                 # the directory again if the tree still lacks it)
@@ -485,6 +491,7 @@ class UsageEngine:
                 st.dirty |= tree.put(r, agg)
                 st.pending[r] = agg
                 st.departed.pop(agg.ino, None)
+            st.unread_moves = max(0, st.unread_moves - 1)
             if tree.refresh_entry(rel, dirs[rel]):
                 st.pending[parent_rel] = tree.dirs[parent_rel]
             if tree.unplaced_links:
@@ -518,16 +525,11 @@ class UsageEngine:
             rels, st.dirty = st.dirty, set()
             expect = {r: st.expect.pop(r) for r in rels if r in st.expect}
             known = [r for r in rels if r in st.tree.dirs]
-            created = rels & st.created
-            st.created -= rels
             waiting = {r for r in rels if r not in st.tree.dirs}
             if st.subtree_jobs:  # may belong to a subtree being walked
                 st.dirty |= waiting
-                st.created |= waiting & created
                 for r in waiting & expect.keys():
                     st.expect.setdefault(r, set()).update(expect[r])
-            elif waiting & created - st.deleted:
-                self._doubt(st, "a directory that got new entries left before it was read")
             self._follow_moved(st, [(r, None) for r in waiting], expect)
             if not known:
                 continue
@@ -544,15 +546,15 @@ class UsageEngine:
                 continue
             self._follow_moved(st, results, expect)
             self._doubt_moved(st, results, expect)
-            self._doubt_left(st, results, created)
             self._apply(st, results)
         for st in list(self._vfs.values()):
             if not st.dirty and not st.subtree_jobs and not st.scanning:
                 st.deleted.clear()
-                if st.departed:
+                if st.departed or st.unread_moves:
                     # a directory left the vfolder: names created in it just before (hard links to files
                     # that stay) reached no event the engine could read, so it looks again
                     st.departed.clear()
+                    st.unread_moves = 0
                     self._doubt(st, "a directory moved out of the vfolder")
         changes = []
         for st in self._vfs.values():
@@ -597,17 +599,6 @@ class UsageEngine:
         log.debug("usage engine: %s in %s; rescanning", why, st.vfid)
         self._mark_stale(st)
         self.request_scan(st)
-
-    def _doubt_left(self, st: VFState, results: list[tuple[str, DirAgg | None]], created: set[str]) -> None:
-        """A directory that got a new entry moved away before it was re-read: the entry may have been a
-        hard link to a file that stays in the vfolder (its link count, now > 1, reached no event of the
-        vfolder), so the vfolder is rescanned, stale meanwhile. A removed directory takes nothing along."""
-        for rel, agg in results:
-            if agg is None and rel in created and rel not in st.deleted:
-                log.debug("usage engine: %r of %s left with unread new entries; rescanning", rel, st.vfid)
-                self._mark_stale(st)
-                self.request_scan(st)
-                return
 
     @staticmethod
     def _read_many(st: VFState, rels: list[str]) -> list[tuple[str, DirAgg | None]]:
@@ -657,6 +648,7 @@ class UsageEngine:
                 parent_rel = split(rel)[0]
                 st.pending[parent_rel] = tree.dirs[parent_rel]
             for sub in appeared:
+                st.subtree_jobs += 1
                 self._spawn(self._scan_subtree(st, sub))
             changed = True
         if tree.unplaced_links:

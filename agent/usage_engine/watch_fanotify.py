@@ -231,11 +231,14 @@ class FanotifyWatcher:
                     if where is not None and where[1] is None:
                         sink.watch_lost(where[0])
                     elif where is not None:
-                        created = bool(mask & (FAN_CREATE | FAN_MOVED_TO)) and not mask & FAN_ONDIR
-                        sink.dirty(where[0], where[1], where[2], created)
-                        if info_type == INFO_DFID_NAME and mask & FAN_ONDIR and mask & FAN_DELETE:
+                        sink.dirty(where[0], where[1], where[2])
+                        if info_type == INFO_DFID_NAME and mask & FAN_ONDIR and mask & (FAN_DELETE | FAN_MOVED_FROM):
                             name = os.fsdecode(buf[pos + 20 + hbytes : pos + info_len].split(b"\0", 1)[0])
-                            sink.lost(where[0], f"{where[1]}/{name}" if where[1] else name, deleted=True)
+                            rel = f"{where[1]}/{name}" if where[1] else name
+                            if mask & FAN_DELETE:
+                                sink.lost(where[0], rel, deleted=True)
+                            else:
+                                sink.moved_away(where[0], rel)
                     elif info_type == INFO_DFID_NAME and mask & FAN_ONDIR and mask & (FAN_MOVED_FROM | FAN_DELETE):
                         self._root_event(buf[pos + 20 + hbytes : pos + info_len], fsid, handle, sink)
                 pos += info_len

@@ -41,9 +41,11 @@ class WatchLimit(Exception):
 
 
 class Sink(Protocol):
-    def dirty(self, vf: Hashable, relpath: str, ino: int = 0, created: bool = False) -> None:
-        """``ino``: the directory the event happened in, as the watcher knew it (0: not known);
-        ``created``: a non-directory entry appeared in it (maybe a new hard link)."""
+    def dirty(self, vf: Hashable, relpath: str, ino: int = 0) -> None:
+        """``ino``: the directory the event happened in, as the watcher knew it (0: not known)."""
+
+    def moved_away(self, vf: Hashable, relpath: str) -> None:
+        """A directory was renamed away from ``relpath``."""
 
     def lost(self, vf: Hashable, relpath: str, deleted: bool = False) -> None:
         """The directory at ``relpath`` left (``deleted``: removed, not moved)."""
@@ -153,8 +155,13 @@ class InotifyWatcher:
             # the parent's own event re-reads it; the root going away is special
             sink.lost(vf, rel, deleted=Mask.DELETE_SELF in mask)
         else:
-            created = bool(mask & (Mask.CREATE | Mask.MOVED_TO)) and Mask.ISDIR not in mask
-            sink.dirty(vf, rel, ino, created)
+            sink.dirty(vf, rel, ino)
+            if Mask.MOVED_FROM in mask and Mask.ISDIR in mask and event.name is not None:
+                name = os.fsdecode(bytes(event.name))
+                sink.moved_away(vf, f"{rel}/{name}" if rel else name)
+            if Mask.DELETE in mask and Mask.ISDIR in mask and event.name is not None:
+                name = os.fsdecode(bytes(event.name))
+                sink.lost(vf, f"{rel}/{name}" if rel else name, deleted=True)  # removed, not moved away
 
     def close(self) -> None:
         self._ino.close()
