@@ -225,6 +225,10 @@ class VFolderTree:
                 ref.alloc = alloc
         return stale
 
+    def linked(self) -> set[tuple[int, int]]:
+        """The hard-linked inodes this tree holds."""
+        return set(self._links)
+
     def escapes(self, key: tuple[int, int]) -> bool:
         """Whether this hard-linked inode has names outside the vfolder."""
         ref = self._links.get(key)

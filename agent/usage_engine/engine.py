@@ -443,7 +443,9 @@ class UsageEngine:
         sibling vfolder, which no event told that its file now has a name here (a write through this name
         changes its figure). The other vfolders of the volume are rescanned, stale meanwhile; rare."""
         assert st.tree is not None
-        hunted, st.hunted = st.hunted, set()
+        hunted = st.hunted
+        # a walk that was already under way may predate the link: the walk that follows looks again
+        st.hunted = {key for key in hunted if key not in st.tree.linked()} if st.scan_again else set()
         if not any(st.tree.escapes(key) for key in hunted):
             return
         for other in list(self._vfs.values()):
