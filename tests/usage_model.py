@@ -266,9 +266,12 @@ def settle_and_compare(
             u, ub = answers()
             if (u["file_count"], u["used_bytes"], ub["used_bytes"]) == (count, size, alloc) or u["stale"]:
                 return Outcome(True, False)
+            time.sleep(3.0)  # say whether the engine corrected itself later (lag not flagged) or never
+            later, ub_later = answers()
+            late = (later["file_count"], later["used_bytes"], ub_later["used_bytes"]) == (count, size, alloc)
             return Outcome(
                 False, False, f"settled answer {u['file_count']}/{u['used_bytes']}/{ub['used_bytes']} "
-                f"!= disk {count}/{size}/{alloc}"
+                f"!= disk {count}/{size}/{alloc} ({'right 3 s later' if late else 'still wrong 3 s later'})"
             )
         if time.monotonic() > end:
             return Outcome(right, not right, "" if right else "still stale at the deadline")

@@ -236,7 +236,7 @@ class UsageEngine:
             return f
         if self.watcher is not None:
             self.watcher.drain(8)
-        if st.dirty or st.subtree_jobs or st.applying:
+        if st.dirty or st.subtree_jobs or st.applying or st.departed or st.unread_moves:
             return dataclasses.replace(f, stale=True, pending=True)
         return f
 
@@ -391,13 +391,17 @@ class UsageEngine:
         started = time.time()
         self.scans += 1
 
+        reread: set[str] = set()
+
         def work() -> tuple[VFolderTree, list[DirRow]]:
             # the tree and the rows are built here too: 100k directories would hold the event loop up
             with st.vol.open_vfolder(st.vfid) as root:
                 dirs = scan(root.fd, "", threads=self.settings.scan_threads, cancel=cancel, on_open=on_open)
             tree = VFolderTree()
             for rel, agg in dirs.items():
-                tree.put(rel, agg)
+                # a hard-linked file written while the walk ran was read with different sizes in its
+                # directories: those read earlier are read again once the tree is in place
+                reread.update(tree.put(rel, agg))
             tree.unplaced_links = False  # a full walk has placed every name
             return tree, [_row(rel, agg) for rel, agg in dirs.items()]
 
@@ -416,6 +420,7 @@ class UsageEngine:
             return
         st.tree = tree
         st.pending.clear()
+        st.dirty |= reread
         st.departed.clear()
         st.unread_moves = 0
         self._links_from_elsewhere(st)
