@@ -72,6 +72,7 @@ class FolderUsage(Answer):
     measured_at: float | None
     source: str
     stale: bool
+    pending: bool
 
 
 class RefreshAccepted(Answer):
@@ -85,6 +86,7 @@ class UsedBytes(Answer):
     measured_at: float | None
     source: str
     stale: bool
+    pending: bool
 
 
 class EntryStat(Answer):

@@ -52,6 +52,7 @@ def as_json(u: Usage) -> dict[str, object]:
         "measured_at": u.measured_at,
         "source": u.source,
         "stale": u.stale,
+        "pending": u.pending,
     }
 
 
@@ -61,10 +62,7 @@ async def get(agent: Agent, vol: Volume, vfid: VFolderID) -> Usage:
     engine = engine_of(agent)
     if engine is None:
         return await measure(agent, vol, vfid)
-    figure = engine.cached(vol, vfid)
-    if figure is not None:
-        return figure
-    figure = await engine.usage(vol, vfid)
+    figure = await engine.answer(vol, vfid)
     return UNKNOWN if figure is None else figure
 
 

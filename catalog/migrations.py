@@ -89,6 +89,9 @@ STEPS: Sequence[Sequence[str]] = (
         "UPDATE vfolders SET incarnation = lower(hex(randomblob(16)))",
         "ALTER TABLE upload_sessions ADD COLUMN incarnation TEXT",
     ),
+    # 7: usage_dirs.relpath holds the name's bytes (os.fsencode), so names that are not UTF-8 fit; the
+    # text rows written so far are their UTF-8 bytes
+    ("UPDATE usage_dirs SET relpath = CAST(relpath AS BLOB)",),
 )
 
 SCHEMA_VERSION = len(STEPS)

@@ -175,7 +175,8 @@ usage_dirs = sa.Table(
     "usage_dirs",
     metadata,
     sa.Column("vf", sa.Integer, primary_key=True),  # usage_vfolders.id
-    sa.Column("relpath", sa.Text, primary_key=True),  # "" = the vfolder root
+    # os.fsencode(relpath): names need not be UTF-8 (b"" = the vfolder root)
+    sa.Column("relpath", sa.LargeBinary, primary_key=True),
     sa.Column("ino", sa.Integer, nullable=False),
     sa.Column("entries", sa.Integer, nullable=False),  # the directory's own entries only
     sa.Column("size_bytes", sa.Integer, nullable=False),

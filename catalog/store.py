@@ -335,7 +335,7 @@ class Catalog:
         stmt = (
             sa.select(usage_vfolders.c.folder_id, usage_dirs.c.ino)
             .join(usage_dirs, usage_dirs.c.vf == usage_vfolders.c.id)
-            .where(usage_vfolders.c.volume == volume, usage_vfolders.c.qsid == qsid, usage_dirs.c.relpath == "")
+            .where(usage_vfolders.c.volume == volume, usage_vfolders.c.qsid == qsid, usage_dirs.c.relpath == b"")
         )
         async with self.db.read() as conn:
             return {r.folder_id: r.ino for r in await conn.execute(stmt)}

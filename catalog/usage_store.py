@@ -6,6 +6,7 @@ and the new vfolder totals land together, so a reader never sees totals that dis
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ VFKey = tuple[str, str, str]  # (volume, qsid, folder_id)
 
 @dataclass(frozen=True)
 class DirRow:
-    relpath: str
+    relpath: str  # os.fsdecode'd (surrogateescape): stored as os.fsencode(relpath)
     ino: int
     entries: int
     size_bytes: int
@@ -113,7 +114,7 @@ class UsageStore:
             if c.replace_all:
                 conn.execute(usage_dirs.delete().where(usage_dirs.c.vf == vf))
             elif c.deletes:
-                conn.exec_driver_sql(_DELETE_DIR, [(vf, rel) for rel in c.deletes])
+                conn.exec_driver_sql(_DELETE_DIR, [(vf, os.fsencode(rel)) for rel in c.deletes])
             self._upsert(conn, vf, c.upserts)
             self._put_totals(conn, c.key, c.totals)
             if c.replace_all or c.totals.source == "scan":
@@ -123,7 +124,8 @@ class UsageStore:
     def _upsert(conn: Connection, vf: int, rows: Iterable[DirRow]) -> None:
         # plain driver executemany: a scan writes 100k rows, and Core's per-row processing costs more
         values = [
-            (vf, r.relpath, r.ino, r.entries, r.size_bytes, r.allocated_bytes, r.own_allocated, r.links) for r in rows
+            (vf, os.fsencode(r.relpath), r.ino, r.entries, r.size_bytes, r.allocated_bytes, r.own_allocated, r.links)
+            for r in rows
         ]
         if values:
             conn.exec_driver_sql(_UPSERT_DIR, values)
@@ -170,7 +172,9 @@ class UsageStore:
                 .order_by(usage_dirs.c.relpath)
             )
             return [
-                DirRow(r.relpath, r.ino, r.entries, r.size_bytes, r.allocated_bytes, r.own_allocated, r.links)
+                DirRow(
+                    os.fsdecode(r.relpath), r.ino, r.entries, r.size_bytes, r.allocated_bytes, r.own_allocated, r.links
+                )
                 for r in await conn.execute(stmt)
             ]
 

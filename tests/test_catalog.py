@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
 from pathlib import Path
 
@@ -113,3 +114,39 @@ def test_readonly_open_sees_committed_rows_and_cannot_write(tmp_path: Path) -> N
         await writer.close()
 
     run(main())
+
+
+def test_usage_rows_of_schema_5_upgrade_to_byte_paths_and_odd_names_round_trip(tmp_path: Path) -> None:
+    """Issue 22 item 5: usage_dirs.relpath holds os.fsencode(relpath); rows written as text before keep
+    their place, and a name that is not UTF-8 (a surrogate-escaped str in Python) is stored and read back."""
+    from catalog.usage_store import DirRow, Totals, UsageStore, VFolderChange
+
+    path = tmp_path / "v5.db"
+    key = ("local", "user-1", "ab" * 16)
+
+    async def make_v5() -> None:
+        db = Database(path)
+        await db.upgrade(target=5)
+        await db.close()
+
+    run(make_v5())
+    con = sqlite3.connect(path)
+    con.execute("INSERT INTO usage_vfolders (id, volume, qsid, folder_id) VALUES (1, ?, ?, ?)", key)
+    con.execute("INSERT INTO usage_dirs VALUES (1, '', 7, 1, 10, 4096, 4096, NULL)")
+    con.execute("INSERT INTO usage_dirs VALUES (1, 'café', 8, 2, 20, 8192, 4096, NULL)")
+    con.commit()
+    con.close()
+
+    odd = os.fsdecode(b"caf\xe9/\xff")
+
+    async def reopen() -> None:
+        cat = await Catalog.open(path)
+        store = UsageStore(cat.db)
+        assert {r.relpath: r.ino for r in await store.dirs(key)} == {"": 7, "café": 8}
+        totals = Totals(3, 30, 12288, "watch", False, 1.0)
+        await store.apply([VFolderChange(key, totals, [DirRow(odd, 9, 0, 0, 0, 4096, None)], ["café"])])
+        assert {r.relpath: r.ino for r in await store.dirs(key)} == {"": 7, odd: 9}
+        assert await cat.vfolder_root_inodes("local", "user-1") == {key[2]: 7}
+        await cat.close()
+
+    run(reopen())

@@ -295,7 +295,7 @@ def test_delete_killed_midway(delete_volume: Volume, point: str) -> None:
             assert catalogue_rows(
                 vol.db,
                 "SELECT d.ino FROM usage_dirs d JOIN usage_vfolders v ON v.id = d.vf "
-                "WHERE v.folder_id = ? AND d.relpath = ''",
+                "WHERE v.folder_id = ? AND d.relpath = X''",
                 hexid,
             ), "the usage scan has not recorded the root yet"
         body = {"volume": "local", "vfid": vfid}

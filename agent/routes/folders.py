@@ -112,5 +112,11 @@ async def used_bytes(request: web.Request, p: VFolderParams) -> web.Response:
     agent = agent_of(request)
     u = await usage.get(agent, agent.volume(p.volume), p.vfid)
     return web.json_response(
-        {"used_bytes": u.allocated_bytes, "measured_at": u.measured_at, "source": u.source, "stale": u.stale}
+        {
+            "used_bytes": u.allocated_bytes,
+            "measured_at": u.measured_at,
+            "source": u.source,
+            "stale": u.stale,
+            "pending": u.pending,
+        }
     )

@@ -154,6 +154,7 @@ class _LinkRef:
     alloc: int
     size: int
     holders: dict[str, int]  # relpath of a directory -> how many of its entries are this inode
+    nlink: int = 0  # the inode's link count when last read: more than ``holders`` hold = names outside
 
 
 class VFolderTree:
@@ -166,7 +167,11 @@ class VFolderTree:
         self.plain_alloc = 0
         self.link_alloc = 0
         self.unplaced_links = False
+        self.unplaced: set[tuple[int, int]] = set()  # the inodes that set :attr:`unplaced_links`
+        self.by_ino: dict[int, str] = {}  # a directory's inode -> its relpath (where the tree has it)
         self._links: dict[tuple[int, int], _LinkRef] = {}
+        self._links_changed = True
+        self._escaping: set[str] = set()
 
     @property
     def root_alloc(self) -> int:
@@ -194,19 +199,24 @@ class VFolderTree:
         for lk in agg.links:
             names[(lk[0], lk[1])] = names.get((lk[0], lk[1]), 0) + 1
         self.dirs[relpath] = agg
+        self.by_ino[agg.ino] = relpath
         self.entries += agg.entries
         self.size += agg.size
         self.plain_alloc += agg.alloc
         stale: set[str] = set()
+        if agg.links or had:
+            self._links_changed = True
         for dev, ino, alloc, size, nlink in agg.links:
             ref = self._links.get((dev, ino))
             if ref is None:
-                self._links[(dev, ino)] = _LinkRef(alloc, size, {relpath: 1})
+                self._links[(dev, ino)] = _LinkRef(alloc, size, {relpath: 1}, nlink)
                 self.link_alloc += alloc
                 if (dev, ino) not in had and nlink > names[(dev, ino)]:
                     self.unplaced_links = True
+                    self.unplaced.add((dev, ino))
                 continue
             ref.holders[relpath] = ref.holders.get(relpath, 0) + 1
+            ref.nlink = nlink
             if ref.size != size:
                 stale.update(h for h in ref.holders if h != relpath)
                 ref.size = size
@@ -215,7 +225,28 @@ class VFolderTree:
                 ref.alloc = alloc
         return stale
 
+    def linked(self) -> set[tuple[int, int]]:
+        """The hard-linked inodes this tree holds."""
+        return set(self._links)
+
+    def escapes(self, key: tuple[int, int]) -> bool:
+        """Whether this hard-linked inode has names outside the vfolder."""
+        ref = self._links.get(key)
+        return ref is not None and sum(ref.holders.values()) < ref.nlink
+
+    def escaping(self) -> set[str]:
+        """Directories holding a hard link whose inode also has names outside this vfolder (a write
+        through such a name is seen by no event of this vfolder, so the engine re-reads them itself)."""
+        if self._links_changed:
+            self._escaping = {
+                h for ref in self._links.values() if sum(ref.holders.values()) < ref.nlink for h in ref.holders
+            }
+            self._links_changed = False
+        return self._escaping
+
     def _remove(self, relpath: str, agg: DirAgg) -> None:
+        if agg.links:
+            self._links_changed = True
         self.entries -= agg.entries
         self.size -= agg.size
         self.plain_alloc -= agg.alloc
@@ -241,6 +272,8 @@ class VFolderTree:
             agg = self.dirs.pop(rel, None)
             if agg is None:
                 continue
+            if self.by_ino.get(agg.ino) == rel:
+                del self.by_ino[agg.ino]
             self._remove(rel, agg)
             gone.append(rel)
             stack.extend(join(rel, name) for name in agg.subdirs)

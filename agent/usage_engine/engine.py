@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import gc
 import logging
 import os
@@ -56,6 +57,7 @@ class Usage:
     measured_at: float
     source: str  # fast | watch | scan
     stale: bool
+    pending: bool = False  # events for this vfolder are queued or being applied (the figure lags)
 
 
 @dataclass(eq=False)
@@ -68,6 +70,12 @@ class VFState:
     figure: Usage | None = None
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     dirty: set[str] = field(default_factory=set)
+    expect: dict[str, set[int]] = field(default_factory=dict)  # dirty relpath -> inodes the events named
+    applying: bool = False  # a flush is re-reading this vfolder's directories
+    deleted: set[str] = field(default_factory=set)  # relpaths of directories reported removed (not moved)
+    departed: dict[int, str] = field(default_factory=dict)  # inode -> relpath of directories moved away
+    unread_moves: int = 0  # directories never read that moved away, less those walked at a new place since
+    hunted: set[tuple[int, int]] = field(default_factory=set)  # new hard links the next scan places
     pending: dict[str, DirAgg | None] = field(default_factory=dict)  # rows to write at the next flush
     scan_task: asyncio.Task[None] | None = None
     scan_again: bool = False
@@ -101,6 +109,17 @@ class StartupRescan:
 
 def _row(rel: str, agg: DirAgg) -> DirRow:
     return DirRow(rel, agg.ino, agg.entries, agg.size, agg.alloc, agg.own_alloc, encode_links(agg.links))
+
+
+def _consistent(dirs: dict[str, DirAgg]) -> bool:
+    """Whether a subtree's walk saw one tree: every subdirectory a directory listed was read, and is the
+    inode its parent listed (a directory moved while it was walked breaks this)."""
+    for rel, agg in dirs.items():
+        for name, rec in agg.subdirs.items():
+            child = dirs.get(join(rel, name))
+            if child is None or child.ino != rec[0]:
+                return False
+    return True
 
 
 class UsageEngine:
@@ -341,7 +360,43 @@ class UsageEngine:
 
     def cached_key(self, key: VFKey) -> Usage | None:
         st = self._vfs.get(key)
-        return None if st is None or st.gone else st.figure
+        return None if st is None or st.gone else self._with_lag(st)
+
+    def _with_lag(self, st: VFState) -> Usage | None:
+        """The figure, flagged ``pending`` (and stale) while events for the vfolder are queued or being
+        applied: the kernel's queue is read first, so a change made before the request counts."""
+        f = st.figure
+        if f is None or st.mode != "watch":
+            return f
+        if self.watcher is not None:
+            self.watcher.drain(8)
+        if st.dirty or st.subtree_jobs or st.applying or st.departed or st.unread_moves:
+            return dataclasses.replace(f, stale=True, pending=True)
+        return f
+
+    async def answer(self, vol: Volume, vfid: VFolderID) -> Usage | None:
+        """What the routes serve: :meth:`usage`, with hard links that also have names outside the vfolder
+        re-read first (a write through an outside name is seen by no event of this vfolder)."""
+        st = self._vfs.get((vol.name, vfid.qsid, vfid.hex))
+        if st is None or st.gone or st.figure is None:
+            return await self.usage(vol, vfid)
+        await self._recheck_links(st)
+        return self._with_lag(st)
+
+    async def _recheck_links(self, st: VFState) -> None:
+        tree = st.tree
+        if st.mode != "watch" or tree is None or st.scanning:
+            return
+        holders = [r for r in tree.escaping() if r in tree.dirs]
+        if not holders:
+            return
+        try:
+            results = await asyncio.to_thread(self._read_many, st, holders)
+        except VFolderNotFound:
+            await self._check_root(st)
+            return
+        if st.tree is tree and not st.scanning and not st.gone:
+            self._apply(st, results)
 
     async def usage(self, vol: Volume, vfid: VFolderID) -> Usage | None:
         """The figure being served; a vfolder never measured is scanned now and waited for a bounded time
@@ -363,17 +418,27 @@ class UsageEngine:
 
     # -- watcher sink (called on the event loop) ------------------------------------------------------
 
-    def dirty(self, vf: object, relpath: str) -> None:
+    def dirty(self, vf: object, relpath: str, ino: int = 0) -> None:
         st: VFState = vf  # type: ignore[assignment]
         if st.gone:
             return
         st.dirty.add(relpath)
+        if ino:
+            st.expect.setdefault(relpath, set()).add(ino)
         self._wake.set()
 
-    def lost(self, vf: object, relpath: str) -> None:
+    def moved_away(self, vf: object, relpath: str) -> None:
+        """A directory was renamed away from ``relpath`` (within the vfolder or out of it)."""
+        st: VFState = vf  # type: ignore[assignment]
+        if not st.gone and st.tree is not None and relpath not in st.tree.dirs:
+            st.unread_moves += 1  # made and moved before the engine read it: where to, it cannot tell
+
+    def lost(self, vf: object, relpath: str, deleted: bool = False) -> None:
         st: VFState = vf  # type: ignore[assignment]
         if st.gone:
             return
+        if deleted:
+            st.deleted.add(relpath)
         if relpath:
             st.dirty.add(split(relpath)[0])
             self._wake.set()
@@ -465,13 +530,17 @@ class UsageEngine:
         self.scans += 1
         threads = self._policy(st.vol).scan_threads or self.settings.scan_threads
 
+        reread: set[str] = set()
+
         def work() -> tuple[VFolderTree, list[DirRow]]:
             # the tree and the rows are built here too: 100k directories would hold the event loop up
             with st.vol.open_vfolder(st.vfid) as root:
                 dirs = scan(root.fd, "", threads=threads, cancel=cancel, on_open=on_open, idle=idle)
             tree = VFolderTree()
             for rel, agg in dirs.items():
-                tree.put(rel, agg)
+                # a hard-linked file written while the walk ran was read with different sizes in its
+                # directories: those read earlier are read again once the tree is in place
+                reread.update(tree.put(rel, agg))
             tree.unplaced_links = False  # a full walk has placed every name
             return tree, [_row(rel, agg) for rel, agg in dirs.items()]
 
@@ -490,6 +559,10 @@ class UsageEngine:
             return
         st.tree = tree
         st.pending.clear()
+        st.dirty |= reread
+        st.departed.clear()
+        st.unread_moves = 0
+        self._links_from_elsewhere(st)
         st.stale = st.scan_again  # events were lost during this walk: another one follows, stale till then
         st.incomplete_watches = bool(state["full"])
         st.last_scan = started
@@ -510,13 +583,28 @@ class UsageEngine:
         if st.dirty:
             self._wake.set()
 
+    def _links_from_elsewhere(self, st: VFState) -> None:
+        """A new hard link here whose older name is in no directory of this vfolder: that name may be in a
+        sibling vfolder, which no event told that its file now has a name here (a write through this name
+        changes its figure). The other vfolders of the volume are rescanned, stale meanwhile; rare."""
+        assert st.tree is not None
+        hunted = st.hunted
+        # a walk that was already under way may predate the link: the walk that follows looks again
+        st.hunted = {key for key in hunted if key not in st.tree.linked()} if st.scan_again else set()
+        if not any(st.tree.escapes(key) for key in hunted):
+            return
+        for other in list(self._vfs.values()):
+            if other is not st and other.vol is st.vol and other.mode == "watch" and not other.gone:
+                self._doubt(other, "a hard link into a sibling vfolder")
+
     async def _retry(self, st: VFState) -> None:
         await asyncio.sleep(SCAN_RETRY)
         self.request_scan(st)
 
     async def _scan_subtree(self, st: VFState, rel: str) -> None:
-        """A directory appeared (created, or moved in with its contents): walk it and merge it in."""
-        st.subtree_jobs += 1
+        """A directory appeared (created, or moved in with its contents): walk it and merge it in.
+        The caller counts the job in ``subtree_jobs`` when it spawns it (a move within the vfolder must not
+        look like a move out in between)."""
         try:
             on_open, state = self._on_open(st)
 
@@ -531,18 +619,26 @@ class UsageEngine:
             if state["full"]:
                 st.incomplete_watches = True
             tree = st.tree
-            if tree is None or st.scanning or st.gone or rel not in dirs:
-                return
             parent_rel, name = split(rel)
+            if tree is None or st.scanning or st.gone:
+                return
             parent = tree.dirs.get(parent_rel)
             rec = parent.subdirs.get(name) if parent is not None else None
-            if rec is None or rec[0] != dirs[rel].ino:
-                return  # gone or replaced again since: the parent's next re-read decides
+            if rec is not None and (rel not in dirs or rec[0] != dirs[rel].ino) and rel not in st.deleted:
+                st.departed[rec[0]] = rel  # left before it was walked: moved within (walked there) or out?
+            if rel not in dirs or rec is None or rec[0] != dirs[rel].ino or not _consistent(dirs):
+                # gone, replaced, or moved while it was walked: the parent's re-read decides (it walks
+                # the directory again if the tree still lacks it)
+                if parent is not None:
+                    st.dirty.add(parent_rel)
+                return
             for r in tree.drop(rel):
                 st.pending[r] = None
             for r, agg in dirs.items():
                 st.dirty |= tree.put(r, agg)
                 st.pending[r] = agg
+                st.departed.pop(agg.ino, None)
+            st.unread_moves = max(0, st.unread_moves - 1)
             if tree.refresh_entry(rel, dirs[rel]):
                 st.pending[parent_rel] = tree.dirs[parent_rel]
             if tree.unplaced_links:
@@ -574,20 +670,39 @@ class UsageEngine:
             if not st.dirty or st.tree is None or st.scanning or st.gone:
                 continue
             rels, st.dirty = st.dirty, set()
+            expect = {r: st.expect.pop(r) for r in rels if r in st.expect}
             known = [r for r in rels if r in st.tree.dirs]
-            if st.subtree_jobs:
-                st.dirty |= {r for r in rels if r not in st.tree.dirs}  # may belong to a subtree being walked
+            waiting = {r for r in rels if r not in st.tree.dirs}
+            if st.subtree_jobs:  # may belong to a subtree being walked
+                st.dirty |= waiting
+                for r in waiting & expect.keys():
+                    st.expect.setdefault(r, set()).update(expect[r])
+            self._follow_moved(st, [(r, None) for r in waiting], expect)
             if not known:
                 continue
+            st.applying = True
             try:
                 results = await asyncio.to_thread(self._read_many, st, known)
             except VFolderNotFound:
                 await self._check_root(st)
                 continue
+            finally:
+                st.applying = False
             if st.scanning or st.tree is None or st.gone:
                 st.dirty |= set(known)
                 continue
+            self._follow_moved(st, results, expect)
+            self._doubt_moved(st, results, expect)
             self._apply(st, results)
+        for st in list(self._vfs.values()):
+            if not st.dirty and not st.subtree_jobs and not st.scanning:
+                st.deleted.clear()
+                if st.departed or st.unread_moves:
+                    # a directory left the vfolder: names created in it just before (hard links to files
+                    # that stay) reached no event the engine could read, so it looks again
+                    st.departed.clear()
+                    st.unread_moves = 0
+                    self._doubt(st, "a directory moved out of the vfolder")
         changes = []
         for st in self._vfs.values():
             if not st.pending or st.figure is None or st.scanning:
@@ -600,6 +715,37 @@ class UsageEngine:
             changes.append(VFolderChange(st.key, totals, upserts, deletes))
         if changes:
             await self.store.apply(changes)
+
+    def _doubt_moved(self, st: VFState, results: list[tuple[str, DirAgg | None]], expect: dict[str, set[int]]) -> None:
+        """An event happened in a directory that its path no longer names (a rotation of directories
+        while events were queued): the change may belong to a directory the re-read does not look at,
+        so the vfolder is flagged stale and rescanned rather than trusted."""
+        for rel, agg in results:
+            if agg is not None and expect.get(rel, {agg.ino}) - {agg.ino}:
+                log.debug("usage engine: %r of %s names another directory than its events did", rel, st.vfid)
+                self._mark_stale(st)
+                self.request_scan(st)
+                return
+
+    def _follow_moved(
+        self, st: VFState, results: list[tuple[str, DirAgg | None]], expect: dict[str, set[int]]
+    ) -> None:
+        """Events named a directory by a path it has left (an inotify watch keeps the path it was added
+        with until the engine sees the move): where the tree holds that directory now, it is re-read too."""
+        assert st.tree is not None
+        for rel, agg in results:
+            for ino in expect.get(rel, ()):
+                if agg is not None and agg.ino == ino:
+                    continue
+                other = st.tree.by_ino.get(ino)
+                if other is not None and other != rel:
+                    st.dirty.add(other)
+                    self._wake.set()
+
+    def _doubt(self, st: VFState, why: str) -> None:
+        log.debug("usage engine: %s in %s; rescanning", why, st.vfid)
+        self._mark_stale(st)
+        self.request_scan(st)
 
     @staticmethod
     def _read_many(st: VFState, rels: list[str]) -> list[tuple[str, DirAgg | None]]:
@@ -627,6 +773,8 @@ class UsageEngine:
             for name, rec in old.subdirs.items():
                 new = agg.subdirs.get(name)
                 if new is None or new[0] != rec[0]:
+                    if join(rel, name) not in st.deleted and join(rel, name) in tree.dirs:
+                        st.departed[rec[0]] = join(rel, name)  # moved: within (walked again) or out?
                     gone = tree.drop(join(rel, name))
                     for r in gone:
                         st.pending[r] = None
@@ -634,7 +782,9 @@ class UsageEngine:
                         self.watcher.forget(st, gone)
             for name, rec in agg.subdirs.items():
                 prev = old.subdirs.get(name)
-                if prev is None or prev[0] != rec[0]:
+                child = tree.dirs.get(join(rel, name))
+                # also a directory the tree still lacks (its walk found it moved) or holds with another inode
+                if prev is None or prev[0] != rec[0] or child is None or child.ino != rec[0]:
                     appeared.append(join(rel, name))
             others = tree.put(rel, agg)
             st.pending[rel] = agg
@@ -645,6 +795,7 @@ class UsageEngine:
                 parent_rel = split(rel)[0]
                 st.pending[parent_rel] = tree.dirs[parent_rel]
             for sub in appeared:
+                st.subtree_jobs += 1
                 self._spawn(self._scan_subtree(st, sub))
             changed = True
         if tree.unplaced_links:
@@ -657,6 +808,8 @@ class UsageEngine:
         may still be counted as a plain file), so the vfolder is rescanned, stale meanwhile."""
         assert st.tree is not None
         st.tree.unplaced_links = False
+        st.hunted |= st.tree.unplaced
+        st.tree.unplaced = set()
         log.debug("usage engine: new hard link(s) in %s; rescanning to place them", st.vfid)
         self._mark_stale(st)
         self.request_scan(st)

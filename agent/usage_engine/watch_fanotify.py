@@ -101,7 +101,8 @@ class FanotifyWatcher:
         self._lock = threading.Lock()
         self._vfolders: dict[str, Hashable] = {}  # absolute vfolder root -> engine state
         self._prefixes: tuple[str, ...] = ()
-        self._cache: dict[bytes, tuple[Hashable, str | None] | None] = {}
+        self._cache: dict[bytes, tuple[Hashable, str | None, int] | None] = {}  # handle -> (vf, relpath, ino)
+        self._sink: Sink | None = None
         for root in roots:
             self._mark(root)
 
@@ -146,7 +147,7 @@ class FanotifyWatcher:
             rest = f"{name}/{rest}" if rest else name
         return None
 
-    def _resolve(self, fsid: bytes, handle: bytes) -> tuple[Hashable, str | None] | None:
+    def _resolve(self, fsid: bytes, handle: bytes) -> tuple[Hashable, str | None, int] | None:
         key = fsid + handle
         try:
             return self._cache[key]
@@ -159,12 +160,15 @@ class FanotifyWatcher:
             if fd >= 0:
                 try:
                     path, exact = _path_of(fd)
+                    ino = os.fstat(fd).st_ino
                 finally:
                     os.close(fd)
                 with self._lock:
-                    found = self._locate(path)
-                if found is not None and not exact:
-                    found = (found[0], None)  # deeper than PATH_MAX: the engine rescans that vfolder
+                    place = self._locate(path)
+                if place is not None:
+                    # deeper than PATH_MAX: no relpath, the engine rescans that vfolder; the inode lets the
+                    # engine notice that the path names another directory by the time it is re-read
+                    found = (place[0], place[1] if exact else None, ino)
             elif ctypes.get_errno() not in (errno.ESTALE, errno.ENOENT):
                 log.debug("open_by_handle_at: %s", os.strerror(ctypes.get_errno()))
         if len(self._cache) > _CACHE_MAX:
@@ -182,6 +186,20 @@ class FanotifyWatcher:
         if not buf:
             return
         self._parse(buf, sink)
+
+    def drain(self, reads: int = 1) -> None:
+        """Read what is queued now (at most ``reads`` reads): the engine calls this before it answers, so a
+        change made before the request is at least known as pending."""
+        if self._sink is None:
+            return
+        for _ in range(reads):
+            try:
+                buf = os.read(self._fd, 16 * 1024)
+            except BlockingIOError:
+                return
+            if not buf:
+                return
+            self._parse(buf, self._sink)
 
     def _parse(self, buf: bytes, sink: Sink) -> None:
         off = 0
@@ -213,7 +231,14 @@ class FanotifyWatcher:
                     if where is not None and where[1] is None:
                         sink.watch_lost(where[0])
                     elif where is not None:
-                        sink.dirty(*where)
+                        sink.dirty(where[0], where[1], where[2])
+                        if info_type == INFO_DFID_NAME and mask & FAN_ONDIR and mask & (FAN_DELETE | FAN_MOVED_FROM):
+                            name = os.fsdecode(buf[pos + 20 + hbytes : pos + info_len].split(b"\0", 1)[0])
+                            rel = f"{where[1]}/{name}" if where[1] else name
+                            if mask & FAN_DELETE:
+                                sink.lost(where[0], rel, deleted=True)
+                            else:
+                                sink.moved_away(where[0], rel)
                     elif info_type == INFO_DFID_NAME and mask & FAN_ONDIR and mask & (FAN_MOVED_FROM | FAN_DELETE):
                         self._root_event(buf[pos + 20 + hbytes : pos + info_len], fsid, handle, sink)
                 pos += info_len
@@ -234,7 +259,7 @@ class FanotifyWatcher:
                 if parent is None or parent[1] is None:  # moved outside every vfolder (maybe an ancestor of
                     self._cache.clear()  # vfolder roots), or deeper than PATH_MAX: rare, so drop all
                     return
-                vf, prel = parent
+                vf, prel = parent[0], parent[1]
                 name = os.fsdecode(raw_name.split(b"\0", 1)[0])
                 old = f"{prel}/{name}" if prel else name
                 below = old + "/"
@@ -266,6 +291,7 @@ class FanotifyWatcher:
 
     async def run(self, sink: Sink) -> None:
         loop = asyncio.get_running_loop()
+        self._sink = sink
         stopped = loop.create_future()
         loop.add_reader(self._fd, self._drain, sink)
         try:

@@ -9,13 +9,16 @@ marks that vfolder as one whose watches are incomplete.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import logging
+import os
 import threading
 from collections.abc import Hashable
 from typing import Protocol
 
 from asyncinotify import Inotify, Mask, Watch
+from asyncinotify import _FakeFuture as _Batch  # one synchronous, non-blocking read of the queue
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +41,14 @@ class WatchLimit(Exception):
 
 
 class Sink(Protocol):
-    def dirty(self, vf: Hashable, relpath: str) -> None: ...
+    def dirty(self, vf: Hashable, relpath: str, ino: int = 0) -> None:
+        """``ino``: the directory the event happened in, as the watcher knew it (0: not known)."""
 
-    def lost(self, vf: Hashable, relpath: str) -> None: ...
+    def moved_away(self, vf: Hashable, relpath: str) -> None:
+        """A directory was renamed away from ``relpath``."""
+
+    def lost(self, vf: Hashable, relpath: str, deleted: bool = False) -> None:
+        """The directory at ``relpath`` left (``deleted``: removed, not moved)."""
 
     def overflow(self) -> None: ...
 
@@ -52,9 +60,11 @@ class InotifyWatcher:
     per_directory = True  # a watch is added to each directory the scanner opens
 
     def __init__(self) -> None:
-        self._ino = Inotify()
+        self._ino = Inotify(cache_size=256)
+        os.set_blocking(self._ino.fd, False)  # :meth:`drain` reads it from the event loop
+        self._sink: Sink | None = None
         self._lock = threading.Lock()
-        self._by_wd: dict[int, tuple[Watch, Hashable, str]] = {}
+        self._by_wd: dict[int, tuple[Watch, Hashable, str, int]] = {}  # wd -> (watch, vf, relpath, ino)
         self._by_path: dict[tuple[Hashable, str], int] = {}
 
     def add_vfolder(self, vf: Hashable, path: str, fs_fd: int) -> None:
@@ -68,8 +78,9 @@ class InotifyWatcher:
             if e.errno == errno.ENOSPC:
                 raise WatchLimit(str(e)) from None
             raise
+        ino = os.fstat(fd).st_ino
         with self._lock:
-            self._by_wd[w.wd] = (w, vf, relpath)
+            self._by_wd[w.wd] = (w, vf, relpath, ino)
             self._by_path[(vf, relpath)] = w.wd
 
     def forget(self, vf: Hashable, relpaths: list[str]) -> None:
@@ -96,28 +107,61 @@ class InotifyWatcher:
         return len(self._by_wd)
 
     async def run(self, sink: Sink) -> None:
-        async for event in self._ino:
-            mask = event.mask
-            if Mask.Q_OVERFLOW in mask:
-                log.warning("inotify queue overflowed: events were lost; rescanning")
-                sink.overflow()
-                continue
-            watch = event.watch
-            if watch is None:
-                continue
-            with self._lock:
-                entry = self._by_wd.get(watch.wd)
-                if entry is not None and Mask.IGNORED in mask:
-                    del self._by_wd[watch.wd]
-                    if self._by_path.get((entry[1], entry[2])) == watch.wd:
-                        del self._by_path[(entry[1], entry[2])]
-            if entry is None:
-                continue
-            _, vf, rel = entry
-            if Mask.IGNORED in mask or Mask.DELETE_SELF in mask or Mask.MOVE_SELF in mask:
-                sink.lost(vf, rel)  # the parent's own event re-reads it; the root going away is special
-            else:
-                sink.dirty(vf, rel)
+        loop = asyncio.get_running_loop()
+        self._sink = sink
+        loop.add_reader(self._ino.fd, self.drain)
+        try:
+            await loop.create_future()
+        finally:
+            loop.remove_reader(self._ino.fd)
+
+    def drain(self, reads: int = 1) -> None:
+        """Read what the kernel has queued (at most ``reads`` reads) and hand it to the sink; called by the
+        event loop when the queue is readable, and by the engine before it answers, so a change made before
+        the request is at least known as pending."""
+        sink = self._sink
+        if sink is None:
+            return
+        for _ in range(reads):
+            batch = _Batch()
+            try:
+                self._ino._get(batch)  # noqa: SLF001 - asyncinotify's own parser, without its future
+            except BlockingIOError:
+                return
+            if not batch.result:
+                return
+            for event in batch.result:
+                self._handle(event, sink)
+
+    def _handle(self, event, sink: Sink) -> None:  # noqa: ANN001 - asyncinotify.Event
+        mask = event.mask
+        if Mask.Q_OVERFLOW in mask:
+            log.warning("inotify queue overflowed: events were lost; rescanning")
+            sink.overflow()
+            return
+        watch = event.watch
+        if watch is None:
+            return
+        with self._lock:
+            entry = self._by_wd.get(watch.wd)
+            if entry is not None and Mask.IGNORED in mask:
+                del self._by_wd[watch.wd]
+                if self._by_path.get((entry[1], entry[2])) == watch.wd:
+                    del self._by_path[(entry[1], entry[2])]
+        if entry is None:
+            return
+        _, vf, rel, ino = entry
+        if Mask.IGNORED in mask or Mask.DELETE_SELF in mask or Mask.MOVE_SELF in mask:
+            # the parent's own event re-reads it; the root going away is special
+            sink.lost(vf, rel, deleted=Mask.DELETE_SELF in mask)
+        else:
+            sink.dirty(vf, rel, ino)
+            if Mask.MOVED_FROM in mask and Mask.ISDIR in mask and event.name is not None:
+                name = os.fsdecode(bytes(event.name))
+                sink.moved_away(vf, f"{rel}/{name}" if rel else name)
+            if Mask.DELETE in mask and Mask.ISDIR in mask and event.name is not None:
+                name = os.fsdecode(bytes(event.name))
+                sink.lost(vf, f"{rel}/{name}" if rel else name, deleted=True)  # removed, not moved away
 
     def close(self) -> None:
         self._ino.close()

@@ -1,0 +1,80 @@
+"""The usage engine's model-based fuzzer (issue 22), for longer runs than ``make test`` affords.
+
+    .venv/bin/python bench/usage_fuzz.py --rounds 2000 [--watcher inotify|fanotify|both] [--first-seed S]
+                                         [--ops 25] [--minutes M]
+
+Each round (one seed) is a burst of operations on a vfolder's tree and a sibling vfolder, then a wait for
+the answers to settle and a comparison with the disk (see ``tests/usage_model.py``). Prints one row per
+watcher: rounds run, mismatches, mismatches not flagged stale (failures) and their seeds. Rounds of one
+watcher share one agent and one tree, so a failing seed is replayed with the same ``--first-seed`` and
+enough rounds to reach it. ``--minutes`` bounds each watcher's run; the table says how many rounds fit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from agent.usage_engine.watchers import fanotify_unavailable  # noqa: E402
+from tests.usage_model import RoundResult, run_rounds  # noqa: E402
+
+
+class Budget(Exception):
+    """The time budget of one watcher ran out."""
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=200)
+    ap.add_argument("--watcher", choices=["inotify", "fanotify", "both"], default="both")
+    ap.add_argument("--first-seed", type=int, default=1000)
+    ap.add_argument("--ops", type=int, default=25, help="operations per burst")
+    ap.add_argument("--minutes", type=float, default=0.0, help="time budget per watcher (0: none)")
+    ap.add_argument("--verbose", action="store_true", help="print the operations of each failing round")
+    args = ap.parse_args()
+    watchers = ["inotify", "fanotify"] if args.watcher == "both" else [args.watcher]
+    rows = []
+    for watcher in watchers:
+        if watcher == "fanotify" and (why := fanotify_unavailable(["/tmp"])) is not None:
+            rows.append((watcher, 0, 0, 0, f"skipped: {why}"))
+            continue
+        seen: list[RoundResult] = []
+        end = time.monotonic() + args.minutes * 60 if args.minutes else None
+
+        def on_round(
+            r: RoundResult, seen: list[RoundResult] = seen, end: float | None = end, watcher: str = watcher
+        ) -> None:
+            seen.append(r)
+            if not r.outcome.ok and not r.outcome.flagged:
+                print(f"{watcher}: seed {r.seed} ({r.vfolder}) {r.outcome.detail}", flush=True)
+                if args.verbose:
+                    print("  ops:", " ".join(r.ops), flush=True)
+            if end is not None and time.monotonic() > end and r.vfolder == "sibling":
+                raise Budget
+
+        seeds = list(range(args.first_seed, args.first_seed + args.rounds))
+        started = time.monotonic()
+        with tempfile.TemporaryDirectory(prefix="usage-fuzz-") as tmp:
+            try:
+                run_rounds(watcher, seeds, Path(tmp) / "agent", ops=args.ops, on_round=on_round)
+            except Budget:
+                pass
+        rounds = len({r.seed for r in seen})
+        mism = [r for r in seen if not r.outcome.ok]
+        bad = sorted({r.seed for r in mism if not r.outcome.flagged})
+        note = f"{time.monotonic() - started:.0f} s"
+        rows.append((watcher, rounds, len(mism), len(bad), (", ".join(map(str, bad)) or "-") + f" ({note})"))
+    print()
+    print(f"{'watcher':<10} {'rounds':>7} {'mismatches':>11} {'unflagged':>10}  seeds of failures")
+    for watcher, rounds, mism, bad, seeds_s in rows:
+        print(f"{watcher:<10} {rounds:>7} {mism:>11} {bad:>10}  {seeds_s}")
+    sys.exit(1 if any(r[3] for r in rows) else 0)
+
+
+if __name__ == "__main__":
+    main()
