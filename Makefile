@@ -17,6 +17,7 @@ test-deps:
 
 lint:
 	.venv/bin/ruff check .
+	.venv/bin/mypy
 
 # a fresh base temp dir per run: pytest's own clean-up of old runs recurses and fails on very deep trees
 unit:

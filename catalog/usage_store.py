@@ -10,6 +10,7 @@ import os
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
@@ -86,7 +87,8 @@ class UsageStore:
         if row is not None:
             return row[0]
         res = conn.execute(usage_vfolders.insert().values(volume=key[0], qsid=key[1], folder_id=key[2]))
-        return res.inserted_primary_key[0]
+        assert res.inserted_primary_key is not None  # an insert of one row always has one
+        return int(res.inserted_primary_key[0])
 
     async def apply(self, changes: Sequence[VFolderChange], chunk: int = 5000) -> None:
         """Write several vfolders' changes in one transaction (large scans are split, totals last)."""
@@ -103,7 +105,7 @@ class UsageStore:
             vf = await self.db.run_write(start)
             for i in range(0, len(c.upserts), chunk):
                 part = c.upserts[i : i + chunk]
-                await self.db.run_write(lambda conn, vf=vf, part=part: self._upsert(conn, vf, part))
+                await self.db.run_write(partial(self._upsert, vf=vf, rows=part))
             small.append(VFolderChange(c.key, c.totals, [], c.deletes, replace_all=False))
         if small:
             await self.db.run_write(lambda conn: self._apply(conn, small))

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from backends.resolver import RESOLVE_BENEATH, RESOLVE_NO_SYMLINKS, openat2
 
 try:
-    from agent.usage_engine import _dirread
+    from agent.usage_engine import _dirread  # type: ignore[attr-defined]  # a C extension, no stub
 except ImportError:  # not built: the pure-Python loop below gives the same figures
     _dirread = None
 

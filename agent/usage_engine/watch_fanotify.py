@@ -228,17 +228,23 @@ class FanotifyWatcher:
                         name = buf[pos + 20 + hbytes : pos + info_len] if info_type == INFO_DFID_NAME else None
                         self._dir_moved(fsid + handle, name, moved)
                     where = self._resolve(fsid, handle)
-                    if where is not None and where[1] is None:
-                        sink.watch_lost(where[0])
-                    elif where is not None:
-                        sink.dirty(where[0], where[1], where[2])
-                        if info_type == INFO_DFID_NAME and mask & FAN_ONDIR and mask & (FAN_DELETE | FAN_MOVED_FROM):
-                            name = os.fsdecode(buf[pos + 20 + hbytes : pos + info_len].split(b"\0", 1)[0])
-                            rel = f"{where[1]}/{name}" if where[1] else name
-                            if mask & FAN_DELETE:
-                                sink.lost(where[0], rel, deleted=True)
-                            else:
-                                sink.moved_away(where[0], rel)
+                    if where is not None:
+                        vf, drel, dino = where
+                        if drel is None:
+                            sink.watch_lost(vf)
+                        else:
+                            sink.dirty(vf, drel, dino)
+                            if (
+                                info_type == INFO_DFID_NAME
+                                and mask & FAN_ONDIR
+                                and mask & (FAN_DELETE | FAN_MOVED_FROM)
+                            ):
+                                child = os.fsdecode(buf[pos + 20 + hbytes : pos + info_len].split(b"\0", 1)[0])
+                                rel = f"{drel}/{child}" if drel else child
+                                if mask & FAN_DELETE:
+                                    sink.lost(vf, rel, deleted=True)
+                                else:
+                                    sink.moved_away(vf, rel)
                     elif info_type == INFO_DFID_NAME and mask & FAN_ONDIR and mask & (FAN_MOVED_FROM | FAN_DELETE):
                         self._root_event(buf[pos + 20 + hbytes : pos + info_len], fsid, handle, sink)
                 pos += info_len
@@ -248,10 +254,10 @@ class FanotifyWatcher:
         """A directory was moved out of (FROM) or into (TO) the directory ``parent_key``: drop the cached
         places that became wrong, precisely while the cache is small, else all of them."""
         with self._lock:
-            parent = self._cache.get(parent_key, False)
-            if len(self._cache) > _PRECISE_MAX or parent is False or raw_name is None:
+            if len(self._cache) > _PRECISE_MAX or parent_key not in self._cache or raw_name is None:
                 self._cache.clear()  # the old path is not known from the cache (or the scan would cost more)
                 return
+            parent = self._cache[parent_key]
             if mask & FAN_MOVED_TO:  # what was outside every vfolder may be inside one now
                 for key in [k for k, v in self._cache.items() if v is None]:
                     del self._cache[key]
