@@ -9,7 +9,9 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -162,6 +164,25 @@ def make_agent(workdir: Path, *, volumes: dict[str, dict[str, Any]] | None = Non
     for key, value in sections.items():
         config.setdefault(key.replace("_", "-"), {}).update(value)
     return AgentProcess(workdir, config)
+
+
+@contextmanager
+def served_agent(workdir: Path, **sections: Any) -> Iterator[AgentProcess]:
+    """A started :func:`make_agent` that is stopped afterwards, its log checked free of server errors."""
+    proc = make_agent(workdir, **sections).start()
+    try:
+        yield proc
+    finally:
+        proc.stop()
+    assert_clean_log(proc)
+
+
+def new_vfolder(api: httpx.Client, qsid: str) -> str:
+    """A new quota scope ``qsid`` with one new vfolder in it, on the volume ``local``; its vfid."""
+    assert api.post("/quota-scope", json={"volume": "local", "qsid": qsid}).status_code == 204
+    value = f"{qsid}/{uuid.uuid4().hex}"
+    assert api.post("/folder/create", json={"volume": "local", "vfid": value}).status_code == 204
+    return value
 
 
 def assert_clean_log(agent: AgentProcess) -> None:

@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.client_helpers import TUS, sign, vfolder_path
-from tests.support import AgentProcess, assert_clean_log, make_agent
+from tests.support import AgentProcess, new_vfolder, served_agent
 
 FUZZ = settings(
     max_examples=40,
@@ -35,20 +35,14 @@ FUZZ = settings(
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentProcess]:
-    # the usage engine's handling of odd names is tested with the engine; here it is off so that this module
-    # checks the request path alone
-    proc = make_agent(Path(tmp_path_factory.mktemp("fuzz")) / "agent", usage={"enabled": False}).start()
-    yield proc
-    proc.stop()
-    assert_clean_log(proc)
+    with served_agent(Path(tmp_path_factory.mktemp("fuzz")) / "agent") as proc:
+        yield proc
 
 
 @pytest.fixture(scope="module")
 def vfid(served: AgentProcess) -> str:
     with served.client() as api:
-        assert api.post("/quota-scope", json={"volume": "local", "qsid": "fuzz"}).status_code == 204
-        value = f"fuzz/{uuid.uuid4().hex}"
-        assert api.post("/folder/create", json={"volume": "local", "vfid": value}).status_code == 204
+        value = new_vfolder(api, "fuzz")
     (vfolder_path(served, value) / "ten").write_bytes(b"0123456789")
     return value
 

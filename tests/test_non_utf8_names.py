@@ -19,17 +19,14 @@ import httpx
 import pytest
 
 from tests.client_helpers import TUS, vfolder_path
-from tests.support import AgentProcess, assert_clean_log, make_agent
+from tests.support import AgentProcess, new_vfolder, served_agent
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentProcess]:
-    # the usage engine's catalogue rows for such names are tested with the engine (tests/test_usage_engine.py);
-    # here the wire rule is tested on its own, so the engine is off
-    proc = make_agent(Path(tmp_path_factory.mktemp("names")) / "agent", usage={"enabled": False}).start()
-    yield proc
-    proc.stop()
-    assert_clean_log(proc)
+    # the usage engine runs too: it must count such names without a traceback (assert_clean_log)
+    with served_agent(Path(tmp_path_factory.mktemp("names")) / "agent") as proc:
+        yield proc
 
 
 @pytest.fixture
@@ -40,11 +37,7 @@ def api(served: AgentProcess) -> Iterator[httpx.Client]:
 
 @pytest.fixture
 def vfid(api: httpx.Client) -> str:
-    qsid = f"nu{uuid.uuid4().hex[:6]}"
-    assert api.post("/quota-scope", json={"volume": "local", "qsid": qsid}).status_code == 204
-    value = f"{qsid}/{uuid.uuid4().hex}"
-    assert api.post("/folder/create", json={"volume": "local", "vfid": value}).status_code == 204
-    return value
+    return new_vfolder(api, f"nu{uuid.uuid4().hex[:6]}")
 
 
 def post(api: httpx.Client, path: str, body: dict[str, Any]) -> httpx.Response:

@@ -18,15 +18,13 @@ import jwt
 import pytest
 
 from tests.client_helpers import TUS, download_token, sign, upload_token, vfolder_path
-from tests.support import AgentProcess, assert_clean_log, eventually, make_agent
+from tests.support import AgentProcess, eventually, make_agent, new_vfolder, served_agent
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentProcess]:
-    proc = make_agent(Path(tmp_path_factory.mktemp("strict")) / "agent").start()
-    yield proc
-    proc.stop()
-    assert_clean_log(proc)
+    with served_agent(Path(tmp_path_factory.mktemp("strict")) / "agent") as proc:
+        yield proc
 
 
 @pytest.fixture
@@ -38,9 +36,7 @@ def api(served: AgentProcess) -> Iterator[httpx.Client]:
 @pytest.fixture(scope="module")
 def vfid(served: AgentProcess) -> str:
     with served.client() as api:
-        assert api.post("/quota-scope", json={"volume": "local", "qsid": "strict"}).status_code == 204
-        value = f"strict/{uuid.uuid4().hex}"
-        assert api.post("/folder/create", json={"volume": "local", "vfid": value}).status_code == 204
+        value = new_vfolder(api, "strict")
     (vfolder_path(served, value) / "ten").write_bytes(b"0123456789")
     return value
 
