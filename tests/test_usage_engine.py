@@ -45,14 +45,16 @@ class VF:
         assert r.status_code == 200, r.text
         return r.json()
 
-    def check(self) -> None:
+    def check(self, settled: bool = False) -> None:
         count, size, alloc = walk(self.path)
         u = self.usage()
         assert (u["file_count"], u["used_bytes"]) == (count, size), (u, count, size)
+        if settled:  # and no longer flagged: a rescan the engine asked for (e.g. a tree moved out) has landed
+            assert u["stale"] is False, u
         assert self.used_bytes()["used_bytes"] == alloc
 
-    def converges(self) -> None:
-        eventually(self.check)
+    def converges(self, settled: bool = False) -> None:
+        eventually(lambda: self.check(settled))
 
 
 def _new_vfolder(api: httpx.Client, agent: AgentProcess) -> VF:
@@ -134,7 +136,7 @@ def test_usage_follows_every_kind_of_change(watched: tuple[AgentProcess, httpx.C
     (tmp_path / "moved-out" / "sub" / "after").write_bytes(b"z" * 999)  # no longer counted
     vf.converges()
     shutil.rmtree(p / "d3")  # delete a tree
-    vf.converges()
+    vf.converges(settled=True)
     u = vf.usage()
     assert u["source"] in ("watch", "scan") and u["stale"] is False
 
