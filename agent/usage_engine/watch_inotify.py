@@ -71,15 +71,19 @@ class InotifyWatcher:
         """Nothing to do per vfolder: watches come one per directory."""
 
     def watch(self, vf: Hashable, relpath: str, fd: int) -> None:
-        """Watch one open directory (called from scanner threads)."""
-        try:
-            w = self._ino.add_watch(f"/proc/self/fd/{fd}", MASK)
-        except OSError as e:
-            if e.errno == errno.ENOSPC:
-                raise WatchLimit(str(e)) from None
-            raise
+        """Watch one open directory (called from scanner threads).
+
+        The kernel answers an existing watch's descriptor for a directory watched before (at its old path),
+        so the call and the record are one step under the lock: a :meth:`forget` of the old path in between
+        would remove the kernel's watch while the record says it is watched (its events lost for good)."""
         ino = os.fstat(fd).st_ino
         with self._lock:
+            try:
+                w = self._ino.add_watch(f"/proc/self/fd/{fd}", MASK)
+            except OSError as e:
+                if e.errno == errno.ENOSPC:
+                    raise WatchLimit(str(e)) from None
+                raise
             self._by_wd[w.wd] = (w, vf, relpath, ino)
             self._by_path[(vf, relpath)] = w.wd
 
