@@ -265,7 +265,7 @@ def test_a_watch_renewed_at_a_new_path_survives_forgetting_the_old_one(tmp_path:
             t.start()
             go.set()
             for _ in range(200):  # hold the GIL on the forgetting side, as a busy event loop does
-                watcher.forget(vf, [old])
+                watcher.forget(vf, [(old, ino)])
             t.join()
             recorded = any(entry[3] == ino for entry in watcher._by_wd.values())  # noqa: SLF001
             kernel = ino in _kernel_watched_inodes(watcher._ino.fd)  # noqa: SLF001
@@ -273,4 +273,32 @@ def test_a_watch_renewed_at_a_new_path_survives_forgetting_the_old_one(tmp_path:
             rounds += 1
     finally:
         os.close(fd)
+        watcher.close()
+
+
+def test_forgetting_a_directory_that_left_keeps_the_watch_of_one_met_at_its_path(tmp_path: Path) -> None:
+    """During a rotation a walk meets directory B at the path ``ckpt`` the tree gives A (and adds B's watch
+    there); the walk is discarded and B stays in the tree at ``ckpt.new``. When A later leaves ``ckpt``,
+    the watcher used to drop whatever watch was last added at that path: B's, so B's changes reached no
+    event again while it stayed in the vfolder. Only the directory that left loses its watch."""
+    from agent.usage_engine.watch_inotify import InotifyWatcher
+
+    watcher = InotifyWatcher()
+    vf = "vf"
+    fds = {}
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        fds[name] = os.open(tmp_path / name, os.O_RDONLY | os.O_DIRECTORY)
+    ino_a, ino_b = os.fstat(fds["a"]).st_ino, os.fstat(fds["b"]).st_ino
+    try:
+        watcher.watch(vf, "ckpt", fds["a"])
+        watcher.watch(vf, "ckpt.new", fds["b"])
+        watcher.watch(vf, "ckpt", fds["b"])  # the discarded walk met B at ckpt; the tree keeps B at ckpt.new
+        watcher.forget(vf, [("ckpt", ino_a)])  # A left ckpt
+        watched = _kernel_watched_inodes(watcher._ino.fd)  # noqa: SLF001
+        assert ino_b in watched, "the watch of B (still in the vfolder) was dropped"
+        assert ino_a not in watched, "the watch of A (gone) was kept"
+    finally:
+        for fd in fds.values():
+            os.close(fd)
         watcher.close()
