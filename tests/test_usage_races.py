@@ -220,3 +220,85 @@ def test_moves_within_the_vfolder_cost_no_rescan(watched: tuple[AgentProcess, ht
         here, there = there, here
         settled_and_right(vf, quiet=0.3)
     assert _scans(api) == before
+
+
+def _kernel_watched_inodes(inotify_fd: int) -> set[int]:
+    """The inodes the kernel holds a watch on for this inotify descriptor (``/proc/self/fdinfo``)."""
+    inos = set()
+    with open(f"/proc/self/fdinfo/{inotify_fd}") as f:
+        for line in f:
+            if line.startswith("inotify"):
+                fields = dict(kv.split(":", 1) for kv in line.split()[1:])
+                inos.add(int(fields["ino"], 16))
+    return inos
+
+
+def test_a_watch_renewed_at_a_new_path_survives_forgetting_the_old_one(tmp_path: Path) -> None:
+    """A directory renamed within the vfolder is walked at its new path (a scanner thread adds its watch
+    again: the kernel answers the same descriptor) while the event loop forgets its old path. The watcher
+    used to let the forget remove the kernel's watch between the two, and still record the directory as
+    watched: no event from it ever again (fuzzer, inotify: entries lost with ``stale: false``). Racy by
+    nature, so the two sides are run against each other many times (bounded to a few seconds)."""
+    import threading
+
+    from agent.usage_engine.watch_inotify import InotifyWatcher
+
+    watcher = InotifyWatcher()
+    vf = "vf"
+    d = tmp_path / "d"
+    d.mkdir()
+    fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+    ino = os.fstat(fd).st_ino
+    try:
+        end = time.monotonic() + 3.0
+        rounds = 0
+        while time.monotonic() < end:
+            old, new = f"old{rounds}", f"new{rounds}"
+            watcher.watch(vf, old, fd)
+            go = threading.Event()
+
+            def renew(new: str = new, go: threading.Event = go) -> None:
+                go.wait()
+                watcher.watch(vf, new, fd)
+
+            t = threading.Thread(target=renew)
+            t.start()
+            go.set()
+            for _ in range(200):  # hold the GIL on the forgetting side, as a busy event loop does
+                watcher.forget(vf, [(old, ino)])
+            t.join()
+            recorded = any(entry[3] == ino for entry in watcher._by_wd.values())  # noqa: SLF001
+            kernel = ino in _kernel_watched_inodes(watcher._ino.fd)  # noqa: SLF001
+            assert not recorded or kernel, f"round {rounds}: recorded as watched, but the kernel has no watch"
+            rounds += 1
+    finally:
+        os.close(fd)
+        watcher.close()
+
+
+def test_forgetting_a_directory_that_left_keeps_the_watch_of_one_met_at_its_path(tmp_path: Path) -> None:
+    """During a rotation a walk meets directory B at the path ``ckpt`` the tree gives A (and adds B's watch
+    there); the walk is discarded and B stays in the tree at ``ckpt.new``. When A later leaves ``ckpt``,
+    the watcher used to drop whatever watch was last added at that path: B's, so B's changes reached no
+    event again while it stayed in the vfolder. Only the directory that left loses its watch."""
+    from agent.usage_engine.watch_inotify import InotifyWatcher
+
+    watcher = InotifyWatcher()
+    vf = "vf"
+    fds = {}
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        fds[name] = os.open(tmp_path / name, os.O_RDONLY | os.O_DIRECTORY)
+    ino_a, ino_b = os.fstat(fds["a"]).st_ino, os.fstat(fds["b"]).st_ino
+    try:
+        watcher.watch(vf, "ckpt", fds["a"])
+        watcher.watch(vf, "ckpt.new", fds["b"])
+        watcher.watch(vf, "ckpt", fds["b"])  # the discarded walk met B at ckpt; the tree keeps B at ckpt.new
+        watcher.forget(vf, [("ckpt", ino_a)])  # A left ckpt
+        watched = _kernel_watched_inodes(watcher._ino.fd)  # noqa: SLF001
+        assert ino_b in watched, "the watch of B (still in the vfolder) was dropped"
+        assert ino_a not in watched, "the watch of A (gone) was kept"
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+        watcher.close()

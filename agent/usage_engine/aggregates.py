@@ -263,6 +263,18 @@ class VFolderTree:
                 del self._links[(dev, ino)]
                 self.link_alloc -= ref.alloc
 
+    def subtree(self, relpath: str) -> list[tuple[str, int]]:
+        """(relpath, inode) of a directory and of every directory below it, as the tree holds them."""
+        out: list[tuple[str, int]] = []
+        stack = [relpath]
+        while stack:
+            rel = stack.pop()
+            agg = self.dirs.get(rel)
+            if agg is not None:
+                out.append((rel, agg.ino))
+                stack.extend(join(rel, name) for name in agg.subdirs)
+        return out
+
     def drop(self, relpath: str) -> list[str]:
         """Forget a directory and everything below it; returns the relpaths forgotten."""
         gone: list[str] = []

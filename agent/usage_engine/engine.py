@@ -775,11 +775,11 @@ class UsageEngine:
                 if new is None or new[0] != rec[0]:
                     if join(rel, name) not in st.deleted and join(rel, name) in tree.dirs:
                         st.departed[rec[0]] = join(rel, name)  # moved: within (walked again) or out?
-                    gone = tree.drop(join(rel, name))
-                    for r in gone:
+                    held = tree.subtree(join(rel, name))
+                    for r in tree.drop(join(rel, name)):
                         st.pending[r] = None
                     if self.watcher is not None:
-                        self.watcher.forget(st, gone)
+                        self.watcher.forget(st, held)
             for name, rec in agg.subdirs.items():
                 prev = old.subdirs.get(name)
                 child = tree.dirs.get(join(rel, name))

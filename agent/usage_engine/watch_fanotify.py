@@ -122,7 +122,7 @@ class FanotifyWatcher:
     def watch(self, vf: Hashable, relpath: str, fd: int) -> None:
         """One mark covers the whole filesystem: nothing to add per directory."""
 
-    def forget(self, vf: Hashable, relpaths: list[str]) -> None:
+    def forget(self, vf: Hashable, dirs: list[tuple[str, int]]) -> None:
         """Nothing to drop: removed directories' handles are dead, moved ones' places were dropped at the move."""
 
     def forget_vfolder(self, vf: Hashable) -> None:

@@ -65,34 +65,42 @@ class InotifyWatcher:
         self._sink: Sink | None = None
         self._lock = threading.Lock()
         self._by_wd: dict[int, tuple[Watch, Hashable, str, int]] = {}  # wd -> (watch, vf, relpath, ino)
-        self._by_path: dict[tuple[Hashable, str], int] = {}
+        self._by_ino: dict[tuple[Hashable, int], int] = {}  # (vf, directory inode) -> wd
 
     def add_vfolder(self, vf: Hashable, path: str, fs_fd: int) -> None:
         """Nothing to do per vfolder: watches come one per directory."""
 
     def watch(self, vf: Hashable, relpath: str, fd: int) -> None:
-        """Watch one open directory (called from scanner threads)."""
-        try:
-            w = self._ino.add_watch(f"/proc/self/fd/{fd}", MASK)
-        except OSError as e:
-            if e.errno == errno.ENOSPC:
-                raise WatchLimit(str(e)) from None
-            raise
+        """Watch one open directory (called from scanner threads).
+
+        The kernel answers an existing watch's descriptor for a directory watched before (at its old path),
+        so the call and the record are one step under the lock: a :meth:`forget` of the old path in between
+        would remove the kernel's watch while the record says it is watched (its events lost for good)."""
         ino = os.fstat(fd).st_ino
         with self._lock:
+            try:
+                w = self._ino.add_watch(f"/proc/self/fd/{fd}", MASK)
+            except OSError as e:
+                if e.errno == errno.ENOSPC:
+                    raise WatchLimit(str(e)) from None
+                raise
             self._by_wd[w.wd] = (w, vf, relpath, ino)
-            self._by_path[(vf, relpath)] = w.wd
+            self._by_ino[(vf, ino)] = w.wd
 
-    def forget(self, vf: Hashable, relpaths: list[str]) -> None:
-        """Drop the watches of directories that left the vfolder (moved out, replaced)."""
+    def forget(self, vf: Hashable, dirs: list[tuple[str, int]]) -> None:
+        """Drop the watches of directories that left the vfolder (moved out, replaced): ``(relpath, inode)``
+        as the tree held them. A watch is dropped only if it was last added for that directory at that path:
+        one added since at another path (the directory walked where it went) or for another directory met
+        at that path (a walk during a rotation) is not the one that left."""
         with self._lock:
-            for rel in relpaths:
-                wd = self._by_path.pop((vf, rel), None)
+            for rel, ino in dirs:
+                wd = self._by_ino.get((vf, ino))
                 if wd is None:
                     continue
                 entry = self._by_wd.get(wd)
-                if entry is not None and entry[1] == vf and entry[2] == rel:
+                if entry is not None and entry[1] == vf and entry[2] == rel and entry[3] == ino:
                     del self._by_wd[wd]
+                    del self._by_ino[(vf, ino)]
                     try:
                         self._ino.rm_watch(entry[0])
                     except OSError:
@@ -100,8 +108,8 @@ class InotifyWatcher:
 
     def forget_vfolder(self, vf: Hashable) -> None:
         with self._lock:
-            rels = [rel for (v, rel) in self._by_path if v == vf]
-        self.forget(vf, rels)
+            dirs = [(rel, ino) for (_, v, rel, ino) in self._by_wd.values() if v == vf]
+        self.forget(vf, dirs)
 
     def count(self) -> int:
         return len(self._by_wd)
@@ -146,8 +154,8 @@ class InotifyWatcher:
             entry = self._by_wd.get(watch.wd)
             if entry is not None and Mask.IGNORED in mask:
                 del self._by_wd[watch.wd]
-                if self._by_path.get((entry[1], entry[2])) == watch.wd:
-                    del self._by_path[(entry[1], entry[2])]
+                if self._by_ino.get((entry[1], entry[3])) == watch.wd:
+                    del self._by_ino[(entry[1], entry[3])]
         if entry is None:
             return
         _, vf, rel, ino = entry

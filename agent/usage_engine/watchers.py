@@ -22,7 +22,8 @@ class Watcher(Protocol):
 
     def watch(self, vf: Hashable, relpath: str, fd: int) -> None: ...
 
-    def forget(self, vf: Hashable, relpaths: list[str]) -> None: ...
+    def forget(self, vf: Hashable, dirs: list[tuple[str, int]]) -> None:
+        """``dirs``: (relpath, inode) of the directories that left the vfolder, as the tree held them."""
 
     def forget_vfolder(self, vf: Hashable) -> None: ...
 
