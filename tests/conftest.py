@@ -9,7 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.support import AgentProcess, assert_clean_log, make_agent
+from tests.support import WATCHERS, AgentProcess, assert_clean_log, make_agent
 
 
 @pytest.fixture
@@ -40,3 +40,15 @@ def vfid(api: httpx.Client, scope: str) -> str:
     r = api.request("POST", "/folder/create", json={"volume": "local", "vfid": value})
     assert r.status_code == 204, r.text
     return value
+
+
+@pytest.fixture(params=WATCHERS)
+def watched(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[AgentProcess, httpx.Client, str]]:
+    proc = make_agent(tmp_path / "agent", usage={"watcher": request.param}).start()
+    try:
+        with proc.client() as api:
+            yield proc, api, request.param
+    finally:
+        proc.stop()
+    assert f"watching with {request.param}" in proc.log()
+    assert_clean_log(proc)

@@ -17,6 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
+
+from agent.usage_engine.watchers import fanotify_unavailable
 
 ROOT = Path(__file__).resolve().parent.parent
 AUTH_HEADER = "X-BackendAI-Storage-Auth-Token"
@@ -185,18 +188,30 @@ def new_vfolder(api: httpx.Client, qsid: str) -> str:
     return value
 
 
+# the usage engine's watchers, fanotify skipped where the kernel or the capabilities lack it
+WATCHERS = [
+    "inotify",
+    pytest.param(
+        "fanotify",
+        marks=pytest.mark.skipif(
+            fanotify_unavailable(["/tmp"]) is not None, reason=f"fanotify: {fanotify_unavailable(['/tmp'])}"
+        ),
+    ),
+]
+
+
 def assert_clean_log(agent: AgentProcess) -> None:
     text = agent.log()
     assert "Traceback" not in text and "unexpected error" not in text, f"agent log shows a server error:\n{text}"
 
 
-def walk(root: Path) -> tuple[int, int, int]:
+def walk(root: Path | bytes) -> tuple[int, int, int]:
     """(entries, st_size sum, allocated bytes like `du -s -B1`) of a tree, links not followed."""
     count = size = 0
     st = os.lstat(root)
     seen = {(st.st_dev, st.st_ino)}
     alloc = st.st_blocks * 512
-    stack = [str(root)]
+    stack = [os.fsencode(root)]
     while stack:
         d = stack.pop()
         with os.scandir(d) as it:

@@ -13,14 +13,12 @@ import signal
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from agent.usage_engine.watchers import fanotify_unavailable
 from backends.rmtree import remove_tree
 from backends.walk import tree_usage
 from tests.support import AgentProcess, assert_clean_log, eventually, make_agent, walk
@@ -67,27 +65,8 @@ def _new_vfolder(api: httpx.Client, agent: AgentProcess) -> VF:
     return VF(api, agent, vfid)
 
 
-WATCHERS = [
-    "inotify",
-    pytest.param(
-        "fanotify",
-        marks=pytest.mark.skipif(
-            fanotify_unavailable(["/tmp"]) is not None, reason=f"fanotify: {fanotify_unavailable(['/tmp'])}"
-        ),
-    ),
-]
 
 
-@pytest.fixture(params=WATCHERS)
-def watched(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[AgentProcess, httpx.Client, str]]:
-    proc = make_agent(tmp_path / "agent", usage={"watcher": request.param}).start()
-    try:
-        with proc.client() as api:
-            yield proc, api, request.param
-    finally:
-        proc.stop()
-    assert f"watching with {request.param}" in proc.log()
-    assert_clean_log(proc)
 
 
 def test_usage_follows_every_kind_of_change(watched: tuple[AgentProcess, httpx.Client, str], tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_usage_engine import WATCHERS
+from tests.support import WATCHERS
 from tests.usage_model import run_rounds
 
 SEEDS = list(range(1, 81))  # about half a minute per watcher on an idle 2-core machine

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.support import AgentProcess, assert_clean_log, make_agent, walk
-from tests.test_usage_engine import VF, WATCHERS, _new_vfolder
+from tests.support import AgentProcess, walk
+from tests.test_usage_engine import VF, _new_vfolder
 
 SETTLE = 30.0
 
@@ -39,16 +38,6 @@ def settled_and_right(vf: VF, deadline: float = SETTLE, quiet: float = 0.0) -> N
         time.sleep(0.1)
 
 
-@pytest.fixture(params=WATCHERS)
-def watched(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[AgentProcess, httpx.Client, str]]:
-    proc = make_agent(tmp_path / "agent", usage={"watcher": request.param}).start()
-    try:
-        with proc.client() as api:
-            yield proc, api, request.param
-    finally:
-        proc.stop()
-    assert f"watching with {request.param}" in proc.log()
-    assert_clean_log(proc)
 
 
 def _ckpt(d: Path, n: int) -> None:

@@ -16,12 +16,13 @@ from __future__ import annotations
 import os
 import random
 import shutil
-import stat
 import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+from tests.support import walk
 
 NAMES = [b"a", b"b", b"ckpt", b"data", "é".encode(), "日本".encode(), b"\xff", b"x\xfey", b"sp ace", b"n.1"]
 
@@ -30,22 +31,6 @@ def du(path: bytes) -> int:
     """``du -s -B1`` of a tree (the reference for ``/folder/used-bytes``)."""
     out = subprocess.run(["du", "-s", "-B1", path], capture_output=True, check=True).stdout
     return int(out.split()[0])
-
-
-def walk(root: bytes) -> tuple[int, int]:
-    """(entries, st_size sum) below ``root``, links not followed."""
-    count = size = 0
-    stack = [root]
-    while stack:
-        d = stack.pop()
-        with os.scandir(d) as it:
-            for e in it:
-                st = e.stat(follow_symlinks=False)
-                count += 1
-                size += st.st_size
-                if stat.S_ISDIR(st.st_mode):
-                    stack.append(e.path)
-    return count, size
 
 
 @dataclass
@@ -255,7 +240,7 @@ def settle_and_compare(
     while True:
         u, ub = answers()
         settled = not (u["stale"] or u.get("pending") or ub["stale"] or ub.get("pending"))
-        count, size = walk(root)
+        count, size, _ = walk(root)
         alloc = du(root)
         right = (u["file_count"], u["used_bytes"], ub["used_bytes"]) == (count, size, alloc)
         if settled:
