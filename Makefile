@@ -44,4 +44,4 @@ deb:
 	packaging/build-deb.sh
 
 clean:
-	rm -rf .venv build *.egg-info backends/*.so agent/usage_engine/*.so
+	rm -rf .venv build *.egg-info backends/*.so agent/engine/usage/*.so

@@ -152,7 +152,7 @@ def _add_operator_commands(sub: argparse._SubParsersAction) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     """As upstream: logging, the pid file, bind the ports, then (as root with user/group set) drop privileges;
     unlike upstream the drop comes before the catalogue, volumes and threads start (capabilities are per
-    thread, agent/privileges.py), so everything the agent creates belongs to the configured user."""
+    thread, agent/runtime/privileges.py), so everything the agent creates belongs to the configured user."""
     config = _config(args)
     logged = logs.configure(config.logging)
     if logged.unsupported:
@@ -160,8 +160,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                     "to %s)", ", ".join(logged.unsupported),
                     ", ".join(d for d in ("console", "file") if d in config.logging.drivers) or "standard error")
     _pin_cpu(config.storage_proxy.cpu_pin)
-    from agent import privileges
-    from agent.server import bind, remove_pid_file, serve, write_pid_file
+    from agent.runtime import privileges
+    from agent.runtime.server import bind, remove_pid_file, serve, write_pid_file
 
     pid_file = config.storage_proxy.pid_file
     sockets = bind(config)
@@ -242,7 +242,7 @@ def cmd_view(args: argparse.Namespace) -> int:
 
 
 def cmd_scan(args: argparse.Namespace) -> int:
-    from agent.usage_engine.cli_scan import run as run_scan
+    from agent.engine.usage.cli_scan import run as run_scan
 
     config = _config(args)
     logs.setup("WARNING", config.logging.format)

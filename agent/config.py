@@ -125,7 +125,7 @@ class StorageProxy(_Section):
     session_expire: Duration = Field(default=86400.0, alias="session-expire")
     scandir_limit: int = Field(default=1000, ge=0, alias="scandir-limit")  # 0 = no limit, as upstream
     max_upload_size: Size = Field(default=100 * 2**30, alias="max-upload-size")
-    # started as root, the agent switches to these after binding its ports (agent/privileges.py)
+    # started as root, the agent switches to these after binding its ports (agent/runtime/privileges.py)
     user: Annotated[int | None, BeforeValidator(lambda v: _user_id(v))] = None
     group: Annotated[int | None, BeforeValidator(lambda v: _group_id(v))] = None
     pid_file: Path | None = Field(default=None, alias="pid-file")

@@ -52,7 +52,7 @@ def _volume_health(root: Path) -> tuple[str, str | None]:
 
 def _usage_mode(config: Config, name: str) -> dict[str, Any]:
     """How the usage engine keeps this volume's figures, and why (the choice the agent logs at start-up)."""
-    from agent.usage_engine.policy import choose
+    from agent.engine.usage.policy import choose
     from backends import BACKENDS
 
     vc = config.volume[name]

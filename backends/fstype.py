@@ -3,7 +3,7 @@
 ``os.statvfs`` does not report ``f_type``, so ``statfs(2)`` is called through ctypes. On a filesystem
 that other machines mount too (NFS, SMB, Lustre, GPFS, CephFS, FUSE clients such as Weka's, 9p, ...)
 writes made elsewhere raise no local inotify/fanotify event: the usage engine must not claim to watch
-such a volume (see ``agent/usage_engine/policy.py``).
+such a volume (see ``agent/engine/usage/policy.py``).
 """
 
 from __future__ import annotations

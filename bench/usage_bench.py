@@ -45,7 +45,7 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from agent.usage_engine.scanner import scan  # noqa: E402
+from agent.engine.usage.scanner import scan  # noqa: E402
 from tests.support import AUTH_HEADER, AgentProcess, make_agent  # noqa: E402
 
 SIZES = {"10k": 10_000, "100k": 100_000, "1m": 1_000_000}

@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from agent.usage_engine.watchers import fanotify_unavailable  # noqa: E402
+from agent.engine.usage.watchers import fanotify_unavailable  # noqa: E402
 from tests.usage_model import RoundResult, run_rounds  # noqa: E402
 
 

@@ -35,7 +35,7 @@ fi
 extras="fuse"
 [[ "${1:-}" == "--test" ]] && extras="fuse,test"
 stamp=".venv/.installed-$extras"
-if [[ ! -f "$stamp" || pyproject.toml -nt "$stamp" || setup.py -nt "$stamp" || backends/_fastwalk.c -nt "$stamp" || agent/usage_engine/_dirread.c -nt "$stamp" ]]; then
+if [[ ! -f "$stamp" || pyproject.toml -nt "$stamp" || setup.py -nt "$stamp" || backends/_fastwalk.c -nt "$stamp" || agent/engine/usage/_dirread.c -nt "$stamp" ]]; then
     echo "dev-deps: installing the project into .venv ($extras)"
     reqs=()
     if [[ "${1:-}" == "--test" && -f ../shared/conformance/requirements.txt ]]; then

@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
-from agent.usage_engine.watchers import fanotify_unavailable
+from agent.engine.usage.watchers import fanotify_unavailable
 
 ROOT = Path(__file__).resolve().parent.parent
 AUTH_HEADER = "X-BackendAI-Storage-Auth-Token"

@@ -13,8 +13,8 @@ import jsonschema
 import pytest
 from openapi_spec_validator import validate
 
-from agent import openapi
-from agent.app import client_app, documents, manager_app
+from agent.http import openapi
+from agent.http.app import client_app, documents, manager_app
 from tests.support import AgentProcess, assert_clean_log, make_agent
 
 
@@ -50,7 +50,7 @@ def _registered(listener: str) -> set[tuple[str, str]]:
 def test_served_documents_are_the_rendered_ones_and_docs_api_md_is_current(docs: dict[str, dict[str, Any]]) -> None:
     assert documents() == docs
     committed = (Path(__file__).resolve().parent.parent / "docs" / "api.md").read_text()
-    assert committed == openapi.markdown(docs), "docs/api.md is stale: python -m agent.openapi > docs/api.md"
+    assert committed == openapi.markdown(docs), "docs/api.md is stale: python -m agent.http.openapi > docs/api.md"
 
 
 @pytest.mark.parametrize("listener", ["manager", "client"])

@@ -96,7 +96,7 @@ def test_what_needs_every_cpu_gets_it_back(tmp_path: Path) -> None:
         f"""
         import asyncio, json, os, threading
         from backends import cpu_placement, process
-        from agent.usage_engine import scanner
+        from agent.engine.usage import scanner
 
         cpu = cpu_placement.choose("auto")
         cpu_placement.pin(cpu)

@@ -69,9 +69,9 @@ def tree_imports() -> list[Import]:
 def test_the_parser_sees_imports_of_every_kind() -> None:
     """The checks below are only as good as the parser: it must find the kinds of import the tree uses."""
     found = {(i.module, i.target) for i in tree_imports()}
-    assert ("agent.server", "agent.app") in found  # from agent.app import ...
+    assert ("agent.runtime.server", "agent.http.app") in found  # from agent.http.app import ...
     assert ("backends.walk", "backends.cpu_placement") in found  # from backends import cpu_placement
-    assert ("agent.usage_engine.aggregates", "agent.usage_engine._dirread") in found  # a C extension, in a function
+    assert ("agent.engine.usage.aggregates", "agent.engine.usage._dirread") in found  # a C extension, in a function
     assert any(i.type_only for i in tree_imports())
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from agent import memory_trim
+from agent.runtime import memory_trim
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -20,7 +20,7 @@ SCRIPT = textwrap.dedent(
     """
     import asyncio, json, time
     import psutil
-    from agent import memory_trim
+    from agent.runtime import memory_trim
 
     def rss():
         return psutil.Process().memory_info().rss

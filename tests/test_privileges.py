@@ -1,4 +1,4 @@
-"""``[storage-proxy] user`` / ``group``: an agent started as root serves as that user (agent/privileges.py)."""
+"""``[storage-proxy] user`` / ``group``: an agent started as root serves as that user (agent/runtime/privileges.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from agent.privileges import BASE, CAP_SYS_ADMIN, NAMES
+from agent.runtime.privileges import BASE, CAP_SYS_ADMIN, NAMES
 from tests.support import ROOT, AgentProcess, assert_clean_log, eventually, make_agent
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="starting an agent as root needs root")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from agent.services import Periodic
+from agent.runtime.services import Periodic
 
 
 def test_a_failing_tick_is_logged_and_the_next_one_comes(caplog) -> None:  # noqa: ANN001 - pytest fixture

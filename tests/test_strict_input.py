@@ -1,6 +1,6 @@
 """Odd numbers, deep bodies, NUL bytes, absolute paths and tokens in the log, against a real agent (issue 19).
 
-Each case here failed on the agent before ``agent/strict.py`` (a 500, a wrong status, or a live token in
+Each case here failed on the agent before ``agent/http/strict.py`` (a 500, a wrong status, or a live token in
 the journal); every number and name now goes through that one strict parser.
 """
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.usage_engine import aggregates
-from agent.usage_engine.aggregates import VFolderTree, read_dir
-from agent.usage_engine.scanner import ScanCancelled, scan
+from agent.engine.usage import aggregates
+from agent.engine.usage.aggregates import VFolderTree, read_dir
+from agent.engine.usage.scanner import ScanCancelled, scan
 from catalog import Catalog
 from catalog.usage_store import DirRow, Totals, UsageStore, VFolderChange
 from tests.support import walk

@@ -9,10 +9,10 @@ import time
 import uuid
 from pathlib import Path
 
-from agent import usage
 from agent.config import validate
-from agent.context import Agent
-from agent.usage_engine import UsageEngine
+from agent.engine.usage import UsageEngine
+from agent.http import usage
+from agent.runtime.context import Agent
 from backends.base import Capability
 from backends.ids import VFolderID
 from backends.vfs import VfsVolume

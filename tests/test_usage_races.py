@@ -230,7 +230,7 @@ def test_a_watch_renewed_at_a_new_path_survives_forgetting_the_old_one(tmp_path:
     nature, so the two sides are run against each other many times (bounded to a few seconds)."""
     import threading
 
-    from agent.usage_engine.watch_inotify import InotifyWatcher
+    from agent.engine.usage.watch_inotify import InotifyWatcher
 
     watcher = InotifyWatcher()
     vf = "vf"
@@ -270,7 +270,7 @@ def test_forgetting_a_directory_that_left_keeps_the_watch_of_one_met_at_its_path
     there); the walk is discarded and B stays in the tree at ``ckpt.new``. When A later leaves ``ckpt``,
     the watcher used to drop whatever watch was last added at that path: B's, so B's changes reached no
     event again while it stayed in the vfolder. Only the directory that left loses its watch."""
-    from agent.usage_engine.watch_inotify import InotifyWatcher
+    from agent.engine.usage.watch_inotify import InotifyWatcher
 
     watcher = InotifyWatcher()
     vf = "vf"

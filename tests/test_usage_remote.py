@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.usage_engine.scanner import scan
+from agent.engine.usage.scanner import scan
 from backends import fstype, ioprio
 from tests.support import assert_clean_log, eventually, make_agent, walk
 
@@ -277,7 +277,7 @@ def test_usage_options_are_checked_with_the_config(tmp_path: Path) -> None:
     agent.config["volume"]["local"]["options"] = {"usage-rescan-interval": "90s", "usage-remote-writers": True}
     agent.config_path.write_text(to_toml(agent.config))
     cfg = load(agent.config_path)
-    from agent.usage_engine.policy import choose
+    from agent.engine.usage.policy import choose
     from backends import BACKENDS
 
     pol = choose(BACKENDS["vfs"].capabilities, tmp_path, cfg.volume["local"].options, cfg.usage, watcher=True)

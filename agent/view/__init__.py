@@ -2,7 +2,7 @@
 
 ``storage-agent view`` is a separate trio process (pyfuse3 needs trio) so that a
 hung or crashed FUSE mount can never stall the asyncio API process; ``serve``
-only spawns and supervises it (:mod:`agent.view.supervisor`) and never touches
+only spawns and supervises it (:mod:`agent.engine.view_supervisor`) and never touches
 the mount on a request path.
 
 Layout of the mount (one FUSE filesystem at ``[view] mount-root``; pyfuse3 runs

@@ -1,0 +1,1 @@
+"""The HTTP side: aiohttp apps, routes, parameters, answers, errors, tokens, transfers."""

@@ -1,0 +1,153 @@
+"""A big request body moved from the socket into a file with splice(2), past aiohttp's parser.
+
+Through aiohttp a body reaches Python as 256 KiB ``bytes`` (one copy out of the kernel, a parser pass) and
+is copied back into the page cache by the write. For a big tus PATCH the bytes go socket → pipe → file
+inside the kernel instead. The price: aiohttp's parser never sees the rest of that message, so the
+connection cannot carry another request and the answer closes it (``Connection: close``; tus clients open
+a new one). Only for plain TCP with a Content-Length; TLS and chunked bodies take the usual path.
+
+Waiting for the socket happens on the event loop (no thread is held by a slow client); each burst of
+arrived bytes is moved by one worker-thread call, so the event loop never copies page-cache pages itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import fcntl
+import os
+from collections.abc import Callable
+from typing import Any
+
+from aiohttp import web
+
+from agent.http.errors import CLOSE_AFTER
+from backends import cpu_placement
+
+MIN_BYTES = 2 << 20  # smaller bodies keep their connection: the usual path costs them little
+PIPE_BYTES = 1 << 20
+HOP_BYTES = 16 << 20  # at most this much moved per worker-thread call (a fast client has more waiting)
+
+
+class SocketBody:
+    """The rest of one request's body, read from the socket with splice (see the module docstring)."""
+
+    def __init__(self, request: web.Request, transport: asyncio.Transport, sock_fd: int, length: int) -> None:
+        self._request = request
+        self._transport = transport
+        self._sock_fd = sock_fd
+        self.length = length
+
+    @classmethod
+    def of(cls, request: web.Request) -> SocketBody | None:
+        """The body as a SocketBody when it is worth it and possible, else None (read it the usual way)."""
+        length = request.content_length
+        transport = request.transport
+        if length is None or length < MIN_BYTES or transport is None or not hasattr(os, "splice"):
+            return None
+        if "Transfer-Encoding" in request.headers or transport.get_extra_info("sslcontext") is not None:
+            return None
+        sock = transport.get_extra_info("socket")
+        if sock is None:
+            return None
+        return cls(request, transport, sock.fileno(), length)  # asked before anything read the body
+
+    async def copy_to(
+        self,
+        write_buffered: Callable[[list[bytes], int], Any],
+        written: Callable[[int, int], Any],
+        fd: int,
+        pos: int,
+        idle_timeout: float,
+    ) -> int:
+        """Move the body into ``fd`` from ``pos``; returns the bytes moved. What aiohttp already read goes
+        through ``write_buffered(parts, pos)``; ``written(pos, length)`` follows each spliced range (both
+        on a worker thread). Raises ConnectionResetError when the
+        client goes away mid-body or sends nothing for ``idle_timeout`` seconds; what arrived before is in
+        the file either way."""
+        content = self._request.content
+        parts: list[bytes] = []
+        while chunk := content.read_nowait():
+            parts.append(chunk)
+        self._transport.pause_reading()  # from here on the socket is read only below, and the connection
+        self._request[CLOSE_AFTER] = True  # ends with the answer, whatever it is
+        self._request.protocol.close()
+        loop = asyncio.get_running_loop()
+        fds: list[int] = []
+        done = 0
+        try:
+            sock = os.dup(self._sock_fd)
+            fds.append(sock)
+            r, w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+            fds += (r, w)
+            try:
+                fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
+            except OSError:  # above /proc/sys/fs/pipe-max-size: the default 64 KiB pipe only costs more calls
+                pass
+            if parts:
+                await asyncio.to_thread(write_buffered, parts, pos)
+                done = sum(len(p) for p in parts)
+            while done < self.length:
+                most = min(self.length - done, HOP_BYTES)
+                moved = await asyncio.to_thread(_move, sock, r, w, fd, pos + done, most, written)
+                if moved is None:  # nothing waiting: sleep on the loop until the socket is readable
+                    try:
+                        await _readable(loop, sock, idle_timeout)
+                    except TimeoutError:
+                        raise ConnectionResetError(f"no body bytes for {idle_timeout:g} s") from None
+                    continue
+                if moved == 0:
+                    raise ConnectionResetError(f"the client closed the connection {self.length - done} bytes short")
+                done += moved
+            return done
+        finally:
+            content.feed_eof()  # aiohttp must not wait to read the rest of this body itself
+            for opened in fds:
+                os.close(opened)
+
+
+def _move(sock: int, r: int, w: int, fd: int, pos: int, most: int, written: Callable[[int, int], Any]) -> int | None:
+    """Move what the socket holds (at most ``most`` bytes) into ``fd`` at ``pos``. None: nothing was
+    waiting; 0: the peer closed the connection. On any CPU: the copy into the page cache is kernel work
+    that on the agent's pinned CPU would take turns with the event loop (backends/cpu_placement.py)."""
+    with cpu_placement.widened():
+        return _move_here(sock, r, w, fd, pos, most, written)
+
+
+def _move_here(
+    sock: int, r: int, w: int, fd: int, pos: int, most: int, written: Callable[[int, int], Any]
+) -> int | None:
+    done = 0
+    try:
+        while done < most:
+            try:
+                n = os.splice(sock, w, min(most - done, PIPE_BYTES), flags=os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK)
+            except BlockingIOError:
+                return done or None
+            if n == 0:
+                return done
+            while n:
+                k = os.splice(r, fd, n, offset_dst=pos + done, flags=os.SPLICE_F_MOVE)
+                if k == 0:
+                    raise OSError(errno.EIO, "splice into the staged file moved nothing")
+                n -= k
+                done += k
+        return done
+    finally:
+        if done:
+            written(pos, done)
+
+
+async def _readable(loop: asyncio.AbstractEventLoop, fd: int, timeout: float) -> None:
+    ready = loop.create_future()
+
+    def wake() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    loop.add_reader(fd, wake)
+    try:
+        async with asyncio.timeout(timeout):
+            await ready
+    finally:
+        loop.remove_reader(fd)

@@ -1,0 +1,1 @@
+"""Process life: the server, services and periodic tasks, the shared context, privileges."""

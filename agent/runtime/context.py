@@ -1,0 +1,113 @@
+"""What every request handler reaches: the config, the catalogue and the volumes."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from aiohttp import web
+
+from agent.config import Config
+from agent.http.errors import ApiError
+from agent.runtime.services import Service
+from backends import layout
+from backends.base import Volume
+from backends.errors import VolumeUnavailable
+from backends.layout import LAYOUT_VERSION
+from backends.locks import LifecycleLocks
+from catalog import Catalog
+
+log = logging.getLogger(__name__)
+
+def initialise_if_new(name: str, root: Path) -> str | None:
+    """Initialise a new (missing or empty) volume root at layout 3; returns why it could not."""
+    try:
+        how = layout.initialise_if_new(root)
+    except OSError as e:
+        return f"volume root {root} is new but cannot be initialised: {e.strerror}"
+    if how is not None:
+        log.info("volume %s: root %s was %s: initialised as a new volume (version.txt = %d)", name, root, how,
+                 layout.LAYOUT_VERSION)
+    return None
+
+
+@dataclass
+class VolumeState:
+    serving: bool
+    info: str | None = None
+
+
+CHECK_TIMEOUT = 5.0  # probes, /volumes and /volume/hwinfo answer within this even when a volume's mount hangs
+
+
+@dataclass
+class Agent:
+    config: Config
+    catalog: Catalog
+    volumes: dict[str, Volume]
+    states: dict[str, VolumeState] = field(default_factory=dict)
+    walks: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(8))
+    services: list[Service] = field(default_factory=list)
+    _checking: dict[str, asyncio.Future[VolumeState]] = field(default_factory=dict, init=False, repr=False)
+    locks: LifecycleLocks = field(default=None)  # type: ignore[assignment]  # set in __post_init__
+
+    def __post_init__(self) -> None:
+        if self.locks is None:  # lock files beside the catalogue: shared by every agent process of this node
+            path = self.config.catalog.path
+            self.locks = LifecycleLocks(path.with_name(path.name + ".locks"))
+
+    def configured(self, name: str) -> Volume:
+        """A configured volume, served or not, or the 404 naming it."""
+        vol = self.volumes.get(name)
+        if vol is None:
+            raise ApiError(404, f"unknown volume {name!r}", "invalid-volume")
+        return vol
+
+    def volume(self, name: str) -> Volume:
+        """A volume that is being served, or a 4xx naming the problem."""
+        vol = self.configured(name)
+        state = self.states.get(name)
+        if state is not None and not state.serving:
+            state = self.refresh_state(vol)  # e.g. `storage-agent migrate` finished since start-up
+        if state is not None and not state.serving:
+            raise VolumeUnavailable(f"volume {name!r} is not served: {state.info}")
+        return vol
+
+    async def checked_state(self, vol: Volume) -> VolumeState:
+        """:meth:`refresh_state` off the event loop (a hung mount blocks a thread, never the loop), bounded by
+        CHECK_TIMEOUT; while an earlier check of the volume has not come back, no new one is started."""
+        pending = self._checking.get(vol.name)
+        if pending is None or pending.done():
+            pending = self._checking[vol.name] = asyncio.ensure_future(asyncio.to_thread(self.refresh_state, vol))
+        try:
+            return await asyncio.wait_for(asyncio.shield(pending), CHECK_TIMEOUT)
+        except TimeoutError:
+            return VolumeState(False, f"volume root {vol.root} has not answered for {CHECK_TIMEOUT:g} s or more")
+
+    def refresh_state(self, vol: Volume) -> VolumeState:
+        """Whether ``vol`` can be served; the first call (at start-up) initialises a new, empty volume."""
+        problem = initialise_if_new(vol.name, vol.root) if vol.name not in self.states else None
+        version = vol.layout_version()
+        if problem is not None:
+            state = VolumeState(False, problem)
+        elif not vol.root.is_dir():
+            state = VolumeState(False, f"volume root {vol.root} does not exist")
+        elif version != LAYOUT_VERSION:
+            state = VolumeState(
+                False,
+                f"volume root {vol.root} has layout version {version or 2} and needs migration "
+                f"(storage-agent migrate --volume {vol.name})",
+            )
+        else:
+            state = VolumeState(True)
+        self.states[vol.name] = state
+        return state
+
+
+AGENT_KEY = web.AppKey("agent", Agent)
+
+
+def agent_of(request: web.Request) -> Agent:
+    return request.app[AGENT_KEY]
