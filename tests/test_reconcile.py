@@ -133,3 +133,28 @@ def test_a_new_empty_or_missing_volume_root_is_initialised_at_layout_3(tmp_path:
         agent.stop()
     assert agent.log().count("initialised as a new volume") == 3, "initialised once, at start-up only"
     assert_clean_log(agent)
+
+
+def test_an_interrupted_usage_rescan_job_is_ended_with_its_own_reason(tmp_path: Path) -> None:
+    """A start-up rescan cut short by a stop stages nothing: its job is ended saying a new rescan began, not
+    that "staged work was removed" (the reason of an interrupted clone)."""
+    import sqlite3
+
+    agent = make_agent(tmp_path / "a").start()
+    agent.stop()
+    path = Path(agent.config["catalog"]["path"])
+
+    async def start_job() -> str:
+        cat = await Catalog.open(path)
+        try:
+            return await cat.start_job("usage-rescan", "local", {}, total=3)
+        finally:
+            await cat.close()
+
+    job = asyncio.run(start_job())
+    agent.start()
+    agent.stop()
+    with sqlite3.connect(path) as db:
+        (error,) = db.execute("SELECT error FROM jobs WHERE id = ?", (job,)).fetchone()
+    assert error == "interrupted by an agent restart; a new rescan was started"
+    assert_clean_log(agent)

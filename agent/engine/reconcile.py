@@ -108,6 +108,8 @@ async def reconcile(catalog: Catalog, vol: Volume, *, keep_staged: set[str] | No
         if dst is not None and dst in on_disk:  # published before the stop: only the bookkeeping was left
             await catalog.finish_job(job.id)
             report.finished_clones.append(f"{job.params.get('src')} -> {dst}")
+        elif job.kind == "usage-rescan":  # the usage engine starts a new one; nothing was staged
+            await catalog.finish_job(job.id, error="interrupted by an agent restart; a new rescan was started")
         else:
             await catalog.finish_job(job.id, error="interrupted by an agent restart; staged work was removed")
 
