@@ -67,32 +67,31 @@ class TextFormatter(logging.Formatter):
 
 
 class JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        data = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
-            "level": record.levelname,
-            "logger": record.name,
-            "msg": record.getMessage(),
-        }
-        if record.exc_info:
-            data["exc"] = self.formatException(record.exc_info)
-        return redact(json.dumps(data))
+    """One JSON object per line. ``upstream=True`` (the file driver) uses the upstream proxy's field names and
+    timestamp, so log shippers set up for the upstream proxy's files read these too."""
 
-
-class FileJsonFormatter(logging.Formatter):
-    """The file driver's lines: one JSON object with upstream's field names, so log shippers set up for
-    the upstream proxy's files read these too."""
+    def __init__(self, *, upstream: bool = False) -> None:
+        super().__init__()
+        self.upstream = upstream
 
     def format(self, record: logging.LogRecord) -> str:
-        data = {
-            "timestamp": datetime.fromtimestamp(record.created, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
-            "level": record.levelname,
-            "name": record.name,
-            "processName": record.processName,
-            "message": record.getMessage(),
-        }
+        if self.upstream:
+            data = {
+                "timestamp": datetime.fromtimestamp(record.created, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+                "level": record.levelname,
+                "name": record.name,
+                "processName": record.processName,
+                "message": record.getMessage(),
+            }
+        else:
+            data = {
+                "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+                "level": record.levelname,
+                "logger": record.name,
+                "msg": record.getMessage(),
+            }
         if record.exc_info:
-            data["exc_info"] = self.formatException(record.exc_info)
+            data["exc_info" if self.upstream else "exc"] = self.formatException(record.exc_info)
         return redact(json.dumps(data))
 
 
@@ -165,7 +164,7 @@ def configure(cfg: LoggingConfig) -> Configured:
             where / cfg.file.filename, maxBytes=cfg.file.rotation_size, backupCount=cfg.file.backup_count,
             encoding="utf-8",
         )
-        handler.setFormatter(FileJsonFormatter())
+        handler.setFormatter(JsonFormatter(upstream=True))
         handlers.append(handler)
         out.files.append(where / cfg.file.filename)
     out.unsupported = [d for d in UNSUPPORTED_DRIVERS if d in cfg.drivers]
