@@ -261,11 +261,10 @@ class MountedVolume(Volume):
 
     async def hwinfo(self) -> HwInfo:
         meta = {"backend": self.backend, "path": str(self.root)}
-        try:
-            st = await asyncio.to_thread(os.statvfs, self.root)
+        try:  # both reads in one worker thread: a hung mount never blocks the event loop
+            st, version = await asyncio.to_thread(lambda: (os.statvfs(self.root), self.layout_version()))
         except OSError as e:
             return HwInfo("unavailable", f"volume root {self.root} is not accessible: {e.strerror}", meta)
-        version = self.layout_version()
         meta["layout_version"] = str(version) if version is not None else "none"
         if version != LAYOUT_VERSION:
             return HwInfo(
