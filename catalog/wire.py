@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import select
 import sqlite3
 import struct
 import time
@@ -117,7 +118,16 @@ class _Link:
         self.reader, self.writer = reader, writer
 
     def alive(self) -> bool:
-        return not (self.reader.at_eof() or self.writer.is_closing())
+        """Whether an idle connection can carry a call: nothing may be readable on it between calls, so
+        readable means the host closed it (stopped, restarted, killed), even before the loop noticed."""
+        if self.reader.at_eof() or self.writer.is_closing():
+            return False
+        sock = self.writer.get_extra_info("socket")
+        if sock is None:
+            return False
+        poll = select.poll()
+        poll.register(sock.fileno(), select.POLLIN | select.POLLRDHUP)
+        return not poll.poll(0)
 
     def close(self) -> None:
         self.writer.close()
