@@ -428,6 +428,7 @@ def test_point_reads_match_the_pool(tmp_path: Path) -> None:
     run(scenario())
 
 
+@pytest.mark.filterwarnings("ignore::aiohttp.web.NotAppKeyWarning")  # the middleware's request key, as in the agent
 def test_unavailable_engine_is_a_503_naming_it(tmp_path: Path) -> None:
     """The one error mapper answers WriterUnavailable with a 503 whose msg names the engine (no traceback)."""
     from agent.http.errors import error_middleware
