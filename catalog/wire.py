@@ -30,6 +30,7 @@ from catalog.writes import RemoteWrite
 MAX_FRAME = 32 * 2**20
 HEADER = struct.Struct(">I")
 IDLE_CONNECTIONS = 16  # kept open between calls; more are opened when more calls are in flight
+MAX_CONNECTIONS = 64  # calls in flight per worker; more wait for a free connection (file descriptors are finite)
 
 
 class WriteRefused(CatalogError):
@@ -148,6 +149,7 @@ class WriterClient:
         self.reply_wait = reply_wait
         self._idle: list[_Link] = []
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._slots = asyncio.Semaphore(MAX_CONNECTIONS)
         self._closed = False
 
     def _unavailable(self, what: str) -> WriterUnavailable:
@@ -170,10 +172,6 @@ class WriterClient:
                 delay = min(delay * 2, 0.25)
 
     async def _take(self) -> _Link:
-        loop = asyncio.get_running_loop()
-        if self._loop is not loop:  # connections belong to the loop that made them
-            self._drop_idle()
-            self._loop = loop
         while self._idle:
             link = self._idle.pop()
             if link.alive():
@@ -192,6 +190,18 @@ class WriterClient:
         if self._closed:
             raise CatalogError("the catalogue is closed")
         frame = encode({"call": spec.name, "args": spec.arguments(args, kwargs)})
+        if self._loop is not asyncio.get_running_loop():
+            self._adopt_loop()
+        async with self._slots:
+            return await self._call(spec, frame)
+
+    def _adopt_loop(self) -> None:
+        """Connections (and the semaphore) belong to the loop that made them: a new loop starts afresh."""
+        self._drop_idle()
+        self._loop = asyncio.get_running_loop()
+        self._slots = asyncio.Semaphore(MAX_CONNECTIONS)
+
+    async def _call(self, spec: RemoteWrite, frame: bytes) -> Any:
         link = await self._take()
         try:
             link.writer.write(frame)

@@ -382,6 +382,33 @@ def test_reads_see_commits_at_once(host: Host) -> None:
     run(scenario())
 
 
+def test_many_calls_in_flight_and_a_stop_midway(host: Host) -> None:
+    """Hundreds of concurrent writes from one worker (more than its connection cap) all get their own answer;
+    then the host is stopped (SIGTERM) under such a burst: every call that reported success has its row, and
+    every other one failed with WriterUnavailable (never a silent loss, never another error)."""
+
+    async def scenario() -> None:
+        catalog = await Catalog.open_remote(host.db, host.sock, wait=0.5)
+        try:
+            results = await asyncio.gather(*(catalog.add_vfolder(VOLUME, QSID, f"a{i}") for i in range(300)))
+            assert results == [True] * 300
+            burst = [asyncio.create_task(catalog.add_vfolder(VOLUME, QSID, f"b{i}")) for i in range(300)]
+            await asyncio.sleep(0.05)
+            await asyncio.to_thread(host.stop)
+            done = await asyncio.gather(*burst, return_exceptions=True)
+        finally:
+            await catalog.close()
+        present = {r[0] for r in rows(host.db, "SELECT folder_id FROM vfolders")}
+        for i, outcome in enumerate(done):
+            if outcome is True:
+                assert f"b{i}" in present
+            else:
+                assert isinstance(outcome, WriterUnavailable), outcome
+        assert {f"a{i}" for i in range(300)} <= present
+
+    run(scenario())
+
+
 def test_point_reads_match_the_pool(tmp_path: Path) -> None:
     """Seeded: the plain-sqlite3 point reads and the aiosqlite path answer the same rows (one query each)."""
     seed = int(os.environ.get("POINT_SEED", random.randrange(2**32)))
