@@ -117,18 +117,18 @@ def error_from(reply: dict[str, Any], call: str) -> Exception:
 class _Link:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader, self.writer = reader, writer
+        self._poll: select.poll | None = None
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            self._poll = select.poll()
+            self._poll.register(sock.fileno(), select.POLLIN | select.POLLRDHUP)
 
     def alive(self) -> bool:
         """Whether an idle connection can carry a call: nothing may be readable on it between calls, so
         readable means the host closed it (stopped, restarted, killed), even before the loop noticed."""
-        if self.reader.at_eof() or self.writer.is_closing():
+        if self.reader.at_eof() or self.writer.is_closing() or self._poll is None:
             return False
-        sock = self.writer.get_extra_info("socket")
-        if sock is None:
-            return False
-        poll = select.poll()
-        poll.register(sock.fileno(), select.POLLIN | select.POLLRDHUP)
-        return not poll.poll(0)
+        return not self._poll.poll(0)
 
     def close(self) -> None:
         self.writer.close()
