@@ -144,8 +144,9 @@ _SEQUENCES = (list, tuple, collections.abc.Iterable, collections.abc.Sequence, c
 
 def conform(value: object, hint: Any, where: str) -> Any:
     """``value`` (decoded JSON) as an instance of ``hint``; :class:`ArgumentError` naming ``where`` if not."""
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
+    if type(value) is hint and hint is not float:  # the common case: a str, int or bool as such
+        return value
+    origin, args = _shape(hint)
     if hint is Any:
         return value
     if hint is None or hint is type(None):
@@ -201,6 +202,11 @@ def conform(value: object, hint: Any, where: str) -> Any:
     else:
         raise ArgumentError(f"{where}: the type {hint} cannot travel as JSON")
     raise ArgumentError(f"{where}: expected {_name(hint)}, got {_kind(value)}")
+
+
+@functools.cache
+def _shape(hint: Any) -> tuple[Any, tuple[Any, ...]]:
+    return typing.get_origin(hint), typing.get_args(hint)
 
 
 @functools.cache
