@@ -14,6 +14,7 @@ import random
 import signal
 import socket
 import sqlite3
+import stat
 import struct
 import subprocess
 import sys
@@ -298,6 +299,52 @@ def test_host_down_then_restarted(host: Host) -> None:
             await asyncio.to_thread(host.start)
             assert await catalog.add_vfolder(VOLUME, QSID, "after") is True
             assert {v.folder_id for v in await catalog.vfolders(VOLUME)} == {"before", "after"}
+        finally:
+            await catalog.close()
+
+    run(scenario())
+
+
+def test_socket_is_private_and_taken_once(host: Host, tmp_path: Path) -> None:
+    """The socket is the agent user's alone (0600); a second host on a live socket, or a path that is not a
+    socket, is refused instead of stealing it."""
+    from catalog.remote import WriterHost
+
+    assert stat.S_IMODE(host.sock.stat().st_mode) == 0o600 and stat.S_ISSOCK(host.sock.stat().st_mode)
+    not_a_socket = tmp_path / "plain"
+    not_a_socket.write_text("keep me")
+
+    async def scenario() -> None:
+        catalog = await Catalog.open(host.db, check=False)
+        try:
+            with pytest.raises(CatalogError, match="another catalogue writer host is listening"):
+                await WriterHost(catalog, host.sock).start()
+            with pytest.raises(CatalogError, match="not a socket"):
+                await WriterHost(catalog, not_a_socket).start()
+        finally:
+            await catalog.close()
+
+    run(scenario())
+    assert not_a_socket.read_text() == "keep me"
+    assert Raw(host.sock).call(good_call("still-served")) == {"ok": True, "result": True}
+
+
+def test_stalled_host_is_unavailable_after_reply_wait(host: Host) -> None:
+    """A host that accepts but does not answer (SIGSTOP: a stalled engine) is WriterUnavailable after
+    ``reply_wait``; once it runs again the next write goes through on a fresh connection."""
+    assert host.proc is not None
+
+    async def scenario() -> None:
+        catalog = await Catalog.open_remote(host.db, host.sock, wait=1.0, reply_wait=1.0)
+        try:
+            assert await catalog.add_vfolder(VOLUME, QSID, "before") is True
+            os.kill(host.proc.pid, signal.SIGSTOP)
+            try:
+                with pytest.raises(WriterUnavailable, match="no answer to Catalog.add_vfolder within 1 s"):
+                    await catalog.add_vfolder(VOLUME, QSID, "stalled")
+            finally:
+                os.kill(host.proc.pid, signal.SIGCONT)
+            assert await catalog.add_vfolder(VOLUME, QSID, "after") is True
         finally:
             await catalog.close()
 
