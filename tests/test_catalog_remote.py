@@ -317,8 +317,10 @@ def test_socket_is_private_and_taken_once(host: Host, tmp_path: Path) -> None:
     async def scenario() -> None:
         catalog = await Catalog.open(host.db, check=False)
         try:
+            second = WriterHost(catalog, host.sock)
             with pytest.raises(CatalogError, match="another catalogue writer host is listening"):
-                await WriterHost(catalog, host.sock).start()
+                await second.start()
+            await second.stop()  # a failed start's clean-up leaves the live host's socket alone
             with pytest.raises(CatalogError, match="not a socket"):
                 await WriterHost(catalog, not_a_socket).start()
         finally:
