@@ -17,6 +17,7 @@ import io
 import os
 import random
 import signal
+import sqlite3
 import threading
 import time
 from collections.abc import Iterator
@@ -24,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import jwt
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from tusclient.uploader import Uploader
@@ -127,6 +129,40 @@ def test_seeded_patches_over_both_processes_publish_the_exact_bytes(pair, seed: 
     got = (vfolder_path(a, vfid) / "seeded.bin").read_bytes()
     assert hashlib.sha256(got).digest() == hashlib.sha256(data).digest(), seed
     assert _staged_left(a, vfid) == []
+
+
+def _session(agent: AgentProcess, token: str) -> tuple[int, int, str | None]:
+    """(received, synced, boot_id) of the token's session, read from the catalogue file."""
+    sid = jwt.decode(token, options={"verify_signature": False})["session"]
+    con = sqlite3.connect(f"file:{agent.workdir / 'catalog.db'}?mode=ro", uri=True, timeout=10)
+    try:
+        return con.execute(
+            "SELECT received, synced, boot_id FROM upload_sessions WHERE session_id = ?", (sid,)
+        ).fetchone()
+    finally:
+        con.close()
+
+
+def test_a_background_sync_records_its_durable_offset_for_every_process(pair) -> None:  # noqa: ANN001
+    """The bytes a process synced in the background are recorded as they land, not with that process's next
+    PATCH of the session (which may never come: the next one may land on the other process)."""
+    a, b = pair
+    data = os.urandom(5 * MiB)
+    with a.client() as api:
+        vfid = create_vfolder(api)
+        token = upload_token(api, vfid, "synced.bin", len(data))
+    assert _patch(a, token, 0, data[: 3 * MiB]).status_code == 204
+    assert eventually(lambda: _synced_all(a, token)) == (3 * MiB, 3 * MiB, None)
+    assert _patch(b, token, 3 * MiB, data[3 * MiB : 4 * MiB]).status_code == 204
+    assert eventually(lambda: _synced_all(a, token)) == (4 * MiB, 4 * MiB, None)
+    assert _patch(a, token, 4 * MiB, data[4 * MiB :]).status_code == 204
+    assert (vfolder_path(a, vfid) / "synced.bin").read_bytes() == data
+
+
+def _synced_all(agent: AgentProcess, token: str) -> tuple[int, int, str | None]:
+    row = _session(agent, token)
+    assert row[1] == row[0], row
+    return row
 
 
 # -- (b) two PATCHes of one session at once, one on each process ----------------------------------------------
