@@ -32,7 +32,17 @@ from tusclient.uploader import Uploader
 
 from agent.http import metrics
 from agent.http.uploads import BUSY
-from tests.client_helpers import TUS, MiB, create_vfolder, head, staged_file, staging_dir, upload_token, vfolder_path
+from tests.client_helpers import (
+    TUS,
+    MiB,
+    create_vfolder,
+    head,
+    paused_body,
+    staged_file,
+    staging_dir,
+    upload_token,
+    vfolder_path,
+)
 from tests.support import AgentProcess, assert_clean_log, eventually, free_port, make_agent
 
 VOL = "local"
@@ -178,14 +188,8 @@ def test_a_patch_racing_one_on_the_other_process_is_refused_as_in_one(pair, seco
         token = upload_token(api, vfid, "race.bin", 4 * MiB)
     staged = staged_file(a, token)
     release = threading.Event()
-
-    def slow_body() -> Iterator[bytes]:
-        yield b"a" * MiB
-        release.wait(30)
-        yield b"a" * 3 * MiB
-
     with ThreadPoolExecutor(1) as pool:
-        first = pool.submit(_patch, a, token, 0, slow_body())
+        first = pool.submit(_patch, a, token, 0, paused_body(b"a" * MiB, b"a" * 3 * MiB, release))
         eventually(lambda: _held(staged))
         second = _patch(b, token, 0, b"b" * 4 * MiB if second_spliced else iter([b"b" * 4 * MiB]))
         assert _head(b, token).headers["Upload-Offset"] == "0"  # nothing acknowledged yet
@@ -298,14 +302,8 @@ def test_expired_sessions_are_swept_beside_a_patch_on_another_process(tmp_path: 
             busy = upload_token(api, vfid, "busy.bin", 2 * MiB)
         assert _patch(b, idle, 0, b"01234").status_code == 204
         release = threading.Event()
-
-        def slow() -> Iterator[bytes]:
-            yield b"s" * MiB
-            release.wait(30)
-            yield b"s" * MiB
-
         with ThreadPoolExecutor(1) as pool:
-            running = pool.submit(_patch, a, busy, 0, slow())
+            running = pool.submit(_patch, a, busy, 0, paused_body(b"s" * MiB, b"s" * MiB, release))
             eventually(lambda: _assert(not staged_file(a, idle).exists()), timeout=30)  # idle one swept
             time.sleep(2.5)  # the busy one expired meanwhile: every sweep of both processes skipped it
             _held(staged_file(a, busy))
