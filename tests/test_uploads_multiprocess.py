@@ -31,7 +31,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tusclient.uploader import Uploader
 
 from agent.http import metrics
-from agent.http.uploads import BUSY
+from agent.http.upload_sessions import BUSY
 from tests.client_helpers import (
     TUS,
     MiB,
