@@ -11,6 +11,7 @@ from aiohttp import web
 
 from agent.config import Config
 from agent.http.errors import ApiError
+from agent.http.upload_sessions import UploadSessions
 from agent.runtime.services import Service
 from backends import layout
 from backends.base import Volume
@@ -51,6 +52,7 @@ class Agent:
     walks: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(8))
     services: list[Service] = field(default_factory=list)
     _checking: dict[str, asyncio.Future[VolumeState]] = field(default_factory=dict, init=False, repr=False)
+    uploads: UploadSessions = field(default_factory=UploadSessions)  # this process's side of the tus sessions
     locks: LifecycleLocks = field(default=None)  # type: ignore[assignment]  # set in __post_init__
 
     def __post_init__(self) -> None:

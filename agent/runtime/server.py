@@ -17,12 +17,11 @@ from pathlib import Path
 from aiohttp import web
 
 from agent.config import Config, ConfigError, HostPort, Listener
-from agent.engine import view_supervisor
+from agent.engine import upload_sweeper, view_supervisor
 from agent.engine.reconcile import Report, reconcile
-from agent.http import usage
+from agent.http import upload_sessions, usage
 from agent.http.app import client_app, manager_app
 from agent.http.metrics import standalone_app as metrics_app
-from agent.http.uploads import sweeper
 from agent.runtime import memory_trim
 from agent.runtime.context import Agent
 from agent.runtime.services import ServiceFactory
@@ -36,7 +35,9 @@ log = logging.getLogger(__name__)
 
 # The services ``serve`` runs, started in this order after reconciliation and stopped in reverse; a factory
 # returns None when its feature is disabled by config. Listed here, not in agent.runtime.services, which they import.
-SERVICES: list[ServiceFactory] = [usage.factory, sweeper, view_supervisor.factory, memory_trim.factory]
+SERVICES: list[ServiceFactory] = [
+    usage.factory, upload_sessions.service, upload_sweeper.factory, view_supervisor.factory, memory_trim.factory
+]
 
 WORKER_THREADS = 32
 
