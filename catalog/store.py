@@ -74,6 +74,7 @@ class UsageRow:
     measured_at: float
     source: str
     stale: bool
+    pending: bool = False  # events for the vfolder were queued when the engine wrote the figure
 
 
 @dataclass(frozen=True)
@@ -404,7 +405,9 @@ class Catalog:
             r = (await conn.execute(stmt)).first()
         if r is None:
             return None
-        return UsageRow(r.used_bytes, r.file_count, r.allocated_bytes, r.measured_at, r.source, bool(r.stale))
+        return UsageRow(
+            r.used_bytes, r.file_count, r.allocated_bytes, r.measured_at, r.source, bool(r.stale), bool(r.pending)
+        )
 
     async def scope_used_bytes(self, volume: str, qsid: str) -> int | None:
         """The backend's own figure for a scope if it reported one, else the sum of its vfolders."""
@@ -426,6 +429,13 @@ class Catalog:
         if measured < known:
             return None
         return int(total or 0)
+
+    async def request_usage_rescan(self, volume: str, qsid: str, folder_id: str) -> None:
+        """Ask the usage engine, maybe in another process, to look at a vfolder again (its mailbox:
+        ``usage_vfolders.rescan_requested``; agent/engine/usage/requests.py)."""
+        from catalog.usage_store import UsageStore
+
+        await UsageStore(self.db).request_rescan((volume, qsid, folder_id))
 
     async def put_scope_usage(self, volume: str, qsid: str, used_bytes: int, source: str) -> None:
         values = {"used_bytes": used_bytes, "measured_at": time.time(), "source": source}
