@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy import event
@@ -30,6 +30,9 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 
 from catalog.metrics import COMMITS, WRITE_SECONDS
 from catalog.migrations import SCHEMA_VERSION, STEPS
+
+if TYPE_CHECKING:
+    from catalog.wire import WriterClient
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +55,11 @@ def set_thread_hook(hook: ThreadHook) -> None:
 
 class CatalogError(Exception):
     """The catalogue file cannot be used (newer schema, unreadable, corrupt)."""
+
+
+class WriterUnavailable(CatalogError):
+    """A worker's catalogue cannot reach the engine's writer (not started, stopped, stalled): the write was not
+    made, or (the connection broke mid-call) may not have been; the HTTP side answers 503."""
 
 
 class CatalogCorrupt(CatalogError):
@@ -243,6 +251,8 @@ class Database:
         self._reader = _reader_engine(path, readonly=readonly)
         self._writer: _Writer | None = None  # started by the first write
         self._closed = False
+        # A worker's catalogue: @writes methods go to the engine through this (catalog/writes.py)
+        self.remote: WriterClient | None = None
 
     @asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncConnection]:
@@ -314,6 +324,8 @@ class Database:
     async def close(self) -> None:
         """Refuse new writes, let the writer commit what is already queued and stop, close the readers."""
         self._closed = True
+        if self.remote is not None:
+            await self.remote.close()
         writer, self._writer = self._writer, None
         if writer is not None:
             writer.jobs.put(None)
@@ -334,4 +346,4 @@ async def check_integrity(db: Database) -> str:
     return "; ".join(str(r) for r in rows[:3]) + (f" (and {len(rows) - 3} more)" if len(rows) > 3 else "")
 
 
-__all__ = ["BUSY_TIMEOUT_MS", "CatalogCorrupt", "CatalogError", "Database", "check_integrity"]
+__all__ = ["BUSY_TIMEOUT_MS", "CatalogCorrupt", "CatalogError", "Database", "WriterUnavailable", "check_integrity"]

@@ -11,6 +11,7 @@ import asyncio
 import json
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,9 +19,11 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.dialects.sqlite import insert
 from sqlalchemy.engine import Connection
+from sqlalchemy.ext.asyncio import AsyncConnection
 
-from catalog.db import BUSY_TIMEOUT_MS, CatalogCorrupt, CatalogError, Database, check_integrity
+from catalog.db import BUSY_TIMEOUT_MS, CatalogCorrupt, CatalogError, Database, WriterUnavailable, check_integrity
 from catalog.migrations import SCHEMA_VERSION
+from catalog.points import PointQuery, PointReader
 from catalog.recovery import Recovery, find_corruption, is_corruption, orphan_companions, set_aside
 from catalog.schema import (
     dir_usage,
@@ -35,6 +38,8 @@ from catalog.schema import (
     vfolders,
     volumes,
 )
+from catalog.wire import WriterClient
+from catalog.writes import writes
 
 
 @dataclass(frozen=True)
@@ -106,12 +111,35 @@ class JobRow:
     error: str | None
 
 
-def _vf_key(table: sa.Table, volume: str, qsid: str, folder_id: str) -> sa.ColumnElement[bool]:
+def _vf_key(table: sa.Table, volume: Any, qsid: Any, folder_id: Any) -> sa.ColumnElement[bool]:
     return sa.and_(table.c.volume == volume, table.c.qsid == qsid, table.c.folder_id == folder_id)
 
 
-def _qs_key(table: sa.Table, volume: str, qsid: str) -> sa.ColumnElement[bool]:
+def _qs_key(table: sa.Table, volume: Any, qsid: Any) -> sa.ColumnElement[bool]:
     return sa.and_(table.c.volume == volume, table.c.qsid == qsid)
+
+
+def _vf_params(table: sa.Table) -> sa.ColumnElement[bool]:
+    return _vf_key(table, sa.bindparam("volume"), sa.bindparam("qsid"), sa.bindparam("folder_id"))
+
+
+def _qs_params(table: sa.Table) -> sa.ColumnElement[bool]:
+    return _qs_key(table, sa.bindparam("volume"), sa.bindparam("qsid"))
+
+
+# The point reads a request makes (see catalog/points.py), each defined once for both connections.
+_GET_USAGE = PointQuery(sa.select(vfolder_usage).where(_vf_params(vfolder_usage)))
+_GET_VFOLDER = PointQuery(sa.select(vfolders).where(_vf_params(vfolders)))
+_GET_QUOTA_SCOPE = PointQuery(sa.select(quota_scopes).where(_qs_params(quota_scopes)))
+_GET_METADATA = PointQuery(sa.select(vfolder_metadata.c.payload).where(_vf_params(vfolder_metadata)))
+_GET_UPLOAD = PointQuery(sa.select(upload_sessions).where(upload_sessions.c.session_id == sa.bindparam("session_id")))
+_SCOPE_OWN = PointQuery(sa.select(scope_usage.c.used_bytes).where(_qs_params(scope_usage)))
+_SCOPE_SUM = PointQuery(
+    sa.select(
+        sa.func.sum(vfolder_usage.c.allocated_bytes).label("total"), sa.func.count().label("measured")
+    ).where(_qs_params(vfolder_usage))
+)
+_SCOPE_KNOWN = PointQuery(sa.select(sa.func.count().label("known")).select_from(vfolders).where(_qs_params(vfolders)))
 
 
 class Catalog:
@@ -121,6 +149,20 @@ class Catalog:
         self.db = db
         self.upgraded_from: int | None = None  # the schema version found at open (0: a new, empty file)
         self.recovery: Recovery | None = None  # set by open_or_rebuild when the old file was unusable
+        # point reads on the calling thread (catalog/points.py); None: through aiosqlite like the rest
+        self.points: PointReader | None = None
+
+    async def _point(self, query: PointQuery, **params: Any) -> dict[str, Any] | None:
+        """The first row of a point query by column name (or None), by the quickest path this catalogue has."""
+        if self.points is not None:
+            return self.points.first(query, params)
+        async with self.db.read() as conn:
+            return await self._first(conn, query, params)
+
+    @staticmethod
+    async def _first(conn: AsyncConnection, query: PointQuery, params: Mapping[str, Any]) -> dict[str, Any] | None:
+        r = (await conn.execute(query.statement, params)).mappings().first()
+        return None if r is None else dict(r)
 
     @property
     def created(self) -> bool:
@@ -194,7 +236,46 @@ class Catalog:
         catalog.recovery = Recovery(path, problem, kept)
         return catalog
 
+    @classmethod
+    async def open_remote(
+        cls, path: str | Path, socket_path: str | Path, *, wait: float = 5.0, reply_wait: float = 60.0
+    ) -> Catalog:
+        """A catalogue for an HTTP worker: reads here, writes through the engine's :class:`~catalog.remote.WriterHost`.
+
+        Reads run locally on the file opened read-only (WAL: they see every commit of the engine at once;
+        point reads on the calling thread). Every ``@writes`` method is sent over ``socket_path``; it raises
+        :class:`WriterUnavailable` when the host cannot be reached within ``wait`` seconds or does not answer
+        within ``reply_wait``, and reconnects on the next call. Any other write fails (the file is read-only).
+        This never upgrades or recovers the file (the engine does, before it listens): a file that is
+        missing or older than this schema is waited for up to ``wait`` seconds, then WriterUnavailable; a
+        newer one is a :class:`CatalogError` at once.
+        """
+        path = Path(path)
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                catalog = await cls.open(path, readonly=True)
+                break
+            except CatalogError as e:
+                if time.monotonic() >= deadline:
+                    raise WriterUnavailable(
+                        f"catalogue {path} is not ready ({e}); the storage-agent engine process prepares it and "
+                        f"is not answering"
+                    ) from None
+                await asyncio.sleep(0.05)
+        version = await catalog.schema_version()
+        if version != SCHEMA_VERSION:
+            await catalog.close()
+            raise CatalogError(
+                f"catalogue {path} has schema version {version}, newer than this agent's {SCHEMA_VERSION}"
+            )
+        catalog.db.remote = WriterClient(Path(socket_path), wait=wait, reply_wait=reply_wait)
+        catalog.points = PointReader(path)
+        return catalog
+
     async def close(self) -> None:
+        if self.points is not None:
+            self.points.close()
         await self.db.close()
 
     async def schema_version(self) -> int:
@@ -202,6 +283,7 @@ class Catalog:
 
     # -- volumes ---------------------------------------------------------------
 
+    @writes
     async def record_volume(self, name: str, backend: str, path: str, state: str, state_info: str | None) -> None:
         now = time.time()
         stmt = insert(volumes).values(
@@ -220,6 +302,7 @@ class Catalog:
 
     # -- quota scopes ----------------------------------------------------------
 
+    @writes
     async def add_quota_scope(self, volume: str, qsid: str, limit_bytes: int | None) -> None:
         """Record a scope as active (re-activating one that was marked missing)."""
         stmt = insert(quota_scopes).values(
@@ -231,6 +314,7 @@ class Catalog:
         )
         await self.db.execute_write(stmt)
 
+    @writes
     async def adopt_quota_scope(self, volume: str, qsid: str) -> bool:
         """Record a scope found on disk; keeps a known limit. True if it was new."""
 
@@ -254,9 +338,10 @@ class Catalog:
         return await self.db.run_write(adopt)
 
     async def get_quota_scope(self, volume: str, qsid: str) -> QuotaScopeRow | None:
-        async with self.db.read() as conn:
-            r = (await conn.execute(sa.select(quota_scopes).where(_qs_key(quota_scopes, volume, qsid)))).first()
-        return None if r is None else QuotaScopeRow(r.volume, r.qsid, r.limit_bytes, r.state, r.created_at)
+        r = await self._point(_GET_QUOTA_SCOPE, volume=volume, qsid=qsid)
+        if r is None:
+            return None
+        return QuotaScopeRow(r["volume"], r["qsid"], r["limit_bytes"], r["state"], r["created_at"])
 
     async def quota_scopes(self, volume: str) -> list[QuotaScopeRow]:
         async with self.db.read() as conn:
@@ -265,14 +350,17 @@ class Catalog:
             )
             return [QuotaScopeRow(r.volume, r.qsid, r.limit_bytes, r.state, r.created_at) for r in rows]
 
+    @writes
     async def set_quota_limit(self, volume: str, qsid: str, limit_bytes: int | None) -> None:
         await self.db.execute_write(
             quota_scopes.update().where(_qs_key(quota_scopes, volume, qsid)).values(limit_bytes=limit_bytes)
         )
 
+    @writes
     async def remove_quota_scope(self, volume: str, qsid: str) -> None:
         await self.db.execute_write(*(t.delete().where(_qs_key(t, volume, qsid)) for t in (quota_scopes, scope_usage)))
 
+    @writes
     async def mark_quota_scope_missing(self, volume: str, qsid: str) -> None:
         await self.db.execute_write(
             quota_scopes.update()
@@ -282,6 +370,7 @@ class Catalog:
 
     # -- vfolders --------------------------------------------------------------
 
+    @writes
     async def add_vfolder(self, volume: str, qsid: str, folder_id: str, *, adopted: bool = False) -> bool:
         """Record a vfolder as ready; True if it was not known before."""
 
@@ -310,9 +399,8 @@ class Catalog:
         return await self.db.run_write(add)
 
     async def get_vfolder(self, volume: str, qsid: str, folder_id: str) -> VFolderRow | None:
-        async with self.db.read() as conn:
-            r = (await conn.execute(sa.select(vfolders).where(_vf_key(vfolders, volume, qsid, folder_id)))).first()
-        return None if r is None else VFolderRow(**r._asdict())
+        r = await self._point(_GET_VFOLDER, volume=volume, qsid=qsid, folder_id=folder_id)
+        return None if r is None else VFolderRow(**r)
 
     async def vfolders(self, volume: str, qsid: str | None = None) -> list[VFolderRow]:
         stmt = sa.select(vfolders).where(vfolders.c.volume == volume)
@@ -341,6 +429,7 @@ class Catalog:
         async with self.db.read() as conn:
             return {r.folder_id: r.ino for r in await conn.execute(stmt)}
 
+    @writes
     async def mark_vfolder_missing(self, volume: str, qsid: str, folder_id: str) -> None:
         await self.db.execute_write(
             vfolders.update()
@@ -348,6 +437,7 @@ class Catalog:
             .values(state="missing", missing_since=time.time())
         )
 
+    @writes
     async def remove_vfolder(self, volume: str, qsid: str, folder_id: str) -> None:
         """Forget a vfolder and everything stored about it, in one transaction."""
         tables = (vfolders, vfolder_metadata, vfolder_usage, dir_usage)
@@ -355,6 +445,7 @@ class Catalog:
 
     # -- metadata --------------------------------------------------------------
 
+    @writes
     async def set_metadata(self, volume: str, qsid: str, folder_id: str, payload: str) -> None:
         stmt = insert(vfolder_metadata).values(
             volume=volume, qsid=qsid, folder_id=folder_id, payload=payload, updated_at=time.time()
@@ -366,12 +457,12 @@ class Catalog:
         await self.db.execute_write(stmt)
 
     async def get_metadata(self, volume: str, qsid: str, folder_id: str) -> str | None:
-        async with self.db.read() as conn:
-            stmt = sa.select(vfolder_metadata.c.payload).where(_vf_key(vfolder_metadata, volume, qsid, folder_id))
-            return (await conn.execute(stmt)).scalar_one_or_none()
+        r = await self._point(_GET_METADATA, volume=volume, qsid=qsid, folder_id=folder_id)
+        return None if r is None else r["payload"]
 
     # -- usage -----------------------------------------------------------------
 
+    @writes
     async def put_usage(
         self,
         volume: str,
@@ -400,36 +491,32 @@ class Catalog:
         await self.db.execute_write(stmt)
 
     async def get_usage(self, volume: str, qsid: str, folder_id: str) -> UsageRow | None:
-        async with self.db.read() as conn:
-            stmt = sa.select(vfolder_usage).where(_vf_key(vfolder_usage, volume, qsid, folder_id))
-            r = (await conn.execute(stmt)).first()
+        r = await self._point(_GET_USAGE, volume=volume, qsid=qsid, folder_id=folder_id)
         if r is None:
             return None
         return UsageRow(
-            r.used_bytes, r.file_count, r.allocated_bytes, r.measured_at, r.source, bool(r.stale), bool(r.pending)
+            r["used_bytes"], r["file_count"], r["allocated_bytes"], r["measured_at"], r["source"], bool(r["stale"]),
+            bool(r["pending"]),
         )
 
     async def scope_used_bytes(self, volume: str, qsid: str) -> int | None:
         """The backend's own figure for a scope if it reported one, else the sum of its vfolders."""
-        async with self.db.read() as conn:
-            own = (
-                await conn.execute(sa.select(scope_usage.c.used_bytes).where(_qs_key(scope_usage, volume, qsid)))
-            ).scalar_one_or_none()
-            if own is not None:
-                return own
-            stmt = sa.select(sa.func.sum(vfolder_usage.c.allocated_bytes), sa.func.count()).where(
-                _qs_key(vfolder_usage, volume, qsid)
-            )
-            total, measured = (await conn.execute(stmt)).one()
-            known = (
-                await conn.execute(
-                    sa.select(sa.func.count()).select_from(vfolders).where(_qs_key(vfolders, volume, qsid))
-                )
-            ).scalar_one()
-        if measured < known:
+        key = {"volume": volume, "qsid": qsid}
+        queries = (_SCOPE_OWN, _SCOPE_SUM, _SCOPE_KNOWN)
+        if self.points is not None:
+            with self.points.snapshot() as read:
+                own, summed, known = (read.first(q, key) for q in queries)
+        else:
+            async with self.db.read() as conn:
+                own, summed, known = [await self._first(conn, q, key) for q in queries]
+        if own is not None:
+            return int(own["used_bytes"])
+        assert summed is not None and known is not None  # aggregates always answer one row
+        if summed["measured"] < known["known"]:
             return None
-        return int(total or 0)
+        return int(summed["total"] or 0)
 
+    @writes
     async def request_usage_rescan(self, volume: str, qsid: str, folder_id: str) -> None:
         """Ask the usage engine, maybe in another process, to look at a vfolder again (its mailbox:
         ``usage_vfolders.rescan_requested``; agent/engine/usage/requests.py)."""
@@ -437,6 +524,7 @@ class Catalog:
 
         await UsageStore(self.db).request_rescan((volume, qsid, folder_id))
 
+    @writes
     async def put_scope_usage(self, volume: str, qsid: str, used_bytes: int, source: str) -> None:
         values = {"used_bytes": used_bytes, "measured_at": time.time(), "source": source}
         stmt = insert(scope_usage).values(volume=volume, qsid=qsid, **values)
@@ -445,6 +533,7 @@ class Catalog:
 
     # -- upload sessions -------------------------------------------------------
 
+    @writes
     async def create_upload_session(
         self,
         volume: str,
@@ -472,11 +561,10 @@ class Catalog:
         return row
 
     async def get_upload_session(self, session_id: str) -> UploadSessionRow | None:
-        async with self.db.read() as conn:
-            stmt = sa.select(upload_sessions).where(upload_sessions.c.session_id == session_id)
-            r = (await conn.execute(stmt)).first()
-        return None if r is None else UploadSessionRow(**r._asdict())
+        r = await self._point(_GET_UPLOAD, session_id=session_id)
+        return None if r is None else UploadSessionRow(**r)
 
+    @writes
     async def update_upload_session(
         self, session_id: str, *, received: int, synced: int, boot_id: str | None, state: str = "open"
     ) -> None:
@@ -511,11 +599,13 @@ class Catalog:
             stmt = sa.select(sa.func.count()).select_from(upload_sessions).where(upload_sessions.c.state == state)
             return (await conn.execute(stmt)).scalar_one()
 
+    @writes
     async def delete_upload_session(self, session_id: str) -> None:
         await self.db.execute_write(upload_sessions.delete().where(upload_sessions.c.session_id == session_id))
 
     # -- jobs ------------------------------------------------------------------
 
+    @writes
     async def start_job(self, kind: str, volume: str, params: dict[str, Any], total: int | None = None) -> str:
         job_id = uuid.uuid4().hex
         now = time.time()
@@ -534,6 +624,7 @@ class Catalog:
         )
         return job_id
 
+    @writes
     async def update_job(self, job_id: str, *, done: int | None = None, total: int | None = None) -> None:
         values: dict[str, Any] = {"updated_at": time.time()}
         if done is not None:
@@ -542,6 +633,7 @@ class Catalog:
             values["total"] = total
         await self.db.execute_write(jobs.update().where(jobs.c.id == job_id).values(**values))
 
+    @writes
     async def finish_job(self, job_id: str, *, error: str | None = None) -> None:
         await self.db.execute_write(
             jobs.update()

@@ -17,6 +17,7 @@ from sqlalchemy.engine import Connection
 
 from catalog.db import Database
 from catalog.schema import usage_dirs, usage_vfolders, vfolder_usage, vfolders
+from catalog.writes import writes
 
 VFKey = tuple[str, str, str]  # (volume, qsid, folder_id)
 
@@ -92,6 +93,7 @@ class UsageStore:
         assert res.inserted_primary_key is not None  # an insert of one row always has one
         return int(res.inserted_primary_key[0])
 
+    # apply, forget_orphans and take_rescan_requests are the engine's own: not remote writes
     async def apply(self, changes: Sequence[VFolderChange], chunk: int = 5000) -> None:
         """Write several vfolders' changes in one transaction (large scans are split, totals last)."""
         big = [c for c in changes if len(c.upserts) > chunk]
@@ -139,9 +141,11 @@ class UsageStore:
         values = (t.used_bytes, t.file_count, t.allocated_bytes, t.measured_at, t.source, int(t.stale), int(t.pending))
         conn.exec_driver_sql(_UPSERT_TOTALS, (*key, *values))
 
+    @writes
     async def put_totals(self, key: VFKey, totals: Totals) -> None:
         await self.db.run_write(lambda conn: self._put_totals(conn, key, totals))
 
+    @writes
     async def mark_stale(self, keys: Iterable[VFKey]) -> None:
         await self.db.execute_write(
             *(
@@ -189,6 +193,7 @@ class UsageStore:
         conn.execute(usage_dirs.delete().where(usage_dirs.c.vf == vf))
         conn.execute(usage_vfolders.delete().where(usage_vfolders.c.id == vf))
 
+    @writes
     async def forget(self, key: VFKey) -> None:
         def forget(conn: Connection) -> None:
             row = conn.execute(sa.select(usage_vfolders.c.id).where(_vf(key))).first()
@@ -213,6 +218,7 @@ class UsageStore:
 
         return await self.db.run_write(forget)
 
+    @writes
     async def request_rescan(self, key: VFKey) -> None:
         def request(conn: Connection) -> None:
             vf = self._vf_id(conn, key)

@@ -21,6 +21,7 @@ from aiohttp import web
 from agent.logs import request_target
 from backends import errors as be
 from backends.errors import BackendError
+from catalog import WriterUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +155,8 @@ async def _answer_or_problem(request: web.Request, handler: Handler) -> web.Stre
         return answer(e)
     except BackendError as e:
         return answer(from_backend(e))
+    except WriterUnavailable as e:  # an HTTP worker whose engine is down or stalled: its msg names the engine
+        return answer(ApiError(503, str(e), "engine-unavailable"))
     except web.HTTPRequestEntityTooLarge as e:
         return answer(ApiError(413, f"request body too large ({e.text})", "request-too-large"))
     except web.HTTPException as e:
