@@ -14,7 +14,8 @@ The routes reach the figures through a :class:`UsageSource`, set on the agent by
 :class:`EngineUsage` where the engine runs in the same process (``num-proc = 1``; also the walk when the
 engine is disabled), :class:`CatalogueUsage` in the HTTP workers of ``num-proc = N``, which answer from
 the catalogue's rows the engine writes through at each flush (stale and pending flags included), flagged
-stale once the engine's heartbeat is old, and send registrations and refreshes to the engine's mailbox.
+stale once the engine's heartbeat is old, and post registrations and refreshes to the engine's mailbox
+(a catalogue write through the engine's writer host, which wakes the engine: agent/engine/writer.py).
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Protocol
 
 from agent.engine.usage import Usage, UsageEngine
-from agent.engine.usage.requests import Bell
 from agent.runtime import heartbeat
 from backends.base import Volume
 from backends.ids import VFolderID
@@ -111,18 +111,16 @@ class CatalogueUsage:
         self.rows = ReadOnlyCatalog(path)
         self.heartbeat = heartbeat.path_for(path)
         self.wait = agent.config.usage.first_answer_wait
-        self.bell = Bell(path)
 
     def close(self) -> None:
         self.rows.close()
-        self.bell.close()
 
     def engine_stale(self) -> bool:
         return heartbeat.age(self.heartbeat) > heartbeat.STALE_AFTER
 
     async def _ask(self, vol: Volume, vfid: VFolderID) -> None:
+        # a write through the engine's writer host, which hands it to the engine at once (engine/writer.py)
         await self.agent.catalog.request_usage_rescan(vol.name, vfid.qsid, vfid.hex)
-        self.bell.ring()
 
     async def get(self, vol: Volume, vfid: VFolderID) -> Usage:
         row = self.rows.usage(vol.name, vfid.qsid, vfid.hex)

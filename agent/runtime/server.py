@@ -23,7 +23,7 @@ from pathlib import Path
 from aiohttp import web
 
 from agent.config import Config, ConfigError, HostPort, Listener
-from agent.engine import view_supervisor
+from agent.engine import view_supervisor, writer
 from agent.engine.reconcile import Report, reconcile
 from agent.http import usage
 from agent.http.app import client_app, manager_app
@@ -44,7 +44,9 @@ log = logging.getLogger(__name__)
 # returns None when its feature is disabled by config. Listed here, not in agent.runtime.services, which they import.
 SERVICES: list[ServiceFactory] = [usage.factory, sweeper, view_supervisor.factory, memory_trim.factory]
 # the engine process of num-proc = N runs them all, and beats for the workers (agent/runtime/heartbeat.py)
-ENGINE_SERVICES: list[ServiceFactory] = [*SERVICES, heartbeat.factory]
+# and the catalogue's writer host for the workers (last: started once the usage engine takes its requests,
+# stopped first)
+ENGINE_SERVICES: list[ServiceFactory] = [*SERVICES, heartbeat.factory, writer.factory]
 WORKER_HEADER = "X-Storage-Agent-Worker"  # each answer of an HTTP worker names it (num-proc = N only)
 
 WORKER_THREADS = 32
@@ -346,22 +348,17 @@ async def start_engine(config: Config, metrics: list[socket.socket]) -> tuple[Ag
     """The engine process of ``num-proc = N``: what :func:`start` does but the two APIs."""
     _prepare_process()
     agent = await _open_and_reconcile(config)
-    # SWITCH (h21w): the catalogue's one writer for the workers starts here, once catalog/remote.py lands:
-    #   agent.services.append(WriterHost(agent.catalog, writer_socket(config))); await ....start()
     await _start_services(agent, ENGINE_SERVICES)
     runners, _ = await _listen(agent, [(metrics_app(agent), None, metrics)])
     return agent, runners
 
 
 async def open_worker_catalogue(config: Config) -> Catalog:
-    """The catalogue as an HTTP worker opens it: the engine has upgraded and reconciled it already.
-
-    SWITCH (h21w): ``Catalog.open_remote(path, socket_path, wait=5.0)`` (reads local and read-only, writes
-    through the engine's writer) once catalog/remote.py lands; until then each worker has its own writer
-    and SQLite's ``BEGIN IMMEDIATE`` serialises them across processes (correct, slower under contention:
-    docs/architecture.md).
-    """
-    return await Catalog.open(config.catalog.path, upgrade=False, check=False)
+    """The catalogue as an HTTP worker opens it: reads here (read-only), writes through the engine's writer
+    host (agent/engine/writer.py; while the engine is down they answer 503 naming it). The engine has
+    upgraded and reconciled the file before any worker starts."""
+    path = config.catalog.path
+    return await Catalog.open_remote(path, writer.socket_path(path), wait=5.0)
 
 
 async def start_worker(config: Config, index: int, sockets: Sockets) -> tuple[Agent, list[web.AppRunner], Bound]:

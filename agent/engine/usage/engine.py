@@ -31,7 +31,6 @@ from collections.abc import Coroutine
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
-from agent.engine.usage import requests
 from agent.engine.usage.aggregates import DirAgg, VFolderTree, encode_links, join, split
 from agent.engine.usage.policy import VolumePolicy, choose
 from agent.engine.usage.scanner import ScanCancelled, scan
@@ -151,7 +150,6 @@ class UsageEngine:
         self.scans = 0  # full scans started (for /metrics)
         self.policies: dict[str, VolumePolicy] = {}  # per volume: how its figures are kept (policy.py)
         self.startup = StartupRescan()
-        self._doorbell: requests.Doorbell | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -168,7 +166,6 @@ class UsageEngine:
             self._spawn(self.watcher.run(self))
         self._spawn(self._flush_loop())
         self._spawn(self._schedule_loop())
-        self._doorbell = requests.Doorbell.open(self.agent.config.catalog.path, self._rung)
         for vol in self._served_volumes():
             last = await self.store.all_totals(vol.name)
             for row in await self.agent.catalog.vfolders(vol.name):
@@ -184,8 +181,6 @@ class UsageEngine:
 
     async def stop(self) -> None:
         self._stopping = True
-        if self._doorbell is not None:
-            self._doorbell.close()
         for st in self._vfs.values():
             st.cancel.set()
         await self._finish_rescan_jobs("the agent stopped before the start-up rescan ended")
@@ -258,9 +253,11 @@ class UsageEngine:
         self.request_scan(st, refresh=True)
         return st
 
-    # -- requests from other processes (agent/engine/usage/requests.py) ---------------------------------
+    # -- requests from other processes: the mailbox (usage_vfolders.rescan_requested) ---------------------
 
-    def _rung(self) -> None:
+    def requests_posted(self) -> None:
+        """An HTTP worker posted to the mailbox through the engine's writer host (agent/engine/writer.py):
+        take the requests now rather than at the next look."""
         if not self._stopping:
             self._spawn(self._take_requests())
 
