@@ -574,6 +574,16 @@ class Catalog:
             .values(received=received, synced=synced, boot_id=boot_id, state=state)
         )
 
+    async def raise_upload_synced(self, session_id: str, synced: int) -> None:
+        """A background ``fdatasync`` made ``synced`` bytes durable: raise the open session's figure to it, never
+        past what was acknowledged and never down (another process's PATCH may have recorded more meanwhile)."""
+        c = upload_sessions.c
+        await self.db.execute_write(
+            upload_sessions.update()
+            .where(c.session_id == session_id, c.state == "open", c.synced < synced, c.received >= synced)
+            .values(synced=synced, boot_id=sa.case((c.received == synced, None), else_=c.boot_id))
+        )
+
     async def upload_sessions(
         self,
         *,

@@ -43,12 +43,13 @@ import collections
 import ctypes
 import dataclasses
 import errno
+import fcntl
 import logging
 import os
 import posixpath
 import stat
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import cache
@@ -58,7 +59,6 @@ from aiohttp import StreamReader
 from aiohttp.http_exceptions import HttpProcessingError
 
 from agent.http.errors import ApiError
-from agent.runtime.services import Periodic
 from backends import cpu_placement, files, locks
 from backends.errors import BackendError, FileOpError, InvalidPath, QuotaExceeded
 from backends.ids import VFolderID
@@ -104,179 +104,278 @@ def _start_writeback(fd: int, offset: int, length: int) -> None:
         pass
 
 
-# -- per-session serialisation ----------------------------------------------------
-
-_locks: dict[str, asyncio.Lock] = {}
-_users: collections.Counter[str] = collections.Counter()
-_ended: set[str] = set()  # sessions ended (vfolder deleted) while a request of theirs was running
-
-
-@asynccontextmanager
-async def _session_lock(session_id: str) -> AsyncIterator[bool]:
-    """Hold the session's lock and yield True, or yield False at once when someone else holds it.
-
-    Never waiting keeps a second PATCH from queueing behind a long one (it gets 409 and HEADs again)."""
-    lock = _locks.setdefault(session_id, asyncio.Lock())
-    _users[session_id] += 1
-    try:
-        if lock.locked():
-            yield False
-            return
-        async with lock:
-            yield True
-    finally:
-        _users[session_id] -= 1
-        if _users[session_id] <= 0:
-            del _users[session_id]
-            _locks.pop(session_id, None)
-            _ended.discard(session_id)
-
-
-# -- session rows: the catalogue, with this process's copy ------------------------------
+# -- upload sessions of this process: exclusion per session, background durability -----------------------
 #
-# Only this process changes a session after the manager API created it, and every change goes through
-# _record / _forget, so a row cached here is never stale. That spares a catalogue round trip (several
-# thread hand-offs) per PATCH. Open sessions only: a finished one is dropped, so memory stays flat.
+# Every process that serves the client API holds one UploadSessions (``Agent.uploads``). Nothing in it is a
+# copy of a session's row: the offset is always read from the catalogue while the session is held, since
+# another process may have moved it. A session is held (PATCH, publication, sweep) with a lock in this
+# process and ``flock(LOCK_EX|LOCK_NB)`` on its staged file, which excludes the other processes of the node
+# too; neither is ever waited for (a second PATCH answers 409 and HEADs again, as tus clients do).
 
-_rows: dict[str, UploadSessionRow] = {}
-
-
-async def _row(agent: Agent, session_id: str) -> UploadSessionRow | None:
-    row = _rows.get(session_id)
-    if row is None:
-        row = await agent.catalog.get_upload_session(session_id)
-        if row is not None and row.state == "open":
-            _rows[session_id] = row
-    return row
+BUSY = "another PATCH for this upload is in progress; HEAD for the offset and retry"
 
 
-async def create_session(
-    agent: Agent,
-    volume: str,
-    qsid: str,
-    folder_id: str,
-    relpath: str,
-    size: int,
-    *,
-    expires_at: float,
-    incarnation: str | None = None,
-) -> UploadSessionRow:
-    """A new session row (the manager API's upload token names it), kept here too: its PATCHes read no row."""
-    row = await agent.catalog.create_upload_session(
-        volume, qsid, folder_id, relpath, size, expires_at=expires_at, incarnation=incarnation
-    )
-    _rows[row.session_id] = row
-    return row
+class _Busy(Exception):
+    """Another process holds the session's staged file."""
 
 
-async def _record(
-    agent: Agent, row: UploadSessionRow, *, received: int, synced: int | None = None, state: str = "open"
-) -> UploadSessionRow:
-    """Record the acknowledged offset, with the newest durable offset known (given, or what the syncer reached)."""
-    sid = row.session_id
-    if sid in _ended:  # its vfolder was deleted meanwhile: nothing of it may come back
-        raise _no_session(sid)
-    if synced is None:
-        synced = max(row.synced, _synced.get(sid, 0))
-    synced = min(synced, received)
-    boot = boot_id() if synced < received else None
-    await agent.catalog.update_upload_session(sid, received=received, synced=synced, boot_id=boot, state=state)
-    new = dataclasses.replace(row, received=received, synced=synced, boot_id=boot, state=state)
-    if state == "complete":  # rarely asked again (a late HEAD reads the catalogue): keep memory flat
-        _rows.pop(sid, None)
-        _synced.pop(sid, None)
-    else:
-        _rows[sid] = new
-        _synced[sid] = max(synced, _synced.get(sid, 0))  # a sync may have finished while this was written
-    return new
+@dataclass
+class Held:
+    """A session held by this request. ``fd``: its staged file, open read-write and flock'ed (None when
+    there is none); ``created``: this request created it; ``size``: its length when it was locked."""
 
+    vol: MountedVolume
+    qsid: str
+    session_id: str
+    fd: int | None = None
+    created: bool = False
+    size: int = 0
 
-async def _forget(agent: Agent, session_id: str) -> None:
-    await agent.catalog.delete_upload_session(session_id)
-    _rows.pop(session_id, None)
-    _synced.pop(session_id, None)
-
-
-async def end_sessions(agent: Agent, vol: object, vfid: VFolderID) -> int:
-    """Deleting a vfolder ends its upload sessions: staged bytes removed, rows forgotten (HEAD/PATCH → 404).
-
-    Called under the vfolder's lifecycle lock. A PATCH running meanwhile is not waited for: it finds its
-    session ended when it records its offset (404) and removes what it staged itself."""
-    rows = await agent.catalog.upload_sessions(folder=(getattr(vol, "name", ""), vfid.qsid, vfid.hex))
-    for row in rows:
-        if _users.get(row.session_id):
-            _ended.add(row.session_id)
-        if isinstance(vol, MountedVolume):
+    def drop(self) -> None:
+        """Unlink the staged file (if the name is still ours) and release it: the session has ended, or the
+        file was created for a session that already has bytes elsewhere (published, or lost)."""
+        if self.fd is None:
+            return
+        try:
+            sdir = _open_staging(self.vol, self.qsid, create=False)
+        except FileNotFoundError:
+            pass
+        else:
             try:
-                await asyncio.to_thread(remove_staged, vol, row.qsid, row.session_id)
-            except OSError as e:  # start-up sweeps staged files no session names
-                log.warning("upload %s: cannot remove its staged file: %s", row.session_id, e)
-        await _forget(agent, row.session_id)
-    if rows:
-        log.info("vfolder %s deleted: ended %d upload session(s)", vfid, len(rows))
-    return len(rows)
+                name = staged_name(self.session_id)
+                if _names(sdir, name, self.fd):
+                    os.unlink(name, dir_fd=sdir)
+            finally:
+                os.close(sdir)
+        os.close(self.fd)
+        self.fd = None
 
 
-# -- background durability: one fdatasync at a time per session, at most one a second ---------------------
+def _names(sdir: int, name: str, fd: int) -> bool:
+    """Whether ``name`` in ``sdir`` is the file open as ``fd`` (its holder may have renamed or removed it)."""
+    try:
+        st = os.stat(name, dir_fd=sdir, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    fst = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (fst.st_dev, fst.st_ino)
+
+
+_OPEN_STAGED = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def lock_staged(held: Held, *, create: bool) -> None:
+    """Open the session's staged file (created when ``create``) and take its ``flock`` without waiting
+    (:class:`_Busy`); ``held.fd`` stays None when there is no such file and ``create`` is false.
+
+    The lock is on the inode: after taking it, the name must still point at that inode, else its holder
+    renamed it into place or removed it before letting go, and the name is looked up again."""
+    name = staged_name(held.session_id)
+    for _ in range(5):
+        try:
+            sdir = _open_staging(held.vol, held.qsid, create=create)
+        except FileNotFoundError:
+            if create:
+                raise
+            return
+        try:
+            created = False
+            try:
+                if create:
+                    try:
+                        fd = os.open(name, _STAGED_FLAGS | os.O_EXCL, 0o600, dir_fd=sdir)
+                        created = True
+                    except FileExistsError:
+                        fd = os.open(name, _OPEN_STAGED, dir_fd=sdir)
+                else:
+                    fd = os.open(name, _OPEN_STAGED, dir_fd=sdir)
+            except FileNotFoundError:
+                if not create:
+                    return
+                continue  # removed between the two opens, or the empty staging dir with it: look again
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                if _names(sdir, name, fd):
+                    held.fd, held.created, held.size = fd, created, os.fstat(fd).st_size
+                    return
+            except BlockingIOError:
+                os.close(fd)
+                raise _Busy from None
+            except BaseException:
+                os.close(fd)
+                raise
+            os.close(fd)
+        finally:
+            os.close(sdir)
+    raise OSError(errno.ENOENT, "staged file keeps disappearing", STAGING)
+
 
 SYNC_INTERVAL = 1.0  # seconds between the starts of two background syncs of one session
 
-_synced: dict[str, int] = {}  # the newest offset made durable, per session (recorded with the next change)
-_waiting: dict[str, tuple[int, int]] = {}  # (dup'ed fd, offset) the next sync covers
-_syncing: dict[str, asyncio.Task[None]] = {}
-_pauses: dict[str, asyncio.Future[None]] = {}  # a session's wait between two syncs; settle_all ends it
-_settling = False
+
+class UploadSessions:
+    """This process's side of the upload sessions: who holds which session here, and the background syncs
+    (tasks it owns: a stop finishes them, so a reboot after a clean stop loses nothing acknowledged)."""
+
+    name = "upload sessions"
+
+    def __init__(self) -> None:
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._users: collections.Counter[str] = collections.Counter()
+        self._synced: dict[str, int] = {}  # the newest offset this process made durable, per session
+        self._waiting: dict[str, tuple[int, int]] = {}  # (fd, offset) the next sync covers
+        self._syncing: dict[str, asyncio.Task[None]] = {}
+        self._pauses: dict[str, asyncio.Future[None]] = {}  # a session's wait between two syncs; settle ends it
+        self._settling = False
+
+    # -- holding a session ------------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def hold(
+        self,
+        vol: MountedVolume,
+        qsid: str,
+        session_id: str,
+        *,
+        create: bool = False,
+        take: Callable[[Held], None] | None = None,
+    ) -> AsyncIterator[Held | None]:
+        """Hold the session and yield its :class:`Held`, or yield None at once when someone else (a task
+        here, or another process) holds it. ``take`` (in a worker thread) opens and locks the staged file;
+        by default :func:`lock_staged` with ``create`` (a PATCH checks its target first, see _take_for_patch)."""
+        lock = self._locks.setdefault(session_id, asyncio.Lock())
+        self._users[session_id] += 1
+        try:
+            if lock.locked():
+                yield None
+                return
+            async with lock:
+                held = Held(vol, qsid, session_id)
+
+                try:
+                    if take is None:
+                        await asyncio.to_thread(lock_staged, held, create=create)
+                    else:
+                        await asyncio.to_thread(take, held)
+                except _Busy:
+                    yield None
+                    return
+                try:
+                    yield held
+                finally:
+                    if held.fd is not None:
+                        os.close(held.fd)  # releases the flock
+        finally:
+            self._users[session_id] -= 1
+            if self._users[session_id] <= 0:
+                del self._users[session_id]
+                self._locks.pop(session_id, None)
+
+    # -- the session's row --------------------------------------------------------------------------------
+
+    async def record(
+        self, agent: Agent, row: UploadSessionRow, *, received: int, synced: int | None = None, state: str = "open"
+    ) -> UploadSessionRow:
+        """Record the acknowledged offset, with the newest durable offset known (given, or what a sync reached)."""
+        sid = row.session_id
+        if synced is None:
+            synced = max(row.synced, self._synced.get(sid, 0))
+        synced = min(synced, received)
+        boot = boot_id() if synced < received else None
+        await agent.catalog.update_upload_session(sid, received=received, synced=synced, boot_id=boot, state=state)
+        return dataclasses.replace(row, received=received, synced=synced, boot_id=boot, state=state)
+
+    # -- background durability: one fdatasync at a time per session, at most one a second ------------------
+
+    def sync_later(self, agent: Agent, session_id: str, fd: int, offset: int) -> None:
+        """Make the staged file durable up to ``offset`` in the background; a newer request replaces a waiting
+        one. Each sync's offset is recorded in the catalogue as it lands (so any process's next answer, and a
+        restart after a power cut, trust it).
+
+        Syncs of one session start at most once a second: each ``fdatasync`` is a journal commit and a disk
+        flush, and one per PATCH (or per batch of PATCHes) measured to cost a fast upload close to half its
+        throughput. A power cut loses at most the last second's bytes, which ``HEAD`` then says to resend.
+        """
+        old = self._waiting.pop(session_id, None)
+        if old is not None:
+            os.close(old[0])
+        self._synced.setdefault(session_id, 0)
+        self._waiting[session_id] = (_reopen(fd), offset)
+        if session_id not in self._syncing:
+            self._syncing[session_id] = asyncio.create_task(
+                self._sync_loop(agent, session_id), name=f"sync upload {session_id}"
+            )
+
+    async def _sync_loop(self, agent: Agent, session_id: str) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while (job := self._waiting.pop(session_id, None)) is not None:
+                fd, offset = job
+                started = loop.time()
+                try:
+                    await asyncio.to_thread(_sync_and_close, fd)
+                except OSError as e:  # the bytes stay acknowledged; publication syncs again and reports a failure
+                    log.warning("upload %s: background fdatasync failed: %s", session_id, e)
+                    continue
+                if offset > self._synced.get(session_id, 0):
+                    self._synced[session_id] = offset
+                try:
+                    await agent.catalog.raise_upload_synced(session_id, offset)
+                except Exception as e:  # the next PATCH's record carries it
+                    log.warning("upload %s: recording the durable offset %d failed: %s", session_id, offset, e)
+                if not self._settling:  # also when nothing waits yet: the next PATCH is likely on its way
+                    await self._pause(session_id, started + SYNC_INTERVAL)
+        finally:
+            self._syncing.pop(session_id, None)
+            if session_id not in self._waiting:
+                self._synced.pop(session_id, None)  # the catalogue holds it now: memory stays flat
+
+    async def _pause(self, session_id: str, until: float) -> None:
+        loop = asyncio.get_running_loop()
+        pause = self._pauses[session_id] = loop.create_future()
+        timer = loop.call_at(until, _settle, pause)
+        try:
+            await pause
+        finally:
+            timer.cancel()
+            self._pauses.pop(session_id, None)
+
+    async def settle_all(self) -> None:
+        """Finish the background syncs at once (each records its offset as it lands)."""
+        self._settling = True
+        try:
+            for pause in self._pauses.values():
+                _settle(pause)
+            if self._syncing:
+                await asyncio.gather(*self._syncing.values(), return_exceptions=True)
+        finally:
+            self._settling = False
+
+    # -- the service: started and stopped with the agent ----------------------------------------------------
+
+    async def start(self) -> None:
+        pass
+
+    async def stop(self) -> None:
+        """At a clean stop (after the listeners closed): finish the background syncs, so a reboot after it
+        loses nothing acknowledged."""
+        await self.settle_all()
 
 
-def _sync_later(session_id: str, fd: int, offset: int) -> None:
-    """Make the staged file durable up to ``offset`` in the background; a newer request replaces a waiting one.
-
-    Syncs of one session start at most once a second: each ``fdatasync`` is a journal commit and a disk
-    flush, and one per PATCH (or per batch of PATCHes) measured to cost a fast upload close to half its
-    throughput. A power cut loses at most the last second's bytes, which ``HEAD`` then says to resend.
-    """
-    old = _waiting.pop(session_id, None)
-    if old is not None:
-        os.close(old[0])
-    _synced.setdefault(session_id, 0)
-    _waiting[session_id] = (os.dup(fd), offset)
-    if session_id not in _syncing:
-        _syncing[session_id] = asyncio.create_task(_sync_loop(session_id), name=f"sync upload {session_id}")
+def service(agent: Agent) -> UploadSessions:
+    """The agent's upload sessions as a service (``runtime/server.py`` starts and stops it with the others)."""
+    return agent.uploads
 
 
-async def _sync_loop(session_id: str) -> None:
-    loop = asyncio.get_running_loop()
-    try:
-        while (job := _waiting.pop(session_id, None)) is not None:
-            fd, offset = job
-            started = loop.time()
-            try:
-                await asyncio.to_thread(_sync_and_close, fd)
-            except OSError as e:  # the bytes stay acknowledged; publication syncs again and reports a failure
-                log.warning("upload %s: background fdatasync failed: %s", session_id, e)
-                continue
-            if session_id in _synced and offset > _synced[session_id]:
-                _synced[session_id] = offset
-            if not _settling:  # also when nothing waits yet: the next PATCH is likely on its way
-                await _pause(session_id, started + SYNC_INTERVAL)
-    finally:
-        _syncing.pop(session_id, None)
+def _reopen(fd: int) -> int:
+    """A descriptor of the same file with its own open file description: a ``dup`` would share the flock,
+    and a sync still waiting would keep the session held after its PATCH answered."""
+    return os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
 
 
 def _settle(fut: asyncio.Future[None]) -> None:
     if not fut.done():
         fut.set_result(None)
-
-
-async def _pause(session_id: str, until: float) -> None:
-    loop = asyncio.get_running_loop()
-    pause = _pauses[session_id] = loop.create_future()
-    timer = loop.call_at(until, _settle, pause)
-    try:
-        await pause
-    finally:
-        timer.cancel()
-        _pauses.pop(session_id, None)
 
 
 def _sync_and_close(fd: int) -> None:
@@ -293,22 +392,27 @@ def _flush(fd: int) -> None:
         os.fdatasync(fd)
 
 
-async def settle_all(agent: Agent) -> None:
-    """At a clean stop: finish the background syncs at once, so a reboot after it loses nothing acknowledged."""
-    global _settling
-    _settling = True
-    try:
-        for pause in _pauses.values():
-            if not pause.done():
-                pause.set_result(None)
-        if _syncing:
-            await asyncio.gather(*_syncing.values(), return_exceptions=True)
-    finally:
-        _settling = False
-    for sid, row in list(_rows.items()):  # open sessions only (see _record)
-        done = _synced.get(sid, row.synced)
-        if done > row.synced:
-            await _record(agent, row, received=row.received, synced=done)
+def _no_session(session_id: object) -> ApiError:
+    return ApiError(404, f"no such upload session: {session_id}", "no-such-upload-session")
+
+
+async def end_sessions(agent: Agent, vol: object, vfid: VFolderID) -> int:
+    """Deleting a vfolder ends its upload sessions: rows forgotten (HEAD/PATCH → 404), staged bytes removed.
+
+    Called under the vfolder's lifecycle lock. A PATCH running meanwhile (in this process or another) is not
+    waited for. The row goes first: a PATCH that opens the staged file after its removal finds no session
+    and removes what it created; one that had it open finds its file unlinked when it records (404)."""
+    rows = await agent.catalog.upload_sessions(folder=(getattr(vol, "name", ""), vfid.qsid, vfid.hex))
+    for row in rows:
+        await agent.catalog.delete_upload_session(row.session_id)
+        if isinstance(vol, MountedVolume):
+            try:
+                await asyncio.to_thread(remove_staged, vol, row.qsid, row.session_id)
+            except OSError as e:  # start-up sweeps staged files no session names
+                log.warning("upload %s: cannot remove its staged file: %s", row.session_id, e)
+    if rows:
+        log.info("vfolder %s deleted: ended %d upload session(s)", vfid, len(rows))
+    return len(rows)
 
 
 # -- the session named by a token ---------------------------------------------------
@@ -324,10 +428,6 @@ class Upload:
     @property
     def session_id(self) -> str:
         return self.row.session_id
-
-
-def _no_session(session_id: object) -> ApiError:
-    return ApiError(404, f"no such upload session: {session_id}", "no-such-upload-session")
 
 
 def target_path(relpath: str, dst_dir: str | None) -> str:
@@ -355,7 +455,7 @@ async def open_upload(agent: Agent, claims: dict[str, Any], dst_dir: str | None,
     session_id = claims.get("session")
     if not isinstance(session_id, str) or not session_id:
         raise ApiError(403, "invalid token: it names no upload session", "invalid-token")
-    row = await _row(agent, session_id)
+    row = await agent.catalog.get_upload_session(session_id)  # never a copy: another process may have moved it
     if row is None or row.expires_at < time.time():
         raise _no_session(session_id)
     try:
@@ -433,41 +533,15 @@ def _open_staging(vol: MountedVolume, qsid: str, *, create: bool) -> int:
         os.close(base)
 
 
-def _open_staged(vol: MountedVolume, qsid: str, session_id: str) -> int:
-    """The staged file, created empty if needed. Retries when a concurrent cleanup removed the empty staging dir."""
-    for _ in range(5):
-        sdir = _open_staging(vol, qsid, create=True)
-        try:
-            return os.open(staged_name(session_id), _STAGED_FLAGS, 0o600, dir_fd=sdir)
-        except FileNotFoundError:
-            continue
-        finally:
-            os.close(sdir)
-    raise OSError(errno.ENOENT, "staging directory keeps disappearing", STAGING)
-
-
-def settle_staged(vol: MountedVolume, qsid: str, session_id: str, trusted: int) -> int | None:
-    """Cut the staged file back to ``trusted`` bytes if longer, and make what stays durable.
-
-    Returns its length before any cut, or None when there is no staged file."""
-    try:
-        sdir = _open_staging(vol, qsid, create=False)
-    except FileNotFoundError:
-        return None
-    try:
-        fd = os.open(staged_name(session_id), os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=sdir)
-    except FileNotFoundError:
-        return None
-    finally:
-        os.close(sdir)
-    try:
-        length = os.fstat(fd).st_size
-        if length > trusted:
-            os.ftruncate(fd, trusted)
-        os.fdatasync(fd)
-        return length
-    finally:
-        os.close(fd)
+def settle_held(held: Held, trusted: int) -> int:
+    """Cut the held staged file back to ``trusted`` bytes if longer, and make what stays durable; returns
+    its length before any cut (start-up reconciliation, agent/engine/upload_sweeper.py)."""
+    assert held.fd is not None
+    length = os.fstat(held.fd).st_size
+    if length > trusted:
+        os.ftruncate(held.fd, trusted)
+    os.fdatasync(held.fd)
+    return length
 
 
 def remove_staged(vol: MountedVolume, qsid: str, session_id: str) -> None:
@@ -509,10 +583,15 @@ async def offset_of(agent: Agent, upload: Upload) -> int:
     if row.state == "complete":
         return row.size
     if row.received == row.size:
-        async with _session_lock(row.session_id) as mine:
-            if mine:
+        async with agent.uploads.hold(upload.vol, row.qsid, row.session_id, create=row.size == 0) as held:
+            if held is not None:
+                fresh = await agent.catalog.get_upload_session(row.session_id)  # under the lock
+                if fresh is None:
+                    raise _no_session(row.session_id)
+                if fresh.state == "complete":
+                    return fresh.size
                 try:
-                    await _publish(agent, upload)
+                    await _publish(agent, dataclasses.replace(upload, row=fresh))
                 except (ApiError, BackendError) as e:
                     # never answer "complete" (offset == size) for a file that is not in place (disk full,
                     # read-only): a tus client would stop there. The status says it; a later HEAD publishes.
@@ -523,14 +602,6 @@ async def offset_of(agent: Agent, upload: Upload) -> int:
 
 class _TooMuch(Exception):
     """The body carries bytes past the declared size."""
-
-
-class _Lost(Exception):
-    """The staged file is shorter than the recorded offset (someone cut it): the client resumes from its length."""
-
-    def __init__(self, length: int) -> None:
-        super().__init__(length)
-        self.length = length
 
 
 async def append(
@@ -552,29 +623,43 @@ async def append(
         raise QuotaExceeded.at_limit(upload.vol.name, upload.row.qsid, what) from None
 
 
+def _take_for_patch(upload: Upload, held: Held) -> None:
+    """A PATCH's hold: the target checked first (nothing is created for a target that cannot be published),
+    then the staged file opened (created if missing) and locked."""
+    _check_target(upload)
+    with fs_errors(upload.target):
+        lock_staged(held, create=True)
+
+
 async def _append(
     agent: Agent, upload: Upload, offset: int, body: StreamReader, declared: int | None, spliced: SocketBody | None
 ) -> int:
-    async with _session_lock(upload.session_id) as mine:
-        if not mine:
-            raise ApiError(
-                409, "another PATCH for this upload is in progress; HEAD for the offset and retry", "conflict"
-            )
-        try:
-            return await _append_locked(agent, upload, offset, body, declared, spliced)
-        finally:
-            if upload.session_id in _ended:  # its vfolder was deleted while this PATCH ran: drop what it staged
-                await asyncio.shield(asyncio.to_thread(remove_staged, upload.vol, upload.row.qsid, upload.session_id))
+    sid = upload.session_id
+    async with agent.uploads.hold(
+        upload.vol, upload.row.qsid, sid, take=lambda held: _take_for_patch(upload, held)
+    ) as held:
+        if held is None:
+            raise ApiError(409, BUSY, "conflict")
+        row = await agent.catalog.get_upload_session(sid)  # the offset: the catalogue's, read under the lock
+        if held.created and (row is None or row.received > 0 or row.state != "open"):
+            # no session's file: the session ended, or its bytes were published (or lost) meanwhile
+            await asyncio.to_thread(held.drop)
+        if row is None:
+            raise _no_session(sid)
+        return await _append_locked(agent, dataclasses.replace(upload, row=row), offset, body, declared, spliced, held)
 
 
 async def _append_locked(
-    agent: Agent, upload: Upload, offset: int, body: StreamReader, declared: int | None, spliced: SocketBody | None
+    agent: Agent,
+    upload: Upload,
+    offset: int,
+    body: StreamReader,
+    declared: int | None,
+    spliced: SocketBody | None,
+    held: Held,
 ) -> int:
-    """The PATCH itself; the caller holds the session's lock."""
-    row = await _row(agent, upload.session_id)  # fresh, under the lock
-    if row is None:
-        raise _no_session(upload.session_id)
-    upload = Upload(row, upload.vol, upload.vfid, upload.target)
+    """The PATCH itself; the caller holds the session and read its row under the lock."""
+    row = upload.row
     max_size = agent.config.storage_proxy.max_upload_size
     if row.size > max_size:
         raise ApiError(413, f"upload size {row.size} exceeds max-upload-size {max_size}", "upload-too-large")
@@ -594,71 +679,60 @@ async def _append_locked(
         raise ApiError(
             413, f"the body ({declared} bytes) goes past the declared size ({row.size} bytes)", "upload-too-large"
         )
+    fd = held.fd
+    if fd is None and row.received == row.size:  # every byte arrived and the file is gone: it was moved into place
+        await _publish(agent, upload)
+        return row.size
+    length = held.size if fd is not None else 0
+    if length < row.received:
+        log.warning("upload %s: staged file holds %d of %d recorded bytes", row.session_id, length, offset)
+        await agent.uploads.record(agent, row, received=length)
+        raise ApiError(409, f"staged bytes were lost; resume from offset {length}", "conflict", offset=length)
+    assert fd is not None  # found (length >= received) or created for a session still at 0
+    if length > row.received:  # bytes of a PATCH that never completed: never acknowledged
+        await asyncio.to_thread(_rollback, fd, row.received)
     try:
-        fd = await asyncio.to_thread(_prepare_staged, upload)  # checks the target first
-    except _Lost as lost:
-        log.warning("upload %s: staged file holds %d of %d recorded bytes", row.session_id, lost.length, offset)
-        await _record(agent, row, received=lost.length)
+        if spliced is not None:  # its length is the declared one, checked above against the size
+            idle = agent.config.api.client.idle_timeout
+            got = await spliced.copy_to(
+                lambda parts, pos: _pwrite_all(fd, parts, pos),
+                lambda pos, length: _start_writeback(fd, pos, length),
+                fd,
+                offset,
+                idle,
+            )
+        else:
+            got = await _receive(body, fd, offset, remaining)
+    except _TooMuch:
+        await asyncio.to_thread(_rollback, fd, offset)
         raise ApiError(
-            409, f"staged bytes were lost; resume from offset {lost.length}", "conflict", offset=lost.length
+            413,
+            f"the body goes past the declared size ({row.size} bytes); nothing was written",
+            "upload-too-large",
         ) from None
-    try:
-        try:
-            if spliced is not None:  # its length is the declared one, checked above against the size
-                idle = agent.config.api.client.idle_timeout
-                got = await spliced.copy_to(
-                    lambda parts, pos: _pwrite_all(fd, parts, pos),
-                    lambda pos, length: _start_writeback(fd, pos, length),
-                    fd,
-                    offset,
-                    idle,
-                )
-            else:
-                got = await _receive(body, fd, offset, remaining)
-        except _TooMuch:
-            await asyncio.to_thread(_rollback, fd, offset)
-            raise ApiError(
-                413,
-                f"the body goes past the declared size ({row.size} bytes); nothing was written",
-                "upload-too-large",
-            ) from None
-        except BaseException as e:
-            # the client went away or a write failed: keep what was written (tus: store as much as possible)
-            got = await asyncio.shield(asyncio.to_thread(_written_length, fd, offset))
-            if got:
-                _sync_later(row.session_id, fd, offset + got)
-                await asyncio.shield(_record(agent, row, received=offset + got))
-            if isinstance(e, OSError) and not isinstance(e, ConnectionError):  # ENOSPC, EDQUOT, EIO ...
-                raise FileOpError(e.errno or errno.EIO, e.strerror or str(e), [upload.target]) from None
-            raise
-        new = offset + got
-        if got and new < row.size:  # the last PATCH is synced by publication instead
-            _sync_later(row.session_id, fd, new)
-    finally:
-        os.close(fd)
+    except BaseException as e:
+        # the client went away or a write failed: keep what was written (tus: store as much as possible)
+        got = await asyncio.shield(asyncio.to_thread(_written_length, fd, offset))
+        if got:
+            agent.uploads.sync_later(agent, row.session_id, fd, offset + got)
+            await asyncio.shield(agent.uploads.record(agent, row, received=offset + got))
+        if isinstance(e, OSError) and not isinstance(e, ConnectionError):  # ENOSPC, EDQUOT, EIO ...
+            raise FileOpError(e.errno or errno.EIO, e.strerror or str(e), [upload.target]) from None
+        raise
+    new = offset + got
+    if got and new < row.size:  # the last PATCH is synced by publication instead
+        agent.uploads.sync_later(agent, row.session_id, fd, new)
     if got:
-        row = await _record(agent, row, received=new)
+        row = await agent.uploads.record(agent, row, received=new)
+    if new < row.size and await asyncio.to_thread(_unlinked, fd):
+        raise _no_session(row.session_id)  # its vfolder was deleted meanwhile (end_sessions): nothing is left
     if new == row.size:
         await _publish(agent, dataclasses.replace(upload, row=row))
     return new
 
 
-def _prepare_staged(upload: Upload) -> int:
-    """Open the staged file at exactly the recorded offset: cut an unacknowledged tail, notice lost bytes."""
-    row = upload.row
-    _check_target(upload)
-    with fs_errors(upload.target):
-        fd = _open_staged(upload.vol, row.qsid, row.session_id)
-        try:
-            size = os.fstat(fd).st_size
-            if size > row.received:
-                os.ftruncate(fd, row.received)
-            elif size < row.received:
-                raise _Lost(size)
-        except BaseException:
-            os.close(fd)
-            raise
-    return fd
+def _unlinked(fd: int) -> bool:
+    return os.fstat(fd).st_nlink == 0
 
 
 async def _receive(body: StreamReader, fd: int, offset: int, limit: int) -> int:
@@ -730,7 +804,8 @@ def _written_length(fd: int, offset: int) -> int:
 
 async def _publish(agent: Agent, upload: Upload) -> None:
     """Move the finished file into its vfolder -- only the incarnation the session was issued for, checked
-    under the vfolder's lifecycle lock (held shared: a delete or re-create waits for the rename)."""
+    under the vfolder's lifecycle lock (held shared: a delete or re-create waits for the rename). The caller
+    holds the session."""
     row = upload.row
     vfid = upload.vfid
     wants = [(locks.scope_key(row.volume, vfid.qsid), locks.SHARED)]
@@ -738,17 +813,13 @@ async def _publish(agent: Agent, upload: Upload) -> None:
     async with agent.locks.hold(wants, what=f"vfolder {vfid}"):
         current = await agent.catalog.get_vfolder(row.volume, vfid.qsid, vfid.hex)
         other = row.incarnation is not None and (current is None or current.incarnation != row.incarnation)
-        if row.session_id in _ended or other:  # deleted (and maybe created anew) since the token was issued
+        # deleted (and maybe created anew) since the token was issued, or its session ended by a delete
+        if other or await agent.catalog.get_upload_session(row.session_id) is None:
             raise _no_session(row.session_id)
-        await _publish_locked(agent, upload)
-
-
-async def _publish_locked(agent: Agent, upload: Upload) -> None:
-    row = upload.row
-    published = await asyncio.to_thread(_move_into_place, upload)
-    if not published:
-        log.info("upload %s had already been moved into place before a restart", row.session_id)
-    await _record(agent, row, received=row.size, synced=row.size, state="complete")
+        published = await asyncio.to_thread(_move_into_place, upload)
+        if not published:
+            log.info("upload %s had already been moved into place", row.session_id)
+        await agent.uploads.record(agent, row, received=row.size, synced=row.size, state="complete")
 
 
 class _StagingGone(Exception):
@@ -809,108 +880,17 @@ def _move_once(upload: Upload) -> bool:
         os.close(sdir)
 
 
-# -- restart and expiry ---------------------------------------------------------------
-
-
-async def reconcile(agent: Agent) -> None:
-    """At start-up: bring every open session's staged file in line with what its row says can be trusted.
-
-    Killed in this boot: every acknowledged byte is still in the page cache, so it is made durable. After a
-    reboot: only the bytes recorded as synced are, so the file is cut back to them (see the module docstring).
-    """
-    this_boot = boot_id()
-    for row in await agent.catalog.upload_sessions(state="open"):
-        vol = agent.volumes.get(row.volume)
-        if not isinstance(vol, MountedVolume):
-            continue
-        state = agent.states.get(row.volume)
-        if state is not None and not state.serving:
-            continue
-        if await agent.catalog.get_vfolder(row.volume, row.qsid, row.folder_id) is None:
-            # its vfolder was deleted (the agent died before the delete ended its sessions): end it now
-            try:
-                await asyncio.to_thread(remove_staged, vol, row.qsid, row.session_id)
-                await _forget(agent, row.session_id)
-            except OSError as e:
-                log.warning("upload %s: cannot remove its staged file: %s", row.session_id, e)
-            continue
-        rebooted = row.synced < row.received and (this_boot is None or row.boot_id != this_boot)
-        trusted = row.synced if rebooted else row.received
-        try:
-            length = await asyncio.to_thread(settle_staged, vol, row.qsid, row.session_id, trusted)
-            if length is None:
-                if row.received == row.size and row.size > 0:
-                    await _record(agent, row, received=row.size, synced=row.size, state="complete")
-                elif row.received:
-                    log.warning("upload %s: staged bytes are gone; the client must start again", row.session_id)
-                    await _record(agent, row, received=0, synced=0)
-                continue
-            if length > trusted:
-                where = "the last durable offset (written before a reboot)" if rebooted else "the recorded offset"
-                log.info("upload %s: cut %d byte(s) back to %s %d", row.session_id, length - trusted, where, trusted)
-            if length < trusted:
-                log.warning(
-                    "upload %s: staged file holds %d of %d recorded bytes; resuming from %d",
-                    row.session_id,
-                    length,
-                    trusted,
-                    length,
-                )
-            kept = min(length, trusted)
-            if (kept, kept) != (row.received, row.synced):
-                await _record(agent, row, received=kept, synced=kept)
-        except OSError as e:
-            log.warning("upload %s: cannot check its staged file: %s", row.session_id, e)
-
-
-async def sweep(agent: Agent, now: float | None = None) -> int:
-    """Remove expired sessions (open or complete) and their staged bytes; returns how many."""
-    now = time.time() if now is None else now
-    swept = 0
-    for row in await agent.catalog.upload_sessions(expired_before=now):
-        async with _session_lock(row.session_id) as mine:
-            if not mine:
-                continue  # a PATCH is running; the next round gets it
-            vol = agent.volumes.get(row.volume)
-            if isinstance(vol, MountedVolume):
-                try:
-                    await asyncio.to_thread(remove_staged, vol, row.qsid, row.session_id)
-                except OSError as e:
-                    log.warning("upload %s: cannot remove its staged file: %s", row.session_id, e)
-                    continue
-            await _forget(agent, row.session_id)
-            swept += 1
-    if swept:
-        log.info("swept %d expired upload session(s)", swept)
-    return swept
-
-
-class UploadSweeper:
-    """Reconciles staged uploads at start-up, then removes expired sessions periodically."""
-
-    name = "upload sweeper"
-
-    def __init__(self, agent: Agent) -> None:
-        self.agent = agent
-        # a quarter of the session lifetime, between one second and five minutes
-        interval = min(300.0, max(1.0, agent.config.storage_proxy.session_expire / 4))
-        self._sweeps = Periodic("sweeping expired upload sessions", interval, lambda: sweep(agent))
-
-    async def start(self) -> None:
-        await reconcile(self.agent)
-        await sweep(self.agent)
-        await self._sweeps.start()
-
-    async def stop(self) -> None:
-        await self._sweeps.stop()
-        try:
-            await settle_all(self.agent)
-        except Exception:
-            log.exception("recording the upload sessions' durable offsets at stop failed")
-
-
-def sweeper(agent: Agent) -> UploadSweeper:
-    return UploadSweeper(agent)
-
-
-__all__ = ["FileOpError", "Upload", "UploadSweeper", "append", "offset_of", "open_upload", "sweep", "sweeper"]
+__all__ = [
+    "BUSY",
+    "FileOpError",
+    "Held",
+    "Upload",
+    "UploadSessions",
+    "append",
+    "end_sessions",
+    "offset_of",
+    "open_upload",
+    "remove_staged",
+    "service",
+    "settle_held",
+]

@@ -188,8 +188,8 @@ async def new_upload_session(
         row = await agent.catalog.get_vfolder(vol.name, vfid.qsid, vfid.hex)
         if row is None:
             raise VFolderNotFound(f"vfolder {vfid} is not known on volume {vol.name!r}")
-        return await uploads.create_session(
-            agent, vol.name, vfid.qsid, vfid.hex, relpath, size, expires_at=expires_at, incarnation=row.incarnation
+        return await agent.catalog.create_upload_session(
+            vol.name, vfid.qsid, vfid.hex, relpath, size, expires_at=expires_at, incarnation=row.incarnation
         )
 
 

@@ -12,6 +12,7 @@ from aiohttp import web
 
 from agent.config import Config
 from agent.http.errors import ApiError
+from agent.http.uploads import UploadSessions
 from agent.runtime.services import Service
 from backends import layout
 from backends.base import Volume
@@ -57,6 +58,7 @@ class Agent:
     usage: UsageSource | None = None  # set by whoever runs the usage engine or reads its figures (http/usage.py)
     worker: int | None = None  # this HTTP worker's index under num-proc = N (None: the single process)
     _checking: dict[str, asyncio.Future[VolumeState]] = field(default_factory=dict, init=False, repr=False)
+    uploads: UploadSessions = field(default_factory=UploadSessions)  # this process's side of the tus sessions
     locks: LifecycleLocks = field(default=None)  # type: ignore[assignment]  # set in __post_init__
 
     def __post_init__(self) -> None:

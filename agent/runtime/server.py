@@ -23,12 +23,11 @@ from pathlib import Path
 from aiohttp import web
 
 from agent.config import Config, ConfigError, HostPort, Listener
-from agent.engine import view_supervisor, writer
+from agent.engine import upload_sweeper, view_supervisor, writer
 from agent.engine.reconcile import Report, reconcile
-from agent.http import usage
+from agent.http import uploads, usage
 from agent.http.app import client_app, manager_app
 from agent.http.metrics import standalone_app as metrics_app
-from agent.http.uploads import sweeper
 from agent.runtime import heartbeat, memory_trim
 from agent.runtime.context import Agent
 from agent.runtime.services import ServiceFactory
@@ -42,11 +41,15 @@ log = logging.getLogger(__name__)
 
 # The services ``serve`` runs, started in this order after reconciliation and stopped in reverse; a factory
 # returns None when its feature is disabled by config. Listed here, not in agent.runtime.services, which they import.
-SERVICES: list[ServiceFactory] = [usage.factory, sweeper, view_supervisor.factory, memory_trim.factory]
+SERVICES: list[ServiceFactory] = [
+    usage.factory, uploads.service, upload_sweeper.factory, view_supervisor.factory, memory_trim.factory
+]
 # the engine process of num-proc = N runs them all, and beats for the workers (agent/runtime/heartbeat.py)
 # and the catalogue's writer host for the workers (last: started once the usage engine takes its requests,
 # stopped first)
 ENGINE_SERVICES: list[ServiceFactory] = [*SERVICES, heartbeat.factory, writer.factory]
+# an HTTP worker's: its upload sessions' background syncs only (per request; stopped with it)
+WORKER_SERVICES: list[ServiceFactory] = [uploads.service]
 WORKER_HEADER = "X-Storage-Agent-Worker"  # each answer of an HTTP worker names it (num-proc = N only)
 
 WORKER_THREADS = 32
@@ -372,6 +375,7 @@ async def start_worker(config: Config, index: int, sockets: Sockets) -> tuple[Ag
         agent.refresh_state(vol)
     if config.usage.enabled:
         agent.usage = usage.CatalogueUsage(agent)
+    await _start_services(agent, WORKER_SERVICES)
     runners, urls = await _listen(agent, [
         (manager_app(agent), config.api.manager, sockets.manager),
         (client_app(agent), config.api.client, sockets.client),
