@@ -129,6 +129,8 @@ class Supervisor:
             signal.signal(sig, self._stop_requested)
         signal.signal(signal.SIGCHLD, lambda *_: None)  # wakes the loop (set_wakeup_fd) when a child dies
         try:
+            # HOOK (h21u, metrics across processes): prometheus-client's multiprocess directory is prepared
+            # here, before any child exists, e.g. ``metrics.prepare_multiprocess(dir)`` (children inherit it)
             self._spawn(self.engine)
             failed = self._wait_ready([self.engine], START_TIMEOUT)
             if failed is None and not self._stopping:
@@ -185,6 +187,7 @@ class Supervisor:
             pause = BACKOFF[min(child.quick_deaths - 1, len(BACKOFF) - 1)]
             log.warning("%s (pid %d) exited with %s after %.1f s; restarting it%s", child.name, proc.pid, how, ran,
                         f" in {pause:g} s" if pause else "")
+            # HOOK (h21u): a dead process's live gauges leave the multiprocess files: metrics.process_exited(pid)
             child.proc = None
             if child.ready_fd is not None:
                 os.close(child.ready_fd)
