@@ -313,3 +313,51 @@ def _same_usage(agent: AgentProcess, index: int, a: str, b: str) -> None:
     two = usage(on_worker(agent, index, "GET", "/folder/usage", json={"volume": "local", "vfid": b}))
     assert (one["file_count"], one["used_bytes"]) == (two["file_count"], two["used_bytes"]), (one, two)
     assert not two["stale"], two
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="starting an agent as root needs root")
+def test_root_start_every_process_runs_as_the_configured_user(tmp_path: Path) -> None:
+    """The supervisor binds (a port below 1024 too) and switches before it starts anyone: the engine and
+    the workers are the user, with the kept capabilities, and use them."""
+    from agent.runtime.privileges import BASE, CAP_SYS_ADMIN
+    from tests.test_privileges import GROUP, USER, _ids, _privileged_port, _status
+
+    uid, gid = _ids()
+    agent = make_agent(tmp_path, storage_proxy={"num-proc": 2, "user": USER, "group": GROUP})
+    agent.config["api"]["client"]["service-addr"]["port"] = _privileged_port()
+    agent.start(timeout=120)
+    try:
+        assert agent.proc is not None
+        kept = sum(1 << c for c in BASE | {CAP_SYS_ADMIN})
+        deadline = time.monotonic() + 60
+        pids = [agent.proc.pid, *(p for ps in roles(agent).values() for p in ps)]
+        assert len(pids) == 4
+        for pid in pids:
+            status = _status(pid)
+            assert status["Uid"].split() == [str(uid)] * 4, (pid, status["Uid"])
+            assert status["Gid"].split() == [str(gid)] * 4, (pid, status["Gid"])
+            assert int(status["CapEff"], 16) == kept and int(status["CapAmb"], 16) == kept, (pid, status["CapEff"])
+        seen = set()  # both workers serve the port below 1024 that the supervisor bound as root
+        while seen != {"0", "1"}:
+            r = httpx.get(f"{agent.client_url}/openapi.json", headers={"Connection": "close"}, timeout=60)
+            assert r.status_code == 200
+            seen.add(r.headers[HEADER])
+            assert len(seen) == 2 or time.monotonic() < deadline
+        qsid = "qs" + uuid.uuid4().hex[:8]
+        assert on_worker(agent, 1, "POST", "/quota-scope", json={"volume": "local", "qsid": qsid}).status_code == 204
+        vfid = f"{qsid}/{uuid.uuid4().hex}"
+        assert on_worker(agent, 0, "POST", "/folder/create", json={"volume": "local", "vfid": vfid}).status_code == 204
+        where = _root(agent, vfid)
+        assert (where.stat().st_uid, where.stat().st_gid) == (uid, gid)
+        inner = where / "locked"  # another user's file in a directory only root may write: removed all the same
+        inner.mkdir()
+        (inner / "f").write_bytes(b"x" * 10)
+        os.chown(inner / "f", 12345, 12345)
+        inner.chmod(0o500)
+        os.chown(inner, 0, 0)
+        r = on_worker(agent, 1, "POST", "/folder/delete", json={"volume": "local", "vfid": vfid})
+        assert r.status_code in (200, 204), r.text
+        eventually(lambda: not where.exists(), timeout=30)
+    finally:
+        assert agent.stop() == 0, agent.log()
+    assert_clean_log(agent)

@@ -74,7 +74,9 @@ class Supervisor:
         fds = [fd for group in child.fds.values() for fd in group]
         cmd = spawn.command(child.role, ready=write, index=child.index, fds=child.fds)
         try:
-            child.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, pass_fds=[*fds, write])
+            # a session of its own: a terminal's Ctrl-C reaches the supervisor only, which stops the children
+            # in order (and never takes their exit for a crash)
+            child.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, pass_fds=[*fds, write], start_new_session=True)
         finally:
             os.close(write)
         assert child.proc.stdin is not None
