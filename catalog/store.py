@@ -517,14 +517,6 @@ class Catalog:
         return int(summed["total"] or 0)
 
     @writes
-    async def request_usage_rescan(self, volume: str, qsid: str, folder_id: str) -> None:
-        """Ask the usage engine, maybe in another process, to look at a vfolder again (its mailbox:
-        ``usage_vfolders.rescan_requested``; agent/engine/usage/requests.py)."""
-        from catalog.usage_store import UsageStore
-
-        await UsageStore(self.db).request_rescan((volume, qsid, folder_id))
-
-    @writes
     async def put_scope_usage(self, volume: str, qsid: str, used_bytes: int, source: str) -> None:
         values = {"used_bytes": used_bytes, "measured_at": time.time(), "source": source}
         stmt = insert(scope_usage).values(volume=volume, qsid=qsid, **values)
@@ -574,6 +566,7 @@ class Catalog:
             .values(received=received, synced=synced, boot_id=boot_id, state=state)
         )
 
+    @writes
     async def raise_upload_synced(self, session_id: str, synced: int) -> None:
         """A background ``fdatasync`` made ``synced`` bytes durable: raise the open session's figure to it, never
         past what was acknowledged and never down (another process's PATCH may have recorded more meanwhile)."""

@@ -2,7 +2,7 @@
 
 A service of the engine process around :class:`catalog.remote.WriterHost` (the socket ``<catalogue>.writer``
 beside the catalogue file). It also hands the usage engine the requests workers post to its mailbox
-(:meth:`catalog.Catalog.request_usage_rescan`: a vfolder created, cloned, deleted, or a refresh) the moment
+(:meth:`catalog.usage_store.UsageStore.request_rescan`: a vfolder created, cloned, deleted, or a refresh) the moment
 they are written, so a new vfolder is measured at once rather than at the engine's next look (2 s).
 """
 
@@ -16,7 +16,7 @@ from catalog.remote import WriterHost
 if TYPE_CHECKING:
     from agent.runtime.context import Agent
 
-MAILBOX_WRITES = frozenset({"Catalog.request_usage_rescan", "UsageStore.request_rescan"})
+MAILBOX_WRITES = frozenset({"UsageStore.request_rescan"})
 
 
 def socket_path(catalog_path: Path) -> Path:

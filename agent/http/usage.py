@@ -31,6 +31,7 @@ from backends.base import Volume
 from backends.ids import VFolderID
 from catalog.readonly import ReadOnlyCatalog
 from catalog.store import UsageRow, VFolderRow
+from catalog.usage_store import UsageStore
 
 if TYPE_CHECKING:
     from agent.runtime.context import Agent
@@ -111,6 +112,7 @@ class CatalogueUsage:
         self.rows = ReadOnlyCatalog(path)
         self.heartbeat = heartbeat.path_for(path)
         self.wait = agent.config.usage.first_answer_wait
+        self.mailbox = UsageStore(agent.catalog.db)  # its request_rescan is a remote write
 
     def close(self) -> None:
         self.rows.close()
@@ -120,7 +122,7 @@ class CatalogueUsage:
 
     async def _ask(self, vol: Volume, vfid: VFolderID) -> None:
         # a write through the engine's writer host, which hands it to the engine at once (engine/writer.py)
-        await self.agent.catalog.request_usage_rescan(vol.name, vfid.qsid, vfid.hex)
+        await self.mailbox.request_rescan((vol.name, vfid.qsid, vfid.hex))
 
     async def get(self, vol: Volume, vfid: VFolderID) -> Usage:
         row = self.rows.usage(vol.name, vfid.qsid, vfid.hex)
