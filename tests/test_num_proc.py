@@ -22,6 +22,7 @@ import pytest
 from tests.support import AUTH_HEADER, AgentProcess, assert_clean_log, eventually, make_agent, new_vfolder, walk
 
 HEADER = "X-Storage-Agent-Worker"
+CHUNK = 2 * 1024 * 1024  # a tus PATCH of the upload test (half of one is held in flight by the race)
 
 
 def children(pid: int) -> list[int]:
@@ -87,12 +88,15 @@ def fresh(agent: AgentProcess) -> httpx.Client:
                         timeout=60)
 
 
-def on_worker(agent: AgentProcess, index: int, method: str, path: str, **kw: object) -> httpx.Response:
+def on_worker(
+    agent: AgentProcess, index: int, method: str, path: str, *, client_api: bool = False, **kw: object
+) -> httpx.Response:
     """A request answered by worker ``index``: new connections until the kernel hands one to it (asked with
-    ``GET /status``), then the request on that same keep-alive connection (so it is made exactly once)."""
+    ``GET /openapi.json``), then the request on that same keep-alive connection (so it is made exactly once)."""
+    base, headers = (agent.client_url, {}) if client_api else (agent.manager_url, {AUTH_HEADER: agent.secret})
     for _ in range(500):
-        with httpx.Client(base_url=agent.manager_url, headers={AUTH_HEADER: agent.secret}, timeout=60) as api:
-            if api.get("/status").headers.get(HEADER) != str(index):
+        with httpx.Client(base_url=base, headers=headers, timeout=60) as api:
+            if api.get("/openapi.json").headers.get(HEADER) != str(index):
                 continue
             r = api.request(method, path, **kw)  # type: ignore[arg-type]
             assert r.headers.get(HEADER) == str(index), r.headers
@@ -361,3 +365,67 @@ def test_root_start_every_process_runs_as_the_configured_user(tmp_path: Path) ->
     finally:
         assert agent.stop() == 0, agent.log()
     assert_clean_log(agent)
+
+
+def test_one_upload_patched_through_every_worker_is_byte_identical(three: AgentProcess) -> None:
+    """Each PATCH of one tus session on another worker (as the SDK's one connection per chunk does); a
+    PATCH racing one in flight on another worker is refused with 409, as within one process."""
+    from tests.client_helpers import TUS, upload_token
+
+    with three.client() as api:
+        vfid = new_vfolder(api, "qs" + uuid.uuid4().hex[:8])
+        data = os.urandom(9 * CHUNK + 17)
+        token = upload_token(api, vfid, "spread.bin", len(data))
+    chunks = [data[i : i + CHUNK] for i in range(0, len(data), CHUNK)]
+    offset = 0
+    for n, chunk in enumerate(chunks):
+        worker = n % 3
+        r = on_worker(three, worker, "HEAD", "/upload", client_api=True, params={"token": token},
+                      headers={"Tus-Resumable": "1.0.0"})
+        assert int(r.headers["Upload-Offset"]) == offset, (worker, r.headers)
+        if n == 4:  # one PATCH in flight on worker 1 while worker 2 tries the same offset
+            _race(three, token, offset, chunk)
+        else:
+            r = on_worker(three, worker, "PATCH", "/upload", client_api=True, params={"token": token},
+                          content=chunk, headers=dict(TUS, **{"Upload-Offset": str(offset)}))
+            assert r.status_code == 204, r.text
+        offset += len(chunk)
+    assert (_root(three, vfid) / "spread.bin").read_bytes() == data
+
+
+def _race(agent: AgentProcess, token: str, offset: int, chunk: bytes) -> None:
+    from tests.client_helpers import TUS, staged_file
+
+    release = threading.Event()
+    headers = dict(TUS, **{"Upload-Offset": str(offset)})
+
+    def slow() -> Iterator[bytes]:
+        yield chunk[: CHUNK // 2]
+        release.wait(30)
+        yield chunk[CHUNK // 2 :]
+
+    held: list[httpx.Response] = []
+
+    def first() -> None:
+        held.append(on_worker(agent, 1, "PATCH", "/upload", client_api=True, params={"token": token},
+                              content=slow(), headers=headers))
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    try:
+        pid = roles(agent)["worker 1"][0]
+        eventually(lambda: _flocked(staged_file(agent, token), pid))  # the PATCH holds its session
+        other = on_worker(agent, 2, "PATCH", "/upload", client_api=True, params={"token": token}, content=chunk,
+                          headers=headers)
+    finally:
+        release.set()
+        thread.join(60)
+    assert other.status_code == 409, other.text
+    assert held and held[0].status_code == 204, held
+
+
+def _flocked(path: Path, pid: int) -> None:
+    """``path`` has a flock held by process ``pid`` (/proc/locks: ``FLOCK ADVISORY WRITE pid maj:min:inode``)."""
+    ino = path.stat().st_ino
+    held = [line.split() for line in Path("/proc/locks").read_text().splitlines() if " FLOCK " in line]
+    assert any(f[4] == str(pid) and f[5].rsplit(":", 1)[1] == str(ino) for f in held if len(f) > 5), held
