@@ -229,6 +229,10 @@ def test_engine_stalled_then_killed_usage_stays_answered_and_comes_back(tmp_path
         try:
             for i in (0, 1):
                 eventually(lambda i=i: right(i, stale=True), timeout=60)
+            unknown = f"{vfid.split('/')[0]}/{uuid.uuid4().hex}"  # on disk, never measured: "not known", stale
+            _root(agent, unknown).mkdir(parents=True)
+            body = usage(on_worker(agent, 1, "GET", "/folder/usage", json={"volume": "local", "vfid": unknown}))
+            assert (body["file_count"], body["used_bytes"], body["stale"]) == (-1, -1, True), body
         finally:
             os.kill(engine, signal.SIGKILL)
         eventually(lambda: _replaced(agent, "engine", engine), timeout=60)

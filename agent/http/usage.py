@@ -29,6 +29,7 @@ from agent.engine.usage import Usage, UsageEngine
 from agent.runtime import heartbeat
 from backends.base import Volume
 from backends.ids import VFolderID
+from catalog import WriterUnavailable
 from catalog.readonly import ReadOnlyCatalog
 from catalog.store import UsageRow, VFolderRow
 from catalog.usage_store import UsageStore
@@ -128,7 +129,12 @@ class CatalogueUsage:
         row = self.rows.usage(vol.name, vfid.qsid, vfid.hex)
         if row is None:  # never measured: the engine is asked to, and the answer waited for a bounded time
             await asyncio.to_thread(lambda: vol.open_vfolder(vfid).close())
-            await self._ask(vol, vfid)
+            if self.engine_stale():
+                return UNKNOWN  # nobody to measure it now: "not known", at once
+            try:
+                await self._ask(vol, vfid)
+            except WriterUnavailable:
+                return UNKNOWN
             deadline = time.monotonic() + self.wait
             while row is None and time.monotonic() < deadline:
                 await asyncio.sleep(FIRST_ANSWER_POLL)
