@@ -17,19 +17,22 @@ along one of three paths:
     (a) own lock      every process opens the catalogue writable itself: its own ``Database`` writer
                       thread (group commit among its own tasks), ``BEGIN IMMEDIATE`` against the other
                       processes, busy timeout 10 s, the project's PRAGMAs (WAL, synchronous=NORMAL)
-    (b) one writer    every process sends the write as a typed message (length-prefixed JSON over a Unix
-                      stream socket, one connection per task) to ONE writer process, which applies it
-                      through its own ``Catalog`` (the same writer thread: group commit across all of them)
-    ipc bare          (b)'s round trip alone: the writer process decodes and answers without SQLite
+    (b) one writer    the agent's own path (catalog/remote.py): every process opens the catalogue with
+                      ``Catalog.open_remote`` and its ``@writes`` calls travel over a Unix socket to ONE
+                      writer process running ``WriterHost`` on its ``Catalog`` (the same writer thread:
+                      group commit across all of them)
+    ipc bare          a round trip of the same size alone (a bench-made length-prefixed JSON server that
+                      decodes and answers without SQLite): the floor of (b)'s hop
 
 Latency is per operation as the caller sees it; CPU per op is the user+system time of every process of
 the path (clients and writer, from /proc) in the measured window divided by the operations done in it;
 ops/commit is how many writes shared one commit (group commit at work).
 
-(c) the read path a worker would use: beside each (a)/(b) run (and once with no writer), one reader
-process opens the catalogue read-only (``Catalog.open(readonly=True)``: aiosqlite, WAL) and asks
-``get_usage`` (``GET /folder/usage``'s query) --read-rate times a second, paced, not closed-loop; the
-same through the FUSE view's plain ``sqlite3`` ``ReadOnlyCatalog.usage`` for comparison.
+(c) the read path a worker uses: beside each (a)/(b) run (and once with no writer), one reader process
+opens the catalogue read-only (``Catalog.open(readonly=True)``, WAL) and asks ``get_usage``
+(``GET /folder/usage``'s query in a worker) --read-rate times a second, paced, not closed-loop, in turn
+through the aiosqlite pool and through the catalogue's point reader (a plain read-only ``sqlite3``
+connection on the event loop's thread, catalog/points.py: what ``Catalog`` uses now).
 
 Bounded: the default run takes about a minute (10 runs of 3 s plus process start-ups); every child is
 joined with a timeout and killed if it overstays.
@@ -116,7 +119,7 @@ def frame(reply: dict[str, Any]) -> bytes:
 
 
 async def apply(catalog: Any, msg: Any) -> Any:
-    """One message onto the catalogue: the writer process's whole dispatch."""
+    """One message as a call on a catalogue (path (a): a writable one; (b): ``Catalog.open_remote``'s)."""
     if isinstance(msg, UploadOffset):
         return await catalog.update_upload_session(
             msg.session_id, received=msg.received, synced=msg.synced, boot_id=msg.boot_id
@@ -151,6 +154,7 @@ def writer_main(db_path: str, sock_path: str, bare: bool, ready: Any) -> None:
 
 async def _writer(db_path: str, sock_path: str, bare: bool, ready: Any) -> None:
     from catalog import Catalog
+    from catalog.remote import WriterHost
 
     catalog = None if bare else await Catalog.open(db_path, check=False)
     stop = asyncio.Event()
@@ -158,18 +162,14 @@ async def _writer(db_path: str, sock_path: str, bare: bool, ready: Any) -> None:
     loop.add_signal_handler(signal.SIGTERM, stop.set)
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """The bare server (no SQLite) and the commit counter's."""
         try:
             while True:
                 size = int.from_bytes(await reader.readexactly(4), "big")
                 body = await reader.readexactly(size)
                 try:
                     msg = decode(body)
-                    if isinstance(msg, Stats):
-                        reply: dict[str, Any] = {"ok": True, "result": commits()}
-                    elif catalog is None:
-                        reply = {"ok": True, "result": None}
-                    else:
-                        reply = {"ok": True, "result": await apply(catalog, msg)}
+                    reply: dict[str, Any] = {"ok": True, "result": commits() if isinstance(msg, Stats) else None}
                 except Exception as e:  # the caller gets the error; the connection lives on
                     reply = {"ok": False, "error": f"{type(e).__name__}: {e}"}
                 writer.write(frame(reply))
@@ -178,10 +178,20 @@ async def _writer(db_path: str, sock_path: str, bare: bool, ready: Any) -> None:
         finally:
             writer.close()
 
-    server = await asyncio.start_unix_server(handle, sock_path)
+    stats = await asyncio.start_unix_server(handle, sock_path + ".stats")
+    host = None
+    if catalog is None:
+        server = await asyncio.start_unix_server(handle, sock_path)
+    else:
+        host = WriterHost(catalog, sock_path)
+        await host.start()
     ready.set()
     await stop.wait()
-    server.close()
+    stats.close()
+    if host is not None:
+        await host.stop()
+    else:
+        server.close()
     if catalog is not None:
         await catalog.close()
 
@@ -243,8 +253,12 @@ async def _client(
     from catalog import Catalog
 
     rng = random.Random(idx)
-    catalog = await Catalog.open(db_path, check=False) if path == "a" else None
-    links = [await Link.open(sock_path) for _ in sessions] if path != "a" else []
+    catalog = None
+    if path == "a":
+        catalog = await Catalog.open(db_path, check=False)
+    elif path == "b":
+        catalog = await Catalog.open_remote(db_path, sock_path, wait=30.0)
+    links = [await Link.open(sock_path) for _ in sessions] if path == "ipc" else []
     received = [0] * len(sessions)
 
     def message(task: int, i: int) -> Any:
@@ -308,11 +322,10 @@ async def _reader(
     db_path: str, folders: list[str], seconds: float, rate: float, ready_q: Any, go: Any, t0: Any, results: Any
 ) -> None:
     from catalog import Catalog
-    from catalog.readonly import ReadOnlyCatalog
 
     rng = random.Random(7)
     catalog = await Catalog.open(db_path, readonly=True)
-    plain = ReadOnlyCatalog(db_path)
+    points = catalog.points
     await catalog.get_usage(VOLUME, QSID, folders[0])
     ready_q.put(-1)
     await asyncio.to_thread(go.wait)
@@ -324,18 +337,15 @@ async def _reader(
     i = 0
     while time.time() < end:
         folder = rng.choice(folders)
+        catalog.points = None if i % 2 == 0 else points  # None: the aiosqlite pool
         began = time.perf_counter()
-        if i % 2 == 0:
-            row = await catalog.get_usage(VOLUME, QSID, folder)
-            lat_async.append(time.perf_counter() - began)
-        else:
-            row = plain.usage(VOLUME, QSID, folder)
-            lat_plain.append(time.perf_counter() - began)
+        row = await catalog.get_usage(VOLUME, QSID, folder)
+        (lat_async if i % 2 == 0 else lat_plain).append(time.perf_counter() - began)
         missing += row is None
         i += 1
         await asyncio.sleep(max(0.0, start + i / rate - time.time()))
     results.put((-1, (lat_async, lat_plain), [f"{missing} rows missing"] if missing else [], 0.0))
-    plain.close()
+    catalog.points = points
     await catalog.close()
 
 
@@ -418,8 +428,9 @@ def run_one(
     procs = []
     writer = None
     if path in ("b", "ipc") and n:
-        if os.path.exists(sock):
-            os.unlink(sock)
+        for stale in (sock, sock + ".stats"):
+            if os.path.exists(stale):
+                os.unlink(stale)
         up = ctx.Event()
         writer = ctx.Process(target=writer_main, args=(str(db), sock, path == "ipc", up), daemon=True)
         writer.start()
@@ -451,10 +462,10 @@ def run_one(
     pids = [p.pid for p in procs[:n]] + ([writer.pid] if writer else [])
     time.sleep(max(0.0, start - time.time()))
     cpu0 = cpu_seconds(pids)
-    w0 = writer_commits(sock) if path == "b" and n else 0.0
+    w0 = writer_commits(sock + ".stats") if path == "b" and n else 0.0
     time.sleep(max(0.0, start + args.seconds - time.time()))
     cpu1 = cpu_seconds(pids)
-    w1 = writer_commits(sock) if path == "b" and n else 0.0
+    w1 = writer_commits(sock + ".stats") if path == "b" and n else 0.0
     lat: list[float] = []
     errors: list[str] = []
     done_commits = w1 - w0
@@ -481,7 +492,7 @@ def run_one(
 
 NAMES = {
     "a": "(a) own BEGIN IMMEDIATE",
-    "b": "(b) one writer over IPC",
+    "b": "(b) WriterHost over IPC",
     "ipc": "ipc round trip, no SQLite",
     "-": "no writer",
 }
@@ -497,7 +508,7 @@ def main() -> None:
     args = parser.parse_args()
     counts = [int(x) for x in args.writers.split(",")]
     ctx = mp.get_context("forkserver")  # children fork from one server that has imported these already
-    ctx.set_forkserver_preload(["catalog", "catalog.readonly", "sqlalchemy", "aiosqlite", "__main__"])
+    ctx.set_forkserver_preload(["catalog", "catalog.remote", "sqlalchemy", "aiosqlite", "__main__"])
     with tempfile.TemporaryDirectory(dir=args.dir, prefix="writer-paths-") as tmp:
         db = Path(tmp) / "catalog.sqlite"
         sock = str(Path(tmp) / "writer.sock")
@@ -532,7 +543,7 @@ def main() -> None:
     )
     print(f"\n(c) one vfolder's usage row read beside the writes, read-only WAL, {args.read_rate:g}/s paced")
     table(
-        ("while", "writers", "Catalog p50", "p99 ms", "sqlite3 p50", "p99 ms"),
+        ("while", "writers", "aiosqlite p50", "p99 ms", "point p50", "p99 ms"),
         [
             (NAMES[r.path], r.writers, *(f"{pct(v, q):.2f}" for v in r.reads for q in (0.5, 0.99)))
             for r in rows

@@ -69,6 +69,7 @@ class WriterHost:
         self._server: asyncio.Server | None = None
         self._conns: dict[asyncio.Task[None], _Conn] = {}
         self._stopping = False
+        self._inode: int | None = None  # of the socket file this host made: stop() removes that one only
         self.calls = 0  # writes run for peers
         self.refused = 0  # requests refused (unknown method, bad arguments, unreadable frame)
 
@@ -106,6 +107,7 @@ class WriterHost:
             os.chmod(tmp, 0o600)
             sock.listen(128)
             os.replace(tmp, path)
+            self._inode = path.lstat().st_ino
         except BaseException:
             sock.close()
             with contextlib.suppress(FileNotFoundError):
@@ -133,7 +135,9 @@ class WriterHost:
             await self._server.wait_closed()
             self._server = None
         with contextlib.suppress(FileNotFoundError):
-            self.socket_path.unlink()
+            if self._inode is not None and self.socket_path.lstat().st_ino == self._inode:
+                self.socket_path.unlink()  # never another host's socket (a failed start, a newer engine)
+        self._inode = None
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()

@@ -203,6 +203,7 @@ class Catalog:
             raise CatalogError(f"catalogue {path} cannot be opened: {e.orig}") from e
         catalog = cls(db)
         catalog.upgraded_from = found
+        catalog.points = PointReader(path)
         return catalog
 
     @classmethod
@@ -270,7 +271,6 @@ class Catalog:
                 f"catalogue {path} has schema version {version}, newer than this agent's {SCHEMA_VERSION}"
             )
         catalog.db.remote = WriterClient(Path(socket_path), wait=wait, reply_wait=reply_wait)
-        catalog.points = PointReader(path)
         return catalog
 
     async def close(self) -> None:

@@ -30,6 +30,7 @@ from catalog.writes import RemoteWrite
 MAX_FRAME = 32 * 2**20
 HEADER = struct.Struct(">I")
 IDLE_CONNECTIONS = 16  # kept open between calls; more are opened when more calls are in flight
+MAX_CONNECTIONS = 64  # calls in flight per worker; more wait for a free connection (file descriptors are finite)
 
 
 class WriteRefused(CatalogError):
@@ -116,18 +117,18 @@ def error_from(reply: dict[str, Any], call: str) -> Exception:
 class _Link:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader, self.writer = reader, writer
+        self._poll: select.poll | None = None
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            self._poll = select.poll()
+            self._poll.register(sock.fileno(), select.POLLIN | select.POLLRDHUP)
 
     def alive(self) -> bool:
         """Whether an idle connection can carry a call: nothing may be readable on it between calls, so
         readable means the host closed it (stopped, restarted, killed), even before the loop noticed."""
-        if self.reader.at_eof() or self.writer.is_closing():
+        if self.reader.at_eof() or self.writer.is_closing() or self._poll is None:
             return False
-        sock = self.writer.get_extra_info("socket")
-        if sock is None:
-            return False
-        poll = select.poll()
-        poll.register(sock.fileno(), select.POLLIN | select.POLLRDHUP)
-        return not poll.poll(0)
+        return not self._poll.poll(0)
 
     def close(self) -> None:
         self.writer.close()
@@ -148,6 +149,7 @@ class WriterClient:
         self.reply_wait = reply_wait
         self._idle: list[_Link] = []
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._slots = asyncio.Semaphore(MAX_CONNECTIONS)
         self._closed = False
 
     def _unavailable(self, what: str) -> WriterUnavailable:
@@ -170,10 +172,6 @@ class WriterClient:
                 delay = min(delay * 2, 0.25)
 
     async def _take(self) -> _Link:
-        loop = asyncio.get_running_loop()
-        if self._loop is not loop:  # connections belong to the loop that made them
-            self._drop_idle()
-            self._loop = loop
         while self._idle:
             link = self._idle.pop()
             if link.alive():
@@ -192,6 +190,18 @@ class WriterClient:
         if self._closed:
             raise CatalogError("the catalogue is closed")
         frame = encode({"call": spec.name, "args": spec.arguments(args, kwargs)})
+        if self._loop is not asyncio.get_running_loop():
+            self._adopt_loop()
+        async with self._slots:
+            return await self._call(spec, frame)
+
+    def _adopt_loop(self) -> None:
+        """Connections (and the semaphore) belong to the loop that made them: a new loop starts afresh."""
+        self._drop_idle()
+        self._loop = asyncio.get_running_loop()
+        self._slots = asyncio.Semaphore(MAX_CONNECTIONS)
+
+    async def _call(self, spec: RemoteWrite, frame: bytes) -> Any:
         link = await self._take()
         try:
             link.writer.write(frame)

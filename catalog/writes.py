@@ -37,35 +37,47 @@ class RemoteWrite:
 
     name: str
     fn: Callable[..., Awaitable[Any]]
-    _hints: dict[str, Any] | None = None
 
-    @property
+    @functools.cached_property
     def signature(self) -> inspect.Signature:
         return inspect.signature(self.fn)
 
-    @property
+    @functools.cached_property
     def hints(self) -> dict[str, Any]:
         """Resolved lazily: the hints may name classes defined after the method's own class."""
-        if self._hints is None:
-            self._hints = typing.get_type_hints(self.fn)
-        return self._hints
+        return typing.get_type_hints(self.fn)
+
+    @functools.cached_property
+    def _params(self) -> dict[str, inspect.Parameter]:
+        return dict(list(self.signature.parameters.items())[1:])
 
     def parameters(self) -> list[inspect.Parameter]:
         """The caller's parameters (``self`` left out)."""
-        return list(self.signature.parameters.values())[1:]
+        return list(self._params.values())
+
+    @functools.cached_property
+    def _positional(self) -> list[str]:
+        kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        return [name for name, p in self._params.items() if p.kind in kinds]
 
     def arguments(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
-        """A call's arguments by name, as JSON values (the request a worker sends)."""
-        bound = self.signature.bind(None, *args, **kwargs)
-        return {name: to_json(value) for name, value in list(bound.arguments.items())[1:]}
+        """A call's arguments by name, as JSON values (the request a worker sends); a call that does not fit
+        the signature is a TypeError here, as it would be locally."""
+        if len(args) > len(self._positional) or not kwargs.keys() <= self._params.keys():
+            self.signature.bind(None, *args, **kwargs)  # raises the usual TypeError
+        out = dict(zip(self._positional, args, strict=False))
+        if out.keys() & kwargs.keys():
+            self.signature.bind(None, *args, **kwargs)
+        out.update(kwargs)
+        return {name: v if v is None or type(v) in _SCALARS else to_json(v) for name, v in out.items()}
 
     def check(self, raw: object) -> dict[str, Any]:
         """The peer's JSON arguments as the method's typed keyword arguments, or :class:`ArgumentError`."""
         if not isinstance(raw, dict):
             raise ArgumentError(f"{self.name}: the arguments must be an object, not {_kind(raw)}")
-        params = {p.name: p for p in self.parameters()}
-        unknown = sorted(set(raw) - set(params))
-        if unknown:
+        params = self._params
+        if not raw.keys() <= params.keys():
+            unknown = sorted(set(raw) - set(params))
             raise ArgumentError(f"{self.name}: no parameter {', '.join(map(repr, unknown))}")
         out: dict[str, Any] = {}
         for name, p in params.items():
@@ -82,6 +94,7 @@ class RemoteWrite:
 
 
 REMOTE_WRITES: dict[str, RemoteWrite] = {}
+_SCALARS = (str, int, float, bool)
 
 
 def writes(fn: F) -> F:
@@ -131,8 +144,9 @@ _SEQUENCES = (list, tuple, collections.abc.Iterable, collections.abc.Sequence, c
 
 def conform(value: object, hint: Any, where: str) -> Any:
     """``value`` (decoded JSON) as an instance of ``hint``; :class:`ArgumentError` naming ``where`` if not."""
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
+    if type(value) is hint and hint is not float:  # the common case: a str, int or bool as such
+        return value
+    origin, args = _shape(hint)
     if hint is Any:
         return value
     if hint is None or hint is type(None):
@@ -178,10 +192,9 @@ def conform(value: object, hint: Any, where: str) -> Any:
             return {k: conform(v, item, where) for k, v in value.items()}
     elif isinstance(hint, type) and dataclasses.is_dataclass(hint):
         if isinstance(value, dict):
-            fields = {f.name: f for f in dataclasses.fields(hint)}
-            hints = typing.get_type_hints(hint)
-            if not set(value) <= set(fields):
-                raise ArgumentError(f"{where}: {hint.__name__} has no field {sorted(set(value) - set(fields))}")
+            hints = _field_hints(hint)
+            if not value.keys() <= hints.keys():
+                raise ArgumentError(f"{where}: {hint.__name__} has no field {sorted(set(value) - set(hints))}")
             try:
                 return hint(**{k: conform(v, hints[k], f"{where}.{k}") for k, v in value.items()})
             except TypeError as e:  # a field without a default left out
@@ -189,6 +202,16 @@ def conform(value: object, hint: Any, where: str) -> Any:
     else:
         raise ArgumentError(f"{where}: the type {hint} cannot travel as JSON")
     raise ArgumentError(f"{where}: expected {_name(hint)}, got {_kind(value)}")
+
+
+@functools.cache
+def _shape(hint: Any) -> tuple[Any, tuple[Any, ...]]:
+    return typing.get_origin(hint), typing.get_args(hint)
+
+
+@functools.cache
+def _field_hints(cls: type) -> dict[str, Any]:
+    return {f.name: typing.get_type_hints(cls)[f.name] for f in dataclasses.fields(cls)}
 
 
 def _name(hint: Any) -> str:

@@ -14,6 +14,7 @@ import random
 import signal
 import socket
 import sqlite3
+import stat
 import struct
 import subprocess
 import sys
@@ -304,6 +305,54 @@ def test_host_down_then_restarted(host: Host) -> None:
     run(scenario())
 
 
+def test_socket_is_private_and_taken_once(host: Host, tmp_path: Path) -> None:
+    """The socket is the agent user's alone (0600); a second host on a live socket, or a path that is not a
+    socket, is refused instead of stealing it."""
+    from catalog.remote import WriterHost
+
+    assert stat.S_IMODE(host.sock.stat().st_mode) == 0o600 and stat.S_ISSOCK(host.sock.stat().st_mode)
+    not_a_socket = tmp_path / "plain"
+    not_a_socket.write_text("keep me")
+
+    async def scenario() -> None:
+        catalog = await Catalog.open(host.db, check=False)
+        try:
+            second = WriterHost(catalog, host.sock)
+            with pytest.raises(CatalogError, match="another catalogue writer host is listening"):
+                await second.start()
+            await second.stop()  # a failed start's clean-up leaves the live host's socket alone
+            with pytest.raises(CatalogError, match="not a socket"):
+                await WriterHost(catalog, not_a_socket).start()
+        finally:
+            await catalog.close()
+
+    run(scenario())
+    assert not_a_socket.read_text() == "keep me"
+    assert Raw(host.sock).call(good_call("still-served")) == {"ok": True, "result": True}
+
+
+def test_stalled_host_is_unavailable_after_reply_wait(host: Host) -> None:
+    """A host that accepts but does not answer (SIGSTOP: a stalled engine) is WriterUnavailable after
+    ``reply_wait``; once it runs again the next write goes through on a fresh connection."""
+    assert host.proc is not None
+
+    async def scenario() -> None:
+        catalog = await Catalog.open_remote(host.db, host.sock, wait=1.0, reply_wait=1.0)
+        try:
+            assert await catalog.add_vfolder(VOLUME, QSID, "before") is True
+            os.kill(host.proc.pid, signal.SIGSTOP)
+            try:
+                with pytest.raises(WriterUnavailable, match="no answer to Catalog.add_vfolder within 1 s"):
+                    await catalog.add_vfolder(VOLUME, QSID, "stalled")
+            finally:
+                os.kill(host.proc.pid, signal.SIGCONT)
+            assert await catalog.add_vfolder(VOLUME, QSID, "after") is True
+        finally:
+            await catalog.close()
+
+    run(scenario())
+
+
 def test_write_waits_for_a_host_that_starts_late(tmp_path: Path) -> None:
     """A worker may start before the engine listens: a write within ``wait`` goes through once it is up."""
     h = Host(tmp_path / "catalog.sqlite", tmp_path / "writer.sock")
@@ -382,6 +431,33 @@ def test_reads_see_commits_at_once(host: Host) -> None:
     run(scenario())
 
 
+def test_many_calls_in_flight_and_a_stop_midway(host: Host) -> None:
+    """Hundreds of concurrent writes from one worker (more than its connection cap) all get their own answer;
+    then the host is stopped (SIGTERM) under such a burst: every call that reported success has its row, and
+    every other one failed with WriterUnavailable (never a silent loss, never another error)."""
+
+    async def scenario() -> None:
+        catalog = await Catalog.open_remote(host.db, host.sock, wait=0.5)
+        try:
+            results = await asyncio.gather(*(catalog.add_vfolder(VOLUME, QSID, f"a{i}") for i in range(300)))
+            assert results == [True] * 300
+            burst = [asyncio.create_task(catalog.add_vfolder(VOLUME, QSID, f"b{i}")) for i in range(300)]
+            await asyncio.sleep(0.05)
+            await asyncio.to_thread(host.stop)
+            done = await asyncio.gather(*burst, return_exceptions=True)
+        finally:
+            await catalog.close()
+        present = {r[0] for r in rows(host.db, "SELECT folder_id FROM vfolders")}
+        for i, outcome in enumerate(done):
+            if outcome is True:
+                assert f"b{i}" in present
+            else:
+                assert isinstance(outcome, WriterUnavailable), outcome
+        assert {f"a{i}" for i in range(300)} <= present
+
+    run(scenario())
+
+
 def test_point_reads_match_the_pool(tmp_path: Path) -> None:
     """Seeded: the plain-sqlite3 point reads and the aiosqlite path answer the same rows (one query each)."""
     seed = int(os.environ.get("POINT_SEED", random.randrange(2**32)))
@@ -428,6 +504,7 @@ def test_point_reads_match_the_pool(tmp_path: Path) -> None:
     run(scenario())
 
 
+@pytest.mark.filterwarnings("ignore::aiohttp.web.NotAppKeyWarning")  # the middleware's request key, as in the agent
 def test_unavailable_engine_is_a_503_naming_it(tmp_path: Path) -> None:
     """The one error mapper answers WriterUnavailable with a 503 whose msg names the engine (no traceback)."""
     from agent.http.errors import error_middleware
@@ -512,3 +589,60 @@ def test_conform_is_strict() -> None:
             conform(value, hint, "x")
     assert conform(["a", "b", "c"], tuple[str, str, str], "x") == ("a", "b", "c")
     assert issubclass(WriteRefused, CatalogError)
+
+
+def _strategy(hint: Any) -> Any:
+    """Values of a remote write's parameter type (hypothesis), JSON-able ones only."""
+    import dataclasses
+    import types
+    import typing
+
+    from hypothesis import strategies as st
+
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return st.recursive(st.none() | st.booleans() | st.integers() | st.text(), lambda x: st.lists(x, max_size=3))
+    if hint is type(None):
+        return st.none()
+    if origin in (typing.Union, types.UnionType):
+        return st.one_of(*(_strategy(a) for a in args))
+    if hint is str:
+        return st.text()  # any code points, lone surrogates included (surrogateescape'd names)
+    if hint is bool:
+        return st.booleans()
+    if hint is int:
+        return st.integers(-(2**63), 2**63 - 1)
+    if hint is float:
+        return st.floats(allow_nan=False, allow_infinity=False)
+    if origin is tuple:
+        return st.tuples(*(_strategy(a) for a in args))
+    if origin is dict:
+        return st.dictionaries(st.text(), _strategy(args[1]), max_size=3)
+    if origin is not None:  # list / Iterable / Sequence
+        return st.lists(_strategy(args[0]), max_size=3)
+    if dataclasses.is_dataclass(hint):
+        hints = typing.get_type_hints(hint)
+        return st.builds(hint, **{f.name: _strategy(hints[f.name]) for f in dataclasses.fields(hint)})
+    raise AssertionError(f"no strategy for {hint}")
+
+
+def test_every_remote_write_round_trips_its_arguments() -> None:
+    """Search: for every remote write, arguments drawn from its own type hints survive the trip (encode, frame,
+    decode, typed check) unchanged; so the host runs exactly the call the worker made."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from catalog.wire import decode, encode
+
+    specs = sorted(REMOTE_WRITES.values(), key=lambda s: s.name)
+
+    @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(st.data())
+    def trip(data: st.DataObject) -> None:
+        spec = data.draw(st.sampled_from(specs))
+        kwargs = {p.name: data.draw(_strategy(spec.hints[p.name]), label=p.name) for p in spec.parameters()}
+        frame = encode({"call": spec.name, "args": spec.arguments((), kwargs)})
+        assert len(frame) <= MAX_FRAME
+        assert spec.check(decode(frame[4:])["args"]) == kwargs, spec.name
+
+    trip()
