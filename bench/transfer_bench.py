@@ -18,13 +18,19 @@ the HTTP client (4 MiB ``write()``\\ s; curl writes 16 KiB ones) and with a mini
 body from the socket into the file (no copy through user space, as ``cp`` has none). A last line times the
 download into /dev/null next to ``cat`` of the file into /dev/null: the server alone.
 
+Uploads the way real tus clients send them (issue 21): SDK-style, each --sdk-chunk-mib (16) MiB PATCH on a new
+connection, the way the Backend.AI SDK sends them, to one agent process and alternating over two processes of
+one node (a second ``serve`` on the same catalogue and volume, as a num-proc worker), and curl-like, the whole
+file as one PATCH streamed from the file.
+
     .venv/bin/python bench/transfer_bench.py [--size-mib 1024] [--chunk-mib 8] [--runs 3] [--dir D] \\
-        [--client stdlib|curl|httpx]
+        [--client stdlib|curl|httpx] [--sdk-chunk-mib 16] [--only-uploads]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy as copying
 import fcntl
 import hashlib
 import http.client
@@ -43,7 +49,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tests.client_helpers import TUS, RssSampler, create_vfolder, download_token, upload_token, vfolder_path  # noqa: E402
-from tests.support import make_agent  # noqa: E402
+from tests.support import AgentProcess, free_port, make_agent  # noqa: E402
 
 MiB = 1 << 20
 
@@ -121,6 +127,52 @@ def upload_stdlib(client_url: str, token: str, src: Path, chunk: int) -> float:
                 if r.status != 204:
                     raise SystemExit(f"PATCH at {offset} failed: {r.status} {body[:200]!r}")
                 offset = int(r.headers["Upload-Offset"])
+            return time.perf_counter() - t0
+    finally:
+        conn.close()
+
+
+def upload_sdk(client_urls: list[str], token: str, src: Path, chunk: int) -> float:
+    """As the Backend.AI SDK uploads: each chunk read into memory and sent as one PATCH on a connection of its
+    own; with several URLs (agent processes of one node) consecutive chunks go to the next one in turn."""
+    size = src.stat().st_size
+    with open(src, "rb") as f:
+        t0 = time.perf_counter()
+        offset = 0
+        i = 0
+        while offset < size:
+            data = f.read(chunk)
+            url = httpx.URL(client_urls[i % len(client_urls)] + "/upload", params={"token": token})
+            conn = http.client.HTTPConnection(url.host, url.port, timeout=120)
+            try:
+                headers = dict(TUS, **{"Upload-Offset": str(offset)})
+                conn.request("PATCH", url.raw_path.decode(), body=data, headers=headers)
+                r = conn.getresponse()
+                body = r.read()
+            finally:
+                conn.close()
+            if r.status != 204:
+                raise SystemExit(f"PATCH at {offset} failed: {r.status} {body[:200]!r}")
+            offset = int(r.headers["Upload-Offset"])
+            i += 1
+        return time.perf_counter() - t0
+
+
+def upload_one_patch(client_url: str, token: str, src: Path) -> float:
+    """As ``curl -T file -X PATCH`` does: the whole file in one PATCH with its Content-Length, streamed from
+    the file (1 MiB blocks), never held in memory."""
+    url = httpx.URL(client_url + "/upload", params={"token": token})
+    size = src.stat().st_size
+    conn = http.client.HTTPConnection(url.host, url.port, timeout=600, blocksize=MiB)
+    try:
+        with open(src, "rb") as f:
+            t0 = time.perf_counter()
+            headers = dict(TUS, **{"Upload-Offset": "0", "Content-Length": str(size)})
+            conn.request("PATCH", url.raw_path.decode(), body=f, headers=headers)
+            r = conn.getresponse()
+            body = r.read()
+            if r.status != 204:
+                raise SystemExit(f"the PATCH failed: {r.status} {body[:200]!r}")
             return time.perf_counter() - t0
     finally:
         conn.close()
@@ -268,19 +320,31 @@ def main() -> int:
     parser.add_argument("--client", choices=("stdlib", "curl", "httpx"), default="stdlib")
     parser.add_argument("--watcher", default="auto", help="the agent's [usage] watcher: auto, fanotify, inotify, none")
     parser.add_argument("--cpu-pin", default="auto", help="the agent's [storage-proxy] cpu-pin")
+    parser.add_argument("--sdk-chunk-mib", type=int, default=16, help="the SDK-style rows' PATCH size")
+    parser.add_argument("--only-uploads", action="store_true", help="the baselines and upload rows only")
     args = parser.parse_args()
     size = args.size_mib * MiB
     base = Path(tempfile.mkdtemp(prefix="transfer-bench-", dir=args.dir or "/var/tmp"))
-    agent = None
+    agent = twin = None
     try:
         src = base / "source.bin"
         print(f"making a {args.size_mib} MiB source file in {base} ...", flush=True)
         expected = make_source(src, size)
         pin = int(args.cpu_pin) if args.cpu_pin.isdigit() else args.cpu_pin
         agent = make_agent(base / "agent", usage={"watcher": args.watcher}, storage_proxy={"cpu-pin": pin}).start()
+        # a second process on the same catalogue and volume (as an HTTP worker of num-proc = 2 would be; no
+        # usage engine of its own), for SDK-style uploads whose PATCHes alternate between the two
+        twin = AgentProcess(base / "twin", copying.deepcopy(agent.config))
+        twin.workdir.mkdir()
+        for listener in ("client", "manager"):
+            twin.config["api"][listener]["service-addr"]["port"] = free_port()
+        twin.config.setdefault("usage", {})["enabled"] = False
+        twin.start()
         with agent.client() as api:
             vfid = create_vfolder(api)
         pid = agent.proc.pid
+        assert twin.proc is not None
+        twin_pid = twin.proc.pid
 
         # Every row is the best of RUNS runs, each writing into pages the previous run's copy just gave back.
         # On a VM whose free memory is handed back to the host (free page reporting), a write into pages the
@@ -310,24 +374,46 @@ def main() -> int:
 
         with RssSampler(pid) as up_rss:
             up_time = best_of(one_upload, landed)
-        with agent.client() as api:
-            dl_token = download_token(api, vfid, "big.bin")
-        dst = base / "downloaded.bin"
-        with RssSampler(pid) as dl_rss:
-            dl_time = best_of(lambda: download(agent.client_url, dl_token, dst, args.client), dst)
-        with RssSampler(pid) as splice_rss:
-            splice_time = best_of(lambda: download_splice(agent.client_url, dl_token, dst), dst)
-        dst.unlink()
-        # the server alone: the same download into /dev/null, next to reading the file into /dev/null
-        null_time = download(agent.client_url, dl_token, Path(os.devnull), args.client)
-        t0 = time.perf_counter()
-        subprocess.run(["cat", str(landed)], check=True, stdout=subprocess.DEVNULL)
-        cat_time = time.perf_counter() - t0
+        sdk = args.sdk_chunk_mib * MiB
 
-        def row(name: str, secs: float, rss: RssSampler | None) -> str:
+        def sdk_upload(urls: list[str]) -> float:
+            with agent.client() as api:
+                token = upload_token(api, vfid, "big.bin", size)
+            return upload_sdk(urls, token, src, sdk)
+
+        def single_patch() -> float:
+            with agent.client() as api:
+                token = upload_token(api, vfid, "big.bin", size)
+            return upload_one_patch(agent.client_url, token, src)
+
+        with RssSampler(pid) as sdk_rss:
+            sdk_time = best_of(lambda: sdk_upload([agent.client_url]), landed)
+        with RssSampler(pid) as sdk2_rss, RssSampler(twin_pid) as sdk2_twin_rss:
+            sdk2_time = best_of(lambda: sdk_upload([agent.client_url, twin.client_url]), landed)
+        with RssSampler(pid) as one_rss:
+            one_time = best_of(single_patch, landed)
+        if not args.only_uploads:
+            with agent.client() as api:
+                dl_token = download_token(api, vfid, "big.bin")
+            dst = base / "downloaded.bin"
+            with RssSampler(pid) as dl_rss:
+                dl_time = best_of(lambda: download(agent.client_url, dl_token, dst, args.client), dst)
+            with RssSampler(pid) as splice_rss:
+                splice_time = best_of(lambda: download_splice(agent.client_url, dl_token, dst), dst)
+            dst.unlink()
+            # the server alone: the same download into /dev/null, next to reading the file into /dev/null
+            null_time = download(agent.client_url, dl_token, Path(os.devnull), args.client)
+            t0 = time.perf_counter()
+            subprocess.run(["cat", str(landed)], check=True, stdout=subprocess.DEVNULL)
+            cat_time = time.perf_counter() - t0
+
+        def row(name: str, secs: float, rss: RssSampler | None, other: RssSampler | None = None) -> str:
             mibs = args.size_mib / secs
             growth = "-" if rss is None else f"{rss.growth / MiB:.1f}"
             peak = "-" if rss is None else f"{rss.peak / MiB:.1f}"
+            if other is not None:  # two processes: each one's figure
+                growth += f" / {other.growth / MiB:.1f}"
+                peak += f" / {other.peak / MiB:.1f}"
             return (
                 f"| {name:<46} | {secs:6.2f} | {mibs:6.0f} | {cp_time / secs:5.2f} | {cp_sync_time / secs:10.2f} "
                 f"| {peak:>8} | {growth:>10} |"
@@ -344,15 +430,22 @@ def main() -> int:
         print(row("cp + fdatasync (durable baseline)", cp_sync_time, None))
         print(row("bare socket → file (splice; no HTTP, no sync)", bare_time, None))
         print(row(f"tus upload, {args.chunk_mib} MiB PATCHes, durable", up_time, up_rss))
-        print(row(f"GET /download (sendfile), {args.client} client", dl_time, dl_rss))
-        print(row("GET /download (sendfile), splice client", splice_time, splice_rss))
-        print("targets: × cp ≥ 0.60, RSS growth < 64 MiB (RSS in MiB)")
-        print(
-            f"server alone: GET /download into /dev/null {args.size_mib / null_time:.0f} MiB/s, "
-            f"cat into /dev/null {args.size_mib / cat_time:.0f} MiB/s ({cat_time / null_time:.2f}x cat)"
-        )
+        print(row(f"SDK-style: {args.sdk_chunk_mib} MiB PATCH per connection", sdk_time, sdk_rss))
+        print(row("SDK-style, PATCHes alternating over 2 processes", sdk2_time, sdk2_rss, sdk2_twin_rss))
+        print(row(f"curl-like: one {args.size_mib} MiB PATCH", one_time, one_rss))
+        if not args.only_uploads:
+            print(row(f"GET /download (sendfile), {args.client} client", dl_time, dl_rss))
+            print(row("GET /download (sendfile), splice client", splice_time, splice_rss))
+        print("targets: × cp ≥ 0.60 (uploads: × cp+fsync ≥ 0.60), RSS growth < 64 MiB per process (RSS in MiB)")
+        if not args.only_uploads:
+            print(
+                f"server alone: GET /download into /dev/null {args.size_mib / null_time:.0f} MiB/s, "
+                f"cat into /dev/null {args.size_mib / cat_time:.0f} MiB/s ({cat_time / null_time:.2f}x cat)"
+            )
         return 0
     finally:
+        if twin is not None:
+            twin.stop()
         if agent is not None:
             agent.stop()
         shutil.rmtree(base, ignore_errors=True)

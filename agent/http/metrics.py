@@ -3,6 +3,13 @@
 Routes are labelled by their canonical path (``/folder/file/list``), never the raw URL, and methods
 outside the HTTP set by ``other``, so no client can grow the label sets. Figures that are state rather
 than events (upload sessions open, vfolders watched or stale) are read when ``/metrics`` is scraped.
+
+Several processes (``num-proc``): prometheus-client's multiprocess mode. The supervisor calls
+:func:`prepare_multiprocess` before it starts any child and :func:`process_exited` when one dies; each child
+then keeps its counters and histograms in files of that directory, and ``/metrics`` of any of them answers
+the sum over every process that ever ran in it (a dead worker's counts stay in the totals), followed by
+the state figures and process figures of the process that answers. There are no ``Gauge`` objects here
+(a gauge would need a ``multiprocess_mode``): every gauge is read at scrape time by a collector.
 """
 
 from __future__ import annotations
@@ -10,14 +17,27 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+    multiprocess,
+    values,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -230,11 +250,62 @@ async def _capacity(agent: Agent) -> _CapacityCollector:
     return _CapacityCollector(await _FS_USAGE.refresh(agent), await scope_gauges(agent.catalog))
 
 
+# -- several processes: prometheus-client's multiprocess mode ---------------------------------------------
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def prepare_multiprocess(directory: Path, *, owner: tuple[int, int] | None = None) -> None:
+    """For the supervisor, before it starts any child: an empty ``directory`` for every process's counter
+    files (what an earlier run left would be added to this run's totals), named in ``PROMETHEUS_MULTIPROC_DIR``
+    of this process's environment, which the children inherit. ``owner`` (uid, gid): the user the children
+    run as, when that is not this process's.
+
+    The children must be new interpreters (exec, or multiprocessing's "spawn"): prometheus-client picks
+    where its values live when it is imported, and a child forked from a process that imported it before
+    the variable was set would count in its own memory only."""
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    for entry in directory.iterdir():
+        if entry.is_file() or entry.is_symlink():
+            entry.unlink()
+    if owner is not None:
+        os.chown(directory, *owner)
+    os.environ[MULTIPROC_ENV] = str(directory)
+
+
+def process_exited(pid: int) -> None:
+    """For the supervisor, once a child has exited: prometheus-client's ``mark_process_dead`` (drops the live
+    gauges of that pid, if any). Its counters stay: the totals keep what it answered."""
+    path = os.environ.get(MULTIPROC_ENV)
+    if path:
+        multiprocess.mark_process_dead(pid, path)
+
+
+def multiprocess_dir() -> str | None:
+    """The directory this process counts in, or None when it counts in its own memory (single process)."""
+    if getattr(values.ValueClass, "_multiprocess", False):
+        return os.environ.get(MULTIPROC_ENV) or None
+    return None
+
+
+def _shared_figures(path: str) -> bytes:
+    """Every process's counters and histograms, summed from their files, and this process's own figures
+    (``process_*``, ``python_*``: the process collectors do not work across processes)."""
+    registry = CollectorRegistry(auto_describe=False)
+    multiprocess.MultiProcessCollector(registry, path)
+    for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+        registry.register(collector)
+    return generate_latest(registry)
+
+
 async def render(agent: Agent) -> bytes:
     local = CollectorRegistry(auto_describe=False)
     local.register(_AgentCollector(agent, await agent.catalog.count_upload_sessions("open")))
     local.register(await _capacity(agent))
-    return generate_latest(REGISTRY) + generate_latest(local)
+    path = multiprocess_dir()
+    if path is None:
+        return generate_latest(REGISTRY) + generate_latest(local)
+    return await asyncio.to_thread(_shared_figures, path) + generate_latest(local)
 
 
 def add_route(app: web.Application) -> None:

@@ -34,6 +34,11 @@ file overwrites it, as with the upstream proxy — but a directory never is
 the last bytes and publishing, the next ``HEAD`` or ``PATCH`` publishes; if it
 dies after publishing but before marking complete, the staged file is gone
 and the session is marked complete then.
+
+Several processes of one node serve the same sessions (HTTP workers): see
+:class:`UploadSessions` for how they exclude each other, and
+agent/engine/upload_sweeper.py for what runs once per node (start-up
+reconciliation, expiry).
 """
 
 from __future__ import annotations
@@ -131,6 +136,12 @@ class Held:
     created: bool = False
     size: int = 0
 
+    def release(self) -> None:
+        """Let go of the staged file (closing it releases the flock)."""
+        if self.fd is not None:
+            fd, self.fd = self.fd, None
+            os.close(fd)
+
     def drop(self) -> None:
         """Unlink the staged file (if the name is still ours) and release it: the session has ended, or the
         file was created for a session that already has bytes elsewhere (published, or lost)."""
@@ -147,8 +158,7 @@ class Held:
                     os.unlink(name, dir_fd=sdir)
             finally:
                 os.close(sdir)
-        os.close(self.fd)
-        self.fd = None
+        self.release()
 
 
 def _names(sdir: int, name: str, fd: int) -> bool:
@@ -251,20 +261,22 @@ class UploadSessions:
                 return
             async with lock:
                 held = Held(vol, qsid, session_id)
-
+                if take is None:
+                    taking = asyncio.ensure_future(asyncio.to_thread(lock_staged, held, create=create))
+                else:
+                    taking = asyncio.ensure_future(asyncio.to_thread(take, held))
                 try:
-                    if take is None:
-                        await asyncio.to_thread(lock_staged, held, create=create)
-                    else:
-                        await asyncio.to_thread(take, held)
+                    await asyncio.shield(taking)
                 except _Busy:
                     yield None
                     return
+                except asyncio.CancelledError:  # the thread goes on: what it takes is let go when it is done
+                    taking.add_done_callback(lambda _: held.release())
+                    raise
                 try:
                     yield held
                 finally:
-                    if held.fd is not None:
-                        os.close(held.fd)  # releases the flock
+                    held.release()
         finally:
             self._users[session_id] -= 1
             if self._users[session_id] <= 0:
