@@ -433,3 +433,33 @@ def _flocked(path: Path, pid: int) -> None:
     ino = path.stat().st_ino
     held = [line.split() for line in Path("/proc/locks").read_text().splitlines() if " FLOCK " in line]
     assert any(f[4] == str(pid) and f[5].rsplit(":", 1)[1] == str(ino) for f in held if len(f) > 5), held
+
+
+def test_metrics_from_any_worker_count_every_worker(three: AgentProcess) -> None:
+    """prometheus-client's multiprocess mode, set up by the supervisor: /metrics answered by one worker sums
+    what every worker answered, a killed one's included."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def count() -> float:
+        with fresh(three) as api:
+            text = api.get("/metrics").text
+        for fam in text_string_to_metric_families(text):
+            for s in fam.samples:
+                if s.name == "storage_agent_http_requests_total" and s.labels.get("route") == "/volumes":
+                    return s.value
+        return 0.0
+
+    assert (three.workdir / "catalog.db.metrics").is_dir()
+    sent = 0
+    answered: set[str] = set()
+    with fresh(three) as api:
+        while answered != {"0", "1", "2"} or sent < 30:
+            r = api.get("/volumes")
+            assert r.status_code == 200
+            answered.add(r.headers[HEADER])
+            sent += 1
+    assert count() == sent
+    victim = roles(three)["worker 2"][0]
+    os.kill(victim, signal.SIGKILL)
+    eventually(lambda: _replaced(three, "worker 2", victim), timeout=60)
+    assert count() == sent  # what the dead worker answered stays counted

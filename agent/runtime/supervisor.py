@@ -20,8 +20,10 @@ import signal
 import subprocess
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from agent.config import Config
+from agent.http import metrics
 from agent.runtime import spawn
 from agent.runtime.server import Bound, Shared, print_banner, url_of
 
@@ -31,6 +33,11 @@ STABLE = 10.0  # seconds a child must have run for its next death to count as a 
 BACKOFF = (0.0, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)  # pause before restarting after the 1st, 2nd, ... quick death
 START_TIMEOUT = 600.0  # seconds the engine may take to start (an upgrade, a big reconciliation)
 STOP_TIMEOUT = 20.0  # seconds a child may take to stop on SIGTERM before it is killed
+
+
+def metrics_dir(catalog_path: Path) -> Path:
+    """Where the processes count their metrics (prometheus-client's multiprocess files), beside the catalogue."""
+    return catalog_path.with_name(catalog_path.name + ".metrics")
 
 
 @dataclass(eq=False)
@@ -131,8 +138,9 @@ class Supervisor:
             signal.signal(sig, self._stop_requested)
         signal.signal(signal.SIGCHLD, lambda *_: None)  # wakes the loop (set_wakeup_fd) when a child dies
         try:
-            # HOOK (h21u, metrics across processes): prometheus-client's multiprocess directory is prepared
-            # here, before any child exists, e.g. ``metrics.prepare_multiprocess(dir)`` (children inherit it)
+            # metrics across processes: every child counts in files of one directory (emptied here, before
+            # any child exists; named in the environment the children inherit)
+            metrics.prepare_multiprocess(metrics_dir(self.config.catalog.path))
             self._spawn(self.engine)
             failed = self._wait_ready([self.engine], START_TIMEOUT)
             if failed is None and not self._stopping:
@@ -189,7 +197,7 @@ class Supervisor:
             pause = BACKOFF[min(child.quick_deaths - 1, len(BACKOFF) - 1)]
             log.warning("%s (pid %d) exited with %s after %.1f s; restarting it%s", child.name, proc.pid, how, ran,
                         f" in {pause:g} s" if pause else "")
-            # HOOK (h21u): a dead process's live gauges leave the multiprocess files: metrics.process_exited(pid)
+            metrics.process_exited(proc.pid)  # its live gauges go; its counters stay in the totals
             child.proc = None
             if child.ready_fd is not None:
                 os.close(child.ready_fd)
