@@ -197,6 +197,16 @@ def test_killed_worker_is_replaced_and_no_request_after_the_kill_fails(tmp_path:
         assert len(failed) <= len(threads), failed  # at most the one in flight per connection
         assert all(r[0] <= kill + 0.05 for r in failed), failed
         assert "HTTP worker 0 (pid" in agent.log() and "exited with signal 9" in agent.log()
+        assert "restarting it in" not in agent.log()  # the first death: at once
+        again = roles(agent)["worker 0"][0]
+        os.kill(again, signal.SIGKILL)
+        eventually(lambda: _replaced(agent, "worker 0", again), timeout=60)
+        quick = roles(agent)["worker 0"][0]  # killed as soon as seen: it dies within 10 s of its start
+        os.kill(quick, signal.SIGKILL)
+        eventually(lambda: _replaced(agent, "worker 0", quick), timeout=60)
+        line = next(x for x in agent.log().splitlines() if f"HTTP worker 0 (pid {quick}) exited" in x)
+        assert "restarting it in " in line, line  # a repeated quick death: after a pause
+        assert on_worker(agent, 0, "GET", "/status").status_code == 200
     finally:
         agent.stop()
 
