@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +60,13 @@ def claims_of(token: str) -> dict[str, Any]:
 def patch(cli: httpx.Client, token: str, offset: int, data: Any, **params: str) -> httpx.Response:
     headers = dict(TUS, **{"Upload-Offset": str(offset)})
     return cli.patch("/upload", params={"token": token, **params}, content=data, headers=headers)
+
+
+def paused_body(first: bytes, rest: bytes, release: threading.Event, wait: float = 30) -> Iterator[bytes]:
+    """A PATCH body that sends ``first``, then waits for ``release`` (the PATCH holds its session meanwhile)."""
+    yield first
+    release.wait(wait)
+    yield rest
 
 
 def head(cli: httpx.Client, token: str, **params: str) -> httpx.Response:

@@ -22,6 +22,7 @@ from tests.client_helpers import (
     create_vfolder,
     head,
     patch,
+    paused_body,
     staged_file,
     upload_token,
     vfolder_path,
@@ -180,14 +181,8 @@ def test_two_patches_racing_on_one_session(agent, api, cli, vfid):
     """The second PATCH at the same offset loses with 409 and the file holds exactly one copy."""
     token = upload_token(api, vfid, "race.bin", 2 * MiB)
     release = threading.Event()
-
-    def slow_body() -> Iterator[bytes]:
-        yield b"a" * MiB
-        release.wait(10)
-        yield b"a" * MiB
-
     with ThreadPoolExecutor(1) as pool:
-        first = pool.submit(patch, cli, token, 0, slow_body())
+        first = pool.submit(patch, cli, token, 0, paused_body(b"a" * MiB, b"a" * MiB, release, 10))
         deadline = time.monotonic() + 10
         while not staged_file(agent, token).exists() and time.monotonic() < deadline:
             time.sleep(0.02)

@@ -17,6 +17,7 @@ import io
 import os
 import random
 import signal
+import sqlite3
 import threading
 import time
 from collections.abc import Iterator
@@ -24,13 +25,24 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import jwt
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from tusclient.uploader import Uploader
 
 from agent.http import metrics
-from agent.http.uploads import BUSY
-from tests.client_helpers import TUS, MiB, create_vfolder, head, staged_file, staging_dir, upload_token, vfolder_path
+from agent.http.upload_sessions import BUSY
+from tests.client_helpers import (
+    TUS,
+    MiB,
+    create_vfolder,
+    head,
+    paused_body,
+    staged_file,
+    staging_dir,
+    upload_token,
+    vfolder_path,
+)
 from tests.support import AgentProcess, assert_clean_log, eventually, free_port, make_agent
 
 VOL = "local"
@@ -129,6 +141,40 @@ def test_seeded_patches_over_both_processes_publish_the_exact_bytes(pair, seed: 
     assert _staged_left(a, vfid) == []
 
 
+def _session(agent: AgentProcess, token: str) -> tuple[int, int, str | None]:
+    """(received, synced, boot_id) of the token's session, read from the catalogue file."""
+    sid = jwt.decode(token, options={"verify_signature": False})["session"]
+    con = sqlite3.connect(f"file:{agent.workdir / 'catalog.db'}?mode=ro", uri=True, timeout=10)
+    try:
+        return con.execute(
+            "SELECT received, synced, boot_id FROM upload_sessions WHERE session_id = ?", (sid,)
+        ).fetchone()
+    finally:
+        con.close()
+
+
+def test_a_background_sync_records_its_durable_offset_for_every_process(pair) -> None:  # noqa: ANN001
+    """The bytes a process synced in the background are recorded as they land, not with that process's next
+    PATCH of the session (which may never come: the next one may land on the other process)."""
+    a, b = pair
+    data = os.urandom(5 * MiB)
+    with a.client() as api:
+        vfid = create_vfolder(api)
+        token = upload_token(api, vfid, "synced.bin", len(data))
+    assert _patch(a, token, 0, data[: 3 * MiB]).status_code == 204
+    assert eventually(lambda: _synced_all(a, token)) == (3 * MiB, 3 * MiB, None)
+    assert _patch(b, token, 3 * MiB, data[3 * MiB : 4 * MiB]).status_code == 204
+    assert eventually(lambda: _synced_all(a, token)) == (4 * MiB, 4 * MiB, None)
+    assert _patch(a, token, 4 * MiB, data[4 * MiB :]).status_code == 204
+    assert (vfolder_path(a, vfid) / "synced.bin").read_bytes() == data
+
+
+def _synced_all(agent: AgentProcess, token: str) -> tuple[int, int, str | None]:
+    row = _session(agent, token)
+    assert row[1] == row[0], row
+    return row
+
+
 # -- (b) two PATCHes of one session at once, one on each process ----------------------------------------------
 
 
@@ -142,14 +188,8 @@ def test_a_patch_racing_one_on_the_other_process_is_refused_as_in_one(pair, seco
         token = upload_token(api, vfid, "race.bin", 4 * MiB)
     staged = staged_file(a, token)
     release = threading.Event()
-
-    def slow_body() -> Iterator[bytes]:
-        yield b"a" * MiB
-        release.wait(30)
-        yield b"a" * 3 * MiB
-
     with ThreadPoolExecutor(1) as pool:
-        first = pool.submit(_patch, a, token, 0, slow_body())
+        first = pool.submit(_patch, a, token, 0, paused_body(b"a" * MiB, b"a" * 3 * MiB, release))
         eventually(lambda: _held(staged))
         second = _patch(b, token, 0, b"b" * 4 * MiB if second_spliced else iter([b"b" * 4 * MiB]))
         assert _head(b, token).headers["Upload-Offset"] == "0"  # nothing acknowledged yet
@@ -262,14 +302,8 @@ def test_expired_sessions_are_swept_beside_a_patch_on_another_process(tmp_path: 
             busy = upload_token(api, vfid, "busy.bin", 2 * MiB)
         assert _patch(b, idle, 0, b"01234").status_code == 204
         release = threading.Event()
-
-        def slow() -> Iterator[bytes]:
-            yield b"s" * MiB
-            release.wait(30)
-            yield b"s" * MiB
-
         with ThreadPoolExecutor(1) as pool:
-            running = pool.submit(_patch, a, busy, 0, slow())
+            running = pool.submit(_patch, a, busy, 0, paused_body(b"s" * MiB, b"s" * MiB, release))
             eventually(lambda: _assert(not staged_file(a, idle).exists()), timeout=30)  # idle one swept
             time.sleep(2.5)  # the busy one expired meanwhile: every sweep of both processes skipped it
             _held(staged_file(a, busy))

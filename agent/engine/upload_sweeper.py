@@ -13,7 +13,7 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from agent.http.uploads import Held, boot_id, settle_held
+from agent.http.upload_sessions import Held, boot_id, settle_held
 from agent.runtime.services import Periodic
 from backends.mounted import MountedVolume
 

@@ -12,7 +12,7 @@ from aiohttp import web
 
 from agent.config import Config
 from agent.http.errors import ApiError
-from agent.http.uploads import UploadSessions
+from agent.http.upload_sessions import UploadSessions
 from agent.runtime.services import Service
 from backends import layout
 from backends.base import Volume

@@ -25,7 +25,7 @@ from aiohttp import web
 from agent.config import Config, ConfigError, HostPort, Listener
 from agent.engine import upload_sweeper, view_supervisor, writer
 from agent.engine.reconcile import Report, reconcile
-from agent.http import uploads, usage
+from agent.http import upload_sessions, usage
 from agent.http.app import client_app, manager_app
 from agent.http.metrics import standalone_app as metrics_app
 from agent.runtime import heartbeat, memory_trim
@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 # The services ``serve`` runs, started in this order after reconciliation and stopped in reverse; a factory
 # returns None when its feature is disabled by config. Listed here, not in agent.runtime.services, which they import.
 SERVICES: list[ServiceFactory] = [
-    usage.factory, uploads.service, upload_sweeper.factory, view_supervisor.factory, memory_trim.factory
+    usage.factory, upload_sessions.service, upload_sweeper.factory, view_supervisor.factory, memory_trim.factory
 ]
 # the engine process of num-proc = N runs them all, and beats for the workers (agent/runtime/heartbeat.py)
 # and the catalogue's writer host for the workers (last: started once the usage engine takes its requests,
