@@ -49,7 +49,7 @@ SERVICES: list[ServiceFactory] = [
 # stopped first)
 ENGINE_SERVICES: list[ServiceFactory] = [*SERVICES, heartbeat.factory, writer.factory]
 # an HTTP worker's: its upload sessions' background syncs only (per request; stopped with it)
-WORKER_SERVICES: list[ServiceFactory] = [uploads.service]
+WORKER_SERVICES: list[ServiceFactory] = [upload_sessions.service]
 WORKER_HEADER = "X-Storage-Agent-Worker"  # each answer of an HTTP worker names it (num-proc = N only)
 
 WORKER_THREADS = 32
