@@ -25,6 +25,7 @@ unit:
 
 conformance:
 	$(PY) tests/run_conformance.py --shared $(SHARED)
+	$(PY) tests/run_conformance.py --shared $(SHARED) --num-proc 2
 
 # every benchmark prints its own table of ratios; the full set takes about an hour on 2 cores
 bench: test-deps

@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=fmt,
     )
     parser.add_argument("--version", action="version", version=f"storage-agent {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{serve,check-config,migrate,status,scan,view}")
     p = sub.add_parser("serve", help="run the manager and client APIs", epilog=EXIT_CODES, formatter_class=fmt,
                        description="Run the manager and client APIs until SIGTERM or SIGINT.")
     _add_config(p)
@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "effective config as JSON with secrets masked.")
     _add_config(p)
     _add_operator_commands(sub)
+    from agent.runtime import spawn
+
+    spawn.add_parsers(sub)
     return parser
 
 
@@ -159,18 +162,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
         log.warning("[logging] drivers %s are not supported by storage-agent: nothing is sent to them (logs go "
                     "to %s)", ", ".join(logged.unsupported),
                     ", ".join(d for d in ("console", "file") if d in config.logging.drivers) or "standard error")
-    _pin_cpu(config.storage_proxy.cpu_pin)
+    if config.storage_proxy.num_proc == 1:
+        _pin_cpu(config.storage_proxy.cpu_pin)  # under num-proc = N each child places itself (runtime/spawn.py)
     from agent.runtime import privileges
-    from agent.runtime.server import bind, remove_pid_file, serve, write_pid_file
+    from agent.runtime.server import Sockets, bind, bind_shared, remove_pid_file, serve, write_pid_file
+    from agent.runtime.supervisor import Supervisor
 
     pid_file = config.storage_proxy.pid_file
-    sockets = bind(config)
+    workers = config.storage_proxy.num_proc
+    sockets = bind(config) if workers == 1 else bind_shared(config, workers)
     write_pid_file(pid_file)
+    banner = args.config is None or sys.stdout.isatty()
     try:
         db = Path(config.catalog.path)  # a catalogue a root-run agent made: its files go to the new owner too
         catalogue = [p for p in (db, Path(f"{db}-wal"), Path(f"{db}-shm")) if p.exists()]
         privileges.apply(config, handover=[*logged.created_dirs, *logged.files, *catalogue])
-        asyncio.run(serve(config, sockets, banner=args.config is None or sys.stdout.isatty()))
+        if isinstance(sockets, Sockets):
+            asyncio.run(serve(config, sockets, banner=banner))
+        else:  # num-proc = N: one engine and N HTTP workers, started and watched by this process
+            return Supervisor(config, sockets, banner=banner).run()
     finally:
         sockets.close()
         remove_pid_file(pid_file)
@@ -249,8 +259,16 @@ def cmd_scan(args: argparse.Namespace) -> int:
     return asyncio.run(run_scan(config, args.volume, args.vfid))
 
 
+def cmd_child(args: argparse.Namespace) -> int:
+    from agent.runtime import spawn
+
+    return spawn.run(args)
+
+
 COMMANDS = {
     "serve": cmd_serve,
+    "_engine": cmd_child,
+    "_worker": cmd_child,
     "check-config": cmd_check_config,
     "migrate": cmd_migrate,
     "status": cmd_status,

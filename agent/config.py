@@ -1,7 +1,7 @@
 """Configuration: the upstream storage-proxy TOML, validated, plus the agent's own sections.
 
 A config written for the upstream proxy loads unchanged and means the same; keys the agent accepts
-but does not act on (``etcd``, ``num-proc``, ``logging.logstash``, …) are listed by ``check-config``
+but does not act on (``etcd``, ``event-loop``, ``logging.logstash``, …) are listed by ``check-config``
 and logged once at start (:meth:`Config.no_effect_keys`). Relative paths of upstream keys (TLS files,
 ``pid-file``, the file log's ``path``) are relative to the config file's directory, as upstream
 (which changes into that directory) reads them.
@@ -131,6 +131,9 @@ class StorageProxy(_Section):
     pid_file: Path | None = Field(default=None, alias="pid-file")
     # the CPU that the agent's Python threads share (backends/cpu_placement.py): "auto", "off" or a number
     cpu_pin: Literal["auto", "off"] | Annotated[int, Field(ge=0)] = Field(default="auto", alias="cpu-pin")
+    # HTTP worker processes sharing the API ports, beside one engine process (agent/runtime/supervisor.py);
+    # 1: everything in one process, as before
+    num_proc: int = Field(default=1, ge=1, le=256, alias="num-proc")
 
 
 class Listener(_Section):

@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/load_bench.py [--seconds 60] [--connections 200] [--think-ms 0] [--cpu-pin auto]
     .venv/bin/python bench/load_bench.py --think-ms 2000,1000,500,250     # usage latency against offered load
+    .venv/bin/python bench/load_bench.py --num-proc 1,2 --think-ms 500,0   # one process vs engine + 2 workers
 
 Starts an agent (temporary directory, vfs volume), prepares a few quota scopes and vfolders with some
 files, then runs the load generator in a second process (this file with ``--worker``): one asyncio event
@@ -29,6 +30,11 @@ With no think time every task sends its next request as soon as the last one is 
 loop), so the server is saturated and latency includes queueing (Little's law: in-flight / throughput).
 The think time therefore sets the offered load; a comma list of think times runs each in turn against the
 same agent and ends with one table: usage p50/p99 (and the poller's p99) against requests per second.
+
+``--num-proc 1,2`` runs the whole list once per ``[storage-proxy] num-proc`` (a fresh agent each) and ends
+with the rows side by side. The agent's CPU counts every process of it (supervisor, engine, workers). On a
+machine with few cores the load generator shares them with the agent: the ratios between the rows of one
+run carry over, not the absolute figures.
 """
 
 from __future__ import annotations
@@ -474,11 +480,19 @@ def memory_figures(agent: Any) -> dict[str, float]:
 
 
 def sampler_cpu(pid: int) -> float:
-    """User + system CPU seconds of the agent so far."""
+    """User + system CPU seconds of the agent so far, its child processes (num-proc's engine and workers)
+    included."""
     import psutil
 
-    t = psutil.Process(pid).cpu_times()
-    return t.user + t.system
+    proc = psutil.Process(pid)
+    total = 0.0
+    for p in (proc, *proc.children(recursive=True)):
+        try:
+            t = p.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += t.user + t.system
+    return total
 
 
 def rss_at(samples: list[tuple[float, int]], t: float) -> int | None:
@@ -619,6 +633,23 @@ def print_sweep(rows: list[tuple[float, dict[str, Any]]]) -> None:
         )
 
 
+def print_side_by_side(rows: list[tuple[int, float, dict[str, Any]]]) -> None:
+    """The same loads against each num-proc, one row per (think time, num-proc)."""
+    print("\nnum-proc side by side (200-connection mixed load; the load generator shares this machine's cores "
+          f"with the agent: {os.cpu_count()} CPUs)")
+    print(f"{'think ms':>9} {'num-proc':>9} {'req/s':>8} {'agent CPU':>10} {'usage p50':>10} {'usage p99':>10} "
+          f"{'poller p99':>11} {'errors':>7}")
+    for think in dict.fromkeys(t for _, t, _ in rows):
+        for num_proc, t, row in rows:
+            if t != think:
+                continue
+            print(
+                f"{think:>9g} {num_proc:>9} {row['req_s']:>8.1f} {row['agent_cpu']:>10.0%} "
+                f"{fmt_ms(row['usage_p50']):>10} {fmt_ms(row['usage_p99']):>10} {fmt_ms(row['poller_p99']):>11} "
+                f"{row['errors']:>7}"
+            )
+
+
 def run_load(agent: Any, args: argparse.Namespace, think: float, vfids: list[str], list_dirs: list[str],
              work: Path) -> dict[str, Any]:
     """One load run against the running agent; prints its tables and returns its summary row."""
@@ -674,6 +705,8 @@ def main() -> int:
         "against the same agent and ends with a table of usage latency against offered load"
     )
     parser.add_argument("--cpu-pin", default="auto", help="the agent's [storage-proxy] cpu-pin")
+    parser.add_argument("--num-proc", default="1", help="the agent's [storage-proxy] num-proc; a comma list runs "
+                        "every think time against each and ends with them side by side")
     parser.add_argument("--max-requests", type=int, default=5_000_000, help="stop once this many were sent")
     parser.add_argument("--scopes", type=int, default=4)
     parser.add_argument("--vfolders-per-scope", type=int, default=2)
@@ -690,27 +723,33 @@ def main() -> int:
 
     thinks = [float(t) for t in args.think_ms.split(",")]
     pin = int(args.cpu_pin) if args.cpu_pin.isdigit() else args.cpu_pin
-    tmp = tempfile.mkdtemp(prefix="sa-load-")
-    agent = make_agent(Path(tmp) / "agent", storage_proxy={"cpu-pin": pin}).start()
-    print(f"agent: cpu-pin {args.cpu_pin}")
-    try:
-        vfids, list_dirs = prepare(agent, args.scopes, args.vfolders_per_scope)
-        rows = []
-        for i, think in enumerate(thinks):
-            if len(thinks) > 1:
-                print(f"\n=== think time {think:g} ms ===")
-            rows.append((think, run_load(agent, args, think, vfids, list_dirs, Path(tmp) / f"run{i}")))
-        if len(rows) > 1:
-            print_sweep(rows)
-        status = 1 if any(row["errors"] for _, row in rows) else 0
-    finally:
-        agent.stop()
-        if args.keep:
-            print(f"\nkept {tmp}")
-        else:
-            import shutil
+    every: list[tuple[int, float, dict[str, Any]]] = []
+    status = 0
+    for num_proc in [int(n) for n in args.num_proc.split(",")]:
+        tmp = tempfile.mkdtemp(prefix="sa-load-")
+        agent = make_agent(Path(tmp) / "agent", storage_proxy={"cpu-pin": pin, "num-proc": num_proc}).start(120)
+        print(f"\nagent: cpu-pin {args.cpu_pin}, num-proc {num_proc}")
+        try:
+            vfids, list_dirs = prepare(agent, args.scopes, args.vfolders_per_scope)
+            rows = []
+            for i, think in enumerate(thinks):
+                if len(thinks) > 1:
+                    print(f"\n=== think time {think:g} ms ===")
+                rows.append((think, run_load(agent, args, think, vfids, list_dirs, Path(tmp) / f"run{i}")))
+            if len(rows) > 1:
+                print_sweep(rows)
+            every += [(num_proc, think, row) for think, row in rows]
+            status = status or (1 if any(row["errors"] for _, row in rows) else 0)
+        finally:
+            agent.stop()
+            if args.keep:
+                print(f"\nkept {tmp}")
+            else:
+                import shutil
 
-            shutil.rmtree(tmp, ignore_errors=True)
+                shutil.rmtree(tmp, ignore_errors=True)
+    if len({n for n, _, _ in every}) > 1:
+        print_side_by_side(every)
     return status
 
 

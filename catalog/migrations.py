@@ -92,6 +92,9 @@ STEPS: Sequence[Sequence[str]] = (
     # 7: usage_dirs.relpath holds the name's bytes (os.fsencode), so names that are not UTF-8 fit; the
     # text rows written so far are their UTF-8 bytes
     ("UPDATE usage_dirs SET relpath = CAST(relpath AS BLOB)",),
+    # 8: a figure says whether events for the vfolder were still queued when it was written (``pending``):
+    # HTTP workers in other processes answer from these rows as the engine would from memory
+    ("ALTER TABLE vfolder_usage ADD COLUMN pending BOOLEAN NOT NULL DEFAULT 0",),
 )
 
 SCHEMA_VERSION = len(STEPS)

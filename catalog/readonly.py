@@ -20,6 +20,7 @@ from catalog.store import QuotaScopeRow, UsageRow, VFolderRow
 
 # The tables read here (vfolders, quota_scopes, vfolder_usage, scope_usage) exist from schema version 2 on.
 MIN_SCHEMA_VERSION = 2
+PENDING_VERSION = 8
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,7 @@ class ReadOnlyCatalog:
                 f"catalogue {self.path} has schema version {version}; the view reads versions "
                 f"{MIN_SCHEMA_VERSION}..{SCHEMA_VERSION} (start `storage-agent serve` once to upgrade it)"
             )
+        self._pending = "pending" if version >= PENDING_VERSION else "0"  # the column came with version 8
 
     def close(self) -> None:
         self._conn.close()
@@ -74,8 +76,8 @@ class ReadOnlyCatalog:
 
     def usage(self, volume: str, qsid: str, folder_id: str) -> UsageRow | None:
         rows = self._rows(
-            "SELECT used_bytes, file_count, allocated_bytes, measured_at, source, stale FROM vfolder_usage "
-            "WHERE volume = ? AND qsid = ? AND folder_id = ?",
+            f"SELECT used_bytes, file_count, allocated_bytes, measured_at, source, stale, {self._pending} "
+            "FROM vfolder_usage WHERE volume = ? AND qsid = ? AND folder_id = ?",
             volume,
             qsid,
             folder_id,
@@ -83,17 +85,17 @@ class ReadOnlyCatalog:
         if not rows:
             return None
         r = rows[0]
-        return UsageRow(r[0], r[1], r[2], r[3], r[4], bool(r[5]))
+        return UsageRow(r[0], r[1], r[2], r[3], r[4], bool(r[5]), bool(r[6]))
 
     def scope_usage(self, volume: str, qsid: str) -> dict[str, UsageRow]:
         """Every measured vfolder of a scope, by folder id, in one query (one consistent read)."""
         rows = self._rows(
-            "SELECT folder_id, used_bytes, file_count, allocated_bytes, measured_at, source, stale "
+            f"SELECT folder_id, used_bytes, file_count, allocated_bytes, measured_at, source, stale, {self._pending} "
             "FROM vfolder_usage WHERE volume = ? AND qsid = ?",
             volume,
             qsid,
         )
-        return {r[0]: UsageRow(r[1], r[2], r[3], r[4], r[5], bool(r[6])) for r in rows}
+        return {r[0]: UsageRow(r[1], r[2], r[3], r[4], r[5], bool(r[6]), bool(r[7])) for r in rows}
 
     def scope_totals(self, volume: str, qsid: str) -> ScopeTotals:
         """The same rule as :meth:`catalog.store.Catalog.scope_used_bytes`, plus counts for display."""

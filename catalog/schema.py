@@ -90,6 +90,7 @@ vfolder_usage = sa.Table(
     sa.Column("measured_at", sa.Float, nullable=False),
     sa.Column("source", sa.Text, nullable=False),  # fast | watch | scan
     sa.Column("stale", sa.Boolean, nullable=False),
+    sa.Column("pending", sa.Boolean, nullable=False, server_default=sa.false()),  # events still queued
 )
 
 scope_usage = sa.Table(

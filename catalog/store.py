@@ -79,6 +79,7 @@ class UsageRow:
     measured_at: float
     source: str
     stale: bool
+    pending: bool = False  # events for the vfolder were queued when the engine wrote the figure
 
 
 @dataclass(frozen=True)
@@ -494,7 +495,8 @@ class Catalog:
         if r is None:
             return None
         return UsageRow(
-            r["used_bytes"], r["file_count"], r["allocated_bytes"], r["measured_at"], r["source"], bool(r["stale"])
+            r["used_bytes"], r["file_count"], r["allocated_bytes"], r["measured_at"], r["source"], bool(r["stale"]),
+            bool(r["pending"]),
         )
 
     async def scope_used_bytes(self, volume: str, qsid: str) -> int | None:
@@ -564,6 +566,7 @@ class Catalog:
             .values(received=received, synced=synced, boot_id=boot_id, state=state)
         )
 
+    @writes
     async def raise_upload_synced(self, session_id: str, synced: int) -> None:
         """A background ``fdatasync`` made ``synced`` bytes durable: raise the open session's figure to it, never
         past what was acknowledged and never down (another process's PATCH may have recorded more meanwhile)."""

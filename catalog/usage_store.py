@@ -41,6 +41,7 @@ class Totals:
     source: str
     stale: bool
     measured_at: float
+    pending: bool = False  # events for the vfolder are queued or being applied (the figure lags)
 
 
 @dataclass
@@ -72,9 +73,10 @@ _VF_ID = "SELECT id FROM usage_vfolders WHERE volume = ? AND qsid = ? AND folder
 _DELETE_DIR = "DELETE FROM usage_dirs WHERE vf = ? AND relpath = ?"
 _UPSERT_TOTALS = (
     "INSERT INTO vfolder_usage (volume, qsid, folder_id, used_bytes, file_count, allocated_bytes, measured_at, "
-    "source, stale) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (volume, qsid, folder_id) DO UPDATE SET "
-    "used_bytes = excluded.used_bytes, file_count = excluded.file_count, allocated_bytes = excluded.allocated_bytes, "
-    "measured_at = excluded.measured_at, source = excluded.source, stale = excluded.stale"
+    "source, stale, pending) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (volume, qsid, folder_id) DO UPDATE "
+    "SET used_bytes = excluded.used_bytes, file_count = excluded.file_count, "
+    "allocated_bytes = excluded.allocated_bytes, measured_at = excluded.measured_at, source = excluded.source, "
+    "stale = excluded.stale, pending = excluded.pending"
 )
 
 
@@ -136,7 +138,7 @@ class UsageStore:
 
     @staticmethod
     def _put_totals(conn: Connection, key: VFKey, t: Totals) -> None:
-        values = (t.used_bytes, t.file_count, t.allocated_bytes, t.measured_at, t.source, int(t.stale))
+        values = (t.used_bytes, t.file_count, t.allocated_bytes, t.measured_at, t.source, int(t.stale), int(t.pending))
         conn.exec_driver_sql(_UPSERT_TOTALS, (*key, *values))
 
     @writes
@@ -164,7 +166,8 @@ class UsageStore:
             rows = await conn.execute(sa.select(vfolder_usage).where(vfolder_usage.c.volume == volume))
             return {
                 (r.volume, r.qsid, r.folder_id): Totals(
-                    r.file_count, r.used_bytes, r.allocated_bytes, r.source, bool(r.stale), r.measured_at
+                    r.file_count, r.used_bytes, r.allocated_bytes, r.source, bool(r.stale), r.measured_at,
+                    bool(r.pending),
                 )
                 for r in rows
             }

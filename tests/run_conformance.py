@@ -1,5 +1,6 @@
 """Run ../shared/conformance against a freshly started agent (free ports, temporary vfs volume).
 
+``--num-proc 2`` runs it against an agent of two HTTP workers and an engine (``make test`` runs both).
 With ``--volume-backend btrfs --volume-path <dir on a btrfs mount>`` the volume under test is of that
 backend instead (tests/test_backend_btrfs.py runs it so on a loop-mounted image).
 
@@ -26,6 +27,8 @@ def main() -> int:
     parser.add_argument("--shared", default=str(ROOT.parent / "shared"))
     parser.add_argument("--volume-backend", default="vfs", help="backend of the volume under test (default vfs)")
     parser.add_argument("--volume-path", help="root of the volume under test (default: a fresh temporary directory)")
+    parser.add_argument("--num-proc", type=int, default=1,
+                        help="[storage-proxy] num-proc of the agent under test (default 1: one process)")
     parser.add_argument("pytest_args", nargs="*")
     args = parser.parse_args()
     suite = Path(args.shared).resolve() / "conformance"
@@ -41,7 +44,7 @@ def main() -> int:
             if not (root / "version.txt").exists():
                 (root / "version.txt").write_text("3\n")
             volumes = {"local": {"backend": args.volume_backend, "path": str(root)}}
-        agent = make_agent(Path(tmp), volumes=volumes).start()
+        agent = make_agent(Path(tmp), volumes=volumes, storage_proxy={"num-proc": args.num_proc}).start(timeout=120)
         env = dict(
             os.environ,
             ACC_MANAGER_URL=agent.manager_url,

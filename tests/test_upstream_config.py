@@ -88,7 +88,8 @@ def test_upstream_sample_config_loads_unchanged_and_serves(tmp_path: Path, relea
                                                            "manager-api-selfsigned.cert.pem")
     assert effective["storage-proxy"]["scandir-limit"] == 1000
     listed = {line.strip("# ").strip() for line in r.stderr.splitlines()}
-    for key in ("etcd", "storage-proxy.num-proc", "storage-proxy.event-loop", "logging.console.colored",
+    assert "storage-proxy.num-proc" not in listed  # honoured: num-proc HTTP workers
+    for key in ("etcd", "storage-proxy.event-loop", "logging.console.colored",
                 "debug.asyncio", "volume.netapp.options.netapp_xcp_cmd", "volume.netapp.options.netapp_nfs_host"):
         assert key in listed, (key, r.stderr)
 

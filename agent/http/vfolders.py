@@ -147,7 +147,7 @@ async def create_vfolder(
             )
         await vol.create_vfolder(vfid)
         await agent.catalog.add_vfolder(vol.name, vfid.qsid, vfid.hex)
-        usage.registered(agent, vol, vfid, fresh=True)
+        await usage.registered(agent, vol, vfid, fresh=True)
 
 
 async def delete_vfolder(agent: Agent, vol: Volume, vfid: VFolderID) -> None:
@@ -160,8 +160,8 @@ async def delete_vfolder(agent: Agent, vol: Volume, vfid: VFolderID) -> None:
                 raise
             log.info("vfolder %s on %s was already gone from disk; forgetting it", vfid, vol.name)
         await uploads.end_sessions(agent, vol, vfid)
-        await usage.unregistered(agent, vol, vfid)
         await agent.catalog.remove_vfolder(vol.name, vfid.qsid, vfid.hex)
+        await usage.unregistered(agent, vol, vfid)
 
 
 async def clone_vfolder(agent: Agent, vol: Volume, src: VFolderID, dst: VFolderID) -> None:
@@ -173,7 +173,7 @@ async def clone_vfolder(agent: Agent, vol: Volume, src: VFolderID, dst: VFolderI
             await asyncio.shield(agent.catalog.finish_job(job, error=str(e) or type(e).__name__))
             raise
         await agent.catalog.add_vfolder(vol.name, dst.qsid, dst.hex)
-        usage.registered(agent, vol, dst, fresh=False)
+        await usage.registered(agent, vol, dst, fresh=False)
         await agent.catalog.finish_job(job)
 
 

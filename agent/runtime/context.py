@@ -6,6 +6,7 @@ import asyncio
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
@@ -19,6 +20,9 @@ from backends.errors import VolumeUnavailable
 from backends.layout import LAYOUT_VERSION
 from backends.locks import LifecycleLocks
 from catalog import Catalog
+
+if TYPE_CHECKING:
+    from agent.http.usage import UsageSource
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +55,8 @@ class Agent:
     states: dict[str, VolumeState] = field(default_factory=dict)
     walks: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(8))
     services: list[Service] = field(default_factory=list)
+    usage: UsageSource | None = None  # set by whoever runs the usage engine or reads its figures (http/usage.py)
+    worker: int | None = None  # this HTTP worker's index under num-proc = N (None: the single process)
     _checking: dict[str, asyncio.Future[VolumeState]] = field(default_factory=dict, init=False, repr=False)
     uploads: UploadSessions = field(default_factory=UploadSessions)  # this process's side of the tus sessions
     locks: LifecycleLocks = field(default=None)  # type: ignore[assignment]  # set in __post_init__

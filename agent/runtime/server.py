@@ -1,4 +1,10 @@
-"""``storage-agent serve``: open the catalogue, build the volumes, reconcile, listen."""
+"""``storage-agent serve``: open the catalogue, build the volumes, reconcile, listen.
+
+One process (``num-proc = 1``, :func:`start`) does it all. Under ``num-proc = N`` the same steps are
+split (agent/runtime/supervisor.py): :func:`start_engine` keeps the catalogue's upgrades, the
+reconciliation, the background services and the metrics listener; :func:`start_worker` serves the two
+APIs on the sockets the supervisor handed it.
+"""
 
 from __future__ import annotations
 
@@ -17,12 +23,12 @@ from pathlib import Path
 from aiohttp import web
 
 from agent.config import Config, ConfigError, HostPort, Listener
-from agent.engine import upload_sweeper, view_supervisor
+from agent.engine import upload_sweeper, view_supervisor, writer
 from agent.engine.reconcile import Report, reconcile
 from agent.http import upload_sessions, usage
 from agent.http.app import client_app, manager_app
 from agent.http.metrics import standalone_app as metrics_app
-from agent.runtime import memory_trim
+from agent.runtime import heartbeat, memory_trim
 from agent.runtime.context import Agent
 from agent.runtime.services import ServiceFactory
 from backends import build_volume, cpu_placement
@@ -38,6 +44,13 @@ log = logging.getLogger(__name__)
 SERVICES: list[ServiceFactory] = [
     usage.factory, upload_sessions.service, upload_sweeper.factory, view_supervisor.factory, memory_trim.factory
 ]
+# the engine process of num-proc = N runs them all, and beats for the workers (agent/runtime/heartbeat.py)
+# and the catalogue's writer host for the workers (last: started once the usage engine takes its requests,
+# stopped first)
+ENGINE_SERVICES: list[ServiceFactory] = [*SERVICES, heartbeat.factory, writer.factory]
+# an HTTP worker's: its upload sessions' background syncs only (per request; stopped with it)
+WORKER_SERVICES: list[ServiceFactory] = [upload_sessions.service]
+WORKER_HEADER = "X-Storage-Agent-Worker"  # each answer of an HTTP worker names it (num-proc = N only)
 
 WORKER_THREADS = 32
 
@@ -62,10 +75,12 @@ class Sockets:
             sock.close()
 
 
-def _bind(addr: HostPort, backlog: int = 1024) -> list[socket.socket]:
+def _bind(addr: HostPort, backlog: int = 1024, *, reuseport: bool = False) -> list[socket.socket]:
     """Listening sockets for ``host:port`` the way asyncio's create_server makes them: one per address
-    the host resolves to (an empty host: every interface); SO_REUSEADDR, IPv6 sockets IPv6-only."""
+    the host resolves to (an empty host: every interface); SO_REUSEADDR, IPv6 sockets IPv6-only.
+    ``reuseport``: SO_REUSEPORT too, and port 0 resolved by the first socket for the others."""
     host = addr.host or None
+    port = addr.port
     infos = socket.getaddrinfo(host, addr.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     out: list[socket.socket] = []
     infos = list(dict.fromkeys(infos))
@@ -79,10 +94,15 @@ def _bind(addr: HostPort, backlog: int = 1024) -> list[socket.socket]:
                 raise
             out.append(sock)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuseport:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                sockaddr = (sockaddr[0], port, *sockaddr[2:])
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             try:
                 sock.bind(sockaddr)
+                if reuseport and port == 0:
+                    port = sock.getsockname()[1]
             except OSError as e:
                 if len(infos) > 1 and e.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
                     out.pop().close()
@@ -110,6 +130,52 @@ def bind(config: Config) -> Sockets:
             sock.close()
         raise
     return Sockets(*done)
+
+
+@dataclass
+class Shared:
+    """The listening sockets of ``num-proc = N``: N SO_REUSEPORT sets per API port, set i for worker i
+    (the kernel spreads connections over them), and the metrics listener's, for the engine."""
+
+    workers: list[Sockets]
+    metrics: list[socket.socket]
+
+    def close(self) -> None:
+        for sockets in self.workers:
+            sockets.close()
+        for sock in self.metrics:
+            sock.close()
+
+
+def bind_shared(config: Config, count: int) -> Shared:
+    """``count`` sockets per address of each API listener, all on one port (port 0: the first one bound
+    picks it, every other binds that port), made before a privilege drop (a reuseport group admits only
+    sockets of the same user)."""
+    made: list[socket.socket] = []
+    try:
+        manager, client = config.api.manager.service_addr, config.api.client.service_addr
+        sets: list[Sockets] = []
+        for _ in range(count):
+            m = _bind(manager, reuseport=True)
+            made += m
+            c = _bind(client, reuseport=True)
+            made += c
+            manager = HostPort(host=manager.host, port=m[0].getsockname()[1])
+            client = HostPort(host=client.host, port=c[0].getsockname()[1])
+            sets.append(Sockets(m, c))
+        addr = config.metrics.service_addr
+        metrics = _bind(addr) if addr is not None else []
+    except BaseException:
+        for sock in made:
+            sock.close()
+        raise
+    return Shared(sets, metrics)
+
+
+def url_of(socks: list[socket.socket], tls: bool) -> str:
+    host, port = socks[0].getsockname()[:2]  # the real port when 0 was asked for
+    shown = "127.0.0.1" if host in ("0.0.0.0", "", "::") else f"[{host}]" if ":" in host else host
+    return f"{'https' if tls else 'http'}://{shown}:{port}"
 
 
 def write_pid_file(path: Path | None) -> None:
@@ -177,10 +243,8 @@ def _raise_fd_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-async def start(config: Config, sockets: Sockets | None = None) -> tuple[Agent, list[web.AppRunner], Bound]:
-    """Open the catalogue and the volumes, reconcile, start the services, then serve on ``sockets``
-    (bound here when not given)."""
-    sockets = sockets if sockets is not None else bind(config)
+def _prepare_process() -> None:
+    """The process-wide settings every role needs, on the running event loop."""
     _raise_fd_limit()
     catalog_db.set_thread_hook(cpu_placement.background_thread)
     asyncio.get_running_loop().set_default_executor(
@@ -188,17 +252,26 @@ async def start(config: Config, sockets: Sockets | None = None) -> tuple[Agent, 
             WORKER_THREADS, thread_name_prefix="storage-agent-io", initializer=cpu_placement.background_thread
         )
     )
-    no_effect = config.no_effect_keys()
-    if no_effect:
-        log.info("config keys accepted with no effect here: %s", ", ".join(no_effect))
-    catalog = await Catalog.open_or_rebuild(config.catalog.path)
-    log.info("catalogue %s at schema version %d", config.catalog.path, await catalog.schema_version())
+
+
+def _build_volumes(config: Config) -> dict[str, Volume]:
     volumes: dict[str, Volume] = {}
     for name, vc in config.volume.items():
         try:
             volumes[name] = build_volume(name, vc.backend, vc.path, vc.options)
         except ValueError as e:  # unknown backend or unusable options: a config error, not a traceback
             raise ConfigError(f"[volume.{name}]: {e}") from None
+    return volumes
+
+
+async def _open_and_reconcile(config: Config) -> Agent:
+    """The catalogue opened (rebuilt when corrupt, upgraded), the volumes checked and reconciled with it."""
+    no_effect = config.no_effect_keys()
+    if no_effect:
+        log.info("config keys accepted with no effect here: %s", ", ".join(no_effect))
+    catalog = await Catalog.open_or_rebuild(config.catalog.path)
+    log.info("catalogue %s at schema version %d", config.catalog.path, await catalog.schema_version())
+    volumes = _build_volumes(config)
     for name, backend in config.unsupported_volumes.items():
         log.error("volume %s is NOT served: backend %r is not supported by storage-agent", name, backend)
     agent = Agent(config=config, catalog=catalog, volumes=volumes)
@@ -216,24 +289,37 @@ async def start(config: Config, sockets: Sockets | None = None) -> tuple[Agent, 
         reports[vol.name] = await reconcile(catalog, vol, keep_staged=keep)
         log.info("volume %s (%s) at %s: serving", vol.name, vol.backend, vol.root)
     _report_new_catalogue(catalog, volumes, reports)
+    return agent
 
-    for factory in SERVICES:
+
+async def _start_services(agent: Agent, factories: list[ServiceFactory]) -> None:
+    for factory in factories:
         service = factory(agent)
         if service is not None:
             await service.start()
             agent.services.append(service)
             log.info("started %s", service.name)
 
+
+def _worker_header(index: int):  # noqa: ANN202 - an aiohttp signal handler
+    async def add(_request: web.Request, response: web.StreamResponse) -> None:
+        response.headers[WORKER_HEADER] = str(index)
+
+    return add
+
+
+async def _listen(
+    agent: Agent, served: list[tuple[web.Application, Listener | None, list[socket.socket]]]
+) -> tuple[list[web.AppRunner], list[str | None]]:
+    """Serve each app on its pre-bound sockets; the URL of each (None: not listened on)."""
     runners = []
     urls: list[str | None] = []
-    for app, listener, socks in (
-        (manager_app(agent), config.api.manager, sockets.manager),
-        (client_app(agent), config.api.client, sockets.client),
-        (metrics_app(agent), None, sockets.metrics),
-    ):
+    for app, listener, socks in served:
         if not socks:
             urls.append(None)
             continue
+        if agent.worker is not None:
+            app.on_response_prepare.append(_worker_header(agent.worker))
         timeout = listener.idle_timeout if listener is not None else 75.0
         runner = web.AppRunner(app, access_log=None, handle_signals=False, keepalive_timeout=timeout)
         await runner.setup()
@@ -241,11 +327,61 @@ async def start(config: Config, sockets: Sockets | None = None) -> tuple[Agent, 
         for sock in socks:
             await web.SockSite(runner, sock, ssl_context=ctx).start()
         runners.append(runner)
-        host, port = socks[0].getsockname()[:2]  # the real port when 0 was asked for
-        shown = "127.0.0.1" if host in ("0.0.0.0", "", "::") else f"[{host}]" if ":" in host else host
-        urls.append(f"{'https' if ctx else 'http'}://{shown}:{port}")
+        urls.append(url_of(socks, ctx is not None))
+    return runners, urls
+
+
+async def start(config: Config, sockets: Sockets | None = None) -> tuple[Agent, list[web.AppRunner], Bound]:
+    """Open the catalogue and the volumes, reconcile, start the services, then serve on ``sockets``
+    (bound here when not given): the single process of ``num-proc = 1``."""
+    sockets = sockets if sockets is not None else bind(config)
+    _prepare_process()
+    agent = await _open_and_reconcile(config)
+    await _start_services(agent, SERVICES)
+    runners, urls = await _listen(agent, [
+        (manager_app(agent), config.api.manager, sockets.manager),
+        (client_app(agent), config.api.client, sockets.client),
+        (metrics_app(agent), None, sockets.metrics),
+    ])
     assert urls[0] is not None and urls[1] is not None
     return agent, runners, Bound(urls[0], urls[1], urls[2])
+
+
+async def start_engine(config: Config, metrics: list[socket.socket]) -> tuple[Agent, list[web.AppRunner]]:
+    """The engine process of ``num-proc = N``: what :func:`start` does but the two APIs."""
+    _prepare_process()
+    agent = await _open_and_reconcile(config)
+    await _start_services(agent, ENGINE_SERVICES)
+    runners, _ = await _listen(agent, [(metrics_app(agent), None, metrics)])
+    return agent, runners
+
+
+async def open_worker_catalogue(config: Config) -> Catalog:
+    """The catalogue as an HTTP worker opens it: reads here (read-only), writes through the engine's writer
+    host (agent/engine/writer.py; while the engine is down they answer 503 naming it). The engine has
+    upgraded and reconciled the file before any worker starts."""
+    path = config.catalog.path
+    return await Catalog.open_remote(path, writer.socket_path(path), wait=5.0)
+
+
+async def start_worker(config: Config, index: int, sockets: Sockets) -> tuple[Agent, list[web.AppRunner], Bound]:
+    """HTTP worker ``index`` of ``num-proc = N``: the catalogue, the volumes (no reconciliation, no
+    background service), usage from the catalogue's rows; the two APIs on its own sockets."""
+    _prepare_process()
+    catalog = await open_worker_catalogue(config)
+    agent = Agent(config=config, catalog=catalog, volumes=_build_volumes(config), worker=index)
+    for vol in agent.volumes.values():
+        await vol.init()
+        agent.refresh_state(vol)
+    if config.usage.enabled:
+        agent.usage = usage.CatalogueUsage(agent)
+    await _start_services(agent, WORKER_SERVICES)
+    runners, urls = await _listen(agent, [
+        (manager_app(agent), config.api.manager, sockets.manager),
+        (client_app(agent), config.api.client, sockets.client),
+    ])
+    assert urls[0] is not None and urls[1] is not None
+    return agent, runners, Bound(urls[0], urls[1])
 
 
 async def stop(agent: Agent, runners: list[web.AppRunner]) -> None:
@@ -258,7 +394,31 @@ async def stop(agent: Agent, runners: list[web.AppRunner]) -> None:
             log.exception("stopping %s failed", service.name)
     for vol in agent.volumes.values():
         await vol.shutdown()
+    if isinstance(agent.usage, usage.CatalogueUsage):
+        agent.usage.close()
     await agent.catalog.close()
+
+
+def print_banner(config: Config, bound: Bound) -> None:
+    """``make serve``'s banner (printed once, by the single process or by the supervisor)."""
+    secret = config.api.manager.secret.get_secret_value()
+    print(
+        f"\nstorage-agent is serving\n"
+        f"  manager API : {bound.manager_url}\n"
+        f"  client API  : {bound.client_url}\n"
+        f"  manager secret: {secret}\n"
+        f"  try: curl -s -H 'X-BackendAI-Storage-Auth-Token: {secret}' {bound.manager_url}/volumes\n",
+        flush=True,
+    )
+
+
+async def until_stopped() -> None:
+    """Return at the first SIGINT or SIGTERM."""
+    stopped = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stopped.set)
+    await stopped.wait()
 
 
 async def serve(config: Config, sockets: Sockets | None = None, *, banner: bool = False) -> None:
@@ -267,21 +427,9 @@ async def serve(config: Config, sockets: Sockets | None = None, *, banner: bool 
     log.info("manager API on %s, client API on %s%s", bound.manager_url, bound.client_url,
              f", metrics on {bound.metrics_url}/metrics" if bound.metrics_url else "")
     if banner:
-        secret = config.api.manager.secret.get_secret_value()
-        print(
-            f"\nstorage-agent is serving\n"
-            f"  manager API : {bound.manager_url}\n"
-            f"  client API  : {bound.client_url}\n"
-            f"  manager secret: {secret}\n"
-            f"  try: curl -s -H 'X-BackendAI-Storage-Auth-Token: {secret}' {bound.manager_url}/volumes\n",
-            flush=True,
-        )
-    stopped = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stopped.set)
+        print_banner(config, bound)
     try:
-        await stopped.wait()
+        await until_stopped()
     finally:
         log.info("stopping")
         await stop(agent, runners)

@@ -85,10 +85,16 @@ class VFState:
     incomplete_watches: bool = False
     gone: bool = False
     last_scan: float = 0.0
+    written: Totals | None = None  # the totals last written to the catalogue (what other processes serve)
 
     @property
     def scanning(self) -> bool:
         return self.scan_task is not None and not self.scan_task.done()
+
+    @property
+    def lagging(self) -> bool:
+        """Events for this vfolder are queued or being applied: its figure lags (``pending``)."""
+        return bool(self.dirty or self.subtree_jobs or self.applying or self.departed or self.unread_moves)
 
 
 @dataclass
@@ -247,6 +253,44 @@ class UsageEngine:
         self.request_scan(st, refresh=True)
         return st
 
+    # -- requests from other processes: the mailbox (usage_vfolders.rescan_requested) ---------------------
+
+    def requests_posted(self) -> None:
+        """An HTTP worker posted to the mailbox through the engine's writer host (agent/engine/writer.py):
+        take the requests now rather than at the next look."""
+        if not self._stopping:
+            self._spawn(self._take_requests())
+
+    async def _take_requests(self) -> None:
+        """Vfolders another process asked about (an HTTP worker: created, cloned, deleted, refresh; or
+        ``storage-agent scan``): each is looked at again against the catalogue."""
+        for key in await self.store.take_rescan_requests():
+            try:
+                await self._reconsider(key)
+            except Exception:
+                log.exception("usage engine: the request for %s/%s on %s failed", key[1], key[2], key[0])
+
+    async def _reconsider(self, key: VFKey) -> None:
+        """A vfolder the catalogue no longer holds is forgotten; one the engine does not keep yet is
+        registered (scanned at once); one with a figure is rescanned, flagged stale meanwhile (as a
+        refresh); one still being measured for the first time is left to that scan."""
+        vol = self.agent.volumes.get(key[0])
+        state = self.agent.states.get(key[0])
+        if vol is None or (state is not None and not state.serving):
+            return
+        vfid = VFolderID.parse(f"{key[1]}/{key[2]}")
+        row = await self.agent.catalog.get_vfolder(*key)
+        st = self._vfs.get(key)
+        if row is None:
+            await self.unregister(vol, vfid)
+        elif row.state != "ready":
+            return
+        elif st is None or st.gone:
+            self.register(vol, vfid, fresh=True)
+        elif st.figure is not None:
+            log.debug("usage engine: rescan of %s requested", vfid)
+            self.refresh(vol, vfid)
+
     async def _poll_fast_once(self, st: VFState) -> None:
         try:
             tree = await st.vol.fast_usage(st.vfid)
@@ -256,8 +300,8 @@ class UsageEngine:
         if tree is not None:
             now = time.time()
             st.figure = Usage(tree.entries, tree.size_bytes, tree.allocated_bytes, now, "fast", False)
-            await self.store.put_totals(st.key, Totals(tree.entries, tree.size_bytes, tree.allocated_bytes,
-                                                       "fast", False, now))
+            st.written = Totals(tree.entries, tree.size_bytes, tree.allocated_bytes, "fast", False, now)
+            await self.store.put_totals(st.key, st.written)
 
     async def _startup_delay(self, st: VFState) -> None:
         """A start-up rescan of a vfolder whose last figure is being served waits ``startup-rescan-delay``."""
@@ -331,7 +375,9 @@ class UsageEngine:
                 last.file_count, last.used_bytes, last.allocated_bytes, last.measured_at, last.source, True
             )
             st.stale = True
+            st.written = last  # as the catalogue holds it: the flush writes the stale flag through
             st.ready.set()
+            self._wake.set()
         self._vfs[key] = st
         if mode == "fast":
             self._spawn(self._poll_fast(st))
@@ -370,9 +416,18 @@ class UsageEngine:
             return f
         if self.watcher is not None:
             self.watcher.drain(8)
-        if st.dirty or st.subtree_jobs or st.applying or st.departed or st.unread_moves:
+        if st.lagging:
             return dataclasses.replace(f, stale=True, pending=True)
         return f
+
+    @staticmethod
+    def _served_totals(st: VFState) -> Totals | None:
+        """What :meth:`_with_lag` would serve now (without reading the kernel's queue), as catalogue totals."""
+        f = st.figure
+        if f is None:
+            return None
+        lag = st.mode == "watch" and st.lagging
+        return Totals(f.file_count, f.used_bytes, f.allocated_bytes, f.source, f.stale or lag, f.measured_at, lag)
 
     async def answer(self, vol: Volume, vfid: VFolderID) -> Usage | None:
         """What the routes serve: :meth:`usage`, with hard links that also have names outside the vfolder
@@ -465,6 +520,7 @@ class UsageEngine:
         if st.figure is not None and not st.figure.stale:
             f = st.figure
             st.figure = Usage(f.file_count, f.used_bytes, f.allocated_bytes, f.measured_at, f.source, True)
+            self._wake.set()  # the next flush writes the flag through
 
     async def _check_root(self, st: VFState) -> None:
         try:
@@ -575,6 +631,7 @@ class UsageEngine:
         gc.freeze()
         t = st.figure
         totals = Totals(t.file_count, t.used_bytes, t.allocated_bytes, "scan", t.stale, t.measured_at)
+        st.written = totals
         try:
             await self.store.apply([VFolderChange(st.key, totals, rows, [], replace_all=True)])
         except Exception:
@@ -705,13 +762,19 @@ class UsageEngine:
                     self._doubt(st, "a directory moved out of the vfolder")
         changes = []
         for st in self._vfs.values():
-            if not st.pending or st.figure is None or st.scanning:
+            totals = self._served_totals(st)
+            if totals is None or st.gone:
                 continue
-            upserts = [_row(r, a) for r, a in st.pending.items() if a is not None]
-            deletes = [r for r, a in st.pending.items() if a is None]
-            st.pending = {}
-            f = st.figure
-            totals = Totals(f.file_count, f.used_bytes, f.allocated_bytes, f.source, f.stale, f.measured_at)
+            rows = bool(st.pending) and not st.scanning  # a scan under way replaces every row when it lands
+            if not rows and totals == st.written:
+                continue
+            upserts = [_row(r, a) for r, a in st.pending.items() if a is not None] if rows else []
+            deletes = [r for r, a in st.pending.items() if a is None] if rows else []
+            if rows:
+                st.pending = {}
+            # every change of what is served (figure, stale, pending) is written through: HTTP workers in
+            # other processes answer from these rows, as fresh as this memory within a flush
+            st.written = totals
             changes.append(VFolderChange(st.key, totals, upserts, deletes))
         if changes:
             await self.store.apply(changes)
@@ -835,21 +898,17 @@ class UsageEngine:
                 now = time.time()
                 st.figure = Usage(tree.entries, tree.size_bytes, tree.allocated_bytes, now, "fast", False)
                 st.ready.set()
-                t = Totals(tree.entries, tree.size_bytes, tree.allocated_bytes, "fast", False, now)
+                t = st.written = Totals(tree.entries, tree.size_bytes, tree.allocated_bytes, "fast", False, now)
                 await self.store.put_totals(st.key, t)
             await asyncio.sleep(self.settings.fast_poll_interval)
 
     async def _schedule_loop(self) -> None:
-        """Rescans on a schedule (network filesystems, vfolders not fully watched) and on request from
-        ``storage-agent scan``."""
+        """Rescans on a schedule (network filesystems, vfolders not fully watched), and the requests of the
+        mailbox (looked at every 2 s as well as when the doorbell rings)."""
         while True:
             await asyncio.sleep(2.0)
             try:
-                for key in await self.store.take_rescan_requests():
-                    st = self._vfs.get(key)
-                    if st is not None and st.mode != "fast":
-                        log.info("usage engine: rescan of %s requested from the command line", st.vfid)
-                        self.request_scan(st)
+                await self._take_requests()
                 now = time.time()
                 for st in list(self._vfs.values()):
                     if st.mode == "fast" or st.scanning or st.gone or not st.last_scan:
