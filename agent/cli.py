@@ -237,8 +237,9 @@ def cmd_view(args: argparse.Namespace) -> int:
         return 1
     if str(args.config) == "-":  # spawned by serve: the config arrives on stdin, secrets masked
         from agent.config import validate
+        from agent.runtime.parent import die_with_parent
 
-        process.die_with_parent()
+        die_with_parent()
         config = validate(json.load(sys.stdin), "config from serve")
     else:
         config = _config(args)

@@ -473,3 +473,45 @@ def test_metrics_from_any_worker_count_every_worker(three: AgentProcess) -> None
     os.kill(victim, signal.SIGKILL)
     eventually(lambda: _replaced(three, "worker 2", victim), timeout=60)
     assert count() == sent  # what the dead worker answered stays counted
+
+
+def test_an_engine_restarted_beside_workers_leaves_their_clone_in_flight_alone(tmp_path: Path) -> None:
+    """The start-up reconciliation takes a clone's staged tree and running job for leftovers of a stopped
+    agent. An engine restarted while the workers serve must not: the clone in flight on a worker ends as
+    a complete copy (before the fix, the restarted engine removed its staging tree and failed its job)."""
+    agent = make_agent(tmp_path, storage_proxy={"num-proc": 2}).start(timeout=120)
+    try:
+        with fresh(agent) as api:
+            vfid = new_vfolder(api, "qs")
+        src = _root(agent, vfid)
+        for d in range(100):
+            (src / f"d{d}").mkdir()
+            for f in range(400):
+                (src / f"d{d}" / f"f{f}").write_bytes(b"x" * (f % 7))
+        staging = agent.volume_root() / "qs" / ".staging"
+        dst = f"qs/{uuid.uuid4().hex}"
+        answer: list[httpx.Response] = []
+
+        def clone() -> None:
+            with fresh(agent) as api:
+                answer.append(api.post("/folder/clone", json={
+                    "src_volume": "local", "src_vfid": vfid, "dst_volume": "local", "dst_vfid": dst}))
+
+        thread = threading.Thread(target=clone)
+        thread.start()
+        eventually(lambda: _cloning(staging), timeout=60)
+        engine = roles(agent)["engine"][0]
+        os.kill(engine, signal.SIGKILL)
+        eventually(lambda: _replaced(agent, "engine", engine), timeout=60)
+        thread.join(300)
+        assert answer and answer[0].status_code == 204, answer and answer[0].text
+        assert walk(_root(agent, dst))[:2] == walk(src)[:2]
+        assert "engine restarted beside live HTTP workers" in agent.log()
+        assert "leftover" not in agent.log()
+    finally:
+        agent.stop()
+    assert_clean_log(agent)
+
+
+def _cloning(staging: Path) -> None:
+    assert staging.is_dir() and any(p.name.startswith("clone-") for p in staging.iterdir())

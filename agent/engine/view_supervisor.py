@@ -17,6 +17,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from agent.config import Config, masked
+from agent.runtime.parent import child_env
 from agent.runtime.services import cancel_and_wait
 from agent.view import mounts
 from backends import process
@@ -70,7 +71,8 @@ class ViewSupervisor:
 
     async def _spawn(self) -> asyncio.subprocess.Process:
         proc = await process.spawn(
-            [sys.executable, "-m", "agent", "view", "--config", "-"], stdin=asyncio.subprocess.PIPE
+            [sys.executable, "-m", "agent", "view", "--config", "-"], stdin=asyncio.subprocess.PIPE,
+            env=child_env()
         )
         assert proc.stdin is not None
         proc.stdin.write(json.dumps(masked(self.config)).encode())

@@ -264,8 +264,12 @@ def _build_volumes(config: Config) -> dict[str, Volume]:
     return volumes
 
 
-async def _open_and_reconcile(config: Config) -> Agent:
-    """The catalogue opened (rebuilt when corrupt, upgraded), the volumes checked and reconciled with it."""
+async def _open_and_reconcile(config: Config, *, reconcile_volumes: bool = True) -> Agent:
+    """The catalogue opened (rebuilt when corrupt, upgraded), the volumes checked and reconciled with it.
+
+    Without ``reconcile_volumes`` (an engine restarted while HTTP workers keep serving) the volumes are
+    only checked: what reconciliation takes for leftovers of interrupted work (staged uploads, clones and
+    deletes under way, running jobs) may be a live worker's; it runs at the next full start."""
     no_effect = config.no_effect_keys()
     if no_effect:
         log.info("config keys accepted with no effect here: %s", ", ".join(no_effect))
@@ -285,6 +289,10 @@ async def _open_and_reconcile(config: Config) -> Agent:
         )
         if not state.serving:
             log.error("volume %s is NOT served: %s", vol.name, state.info)
+            continue
+        if not reconcile_volumes:
+            log.info("volume %s (%s) at %s: serving (engine restarted beside live HTTP workers: the start-up "
+                     "reconciliation waits for the next full start)", vol.name, vol.backend, vol.root)
             continue
         reports[vol.name] = await reconcile(catalog, vol, keep_staged=keep)
         log.info("volume %s (%s) at %s: serving", vol.name, vol.backend, vol.root)
@@ -347,10 +355,13 @@ async def start(config: Config, sockets: Sockets | None = None) -> tuple[Agent, 
     return agent, runners, Bound(urls[0], urls[1], urls[2])
 
 
-async def start_engine(config: Config, metrics: list[socket.socket]) -> tuple[Agent, list[web.AppRunner]]:
-    """The engine process of ``num-proc = N``: what :func:`start` does but the two APIs."""
+async def start_engine(
+    config: Config, metrics: list[socket.socket], *, reconcile: bool = True
+) -> tuple[Agent, list[web.AppRunner]]:
+    """The engine process of ``num-proc = N``: what :func:`start` does but the two APIs (``reconcile``:
+    see :func:`_open_and_reconcile`)."""
     _prepare_process()
-    agent = await _open_and_reconcile(config)
+    agent = await _open_and_reconcile(config, reconcile_volumes=reconcile)
     await _start_services(agent, ENGINE_SERVICES)
     runners, _ = await _listen(agent, [(metrics_app(agent), None, metrics)])
     return agent, runners

@@ -20,6 +20,7 @@ from typing import Any
 
 from agent import logs
 from agent.config import Config, validate
+from agent.runtime.parent import die_with_parent
 from backends import cpu_placement
 
 log = logging.getLogger(__name__)
@@ -38,8 +39,12 @@ def config_payload(config: Config) -> bytes:
     return json.dumps(data).encode()
 
 
-def command(role: str, *, ready: int, index: int = 0, fds: dict[str, list[int]] | None = None) -> list[str]:
+def command(
+    role: str, *, ready: int, index: int = 0, fds: dict[str, list[int]] | None = None, beside_workers: bool = False
+) -> list[str]:
     cmd = [sys.executable, "-m", "agent", role, "--ready-fd", str(ready), "--index", str(index)]
+    if beside_workers:
+        cmd.append("--beside-workers")
     for name, numbers in (fds or {}).items():
         if numbers:
             cmd += [f"--{name}-fds", ",".join(map(str, numbers))]
@@ -52,6 +57,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         p = sub.add_parser(role, help=argparse.SUPPRESS)
         p.add_argument("--ready-fd", type=int, required=True)
         p.add_argument("--index", type=int, default=0)
+        p.add_argument("--beside-workers", action="store_true")  # an engine restarted while workers serve
         for name in ("manager", "client", "metrics"):
             p.add_argument(f"--{name}-fds", default="")
 
@@ -89,14 +95,12 @@ def _say_ready(fd: int) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from agent.view.process import die_with_parent
-
     die_with_parent()
     config = validate(json.load(sys.stdin), "config from serve")
     logs.configure(config.logging)
     _pin(config, args.command, args.index)
     if args.command == ENGINE:
-        asyncio.run(_engine(config, _sockets(args.metrics_fds), args.ready_fd))
+        asyncio.run(_engine(config, _sockets(args.metrics_fds), args.ready_fd, args.beside_workers))
     else:
         from agent.runtime.server import Sockets
 
@@ -105,10 +109,10 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _engine(config: Config, metrics: list[socket.socket], ready: int) -> None:
+async def _engine(config: Config, metrics: list[socket.socket], ready: int, beside_workers: bool) -> None:
     from agent.runtime.server import start_engine, stop, until_stopped
 
-    agent, runners = await start_engine(config, metrics)
+    agent, runners = await start_engine(config, metrics, reconcile=not beside_workers)
     log.info("engine ready (pid %d)", os.getpid())
     _say_ready(ready)
     try:

@@ -25,6 +25,7 @@ from pathlib import Path
 from agent.config import Config
 from agent.http import metrics
 from agent.runtime import spawn
+from agent.runtime.parent import child_env
 from agent.runtime.server import Bound, Shared, print_banner, url_of
 
 log = logging.getLogger(__name__)
@@ -79,11 +80,15 @@ class Supervisor:
     def _spawn(self, child: Child) -> None:
         read, write = os.pipe2(os.O_CLOEXEC)
         fds = [fd for group in child.fds.values() for fd in group]
-        cmd = spawn.command(child.role, ready=write, index=child.index, fds=child.fds)
+        # an engine restarted while workers serve must not take their work in flight for leftovers
+        beside = child.role == spawn.ENGINE and any(w.proc is not None and w.proc.poll() is None for w in self.workers)
+        cmd = spawn.command(child.role, ready=write, index=child.index, fds=child.fds, beside_workers=beside)
         try:
             # a session of its own: a terminal's Ctrl-C reaches the supervisor only, which stops the children
             # in order (and never takes their exit for a crash)
-            child.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, pass_fds=[*fds, write], start_new_session=True)
+            child.proc = subprocess.Popen(
+                cmd, stdin=subprocess.PIPE, pass_fds=[*fds, write], start_new_session=True, env=child_env()
+            )
         finally:
             os.close(write)
         assert child.proc.stdin is not None

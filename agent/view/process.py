@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import resource
@@ -21,7 +20,6 @@ from catalog.readonly import ReadOnlyCatalog
 log = logging.getLogger(__name__)
 
 POLL_INTERVAL = 2.0  # seconds between catalogue re-reads: new scopes and vfolders appear without a restart
-PR_SET_PDEATHSIG = 1
 READAHEAD_KB = 4096  # sequential reads reach the view as 1 MiB requests (the kernel's FUSE maximum) not 128 KiB
 
 
@@ -35,11 +33,6 @@ def mount_options() -> set[str]:
     if os.geteuid() != 0:
         options.add("allow_root")
     return options
-
-
-def die_with_parent() -> None:
-    """When spawned by ``serve``: get SIGTERM if ``serve`` dies, so no orphan keeps the mount."""
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def run(config: Config) -> None:
