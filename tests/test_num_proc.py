@@ -515,3 +515,29 @@ def test_an_engine_restarted_beside_workers_leaves_their_clone_in_flight_alone(t
 
 def _cloning(staging: Path) -> None:
     assert staging.is_dir() and any(p.name.startswith("clone-") for p in staging.iterdir())
+
+
+def test_a_write_through_an_outside_hard_link_reaches_the_workers_answers(tmp_path: Path) -> None:
+    """A file of the vfolder whose inode also has a name outside it: an append through that name reaches no
+    event of the vfolder. One process re-reads such links when it answers; with workers answering from the
+    catalogue, the engine re-reads them on a short schedule (before: the old figure, ``stale: false``, for good)."""
+    agent = make_agent(tmp_path, storage_proxy={"num-proc": 2}).start(timeout=120)
+    try:
+        with fresh(agent) as api:
+            vfid = new_vfolder(api, "qs")
+            (_root(agent, vfid) / "f").write_bytes(b"x" * 1000)
+            outside = agent.volume_root() / "qs" / "outside-name"
+            os.link(_root(agent, vfid) / "f", outside)
+            body = {"volume": "local", "vfid": vfid}
+
+            def settled(size: int) -> None:
+                u = usage(api.request("GET", "/folder/usage", json=body))
+                assert (u["used_bytes"], u["stale"], u["pending"]) == (size, False, False), u
+
+            eventually(lambda: settled(1000), timeout=60)
+            with outside.open("ab") as f:
+                f.write(b"y" * 5000)
+            eventually(lambda: settled(6000), timeout=30)
+    finally:
+        agent.stop()
+    assert_clean_log(agent)

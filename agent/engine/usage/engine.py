@@ -47,6 +47,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SCAN_RETRY = 30  # seconds before a scan that failed unexpectedly is tried again
+LINK_RECHECK = 1.0  # seconds between re-reads of outside-linked files in the engine process of num-proc = N
 
 
 @dataclass(frozen=True)
@@ -166,6 +167,8 @@ class UsageEngine:
             self._spawn(self.watcher.run(self))
         self._spawn(self._flush_loop())
         self._spawn(self._schedule_loop())
+        if self.agent.config.storage_proxy.num_proc > 1:  # this is the engine process of num-proc = N
+            self._spawn(self._links_loop())
         for vol in self._served_volumes():
             last = await self.store.all_totals(vol.name)
             for row in await self.agent.catalog.vfolders(vol.name):
@@ -901,6 +904,22 @@ class UsageEngine:
                 t = st.written = Totals(tree.entries, tree.size_bytes, tree.allocated_bytes, "fast", False, now)
                 await self.store.put_totals(st.key, t)
             await asyncio.sleep(self.settings.fast_poll_interval)
+
+    async def _links_loop(self) -> None:
+        """With HTTP workers answering from the catalogue, no answer passes through :meth:`answer` here, which
+        re-reads hard links that also have names outside their vfolder: they are re-read on a short schedule
+        instead, so a write through an outside name reaches the served figure within about a second."""
+        while True:
+            await asyncio.sleep(LINK_RECHECK)
+            for st in list(self._vfs.values()):
+                if st.tree is None or st.gone or not st.tree.escaping():
+                    continue
+                try:
+                    await self._recheck_links(st)
+                except Exception:
+                    log.exception("usage engine: re-reading the hard links of %s failed", st.vfid)
+                if st.pending:
+                    self._wake.set()  # the flush writes the new figure through for the workers
 
     async def _schedule_loop(self) -> None:
         """Rescans on a schedule (network filesystems, vfolders not fully watched), and the requests of the
