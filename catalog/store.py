@@ -410,11 +410,6 @@ class Catalog:
             rows = await conn.execute(stmt.order_by(vfolders.c.qsid, vfolders.c.folder_id))
             return [VFolderRow(**r._asdict()) for r in rows]
 
-    async def count_vfolders(self, volume: str, qsid: str) -> int:
-        async with self.db.read() as conn:
-            stmt = sa.select(sa.func.count()).select_from(vfolders).where(_qs_key(vfolders, volume, qsid))
-            return (await conn.execute(stmt)).scalar_one()
-
     async def vfolder_root_inodes(self, volume: str, qsid: str) -> dict[str, int]:
         """The inode of each vfolder root as the last usage scan saw it (folder_id -> st_ino).
 
