@@ -33,6 +33,10 @@ class PointQuery:
     def __init__(self, statement: sa.Executable) -> None:
         self.statement = statement
         self.sql = str(statement.compile(dialect=_DIALECT))  # type: ignore[attr-defined]
+        # the column types' own conversions, as SQLAlchemy applies them (a name stored as the BLOB of its
+        # bytes back to its str, SQLite's 0/1 back to a bool)
+        columns = getattr(statement, "selected_columns", [])
+        self.convert = [c.type.result_processor(_DIALECT, None) for c in columns]
 
 
 class PointReader:
@@ -70,6 +74,8 @@ class PointReader:
             raise CatalogError(f"catalogue {self.path}: {e}") from None
         if row is None:
             return None
+        if len(query.convert) == len(row):
+            row = tuple(v if f is None or v is None else f(v) for f, v in zip(query.convert, row, strict=True))
         return {d[0]: v for d, v in zip(cur.description, row, strict=True)}
 
     @contextmanager
