@@ -73,8 +73,7 @@ class VFState:
     expect: dict[str, set[int]] = field(default_factory=dict)  # dirty relpath -> inodes the events named
     applying: bool = False  # a flush is re-reading this vfolder's directories
     deleted: set[str] = field(default_factory=set)  # relpaths of directories reported removed (not moved)
-    departed: dict[int, str] = field(default_factory=dict)  # inode -> relpath of read directories moved out
-    stayed: dict[str, int] = field(default_factory=dict)  # relpath -> moves of read directories seen to stay
+    departed: dict[int, str] = field(default_factory=dict)  # inode -> relpath of directories moved away
     unsure: bool = False  # a walk found its directory gone or changed, or events of unknown directories dropped
     # relpath -> directories never read that moved away from there, not known to have stayed in the vfolder
     unread: dict[str, int] = field(default_factory=dict)
@@ -447,7 +446,7 @@ class UsageEngine:
         """A directory was renamed away from ``relpath`` (within the vfolder or out of it)."""
         st: VFState = vf  # type: ignore[assignment]
         if st.gone or st.tree is None or relpath in st.tree.dirs:
-            return  # a directory the engine read: its parent's re-read sees it leave (``departed``)
+            return  # a directory the engine read: its parent's re-read follows it by inode
         # made and moved before the engine read it: out of the vfolder unless the watcher saw the same move
         # land in it (:meth:`moved_within`, before or after this call)
         if not _take(st.within, relpath):
@@ -459,10 +458,7 @@ class UsageEngine:
         within from a move out for a directory the engine never read: a walk of some new directory does not
         (it may be one just made, while the moved one took hard links to files that stay out of the vfolder)."""
         st: VFState = vf  # type: ignore[assignment]
-        if st.gone or st.tree is None:
-            return
-        if relpath in st.tree.dirs:  # a directory the engine read: its parent's re-read will see it left
-            st.stayed[relpath] = st.stayed.get(relpath, 0) + 1
+        if st.gone or st.tree is None or relpath in st.tree.dirs:
             return
         if not _take(st.unread, relpath):
             st.within[relpath] = st.within.get(relpath, 0) + 1
@@ -597,7 +593,6 @@ class UsageEngine:
         st.departed.clear()
         st.unread.clear()
         st.within.clear()
-        st.stayed.clear()
         st.unsure = False
         self._links_from_elsewhere(st)
         st.stale = st.scan_again  # events were lost during this walk: another one follows, stale till then
@@ -661,6 +656,8 @@ class UsageEngine:
                 return
             parent = tree.dirs.get(parent_rel)
             rec = parent.subdirs.get(name) if parent is not None else None
+            if rec is not None and (rel not in dirs or rec[0] != dirs[rel].ino) and rel not in st.deleted:
+                st.departed[rec[0]] = rel  # left before it was walked: moved within (walked there) or out?
             if rel not in dirs or rec is None or rec[0] != dirs[rel].ino or not _consistent(dirs):
                 # gone, replaced, or moved while it was walked: the parent's re-read decides (it walks
                 # the directory again if the tree still lacks it), checked once the vfolder is quiet
@@ -673,6 +670,7 @@ class UsageEngine:
             for r, agg in dirs.items():
                 st.dirty |= tree.put(r, agg)
                 st.pending[r] = agg
+                st.departed.pop(agg.ino, None)
             if tree.refresh_entry(rel, dirs[rel]):
                 st.pending[parent_rel] = tree.dirs[parent_rel]
             if tree.unplaced_links:
@@ -734,7 +732,6 @@ class UsageEngine:
             if not st.dirty and not st.subtree_jobs and not st.scanning:
                 st.deleted.clear()
                 st.within.clear()
-                st.stayed.clear()
                 if st.unsure and st.tree is not None:
                     # walks that missed their directory leave it to re-reads of the parent: check that every
                     # directory the tree lists was walked (O(directories), only after such a miss)
@@ -817,11 +814,8 @@ class UsageEngine:
             for name, rec in old.subdirs.items():
                 new = agg.subdirs.get(name)
                 if new is None or new[0] != rec[0]:
-                    moved = join(rel, name)
-                    if moved not in st.deleted and moved in tree.dirs and not _take(st.stayed, moved):
-                        # moved, and the watcher saw no rename keep it in the vfolder: out, maybe back since
-                        # (finding it again proves nothing: hard links in it may have been written outside)
-                        st.departed[rec[0]] = moved
+                    if join(rel, name) not in st.deleted and join(rel, name) in tree.dirs:
+                        st.departed[rec[0]] = join(rel, name)  # moved: within (walked again) or out?
                     held = tree.subtree(join(rel, name))
                     for r in tree.drop(join(rel, name)):
                         st.pending[r] = None
