@@ -74,7 +74,6 @@ class VFState:
     applying: bool = False  # a flush is re-reading this vfolder's directories
     deleted: set[str] = field(default_factory=set)  # relpaths of directories reported removed (not moved)
     departed: dict[int, str] = field(default_factory=dict)  # inode -> relpath of directories moved away
-    unsure: bool = False  # a walk found its directory gone or changed, or events of unknown directories dropped
     # relpath -> directories never read that moved away from there, not known to have stayed in the vfolder
     unread: dict[str, int] = field(default_factory=dict)
     within: dict[str, int] = field(default_factory=dict)  # relpath -> moves from there seen to stay, unmatched
@@ -593,7 +592,6 @@ class UsageEngine:
         st.departed.clear()
         st.unread.clear()
         st.within.clear()
-        st.unsure = False
         self._links_from_elsewhere(st)
         st.stale = st.scan_again  # events were lost during this walk: another one follows, stale till then
         st.incomplete_watches = bool(state["full"])
@@ -660,8 +658,7 @@ class UsageEngine:
                 st.departed[rec[0]] = rel  # left before it was walked: moved within (walked there) or out?
             if rel not in dirs or rec is None or rec[0] != dirs[rel].ino or not _consistent(dirs):
                 # gone, replaced, or moved while it was walked: the parent's re-read decides (it walks
-                # the directory again if the tree still lacks it), checked once the vfolder is quiet
-                st.unsure = True
+                # the directory again if the tree still lacks it)
                 if parent is not None:
                     st.dirty.add(parent_rel)
                 return
@@ -709,8 +706,6 @@ class UsageEngine:
                 st.dirty |= waiting
                 for r in waiting & expect.keys():
                     st.expect.setdefault(r, set()).update(expect[r])
-            elif waiting:
-                st.unsure = True
             self._follow_moved(st, [(r, None) for r in waiting], expect)
             if not known:
                 continue
@@ -732,12 +727,6 @@ class UsageEngine:
             if not st.dirty and not st.subtree_jobs and not st.scanning:
                 st.deleted.clear()
                 st.within.clear()
-                if st.unsure and st.tree is not None:
-                    # walks that missed their directory leave it to re-reads of the parent: check that every
-                    # directory the tree lists was walked (O(directories), only after such a miss)
-                    st.unsure = False
-                    if not _consistent(st.tree.dirs):
-                        self._doubt(st, "a directory the tree lists was never walked")
                 if st.departed or st.unread:
                     # a directory left the vfolder: names created in it just before (hard links to files
                     # that stay) reached no event the engine could read, so it looks again
