@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 
 import httpx
 
@@ -59,3 +60,34 @@ def test_a_new_directory_moved_within_costs_no_rescan(watched: tuple[AgentProces
         os.rename(d, p / "deep" / "er" / f"new{i}")
         settled_and_right(vf, quiet=0.3)
     assert _scans(api) == before
+
+
+def test_hard_links_made_while_a_full_scan_runs(watched: tuple[AgentProcess, httpx.Client, str]) -> None:
+    """Fuzzer seeds 1110, 1158, 1638, 1701, 2518 (inotify; allocated bytes too high, settled): ``ln a/fN
+    deep/.../gN`` while a full scan runs. The scan read ``a`` before the link (``fN`` a plain file) and the
+    deep directory after it (``gN`` a hard link): the inode's blocks were counted twice, and the re-read of
+    the deep directory its event asked for saw a link the tree already held, so nothing looked for the
+    older name. A guard, not a proof: the interleaving depends on the walk's timing and this test did not
+    catch it on the engine before the fix; the long fuzzer is the evidence."""
+    agent, api, _ = watched
+    vf = _new_vfolder(api, agent)
+    p = vf.path
+    (p / "a").mkdir()
+    deep = p.joinpath(*[f"d{i}" for i in range(40)])
+    deep.mkdir(parents=True)
+    for i in range(3000):  # enough directories for the walk to take a while
+        (p / "wide" / f"w{i}" / "x").mkdir(parents=True)
+    n = 40
+    for i in range(n):
+        (p / "a" / f"f{i}").write_bytes(b"f" * 9000)
+    settled_and_right(vf, quiet=0.5)
+    for _ in range(3):
+        r = api.post("/folder/usage/refresh", json={"volume": "local", "vfid": vf.vfid})
+        assert r.status_code == 202, r.text
+        for i in range(n):  # spread over the walk: some links fall between the reads of a and of deep
+            os.link(p / "a" / f"f{i}", deep / f"g{i}")
+            time.sleep(0.02)
+        settled_and_right(vf, quiet=1.0)
+        for i in range(n):
+            os.unlink(deep / f"g{i}")
+        settled_and_right(vf, quiet=1.0)

@@ -77,6 +77,7 @@ class VFState:
     # relpath -> directories never read that moved away from there, not known to have stayed in the vfolder
     unread: dict[str, int] = field(default_factory=dict)
     within: dict[str, int] = field(default_factory=dict)  # relpath -> moves from there seen to stay, unmatched
+    recheck: set[str] = field(default_factory=set)  # directories that changed while the last full walk ran
     hunted: set[tuple[int, int]] = field(default_factory=set)  # new hard links the next scan places
     pending: dict[str, DirAgg | None] = field(default_factory=dict)  # rows to write at the next flush
     scan_task: asyncio.Task[None] | None = None
@@ -589,6 +590,7 @@ class UsageEngine:
         st.tree = tree
         st.pending.clear()
         st.dirty |= reread
+        st.recheck = set(st.dirty)
         st.departed.clear()
         st.unread.clear()
         st.within.clear()
@@ -727,6 +729,7 @@ class UsageEngine:
             if not st.dirty and not st.subtree_jobs and not st.scanning:
                 st.deleted.clear()
                 st.within.clear()
+                st.recheck.clear()
                 if st.departed or st.unread:
                     # a directory left the vfolder: names created in it just before (hard links to files
                     # that stay) reached no event the engine could read, so it looks again
@@ -818,6 +821,14 @@ class UsageEngine:
                     appeared.append(join(rel, name))
             others = tree.put(rel, agg)
             st.pending[rel] = agg
+            if rel in st.recheck:
+                # changed while the full walk ran: a hard link it saw here may have been made after it read
+                # the older name's directory (counted there as a plain file, twice in all): look for it
+                st.recheck.discard(rel)
+                for dev, ino, *_ in agg.links:
+                    if tree.escapes((dev, ino)):
+                        tree.unplaced.add((dev, ino))
+                        tree.unplaced_links = True
             if others:
                 st.dirty |= others
                 self._wake.set()
