@@ -13,6 +13,7 @@ mismatch (allowed); a settled answer that is wrong is a failure.
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 import shutil
@@ -231,8 +232,44 @@ class Model:
                     os.unlink(p)
 
 
+def diagnose(catalog: Any, vfid: str, root: bytes) -> str:
+    """Where a settled wrong answer comes from: the engine's per-directory rows (written through to the
+    catalogue) that differ from a fresh read of the same directory, rows of directories that are gone and
+    directories without a row. Printed with each failure (replaying a failure may need the whole run)."""
+    import sqlite3
+
+    from agent.engine.usage.aggregates import encode_links, read_dir
+
+    qsid, hexid = vfid.split("/")
+    with sqlite3.connect(f"file:{catalog}?mode=ro", uri=True) as db:
+        rows = db.execute(
+            "SELECT d.relpath, d.ino, d.entries, d.size_bytes, d.allocated_bytes, d.links FROM usage_dirs d "
+            "JOIN usage_vfolders v ON v.id = d.vf WHERE v.qsid = ? AND v.folder_id = ?",
+            (qsid, hexid),
+        ).fetchall()
+    held = {os.fsdecode(bytes(r[0]) if not isinstance(r[0], str) else os.fsencode(r[0])): r[1:] for r in rows}
+    on_disk = {os.fsdecode(os.path.relpath(d, root)) if d != root else "" for d in Model(root, root, None,
+               random.Random(0)).dirs()}
+    out = []
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for rel in sorted(held.keys() | on_disk):
+            agg = read_dir(fd, rel) if rel in on_disk else None
+            now = None if agg is None else (agg.ino, agg.entries, agg.size, agg.alloc, encode_links(agg.links))
+            if rel not in held:
+                out.append(f"    no row: {rel!r} (disk {now})")
+            elif now is None:
+                out.append(f"    row of a directory not on disk: {rel!r} {held[rel]}")
+            elif tuple(held[rel]) != now:
+                out.append(f"    {rel!r}: row {tuple(held[rel])} disk {now}")
+    finally:
+        os.close(fd)
+    return "\n".join(out) or "    every row matches the disk"
+
+
 def settle_and_compare(
-    answers: Callable[[], tuple[dict[str, Any], dict[str, Any]]], root: bytes, deadline: float = 30.0
+    answers: Callable[[], tuple[dict[str, Any], dict[str, Any]]], root: bytes, deadline: float = 30.0,
+    why: Callable[[], str] | None = None,
 ) -> Outcome:
     """Wait for a settled answer (``stale`` and ``pending`` false on both calls) and compare it with the
     disk; an answer that never settles is a flagged mismatch."""
@@ -257,6 +294,7 @@ def settle_and_compare(
             return Outcome(
                 False, False, f"settled answer {u['file_count']}/{u['used_bytes']}/{ub['used_bytes']} "
                 f"!= disk {count}/{size}/{alloc} ({'right 3 s later' if late else 'still wrong 3 s later'})"
+                + (f"\n{why()}" if why is not None else "")
             )
         if time.monotonic() > end:
             return Outcome(right, not right, "" if right else "still stale at the deadline")
@@ -328,7 +366,8 @@ def run_rounds(
                     settle_and_compare(_answers(api, sib_vfid), sibling)
                     model.burst(ops)
                     for name, vid, path in (("main", vfid, root), ("sibling", sib_vfid, sibling)):
-                        res = RoundResult(seed, name, settle_and_compare(_answers(api, vid), path), model.log)
+                        why = functools.partial(diagnose, agent.workdir / "catalog.db", vid, path)
+                        res = RoundResult(seed, name, settle_and_compare(_answers(api, vid), path, why=why), model.log)
                         results.append(res)
                         if on_round is not None:
                             on_round(res)

@@ -75,7 +75,10 @@ class VFState:
     applying: bool = False  # a flush is re-reading this vfolder's directories
     deleted: set[str] = field(default_factory=set)  # relpaths of directories reported removed (not moved)
     departed: dict[int, str] = field(default_factory=dict)  # inode -> relpath of directories moved away
-    unread_moves: int = 0  # directories never read that moved away, less those walked at a new place since
+    # relpath -> directories never read that moved away from there, not known to have stayed in the vfolder
+    unread: dict[str, int] = field(default_factory=dict)
+    within: dict[str, int] = field(default_factory=dict)  # relpath -> moves from there seen to stay, unmatched
+    recheck: set[str] = field(default_factory=set)  # directories that changed while the last full walk ran
     hunted: set[tuple[int, int]] = field(default_factory=set)  # new hard links the next scan places
     pending: dict[str, DirAgg | None] = field(default_factory=dict)  # rows to write at the next flush
     scan_task: asyncio.Task[None] | None = None
@@ -95,7 +98,7 @@ class VFState:
     @property
     def lagging(self) -> bool:
         """Events for this vfolder are queued or being applied: its figure lags (``pending``)."""
-        return bool(self.dirty or self.subtree_jobs or self.applying or self.departed or self.unread_moves)
+        return bool(self.dirty or self.subtree_jobs or self.applying or self.departed or self.unread)
 
 
 @dataclass
@@ -116,6 +119,18 @@ class StartupRescan:
 
 def _row(rel: str, agg: DirAgg) -> DirRow:
     return DirRow(rel, agg.ino, agg.entries, agg.size, agg.alloc, agg.own_alloc, encode_links(agg.links))
+
+
+def _take(counts: dict[str, int], key: str) -> bool:
+    """Take one from ``counts[key]``; False when there was none."""
+    n = counts.get(key, 0)
+    if n <= 0:
+        return False
+    if n == 1:
+        del counts[key]
+    else:
+        counts[key] = n - 1
+    return True
 
 
 def _consistent(dirs: dict[str, DirAgg]) -> bool:
@@ -488,8 +503,23 @@ class UsageEngine:
     def moved_away(self, vf: object, relpath: str) -> None:
         """A directory was renamed away from ``relpath`` (within the vfolder or out of it)."""
         st: VFState = vf  # type: ignore[assignment]
-        if not st.gone and st.tree is not None and relpath not in st.tree.dirs:
-            st.unread_moves += 1  # made and moved before the engine read it: where to, it cannot tell
+        if st.gone or st.tree is None or relpath in st.tree.dirs:
+            return  # a directory the engine read: its parent's re-read follows it by inode
+        # made and moved before the engine read it: out of the vfolder unless the watcher saw the same move
+        # land in it (:meth:`moved_within`, before or after this call)
+        if not _take(st.within, relpath):
+            st.unread[relpath] = st.unread.get(relpath, 0) + 1
+
+    def moved_within(self, vf: object, relpath: str) -> None:
+        """The watcher saw a directory renamed away from ``relpath`` land in the same vfolder (inotify: the
+        MOVED_TO paired by its cookie; fanotify: FAN_RENAME with both ends in it). Only this tells a move
+        within from a move out for a directory the engine never read: a walk of some new directory does not
+        (it may be one just made, while the moved one took hard links to files that stay out of the vfolder)."""
+        st: VFState = vf  # type: ignore[assignment]
+        if st.gone or st.tree is None or relpath in st.tree.dirs:
+            return
+        if not _take(st.unread, relpath):
+            st.within[relpath] = st.within.get(relpath, 0) + 1
 
     def lost(self, vf: object, relpath: str, deleted: bool = False) -> None:
         st: VFState = vf  # type: ignore[assignment]
@@ -619,8 +649,10 @@ class UsageEngine:
         st.tree = tree
         st.pending.clear()
         st.dirty |= reread
+        st.recheck = set(st.dirty)
         st.departed.clear()
-        st.unread_moves = 0
+        st.unread.clear()
+        st.within.clear()
         self._links_from_elsewhere(st)
         st.stale = st.scan_again  # events were lost during this walk: another one follows, stale till then
         st.incomplete_watches = bool(state["full"])
@@ -698,7 +730,6 @@ class UsageEngine:
                 st.dirty |= tree.put(r, agg)
                 st.pending[r] = agg
                 st.departed.pop(agg.ino, None)
-            st.unread_moves = max(0, st.unread_moves - 1)
             if tree.refresh_entry(rel, dirs[rel]):
                 st.pending[parent_rel] = tree.dirs[parent_rel]
             if tree.unplaced_links:
@@ -757,11 +788,13 @@ class UsageEngine:
         for st in list(self._vfs.values()):
             if not st.dirty and not st.subtree_jobs and not st.scanning:
                 st.deleted.clear()
-                if st.departed or st.unread_moves:
+                st.within.clear()
+                st.recheck.clear()
+                if st.departed or st.unread:
                     # a directory left the vfolder: names created in it just before (hard links to files
                     # that stay) reached no event the engine could read, so it looks again
                     st.departed.clear()
-                    st.unread_moves = 0
+                    st.unread.clear()
                     self._doubt(st, "a directory moved out of the vfolder")
         changes = []
         for st in self._vfs.values():
@@ -854,6 +887,14 @@ class UsageEngine:
                     appeared.append(join(rel, name))
             others = tree.put(rel, agg)
             st.pending[rel] = agg
+            if rel in st.recheck:
+                # changed while the full walk ran: a hard link it saw here may have been made after it read
+                # the older name's directory (counted there as a plain file, twice in all): look for it
+                st.recheck.discard(rel)
+                for dev, ino, *_ in agg.links:
+                    if tree.escapes((dev, ino)):
+                        tree.unplaced.add((dev, ino))
+                        tree.unplaced_links = True
             if others:
                 st.dirty |= others
                 self._wake.set()

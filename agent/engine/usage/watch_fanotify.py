@@ -36,7 +36,8 @@ FAN_MODIFY, FAN_ATTRIB, FAN_CLOSE_WRITE = 0x2, 0x4, 0x8
 FAN_MOVED_FROM, FAN_MOVED_TO, FAN_CREATE, FAN_DELETE = 0x40, 0x80, 0x100, 0x200
 FAN_DELETE_SELF, FAN_MOVE_SELF, FAN_Q_OVERFLOW, FAN_ONDIR = 0x400, 0x800, 0x4000, 0x40000000
 EVENTS = FAN_MODIFY | FAN_ATTRIB | FAN_CLOSE_WRITE | FAN_MOVED_FROM | FAN_MOVED_TO | FAN_CREATE | FAN_DELETE | FAN_ONDIR
-INFO_DFID_NAME, INFO_DFID = 2, 3
+FAN_RENAME = 0x10000000  # Linux >= 5.17: one event with both ends of a rename
+INFO_DFID_NAME, INFO_DFID, INFO_OLD_DFID_NAME, INFO_NEW_DFID_NAME = 2, 3, 10, 12
 _META = struct.Struct("=IBBHQii")  # event_len, vers, reserved, metadata_len, mask, fd, pid
 _INFO_HDR = struct.Struct("=BBH")
 _CACHE_MAX = 16_384  # places cached at most (a full cache is emptied): deleted directories stay until then
@@ -103,12 +104,17 @@ class FanotifyWatcher:
         self._prefixes: tuple[str, ...] = ()
         self._cache: dict[bytes, tuple[Hashable, str | None, int] | None] = {}  # handle -> (vf, relpath, ino)
         self._sink: Sink | None = None
+        self._events = EVENTS | FAN_RENAME  # without FAN_RENAME every never-read directory moved is doubted
         for root in roots:
             self._mark(root)
 
     def _mark(self, path: str) -> None:
-        if _libc.fanotify_mark(self._fd, FAN_MARK_ADD | FAN_MARK_FILESYSTEM, EVENTS, -100, os.fsencode(path)) < 0:
-            raise _err(f"fanotify_mark({path})")
+        flags = FAN_MARK_ADD | FAN_MARK_FILESYSTEM
+        if _libc.fanotify_mark(self._fd, flags, self._events, -100, os.fsencode(path)) < 0:
+            if self._events & FAN_RENAME and ctypes.get_errno() == errno.EINVAL:
+                self._events = EVENTS  # a kernel before 5.17
+            if _libc.fanotify_mark(self._fd, flags, self._events, -100, os.fsencode(path)) < 0:
+                raise _err(f"fanotify_mark({path})")
         fsid = struct.pack("=Q", os.statvfs(path).f_fsid)
         if fsid not in self._mount_fds:
             self._mount_fds[fsid] = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -216,6 +222,11 @@ class FanotifyWatcher:
                 continue
             moved = mask & (FAN_MOVED_FROM | FAN_MOVED_TO) if mask & FAN_ONDIR else 0
             pos, end = off + meta_len, off + event_len
+            if mask & FAN_RENAME:
+                if mask & FAN_ONDIR:
+                    self._renamed(buf, pos, end, sink)
+                off += event_len
+                continue
             while pos + _INFO_HDR.size <= end:
                 info_type, _pad, info_len = _INFO_HDR.unpack_from(buf, pos)
                 if info_len == 0:
@@ -249,6 +260,29 @@ class FanotifyWatcher:
                         self._root_event(buf[pos + 20 + hbytes : pos + info_len], fsid, handle, sink)
                 pos += info_len
             off += event_len
+
+    def _renamed(self, buf: bytes, pos: int, end: int, sink: Sink) -> None:
+        """A directory was renamed (FAN_RENAME, queued before its MOVED_FROM/MOVED_TO): when both ends are
+        in one vfolder the engine is told the move stayed in it (else a move of a directory it never read
+        is taken for a move out)."""
+        ends: dict[int, tuple[Hashable, str | None, int] | None] = {}
+        old_name = b""
+        while pos + _INFO_HDR.size <= end:
+            info_type, _pad, info_len = _INFO_HDR.unpack_from(buf, pos)
+            if info_len == 0:
+                break
+            if info_type in (INFO_OLD_DFID_NAME, INFO_NEW_DFID_NAME):
+                fsid = buf[pos + 4 : pos + 12]
+                (hbytes,) = struct.unpack_from("=I", buf, pos + 12)
+                ends[info_type] = self._resolve(fsid, buf[pos + 12 : pos + 20 + hbytes])
+                if info_type == INFO_OLD_DFID_NAME:
+                    old_name = buf[pos + 20 + hbytes : pos + info_len].split(b"\0", 1)[0]
+            pos += info_len
+        old, new = ends.get(INFO_OLD_DFID_NAME), ends.get(INFO_NEW_DFID_NAME)
+        if old is None or new is None or old[0] is not new[0] or old[1] is None or new[1] is None or not old_name:
+            return
+        name = os.fsdecode(old_name)
+        sink.moved_within(old[0], f"{old[1]}/{name}" if old[1] else name)
 
     def _dir_moved(self, parent_key: bytes, raw_name: bytes | None, mask: int) -> None:
         """A directory was moved out of (FROM) or into (TO) the directory ``parent_key``: drop the cached

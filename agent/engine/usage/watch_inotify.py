@@ -36,6 +36,9 @@ MASK = (
 )
 
 
+_MOVES_MAX = 4096  # directory moves remembered for pairing with their MOVED_TO
+
+
 class WatchLimit(Exception):
     """The kernel refused another watch (``max_user_watches``)."""
 
@@ -46,6 +49,9 @@ class Sink(Protocol):
 
     def moved_away(self, vf: Hashable, relpath: str) -> None:
         """A directory was renamed away from ``relpath``."""
+
+    def moved_within(self, vf: Hashable, relpath: str) -> None:
+        """A directory renamed away from ``relpath`` landed in the same vfolder."""
 
     def lost(self, vf: Hashable, relpath: str, deleted: bool = False) -> None:
         """The directory at ``relpath`` left (``deleted``: removed, not moved)."""
@@ -66,6 +72,7 @@ class InotifyWatcher:
         self._lock = threading.Lock()
         self._by_wd: dict[int, tuple[Watch, Hashable, str, int]] = {}  # wd -> (watch, vf, relpath, ino)
         self._by_ino: dict[tuple[Hashable, int], int] = {}  # (vf, directory inode) -> wd
+        self._moves: dict[int, tuple[Hashable, str]] = {}  # cookie -> (vf, relpath) a directory moved from
 
     def add_vfolder(self, vf: Hashable, path: str, fs_fd: int) -> None:
         """Nothing to do per vfolder: watches come one per directory."""
@@ -167,6 +174,14 @@ class InotifyWatcher:
             if Mask.MOVED_FROM in mask and Mask.ISDIR in mask and event.name is not None:
                 name = os.fsdecode(bytes(event.name))
                 sink.moved_away(vf, f"{rel}/{name}" if rel else name)
+                if len(self._moves) >= _MOVES_MAX:
+                    self._moves.clear()  # moves out are never paired: forgetting one costs a rescan at most
+                self._moves[event.cookie] = (vf, f"{rel}/{name}" if rel else name)
+            if Mask.MOVED_TO in mask and Mask.ISDIR in mask:
+                # the same rename's MOVED_FROM (same cookie) in this vfolder: the directory stayed in it
+                src = self._moves.pop(event.cookie, None)
+                if src is not None and src[0] == vf:
+                    sink.moved_within(vf, src[1])
             if Mask.DELETE in mask and Mask.ISDIR in mask and event.name is not None:
                 name = os.fsdecode(bytes(event.name))
                 sink.lost(vf, f"{rel}/{name}" if rel else name, deleted=True)  # removed, not moved away
