@@ -19,7 +19,7 @@ import logging
 import os
 import struct
 import threading
-from collections.abc import Hashable
+from collections.abc import Hashable, Iterator
 
 from agent.engine.usage.watch_inotify import Sink
 
@@ -40,6 +40,21 @@ FAN_RENAME = 0x10000000  # Linux >= 5.17: one event with both ends of a rename
 INFO_DFID_NAME, INFO_DFID, INFO_OLD_DFID_NAME, INFO_NEW_DFID_NAME = 2, 3, 10, 12
 _META = struct.Struct("=IBBHQii")  # event_len, vers, reserved, metadata_len, mask, fd, pid
 _INFO_HDR = struct.Struct("=BBH")
+_FID_RECORDS = (INFO_DFID_NAME, INFO_DFID, INFO_OLD_DFID_NAME, INFO_NEW_DFID_NAME)
+
+
+def _info_records(buf: bytes, pos: int, end: int) -> Iterator[tuple[int, bytes, bytes, bytes]]:
+    """The file-id info records of one event, between ``pos`` and ``end``: (type, fsid, file handle, the
+    bytes after the handle: a NUL-padded name, or only padding)."""
+    while pos + _INFO_HDR.size <= end:
+        info_type, _pad, info_len = _INFO_HDR.unpack_from(buf, pos)
+        if info_len == 0:
+            return
+        if info_type in _FID_RECORDS:
+            (hbytes,) = struct.unpack_from("=I", buf, pos + 12)
+            fsid, handle = buf[pos + 4 : pos + 12], buf[pos + 12 : pos + 20 + hbytes]
+            yield info_type, fsid, handle, buf[pos + 20 + hbytes : pos + info_len]
+        pos += info_len
 _CACHE_MAX = 16_384  # places cached at most (a full cache is emptied): deleted directories stay until then
 _PRECISE_MAX = 4_096  # up to this many cached places a directory move drops only the wrong ones
 
@@ -227,38 +242,27 @@ class FanotifyWatcher:
                     self._renamed(buf, pos, end, sink)
                 off += event_len
                 continue
-            while pos + _INFO_HDR.size <= end:
-                info_type, _pad, info_len = _INFO_HDR.unpack_from(buf, pos)
-                if info_len == 0:
-                    break
-                if info_type in (INFO_DFID_NAME, INFO_DFID):
-                    fsid = buf[pos + 4 : pos + 12]
-                    (hbytes,) = struct.unpack_from("=I", buf, pos + 12)
-                    handle = buf[pos + 12 : pos + 20 + hbytes]
-                    if moved:
-                        name = buf[pos + 20 + hbytes : pos + info_len] if info_type == INFO_DFID_NAME else None
-                        self._dir_moved(fsid + handle, name, moved)
-                    where = self._resolve(fsid, handle)
-                    if where is not None:
-                        vf, drel, dino = where
-                        if drel is None:
-                            sink.watch_lost(vf)
-                        else:
-                            sink.dirty(vf, drel, dino)
-                            if (
-                                info_type == INFO_DFID_NAME
-                                and mask & FAN_ONDIR
-                                and mask & (FAN_DELETE | FAN_MOVED_FROM)
-                            ):
-                                child = os.fsdecode(buf[pos + 20 + hbytes : pos + info_len].split(b"\0", 1)[0])
-                                rel = f"{drel}/{child}" if drel else child
-                                if mask & FAN_DELETE:
-                                    sink.lost(vf, rel, deleted=True)
-                                else:
-                                    sink.moved_away(vf, rel)
-                    elif info_type == INFO_DFID_NAME and mask & FAN_ONDIR and mask & (FAN_MOVED_FROM | FAN_DELETE):
-                        self._root_event(buf[pos + 20 + hbytes : pos + info_len], fsid, handle, sink)
-                pos += info_len
+            for info_type, fsid, handle, tail in _info_records(buf, pos, end):
+                if info_type not in (INFO_DFID_NAME, INFO_DFID):
+                    continue
+                if moved:
+                    self._dir_moved(fsid + handle, tail if info_type == INFO_DFID_NAME else None, moved)
+                where = self._resolve(fsid, handle)
+                if where is not None:
+                    vf, drel, dino = where
+                    if drel is None:
+                        sink.watch_lost(vf)
+                    else:
+                        sink.dirty(vf, drel, dino)
+                        if info_type == INFO_DFID_NAME and mask & FAN_ONDIR and mask & (FAN_DELETE | FAN_MOVED_FROM):
+                            child = os.fsdecode(tail.split(b"\0", 1)[0])
+                            rel = f"{drel}/{child}" if drel else child
+                            if mask & FAN_DELETE:
+                                sink.lost(vf, rel, deleted=True)
+                            else:
+                                sink.moved_away(vf, rel)
+                elif info_type == INFO_DFID_NAME and mask & FAN_ONDIR and mask & (FAN_MOVED_FROM | FAN_DELETE):
+                    self._root_event(tail, fsid, handle, sink)
             off += event_len
 
     def _renamed(self, buf: bytes, pos: int, end: int, sink: Sink) -> None:
@@ -267,17 +271,11 @@ class FanotifyWatcher:
         is taken for a move out)."""
         ends: dict[int, tuple[Hashable, str | None, int] | None] = {}
         old_name = b""
-        while pos + _INFO_HDR.size <= end:
-            info_type, _pad, info_len = _INFO_HDR.unpack_from(buf, pos)
-            if info_len == 0:
-                break
+        for info_type, fsid, handle, tail in _info_records(buf, pos, end):
             if info_type in (INFO_OLD_DFID_NAME, INFO_NEW_DFID_NAME):
-                fsid = buf[pos + 4 : pos + 12]
-                (hbytes,) = struct.unpack_from("=I", buf, pos + 12)
-                ends[info_type] = self._resolve(fsid, buf[pos + 12 : pos + 20 + hbytes])
+                ends[info_type] = self._resolve(fsid, handle)
                 if info_type == INFO_OLD_DFID_NAME:
-                    old_name = buf[pos + 20 + hbytes : pos + info_len].split(b"\0", 1)[0]
-            pos += info_len
+                    old_name = tail.split(b"\0", 1)[0]
         old, new = ends.get(INFO_OLD_DFID_NAME), ends.get(INFO_NEW_DFID_NAME)
         if old is None or new is None or old[0] is not new[0] or old[1] is None or new[1] is None or not old_name:
             return
