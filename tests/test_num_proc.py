@@ -44,7 +44,7 @@ def roles(agent: AgentProcess) -> dict[str, list[int]]:
     for pid in children(agent.proc.pid):
         try:
             args = cmdline(pid)
-        except FileNotFoundError:
+        except (FileNotFoundError, ProcessLookupError):  # gone, or a zombie being reaped (ESRCH on read)
             continue
         if "_engine" in args:
             out.setdefault("engine", []).append(pid)
