@@ -157,7 +157,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     unlike upstream the drop comes before the catalogue, volumes and threads start (capabilities are per
     thread, agent/runtime/privileges.py), so everything the agent creates belongs to the configured user."""
     config = _config(args)
-    logged = logs.configure(config.logging)
+    workers = config.storage_proxy.num_proc
+    logged = logs.configure(config.logging, role="supervisor" if workers > 1 else None)
     if logged.unsupported:
         log.warning("[logging] drivers %s are not supported by storage-agent: nothing is sent to them (logs go "
                     "to %s)", ", ".join(logged.unsupported),
@@ -169,7 +170,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from agent.runtime.supervisor import Supervisor
 
     pid_file = config.storage_proxy.pid_file
-    workers = config.storage_proxy.num_proc
     sockets = bind(config) if workers == 1 else bind_shared(config, workers)
     write_pid_file(pid_file)
     banner = args.config is None or sys.stdout.isatty()
@@ -180,7 +180,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if isinstance(sockets, Sockets):
             asyncio.run(serve(config, sockets, banner=banner))
         else:  # num-proc = N: one engine and N HTTP workers, started and watched by this process
-            return Supervisor(config, sockets, banner=banner).run()
+            return Supervisor(config, sockets, banner=banner, log_file=logged.file_handler).run()
     finally:
         sockets.close()
         remove_pid_file(pid_file)

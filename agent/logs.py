@@ -4,13 +4,17 @@
 filename, rotation-size, backup-count: JSON lines, rotated by size) are served; ``logstash`` and
 ``graylog`` are accepted, and one warning says nothing is sent to them. ``pkg-ns`` sets loggers'
 levels as upstream does; its ``ai.backend`` names mean the agent's own loggers.
+
+Under ``num-proc = N`` every process names its role (``supervisor``, ``engine``, ``worker-<i>``, ``i`` as in
+the ``X-Storage-Agent-Worker`` header) in each record: ``processName`` in the file's JSON, ``process`` in the
+console's JSON, ``[role]`` in its text lines. The console lines go to the standard error every process
+inherits; the file is written by the supervisor alone (agent/log_relay.py says how and why).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import logging.handlers
 import re
 import sys
 import time
@@ -21,6 +25,8 @@ from typing import TYPE_CHECKING, Any
 
 import jwt
 from aiohttp.http_exceptions import HttpProcessingError
+
+from agent import log_relay
 
 if TYPE_CHECKING:
     from agent.config import LoggingConfig
@@ -90,6 +96,9 @@ class JsonFormatter(logging.Formatter):
                 "logger": record.name,
                 "msg": record.getMessage(),
             }
+            role = getattr(record, "role", None)
+            if role is not None:
+                data["process"] = role
         if record.exc_info:
             data["exc_info" if self.upstream else "exc"] = self.formatException(record.exc_info)
         return redact(json.dumps(data))
@@ -110,13 +119,28 @@ class BadRequestHeads(logging.Filter):
 
 
 _STYLES = {"verbose": "%(asctime)s %(levelname)s %(name)s: %(message)s", "simple": "%(levelname)s %(message)s"}
+_ROLE_STYLES = {"verbose": "%(asctime)s %(levelname)s [%(processName)s] %(name)s: %(message)s",
+                "simple": "%(levelname)s [%(processName)s] %(message)s"}
 OWN_LOGGERS = ("agent", "backends", "catalog", "storage-agent")  # what upstream's "ai.backend" names here
 UNSUPPORTED_DRIVERS = ("logstash", "graylog")
 
 
-def _console(fmt: str, style: str = "verbose") -> logging.Handler:
+class Role(logging.Filter):
+    """Names the process's role in every record its handlers see (``processName``)."""
+
+    def __init__(self, role: str) -> None:
+        super().__init__()
+        self.role = role
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.processName = record.role = self.role  # role: the JSON console's field
+        return True
+
+
+def _console(fmt: str, style: str = "verbose", role: str | None = None) -> logging.Handler:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter(_STYLES[style]))
+    text = (_ROLE_STYLES if role else _STYLES)[style]
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter(text))
     return handler
 
 
@@ -145,33 +169,44 @@ class Configured:
         self.files: list[Path] = []
         self.created_dirs: list[Path] = []
         self.unsupported: list[str] = []
+        self.file_handler: logging.Handler | None = None  # the file driver's writer, in the process that owns it
 
 
-def configure(cfg: LoggingConfig) -> Configured:
+def configure(cfg: LoggingConfig, *, role: str | None = None, relay_fd: int | None = None) -> Configured:
     """``serve``'s logging from the whole ``[logging]`` table. Raises OSError when the log file cannot be
-    opened (a start-up error naming the file, as upstream)."""
+    opened (a start-up error naming the file, as upstream).
+
+    ``role`` (num-proc = N) names this process in its records; ``relay_fd`` (a child of the supervisor): the
+    file driver's records go to the supervisor through that socket instead of to the file."""
     out = Configured()
     level = cfg.level.upper()
     handlers: list[logging.Handler] = []
     if "console" in cfg.drivers:
-        handlers.append(_console(cfg.format, cfg.console.format))
-    if "file" in cfg.drivers and cfg.file is not None:
+        handlers.append(_console(cfg.format, cfg.console.format, role))
+    if "file" in cfg.drivers and cfg.file is not None and relay_fd is not None:
+        handler = log_relay.RelayHandler(relay_fd)
+        handler.setFormatter(JsonFormatter(upstream=True))
+        handlers.append(handler)
+    elif "file" in cfg.drivers and cfg.file is not None:
         where = cfg.file.path
         missing = [p for p in (where, *where.parents) if not p.exists()]
         where.mkdir(parents=True, exist_ok=True)  # upstream creates the directory too
         out.created_dirs = list(reversed(missing))
-        handler = logging.handlers.RotatingFileHandler(
+        owned = log_relay.OwnedFile(
             where / cfg.file.filename, maxBytes=cfg.file.rotation_size, backupCount=cfg.file.backup_count,
             encoding="utf-8",
         )
-        handler.setFormatter(JsonFormatter(upstream=True))
-        handlers.append(handler)
+        owned.setFormatter(JsonFormatter(upstream=True))
+        handlers.append(owned)
         out.files.append(where / cfg.file.filename)
+        out.file_handler = owned
     out.unsupported = [d for d in UNSUPPORTED_DRIVERS if d in cfg.drivers]
     if not handlers:  # only drivers this agent cannot feed: standard error rather than nowhere
-        handlers.append(_console(cfg.format, cfg.console.format))
+        handlers.append(_console(cfg.format, cfg.console.format, role))
     for h in handlers:
         h.setLevel(level)
+        if role:
+            h.addFilter(Role(role))
     _install(handlers, level)
     for name, ns_level in sorted(cfg.pkg_ns.items(), key=lambda kv: len(kv[0])):
         if name == "":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 import uuid
 from pathlib import Path
 
@@ -54,3 +55,64 @@ def test_file_driver_without_its_table_is_a_config_error(tmp_path: Path) -> None
     r = subprocess.run([sys.executable, "-m", "agent", "check-config", "-f", str(agent.config_path)],
                        capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert r.returncode == 2 and "logging.file" in r.stderr, r.stderr
+
+
+def test_file_driver_under_num_proc_keeps_every_line_once_and_names_its_process(tmp_path: Path) -> None:
+    """num-proc = 2: one process writes and rotates the file. Before, each process rotated it on its own: a
+    line landed in a file another process had just renamed, renames overwrote each other's backups (lines
+    lost), and files grew past ``rotation-size``."""
+    logs = tmp_path / "logs"
+    rotation = 4096
+    agent = make_agent(
+        tmp_path / "agent",
+        storage_proxy={"num-proc": 2},
+        logging={"level": "INFO", "drivers": ["console", "file"],
+                 "file": {"path": str(logs), "filename": "agent.log", "rotation-size": "4k", "backup-count": 100}},
+    )
+    agent.start(timeout=120)
+    served: dict[str, str] = {}  # request id -> the worker that answered
+    lock = threading.Lock()
+
+    def burst(seed: int) -> None:
+        with agent.client() as api:
+            for i in range(40):
+                rid = f"burst-{seed}-{i}-{uuid.uuid4().hex[:8]}"
+                r = api.post("/folder/create", json={"volume": "nowhere", "vfid": f"qs1/{uuid.uuid4().hex}"},
+                             headers={"X-Request-ID": rid})
+                assert r.status_code == 404
+                with lock:
+                    served[rid] = r.headers["X-Storage-Agent-Worker"]
+
+    try:
+        threads = [threading.Thread(target=burst, args=(n,)) for n in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        assert agent.stop() == 0
+    assert_clean_log(agent)
+    assert len(served) == 240
+    files = sorted(logs.iterdir())
+    assert 1 + len(served) * 150 // rotation <= len(files) <= 101, [p.name for p in files]  # it rotated
+    records, sizes = [], {}
+    for path in files:
+        data = sizes[path.name] = path.read_bytes()
+        assert 0 < len(data) <= rotation, (path.name, len(data))
+        records += [json.loads(line) for line in data.decode().splitlines()]
+    longest = max(len(json.dumps(rec)) + 1 for rec in records)
+    # a file was set aside only when the next line did not fit in it (not because another process rotated)
+    rotated = {name: len(data) for name, data in sizes.items() if name != "agent.log"}
+    assert all(size + longest > rotation for size in rotated.values()), rotated
+    roles = {"supervisor", "engine", "worker-0", "worker-1"}
+    assert all(rec["processName"] in roles for rec in records), {rec["processName"] for rec in records} - roles
+    seen: dict[str, list[str]] = {}
+    for rec in records:
+        if "[request burst-" in rec["message"]:
+            rid = rec["message"].rsplit("[request ", 1)[1].rstrip("]")
+            seen.setdefault(rid, []).append(rec["processName"])
+    assert set(seen) == set(served), (len(seen), len(served))
+    for rid, names in seen.items():
+        assert names == [f"worker-{served[rid]}"], (rid, names)
+    assert any(rec["processName"] == "supervisor" and "started engine" in rec["message"] for rec in records)
+    assert any(rec["processName"] == "engine" and "engine ready" in rec["message"] for rec in records)

@@ -28,6 +28,11 @@ log = logging.getLogger(__name__)
 ENGINE, WORKER = "_engine", "_worker"
 
 
+def role_name(role: str, index: int) -> str:
+    """How a child names itself in its log records: ``engine`` or ``worker-<i>``."""
+    return "engine" if role == ENGINE else f"worker-{index}"
+
+
 def config_payload(config: Config) -> bytes:
     """The effective config for a child's stdin, secrets and upstream-only volumes included (the child
     validates it again, exactly as ``serve`` did)."""
@@ -40,9 +45,12 @@ def config_payload(config: Config) -> bytes:
 
 
 def command(
-    role: str, *, ready: int, index: int = 0, fds: dict[str, list[int]] | None = None, beside_workers: bool = False
+    role: str, *, ready: int, index: int = 0, fds: dict[str, list[int]] | None = None, beside_workers: bool = False,
+    log_fd: int | None = None,
 ) -> list[str]:
     cmd = [sys.executable, "-m", "agent", role, "--ready-fd", str(ready), "--index", str(index)]
+    if log_fd is not None:
+        cmd += ["--log-fd", str(log_fd)]
     if beside_workers:
         cmd.append("--beside-workers")
     for name, numbers in (fds or {}).items():
@@ -58,6 +66,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--ready-fd", type=int, required=True)
         p.add_argument("--index", type=int, default=0)
         p.add_argument("--beside-workers", action="store_true")  # an engine restarted while workers serve
+        p.add_argument("--log-fd", type=int)  # the file driver's relay to the supervisor (agent/log_relay.py)
         for name in ("manager", "client", "metrics"):
             p.add_argument(f"--{name}-fds", default="")
 
@@ -97,7 +106,7 @@ def _say_ready(fd: int) -> None:
 def run(args: argparse.Namespace) -> int:
     die_with_parent()
     config = validate(json.load(sys.stdin), "config from serve")
-    logs.configure(config.logging)
+    logs.configure(config.logging, role=role_name(args.command, args.index), relay_fd=args.log_fd)
     _pin(config, args.command, args.index)
     if args.command == ENGINE:
         asyncio.run(_engine(config, _sockets(args.metrics_fds), args.ready_fd, args.beside_workers))

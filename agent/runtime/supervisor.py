@@ -8,7 +8,8 @@ metrics), waits until it is ready, then the workers, and prints the banner once 
 restarts whichever child dies: at once the first time, after a growing pause (:data:`BACKOFF`) when it
 keeps dying within :data:`STABLE` seconds of its start. A dead worker's sockets stay open here, so the
 connections queued on them wait for its replacement instead of being reset. SIGTERM or SIGINT stops the
-workers, then the engine, and ``serve`` exits with 0.
+workers, then the engine, and ``serve`` exits with 0. With the ``file`` log driver it is the file's one
+writer: each child sends its records over a socket of its own (agent/log_relay.py).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from agent import log_relay
 from agent.config import Config
 from agent.http import metrics
 from agent.runtime import spawn
@@ -62,6 +64,7 @@ class Supervisor:
     config: Config
     sockets: Shared
     banner: bool = False
+    log_file: logging.Handler | None = None  # the file driver's writer: the children's records go to it too
     children: list[Child] = field(default_factory=list)
     _stopping: bool = False
 
@@ -74,6 +77,7 @@ class Supervisor:
             for i, w in enumerate(self.sockets.workers)
         ]
         self.children = [self.engine, *self.workers]
+        self._logs: log_relay.Collector | None = None
 
     # -- starting ------------------------------------------------------------------------------------
 
@@ -82,15 +86,28 @@ class Supervisor:
         fds = [fd for group in child.fds.values() for fd in group]
         # an engine restarted while workers serve must not take their work in flight for leftovers
         beside = child.role == spawn.ENGINE and any(w.proc is not None and w.proc.poll() is None for w in self.workers)
-        cmd = spawn.command(child.role, ready=write, index=child.index, fds=child.fds, beside_workers=beside)
+        relay = log_relay.pair() if self._logs is not None else None
+        log_fd = relay[1].fileno() if relay else None
+        passed = [*fds, write] + ([] if log_fd is None else [log_fd])
+        cmd = spawn.command(child.role, ready=write, index=child.index, fds=child.fds, beside_workers=beside,
+                            log_fd=log_fd)
         try:
             # a session of its own: a terminal's Ctrl-C reaches the supervisor only, which stops the children
             # in order (and never takes their exit for a crash)
             child.proc = subprocess.Popen(
-                cmd, stdin=subprocess.PIPE, pass_fds=[*fds, write], start_new_session=True, env=child_env()
+                cmd, stdin=subprocess.PIPE, pass_fds=passed,
+                start_new_session=True, env=child_env(),
             )
+        except BaseException:
+            if relay:
+                relay[0].close()
+            raise
         finally:
             os.close(write)
+            if relay:
+                relay[1].close()
+        if relay and self._logs is not None:
+            self._logs.add(relay[0])
         assert child.proc.stdin is not None
         try:
             child.proc.stdin.write(self._payload)
@@ -142,6 +159,8 @@ class Supervisor:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._stop_requested)
         signal.signal(signal.SIGCHLD, lambda *_: None)  # wakes the loop (set_wakeup_fd) when a child dies
+        if self.log_file is not None:
+            self._logs = log_relay.Collector(self.log_file)
         try:
             # metrics across processes: every child counts in files of one directory (emptied here, before
             # any child exists; named in the environment the children inherit)
@@ -168,6 +187,8 @@ class Supervisor:
             return 0
         finally:
             self._stop_all()
+            if self._logs is not None:
+                self._logs.close()  # every line the children left, up to their end-of-file
             signal.set_wakeup_fd(-1)
             os.close(wake_r)
             os.close(wake_w)
