@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -92,3 +93,50 @@ def test_volumes_and_hwinfo_answer_while_a_volume_hangs(two_volumes: tuple[Agent
         assert volumes == {"hung": "serving", "fine": "serving"}
         r = api.request("GET", "/volume/hwinfo", json={"volume": "hung"}, timeout=30)
         assert r.json()["status"] == "healthy", r.text
+
+
+def test_an_unserved_volume_looked_at_again_while_its_mount_hangs_stalls_no_other_request(tmp_path: Path) -> None:
+    """A volume not served at start-up (it needs migration) is looked at again by each request naming it (a
+    migration may have finished). When its mount hangs, that look blocks a thread and answers 503 within the
+    check's bound; every other request keeps answering. Before, the look ran on the event loop: the whole
+    agent stopped answering until the mount came back."""
+    roots = {name: tmp_path / name for name in ("old", "fine")}
+    for root in roots.values():
+        root.mkdir()
+    (roots["old"] / "version.txt").write_text("2\n")
+    (roots["fine"] / "version.txt").write_text("3\n")
+    agent = make_agent(
+        tmp_path / "agent", volumes={name: {"backend": "vfs", "path": str(root)} for name, root in roots.items()}
+    ).start()
+    results: dict[str, httpx.Response] = {}
+    try:
+        with agent.client() as api:
+            r = api.post("/quota-scope", json={"volume": "old", "qsid": "qs1"})
+            assert r.status_code == 503 and "needs migration" in r.json()["msg"], r.text
+        _hang(roots["old"])
+
+        def create_on_old() -> None:
+            with agent.client() as api:
+                results["old"] = api.post("/quota-scope", json={"volume": "old", "qsid": "qs1"}, timeout=60)
+
+        pending = threading.Thread(target=create_on_old)
+        pending.start()
+        time.sleep(1.0)  # not a bound: lets that request reach the agent before the others (no assert on time)
+        try:
+            with agent.client() as api:  # generous timeouts: a blocked loop never answers, a busy machine slowly
+                for _ in range(5):
+                    assert api.get("/", timeout=30).status_code == 200
+                    assert api.post("/quota-scope", json={"volume": "fine", "qsid": "qs2"},
+                                    timeout=30).status_code in (204, 409)
+        finally:
+            pending.join(60)
+        assert not pending.is_alive(), "the request naming the hung volume did not answer"
+        r = results["old"]
+        assert r.status_code == 503 and "has not answered" in r.json()["msg"], r.text
+        _release(roots["old"])  # back, and now migrated: served from the next look on
+        with agent.client() as api:
+            assert api.post("/quota-scope", json={"volume": "old", "qsid": "qs1"}, timeout=30).status_code == 204
+    finally:
+        _release(roots["old"])
+        agent.stop()
+    assert_clean_log(agent)

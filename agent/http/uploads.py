@@ -177,7 +177,7 @@ async def open_upload(agent: Agent, claims: dict[str, Any], dst_dir: str | None,
         row.incarnation,
     ):
         raise ApiError(403, "invalid token: its claims do not match the upload session", "invalid-token")
-    vol = agent.volume(row.volume)
+    vol = await agent.volume(row.volume)
     if not isinstance(vol, MountedVolume):
         raise ApiError(400, f"volume {vol.name!r} does not take uploads", "unsupported-operation")
     upload = Upload(row, vol, vfid, target_path(row.relpath, dst_dir))

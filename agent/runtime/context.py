@@ -73,12 +73,14 @@ class Agent:
             raise ApiError(404, f"unknown volume {name!r}", "invalid-volume")
         return vol
 
-    def volume(self, name: str) -> Volume:
-        """A volume that is being served, or a 4xx naming the problem."""
+    async def volume(self, name: str) -> Volume:
+        """A volume that is being served, or the 503 naming the problem. A volume not served is looked at
+        again (`storage-agent migrate` may have finished since start-up) off the event loop, bounded by
+        CHECK_TIMEOUT: a mount that hangs holds this request, never the others."""
         vol = self.configured(name)
         state = self.states.get(name)
         if state is not None and not state.serving:
-            state = self.refresh_state(vol)  # e.g. `storage-agent migrate` finished since start-up
+            state = await self.checked_state(vol)
         if state is not None and not state.serving:
             raise VolumeUnavailable(f"volume {name!r} is not served: {state.info}")
         return vol

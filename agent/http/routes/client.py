@@ -21,7 +21,7 @@ from agent.http import downloads, metrics, strict, tokens, uploads
 from agent.http.errors import ApiError, malformed
 from agent.http.params import DownloadQuery, TokenQuery, documented
 from agent.http.socket_body import SocketBody
-from agent.runtime.context import Agent, agent_of
+from agent.runtime.context import agent_of
 from backends.base import Volume
 from backends.ids import VFolderID
 from backends.resolver import VFolderRoot, check_relpath, fs_errors
@@ -86,9 +86,8 @@ def _join(dst_dir: str | None, relpath: str) -> str:
 # -- download ---------------------------------------------------------------------
 
 
-def _open_root(agent: Agent, claims: dict[str, Any]) -> tuple[VFolderRoot, str]:
+def _open_root(vol: Volume, claims: dict[str, Any]) -> tuple[VFolderRoot, str]:
     """The root the token grants (its vfolder, or the manager's unmanaged host path) and a fallback name."""
-    vol: Volume = agent.volume(_claim_str(claims, "volume"))
     if claims.get("unmanaged_path") is not None:
         unmanaged = _claim_str(claims, "unmanaged_path")
         if "\0" in unmanaged or not os.path.isabs(unmanaged):
@@ -120,8 +119,8 @@ def _open_entry(root: VFolderRoot, path: str) -> tuple[int, os.stat_result]:
             ) from None
 
 
-def _open_download(agent: Agent, claims: dict[str, Any], path: str) -> tuple[int, os.stat_result, str]:
-    root, fallback = _open_root(agent, claims)
+def _open_download(vol: Volume, claims: dict[str, Any], path: str) -> tuple[int, os.stat_result, str]:
+    root, fallback = _open_root(vol, claims)
     with root:
         fd, st = _open_entry(root, path)
     name = path.rstrip("/").rpartition("/")[2]
@@ -146,7 +145,8 @@ async def download(request: web.Request) -> web.StreamResponse:
     if archive is None:
         archive = claims.get("archive") is True
     no_cache = bool(_flag(request, "no_cache"))
-    fd, st, name = await asyncio.to_thread(_open_download, agent, claims, path)
+    vol = await agent.volume(_claim_str(claims, "volume"))
+    fd, st, name = await asyncio.to_thread(_open_download, vol, claims, path)
     if stat.S_ISDIR(st.st_mode):
         if not archive:
             os.close(fd)

@@ -61,7 +61,7 @@ async def mkdir(request: web.Request, p: MkdirParams) -> web.Response:
     """Make directories: 204 for one path of a bare id (23.03.5), else per path: 200 all / 207 some / 422 none.
 
     The per-path answer is 24.03+'s; 23.03.7-23.09 managers read no body, so a typed id always gets it."""
-    vol = agent_of(request).volume(p.volume)
+    vol = await agent_of(request).volume(p.volume)
     if isinstance(p.relpath, str) and not p.vfid.typed:
         await vfolders.in_vfolder(vol, p.vfid, files.mkdir, p.relpath, parents=p.parents, exist_ok=p.exist_ok)
         return web.Response(status=204)
@@ -83,7 +83,7 @@ async def mkdir(request: web.Request, p: MkdirParams) -> web.Response:
 async def listdir(request: web.Request, p: RelPathParams) -> web.Response:
     """List a directory's entries (links described, not followed; at most scandir-limit)."""
     agent = agent_of(request)
-    vol = agent.volume(p.volume)
+    vol = await agent.volume(p.volume)
     limit = agent.config.storage_proxy.scandir_limit
     entries = await vfolders.in_vfolder(vol, p.vfid, files.listdir, p.relpath or ".", limit=limit)
     items = [
@@ -102,7 +102,7 @@ async def listdir(request: web.Request, p: RelPathParams) -> web.Response:
 @takes(RenameParams)
 async def rename(request: web.Request, p: RenameParams) -> web.Response:
     """Rename an entry within its directory (never replaces one)."""
-    vol = agent_of(request).volume(p.volume)
+    vol = await agent_of(request).volume(p.volume)
     await vfolders.in_vfolder(vol, p.vfid, files.rename, p.relpath, p.new_name)
     return web.Response(status=204)
 
@@ -111,7 +111,7 @@ async def rename(request: web.Request, p: RenameParams) -> web.Response:
 @takes(MoveParams)
 async def move(request: web.Request, p: MoveParams) -> web.Response:
     """Move an entry elsewhere in the vfolder (never replaces one)."""
-    vol = agent_of(request).volume(p.volume)
+    vol = await agent_of(request).volume(p.volume)
     await vfolders.in_vfolder(vol, p.vfid, files.move, p.src_relpath, p.dst_relpath)
     return web.Response(status=204)
 
@@ -120,7 +120,7 @@ async def move(request: web.Request, p: MoveParams) -> web.Response:
 @takes(DeleteFilesParams, answer=answers.StatusOk)
 async def delete(request: web.Request, p: DeleteFilesParams) -> web.Response:
     """Delete entries (a directory only with recursive); a link is removed as a link."""
-    vol = agent_of(request).volume(p.volume)
+    vol = await agent_of(request).volume(p.volume)
     await vfolders.in_vfolder(vol, p.vfid, files.delete, list(p.relpaths), recursive=p.recursive)
     return web.json_response({"status": "ok"})
 
@@ -129,7 +129,7 @@ async def delete(request: web.Request, p: DeleteFilesParams) -> web.Response:
 @takes(RelPathParams, status=200, content_type="application/octet-stream")
 async def fetch(request: web.Request, p: RelPathParams) -> web.StreamResponse:
     """A regular file's bytes."""
-    vol = agent_of(request).volume(p.volume)
+    vol = await agent_of(request).volume(p.volume)
     try:
         fd, st = await vfolders.in_vfolder(vol, p.vfid, files.open_regular, p.relpath)
     except FileOpError as e:
@@ -153,7 +153,7 @@ async def fetch(request: web.Request, p: RelPathParams) -> web.StreamResponse:
 async def download_token(request: web.Request, p: DownloadParams) -> web.Response:
     """A token for GET /download on the client API."""
     agent = agent_of(request)
-    vol = agent.volume(p.volume)
+    vol = await agent.volume(p.volume)
     check_relpath(p.relpath)
     (await vfolders.open_root(vol, p.vfid)).close()
     sp = agent.config.storage_proxy
@@ -175,7 +175,7 @@ async def download_token(request: web.Request, p: DownloadParams) -> web.Respons
 async def upload_token(request: web.Request, p: UploadParams) -> web.Response:
     """A token for a tus upload on the client API."""
     agent = agent_of(request)
-    vol = agent.volume(p.volume)
+    vol = await agent.volume(p.volume)
     check_relpath(p.relpath)
     sp = agent.config.storage_proxy
     if p.size > sp.max_upload_size:

@@ -22,7 +22,7 @@ async def create(request: web.Request, p: VFolderCreate) -> web.Response:
     limit = p.options.initial_max_size_for_quota_scope if p.options is not None else None
     with vfolders.scope_named(p.vfid.scope):
         await vfolders.create_vfolder(
-            agent, agent.volume(p.volume), p.vfid, make_scope=p.vfid.typed, scope_limit=limit or None
+            agent, await agent.volume(p.volume), p.vfid, make_scope=p.vfid.typed, scope_limit=limit or None
         )
     return web.Response(status=204)
 
@@ -34,7 +34,7 @@ async def delete(request: web.Request, p: VFolderParams) -> web.Response:
     23.03.7+ proxies; 409 while another operation holds it)."""
     agent = agent_of(request)
     try:
-        await vfolders.delete_vfolder(agent, agent.volume(p.volume), p.vfid)
+        await vfolders.delete_vfolder(agent, await agent.volume(p.volume), p.vfid)
     except VFolderNotFound:
         if not p.vfid.typed:
             raise
@@ -48,7 +48,7 @@ async def clone(request: web.Request, p: VFolderClone) -> web.Response:
     agent = agent_of(request)
     vfolders.cross_volume(p.src_volume, p.dst_volume)
     with vfolders.scope_named(p.dst_vfid.scope):
-        await vfolders.clone_vfolder(agent, agent.volume(p.src_volume), p.src_vfid, p.dst_vfid)
+        await vfolders.clone_vfolder(agent, await agent.volume(p.src_volume), p.src_vfid, p.dst_vfid)
     return web.Response(status=204)
 
 
@@ -56,7 +56,7 @@ async def clone(request: web.Request, p: VFolderClone) -> web.Response:
 @takes(MountParams, answer=answers.MountAnswer)
 async def mount(request: web.Request, p: MountParams) -> web.Response:
     """The host path of a vfolder (the subpath must exist inside it)."""
-    vol = agent_of(request).volume(p.volume)
+    vol = await agent_of(request).volume(p.volume)
     try:
         await vfolders.in_vfolder(vol, p.vfid, files.require, p.subpath)  # the subpath must exist inside it
     except VFolderNotFound as e:
@@ -65,7 +65,7 @@ async def mount(request: web.Request, p: MountParams) -> web.Response:
 
 
 async def _existing(request: web.Request, params: VFolderParams) -> None:
-    vol = agent_of(request).volume(params.volume)
+    vol = await agent_of(request).volume(params.volume)
     (await vfolders.open_root(vol, params.vfid)).close()
 
 
@@ -92,7 +92,7 @@ async def set_metadata(request: web.Request, p: MetadataSet) -> web.Response:
 async def folder_usage(request: web.Request, p: VFolderParams) -> web.Response:
     """Entries and st_size sum below the vfolder root, from the catalogue."""
     agent = agent_of(request)
-    u = await usage.get(agent, agent.volume(p.volume), p.vfid)
+    u = await usage.get(agent, await agent.volume(p.volume), p.vfid)
     return web.json_response(usage.as_json(u))
 
 
@@ -101,7 +101,7 @@ async def folder_usage(request: web.Request, p: VFolderParams) -> web.Response:
 async def refresh_usage(request: web.Request, p: VFolderParams) -> web.Response:
     """Extension: rescan the vfolder now; answers at once, later usage answers say stale: true until it lands."""
     agent = agent_of(request)
-    await usage.refresh(agent, agent.volume(p.volume), p.vfid)
+    await usage.refresh(agent, await agent.volume(p.volume), p.vfid)
     return web.json_response({"status": "accepted"}, status=202)
 
 
@@ -110,7 +110,7 @@ async def refresh_usage(request: web.Request, p: VFolderParams) -> web.Response:
 async def used_bytes(request: web.Request, p: VFolderParams) -> web.Response:
     """Allocated bytes of the vfolder (like du -s -B1), from the catalogue."""
     agent = agent_of(request)
-    u = await usage.get(agent, agent.volume(p.volume), p.vfid)
+    u = await usage.get(agent, await agent.volume(p.volume), p.vfid)
     return web.json_response(
         {
             "used_bytes": u.allocated_bytes,

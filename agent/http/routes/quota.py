@@ -27,7 +27,7 @@ def _limit(options: object) -> int | None:
 async def create(request: web.Request, p: QuotaScopeCreate) -> web.Response:
     """Create a quota scope (optionally with limit_bytes); a typed id that exists: 409, as 23.09+."""
     agent = agent_of(request)
-    vol = agent.volume(p.volume)
+    vol = await agent.volume(p.volume)
     if p.qsid.typed and await vfolders.scope_exists(vol, p.qsid.name):
         raise ApiError(409, f"quota scope '{p.qsid}' already exists on volume {vol.name!r}", "quota-scope-exists")
     with vfolders.scope_named(p.qsid):
@@ -41,7 +41,7 @@ async def describe(request: web.Request, p: QuotaScopeParams) -> web.Response:
     """A quota scope's used bytes and limit (unknown scope: 404)."""
     agent = agent_of(request)
     with vfolders.scope_named(p.qsid):
-        usage = await vfolders.describe_scope(agent, agent.volume(p.volume), p.qsid.name)
+        usage = await vfolders.describe_scope(agent, await agent.volume(p.volume), p.qsid.name)
     unknown = None if p.qsid.typed else -1  # 23.03.7+ proxies answer null; the manager reads -1 as a limit
     return web.json_response(
         {
@@ -56,7 +56,7 @@ async def describe(request: web.Request, p: QuotaScopeParams) -> web.Response:
 async def update(request: web.Request, p: QuotaScopeUpdate) -> web.Response:
     """Set or lift a quota scope's limit; a missing scope: 404, or created with it for a typed id (as 23.03.7+)."""
     agent = agent_of(request)
-    vol = agent.volume(p.volume)
+    vol = await agent.volume(p.volume)
     with vfolders.scope_named(p.qsid):
         if p.qsid.typed and not await vfolders.scope_exists(vol, p.qsid.name):
             await vfolders.ensure_scope(agent, vol, p.qsid.name, _limit(p.options))
@@ -71,7 +71,7 @@ async def unset_quota(request: web.Request, p: QuotaScopeParams) -> web.Response
     """Lift a quota scope's limit (the scope and its data stay; unknown scope: 404)."""
     agent = agent_of(request)
     with vfolders.scope_named(p.qsid):
-        await vfolders.update_scope(agent, agent.volume(p.volume), p.qsid.name, None)
+        await vfolders.update_scope(agent, await agent.volume(p.volume), p.qsid.name, None)
     return web.Response(status=204)
 
 
@@ -81,5 +81,5 @@ async def delete(request: web.Request, p: QuotaScopeParams) -> web.Response:
     """Delete an empty quota scope (409 while vfolders remain)."""
     agent = agent_of(request)
     with vfolders.scope_named(p.qsid):
-        await vfolders.delete_scope(agent, agent.volume(p.volume), p.qsid.name)
+        await vfolders.delete_scope(agent, await agent.volume(p.volume), p.qsid.name)
     return web.Response(status=204)

@@ -117,7 +117,7 @@ async def hwinfo(request: web.Request, p: VolumeParams) -> web.Response:
 @takes(VolumeParams, answer=answers.PerfMetricAnswer)
 async def performance_metric(request: web.Request, p: VolumeParams) -> web.Response:
     """A volume's I/O figures."""
-    metric = await agent_of(request).volume(p.volume).performance_metric()
+    metric = await (await agent_of(request).volume(p.volume)).performance_metric()
     return web.json_response({"metric": dataclasses.asdict(metric)})
 
 
@@ -125,7 +125,7 @@ async def performance_metric(request: web.Request, p: VolumeParams) -> web.Respo
 @takes(VolumeParams, answer=answers.FsUsage)
 async def fs_usage(request: web.Request, p: VolumeParams) -> web.Response:
     """Capacity and used bytes of the whole volume."""
-    usage = await agent_of(request).volume(p.volume).fs_usage()
+    usage = await (await agent_of(request).volume(p.volume)).fs_usage()
     return web.json_response({"capacity_bytes": usage.capacity_bytes, "used_bytes": usage.used_bytes})
 
 
@@ -133,18 +133,18 @@ async def fs_usage(request: web.Request, p: VolumeParams) -> web.Response:
 @takes(VFolderParams, status=400)
 async def deprecated_get_volume_quota(request: web.Request, p: VFolderParams) -> web.Response:
     """Deprecated: always a 400 pointing at quota scopes."""
-    _deprecated_volume_quota(request, p)
+    await _deprecated_volume_quota(request, p)
 
 
 @routes.patch("/volume/quota")
 @takes(VolumeQuotaParams, status=400)
 async def deprecated_set_volume_quota(request: web.Request, p: VolumeQuotaParams) -> web.Response:
     """Deprecated: always a 400 pointing at quota scopes."""
-    _deprecated_volume_quota(request, p)
+    await _deprecated_volume_quota(request, p)
 
 
-def _deprecated_volume_quota(request: web.Request, p: VFolderParams) -> NoReturn:
-    agent_of(request).volume(p.volume)
+async def _deprecated_volume_quota(request: web.Request, p: VFolderParams) -> NoReturn:
+    await agent_of(request).volume(p.volume)
     raise ApiError(
         400,
         "per-vfolder quota is deprecated; set a limit on the quota scope instead (PATCH /quota-scope)",
