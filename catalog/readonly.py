@@ -14,23 +14,32 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
+import sqlalchemy as sa
+
 from catalog.db import BUSY_TIMEOUT_MS, CatalogError
 from catalog.migrations import SCHEMA_VERSION
+from catalog.points import PointQuery
+from catalog.schema import vfolders
+from catalog.scope_used import ready_sums, used_of
 from catalog.store import QuotaScopeRow, UsageRow, VFolderRow
 
-# The tables read here (vfolders, quota_scopes, vfolder_usage, scope_usage) exist from schema version 2 on.
+# The tables read here (vfolders, quota_scopes, vfolder_usage) exist from schema version 2 on.
 MIN_SCHEMA_VERSION = 2
 PENDING_VERSION = 8
 
 
 @dataclass(frozen=True)
 class ScopeTotals:
-    """A quota scope's figures: the backend's own when it reported one, else the sum of its vfolders."""
+    """A quota scope's used bytes (catalog/scope_used.py) and, for display, its measured vfolders' sums."""
 
-    used_bytes: int | None  # None: not every vfolder has been measured yet
+    used_bytes: int | None  # None: a ready vfolder has not been measured yet
     file_count: int
     allocated_bytes: int
-    source: str  # "backend" (the scope's own figure) or "vfolders" (the sum)
+
+
+_SCOPE_USED = PointQuery(
+    ready_sums(vfolders.c.volume == sa.bindparam("volume"), vfolders.c.qsid == sa.bindparam("qsid"))
+)
 
 
 class ReadOnlyCatalog:
@@ -57,8 +66,10 @@ class ReadOnlyCatalog:
         self._conn.close()
 
     def _rows(self, sql: str, *args: object) -> list[sqlite3.Row]:
+        """Rows of ``sql`` with ``args`` by position, or one mapping of named parameters."""
+        params = args[0] if len(args) == 1 and isinstance(args[0], dict) else args
         try:
-            cur = self._conn.execute(sql, args)
+            cur = self._conn.execute(sql, params)
             return cur.fetchall()
         except sqlite3.Error as e:
             raise CatalogError(f"catalogue {self.path}: {e}") from None
@@ -87,7 +98,7 @@ class ReadOnlyCatalog:
         r = rows[0]
         return UsageRow(r[0], r[1], r[2], r[3], r[4], bool(r[5]), bool(r[6]))
 
-    def scope_usage(self, volume: str, qsid: str) -> dict[str, UsageRow]:
+    def vfolder_figures(self, volume: str, qsid: str) -> dict[str, UsageRow]:
         """Every measured vfolder of a scope, by folder id, in one query (one consistent read)."""
         rows = self._rows(
             f"SELECT folder_id, used_bytes, file_count, allocated_bytes, measured_at, source, stale, {self._pending} "
@@ -98,23 +109,20 @@ class ReadOnlyCatalog:
         return {r[0]: UsageRow(r[1], r[2], r[3], r[4], r[5], bool(r[6]), bool(r[7])) for r in rows}
 
     def scope_totals(self, volume: str, qsid: str) -> ScopeTotals:
-        """The same rule as :meth:`catalog.store.Catalog.scope_used_bytes`, plus counts for display."""
+        """The same figure as :meth:`catalog.store.Catalog.scope_used_bytes`, plus counts for display."""
         self._conn.execute("BEGIN")
         try:
-            own = self._rows("SELECT used_bytes FROM scope_usage WHERE volume = ? AND qsid = ?", volume, qsid)
+            used = self._rows(_SCOPE_USED.sql, {"volume": volume, "qsid": qsid})
             summed = self._rows(
-                "SELECT COALESCE(SUM(allocated_bytes), 0), COALESCE(SUM(file_count), 0), COUNT(*) "
+                "SELECT COALESCE(SUM(allocated_bytes), 0), COALESCE(SUM(file_count), 0) "
                 "FROM vfolder_usage WHERE volume = ? AND qsid = ?",
                 volume,
                 qsid,
             )[0]
-            known = self._rows("SELECT COUNT(*) FROM vfolders WHERE volume = ? AND qsid = ?", volume, qsid)[0][0]
         finally:
             self._conn.execute("COMMIT")
-        allocated, files, measured = int(summed[0]), int(summed[1]), int(summed[2])
-        if own:
-            return ScopeTotals(int(own[0][0]), files, allocated, "backend")
-        return ScopeTotals(allocated if measured >= known else None, files, allocated, "vfolders")
+        figure = used_of(0, 0, 0) if not used else used_of(used[0][2], used[0][3], used[0][4])
+        return ScopeTotals(figure, int(summed[1]), int(summed[0]))
 
 
 __all__ = ["MIN_SCHEMA_VERSION", "ReadOnlyCatalog", "ScopeTotals"]

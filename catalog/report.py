@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 import sqlalchemy as sa
 
-from catalog.schema import quota_scopes, scope_usage, vfolder_usage, vfolders
+from catalog.schema import quota_scopes, vfolder_usage, vfolders
+from catalog.scope_used import ready_sums, used_of
 from catalog.store import Catalog
 
 
@@ -59,35 +60,18 @@ class ScopeGauge:
 
 
 async def scope_gauges(catalog: Catalog) -> list[ScopeGauge]:
-    """Every active quota scope's used bytes and limit, by the rules of :meth:`Catalog.scope_used_bytes`
-    (the backend's own figure, else the sum of the vfolders' allocated bytes once all are measured), in
-    four grouped queries whatever the number of scopes: a scrape never walks a disk."""
-    summed = (
-        sa.select(vfolder_usage.c.volume, vfolder_usage.c.qsid, sa.func.sum(vfolder_usage.c.allocated_bytes).label("b"),
-                  sa.func.count().label("n"))
-        .group_by(vfolder_usage.c.volume, vfolder_usage.c.qsid)
-    )
-    known = sa.select(vfolders.c.volume, vfolders.c.qsid, sa.func.count().label("n")).group_by(
-        vfolders.c.volume, vfolders.c.qsid
-    )
+    """Every active quota scope's used bytes and limit, by the one rule (catalog/scope_used.py), in two
+    queries whatever the number of scopes: a scrape never walks a disk."""
     async with catalog.db.read() as conn:
         scopes = list(await conn.execute(
             sa.select(quota_scopes.c.volume, quota_scopes.c.qsid, quota_scopes.c.limit_bytes)
             .where(quota_scopes.c.state == "active").order_by(quota_scopes.c.volume, quota_scopes.c.qsid)
         ))
-        own = {(r.volume, r.qsid): r.used_bytes for r in await conn.execute(
-            sa.select(scope_usage.c.volume, scope_usage.c.qsid, scope_usage.c.used_bytes))}
-        sums = {(r.volume, r.qsid): (int(r.b or 0), r.n) for r in await conn.execute(summed)}
-        counts = {(r.volume, r.qsid): r.n for r in await conn.execute(known)}
-    out = []
-    for r in scopes:
-        key = (r.volume, r.qsid)
-        used = own.get(key)
-        if used is None:
-            total, measured = sums.get(key, (0, 0))
-            used = total if measured >= counts.get(key, 0) else None
-        out.append(ScopeGauge(r.volume, r.qsid, used, r.limit_bytes))
-    return out
+        sums = {(r.volume, r.qsid): (r.known, r.measured, r.total) for r in await conn.execute(ready_sums())}
+    return [
+        ScopeGauge(r.volume, r.qsid, used_of(*sums.get((r.volume, r.qsid), (0, 0, 0))), r.limit_bytes)
+        for r in scopes
+    ]
 
 
 __all__ = ["ScopeFigures", "ScopeGauge", "scope_figures", "scope_gauges"]

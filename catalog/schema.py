@@ -93,16 +93,6 @@ vfolder_usage = sa.Table(
     sa.Column("pending", sa.Boolean, nullable=False, server_default=sa.false()),  # events still queued
 )
 
-scope_usage = sa.Table(
-    "scope_usage",
-    metadata,
-    sa.Column("volume", sa.Text, primary_key=True),
-    sa.Column("qsid", sa.Text, primary_key=True),
-    sa.Column("used_bytes", sa.Integer, nullable=False),
-    sa.Column("measured_at", sa.Float, nullable=False),
-    sa.Column("source", sa.Text, nullable=False),
-)
-
 dir_usage = sa.Table(
     "dir_usage",
     metadata,

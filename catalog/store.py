@@ -29,7 +29,6 @@ from catalog.schema import (
     dir_usage,
     jobs,
     quota_scopes,
-    scope_usage,
     upload_sessions,
     usage_dirs,
     usage_vfolders,
@@ -38,6 +37,7 @@ from catalog.schema import (
     vfolders,
     volumes,
 )
+from catalog.scope_used import ready_sums, used_of
 from catalog.wire import WriterClient
 from catalog.writes import writes
 
@@ -133,13 +133,7 @@ _GET_VFOLDER = PointQuery(sa.select(vfolders).where(_vf_params(vfolders)))
 _GET_QUOTA_SCOPE = PointQuery(sa.select(quota_scopes).where(_qs_params(quota_scopes)))
 _GET_METADATA = PointQuery(sa.select(vfolder_metadata.c.payload).where(_vf_params(vfolder_metadata)))
 _GET_UPLOAD = PointQuery(sa.select(upload_sessions).where(upload_sessions.c.session_id == sa.bindparam("session_id")))
-_SCOPE_OWN = PointQuery(sa.select(scope_usage.c.used_bytes).where(_qs_params(scope_usage)))
-_SCOPE_SUM = PointQuery(
-    sa.select(
-        sa.func.sum(vfolder_usage.c.allocated_bytes).label("total"), sa.func.count().label("measured")
-    ).where(_qs_params(vfolder_usage))
-)
-_SCOPE_KNOWN = PointQuery(sa.select(sa.func.count().label("known")).select_from(vfolders).where(_qs_params(vfolders)))
+_SCOPE_USED = PointQuery(ready_sums(_qs_params(vfolders)))  # catalog/scope_used.py: the one rule
 
 
 class Catalog:
@@ -358,7 +352,7 @@ class Catalog:
 
     @writes
     async def remove_quota_scope(self, volume: str, qsid: str) -> None:
-        await self.db.execute_write(*(t.delete().where(_qs_key(t, volume, qsid)) for t in (quota_scopes, scope_usage)))
+        await self.db.execute_write(quota_scopes.delete().where(_qs_key(quota_scopes, volume, qsid)))
 
     @writes
     async def mark_quota_scope_missing(self, volume: str, qsid: str) -> None:
@@ -495,28 +489,16 @@ class Catalog:
         )
 
     async def scope_used_bytes(self, volume: str, qsid: str) -> int | None:
-        """The backend's own figure for a scope if it reported one, else the sum of its vfolders."""
+        """The sum of the scope's ready vfolders' allocated bytes; None while one has no figure
+        (catalog/scope_used.py)."""
         key = {"volume": volume, "qsid": qsid}
-        queries = (_SCOPE_OWN, _SCOPE_SUM, _SCOPE_KNOWN)
         if self.points is not None:
             with self.points.snapshot() as read:
-                own, summed, known = (read.first(q, key) for q in queries)
+                row = read.first(_SCOPE_USED, key)
         else:
             async with self.db.read() as conn:
-                own, summed, known = [await self._first(conn, q, key) for q in queries]
-        if own is not None:
-            return int(own["used_bytes"])
-        assert summed is not None and known is not None  # aggregates always answer one row
-        if summed["measured"] < known["known"]:
-            return None
-        return int(summed["total"] or 0)
-
-    @writes
-    async def put_scope_usage(self, volume: str, qsid: str, used_bytes: int, source: str) -> None:
-        values = {"used_bytes": used_bytes, "measured_at": time.time(), "source": source}
-        stmt = insert(scope_usage).values(volume=volume, qsid=qsid, **values)
-        stmt = stmt.on_conflict_do_update(index_elements=[scope_usage.c.volume, scope_usage.c.qsid], set_=values)
-        await self.db.execute_write(stmt)
+                row = await self._first(conn, _SCOPE_USED, key)
+        return used_of(0, 0, 0) if row is None else used_of(row["known"], row["measured"], row["total"])
 
     # -- upload sessions -------------------------------------------------------
 

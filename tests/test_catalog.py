@@ -150,3 +150,46 @@ def test_usage_rows_of_schema_5_upgrade_to_byte_paths_and_odd_names_round_trip(t
         await cat.close()
 
     run(reopen())
+
+
+def test_schema_8_with_a_scope_usage_row_upgrades_and_the_scope_figure_is_its_vfolders(tmp_path: Path) -> None:
+    """Schema 9 drops ``scope_usage`` (a backend's own per-scope figure that nothing but a test wrote): a
+    catalogue of schema 8 with such a row upgrades, the table is gone, and the scope's used bytes are its
+    ready vfolders' allocated bytes, as the HTTP answers have them (the row's figure no longer wins)."""
+    path = tmp_path / "v8.db"
+
+    async def make_v8() -> None:
+        db = Database(path)
+        await db.upgrade(target=8)
+        await db.close()
+
+    run(make_v8())
+    ready, gone = "ab" * 16, "cd" * 16
+    con = sqlite3.connect(path)
+    con.execute("INSERT INTO quota_scopes VALUES ('local', 'user-1', NULL, 'active', 1.0, NULL)")
+    con.execute("INSERT INTO vfolders VALUES ('local', 'user-1', ?, 'ready', 2.0, NULL, 'i1')", (ready,))
+    con.execute("INSERT INTO vfolders VALUES ('local', 'user-1', ?, 'missing', 2.0, 3.0, 'i2')", (gone,))
+    for folder, allocated in ((ready, 8192), (gone, 4096)):
+        con.execute("INSERT INTO vfolder_usage VALUES ('local', 'user-1', ?, 100, 1, ?, 1.0, 'scan', 0, 0)",
+                    (folder, allocated))
+    con.execute("INSERT INTO scope_usage VALUES ('local', 'user-1', 999999, 1.0, 'quota')")
+    con.commit()
+    con.close()
+
+    async def reopen() -> None:
+        from catalog.report import scope_gauges
+
+        cat = await Catalog.open(path)
+        assert await cat.schema_version() == SCHEMA_VERSION >= 9
+        assert await cat.scope_used_bytes("local", "user-1") == 8192
+        assert [g.used_bytes for g in await scope_gauges(cat)] == [8192]
+        await cat.add_vfolder("local", "user-1", "ef" * 16)  # a ready vfolder with no figure yet: unknown
+        assert await cat.scope_used_bytes("local", "user-1") is None
+        await cat.remove_quota_scope("local", "user-1")
+        await cat.close()
+
+    run(reopen())
+    con = sqlite3.connect(path)
+    tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    con.close()
+    assert "scope_usage" not in tables and {"vfolders", "vfolder_usage"} <= tables

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Protocol
 
 from agent.engine.usage import Usage, UsageEngine
@@ -31,7 +30,8 @@ from backends.base import Volume
 from backends.ids import VFolderID
 from catalog import WriterUnavailable
 from catalog.readonly import ReadOnlyCatalog
-from catalog.store import UsageRow, VFolderRow
+from catalog.scope_used import sum_ready
+from catalog.store import UsageRow
 from catalog.usage_store import UsageStore
 
 if TYPE_CHECKING:
@@ -151,7 +151,7 @@ class CatalogueUsage:
 
     async def scope_used(self, vol: Volume, qsid: str) -> int | None:
         vfolders = await self.agent.catalog.vfolders(vol.name, qsid)
-        figures = self.rows.scope_usage(vol.name, qsid)
+        figures = self.rows.vfolder_figures(vol.name, qsid)
         return sum_ready(vfolders, lambda folder_id: _allocated(figures.get(folder_id)))
 
     async def registered(self, vol: Volume, vfid: VFolderID, *, fresh: bool) -> None:
@@ -163,20 +163,6 @@ class CatalogueUsage:
 
 def _allocated(figure: Usage | UsageRow | None) -> int | None:
     return None if figure is None else figure.allocated_bytes
-
-
-def sum_ready(rows: Sequence[VFolderRow], allocated: Callable[[str], int | None]) -> int | None:
-    """The one rule for a scope's used bytes: the sum of its ready vfolders' allocated bytes (what
-    ``/folder/used-bytes`` answers each), None while one of them has no figure yet."""
-    total = 0
-    for row in rows:
-        if row.state != "ready":
-            continue
-        figure = allocated(row.folder_id)
-        if figure is None:
-            return None
-        total += figure
-    return total
 
 
 def source(agent: Agent) -> UsageSource:

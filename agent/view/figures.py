@@ -43,7 +43,7 @@ def _usage_json(u: UsageRow | None) -> dict[str, object]:
 
 def usage_table(catalog: ReadOnlyCatalog, scope: QuotaScopeRow, folders: list[VFolderRow]) -> bytes:
     """The JSON document served as ``<scope>/.usage``."""
-    usage = catalog.scope_usage(scope.volume, scope.qsid)
+    usage = catalog.vfolder_figures(scope.volume, scope.qsid)
     totals = catalog.scope_totals(scope.volume, scope.qsid)
     rows = []
     for vf in folders:
@@ -55,7 +55,7 @@ def usage_table(catalog: ReadOnlyCatalog, scope: QuotaScopeRow, folders: list[VF
         "state": scope.state,
         "limit_bytes": -1 if scope.limit_bytes is None else scope.limit_bytes,
         "used_bytes": -1 if totals.used_bytes is None else totals.used_bytes,
-        "used_bytes_source": totals.source,
+        "used_bytes_source": "vfolders",  # always, since the catalogue's scope_usage table went (schema 9)
         "totals": {
             "vfolders": len(folders),
             "missing": sum(1 for vf in folders if vf.state == "missing"),
