@@ -58,8 +58,9 @@ def _fit(line: str) -> bytes:
 class RelayHandler(logging.Handler):
     """A child's file driver: each formatted record to the supervisor as one message (see the module's doc)."""
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, role: str) -> None:
         super().__init__()
+        self.role = role
         self.sock = socket.socket(fileno=fd)
         self.sock.set_inheritable(False)  # a process this child starts must not hold the supervisor's EOF back
         self.sock.setblocking(False)
@@ -78,10 +79,11 @@ class RelayHandler(logging.Handler):
         if not self._send(data):
             self.dropped += 1
 
-    def _dropped_note(self, record: logging.LogRecord) -> bytes:
+    def _dropped_note(self, record: logging.LogRecord | None) -> bytes:
         note = logging.makeLogRecord({
-            "name": __name__, "levelno": logging.WARNING, "levelname": "WARNING", "created": record.created,
-            "processName": record.processName,
+            "name": __name__, "levelno": logging.WARNING, "levelname": "WARNING",
+            "created": time.time() if record is None else record.created,
+            "processName": self.role if record is None else record.processName,
             "msg": "%d log records dropped: the supervisor's log writer did not keep up", "args": (self.dropped,),
         })
         return _fit(self.format(note))
@@ -107,7 +109,10 @@ class RelayHandler(logging.Handler):
             return True
 
     def close(self) -> None:
+        """At exit (logging.shutdown): what was dropped is said once more if it can be (no waiting if stalled)."""
         try:
+            if self.dropped and self.sock.fileno() != -1:
+                self._send(self._dropped_note(None))
             self.sock.close()
         finally:
             super().close()

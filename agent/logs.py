@@ -184,7 +184,7 @@ def configure(cfg: LoggingConfig, *, role: str | None = None, relay_fd: int | No
     if "console" in cfg.drivers:
         handlers.append(_console(cfg.format, cfg.console.format, role))
     if "file" in cfg.drivers and cfg.file is not None and relay_fd is not None:
-        handler = log_relay.RelayHandler(relay_fd)
+        handler = log_relay.RelayHandler(relay_fd, role or "child")
         handler.setFormatter(JsonFormatter(upstream=True))
         handlers.append(handler)
     elif "file" in cfg.drivers and cfg.file is not None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import threading
@@ -116,3 +118,54 @@ def test_file_driver_under_num_proc_keeps_every_line_once_and_names_its_process(
         assert names == [f"worker-{served[rid]}"], (rid, names)
     assert any(rec["processName"] == "supervisor" and "started engine" in rec["message"] for rec in records)
     assert any(rec["processName"] == "engine" and "engine ready" in rec["message"] for rec in records)
+
+
+def test_a_stalled_log_writer_never_stalls_a_worker_and_what_was_dropped_is_counted(tmp_path: Path) -> None:
+    """The supervisor (the file's one writer) stopped with SIGSTOP while the workers log ~6 KiB lines: once a
+    worker's relay socket is full it waits for it once (2 s), then drops lines without waiting, so every
+    request is answered; after SIGCONT the file says how many lines each worker dropped, and no line is
+    written twice."""
+    logs = tmp_path / "logs"
+    agent = make_agent(
+        tmp_path / "agent",
+        storage_proxy={"num-proc": 2},
+        logging={"level": "INFO", "drivers": ["file"],
+                 "file": {"path": str(logs), "filename": "agent.log", "rotation-size": "64M", "backup-count": 1}},
+    )
+    agent.start(timeout=120)
+    assert agent.proc is not None
+    pad = "x" * 6000  # the refused request's line quotes its target: ~6 KiB per line fills the socket soon
+    sent: list[str] = []
+    lock = threading.Lock()
+
+    def burst(seed: int, count: int) -> None:
+        with agent.client() as api:
+            for i in range(count):
+                rid = f"stall-{seed}-{i}-{uuid.uuid4().hex[:8]}"
+                r = api.post(f"/folder/create?pad={pad}", json={"volume": "nowhere", "vfid": "qs1/" + "a" * 32},
+                             headers={"X-Request-ID": rid}, timeout=60)
+                assert r.status_code == 404
+                with lock:
+                    sent.append(rid)
+
+    os.kill(agent.proc.pid, signal.SIGSTOP)
+    try:
+        threads = [threading.Thread(target=burst, args=(n, 150)) for n in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(300)
+        assert not any(t.is_alive() for t in threads), "a worker stalled behind the stopped log writer"
+    finally:
+        os.kill(agent.proc.pid, signal.SIGCONT)
+    burst(99, 20)  # lines that get through again, each worker's first one after the count of what it dropped
+    assert agent.stop() == 0
+    assert len(sent) == 920
+    records = [json.loads(line) for p in sorted(logs.iterdir()) for line in p.read_text().splitlines()]
+    seen = [rec["message"].rsplit("[request ", 1)[1].rstrip("]") for rec in records
+            if "[request stall-" in rec["message"]]
+    assert len(seen) == len(set(seen)) and set(seen) <= set(sent)
+    notes = [rec for rec in records if "log records dropped" in rec["message"]]
+    assert notes and all(rec["processName"] in ("worker-0", "worker-1") for rec in notes), notes
+    dropped = sum(int(rec["message"].split()[0]) for rec in notes)
+    assert len(seen) + dropped >= len(sent), (len(seen), dropped, len(sent))
