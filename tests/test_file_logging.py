@@ -11,6 +11,8 @@ import threading
 import uuid
 from pathlib import Path
 
+import httpx
+
 from tests.support import ROOT, assert_clean_log, make_agent, to_toml
 
 
@@ -169,3 +171,57 @@ def test_a_stalled_log_writer_never_stalls_a_worker_and_what_was_dropped_is_coun
     assert notes and all(rec["processName"] in ("worker-0", "worker-1") for rec in notes), notes
     dropped = sum(int(rec["message"].split()[0]) for rec in notes)
     assert len(seen) + dropped >= len(sent), (len(seen), dropped, len(sent))
+
+
+def test_lines_of_a_killed_worker_are_kept(tmp_path: Path) -> None:
+    """A worker killed with SIGKILL mid-burst: every request it answered has its line in the file (a line is
+    in the kernel's queue before the answer leaves; the supervisor reads it after the worker is gone)."""
+    from tests.test_num_proc import roles
+
+    logs = tmp_path / "logs"
+    agent = make_agent(
+        tmp_path / "agent",
+        storage_proxy={"num-proc": 2},
+        logging={"level": "INFO", "drivers": ["console", "file"],
+                 "file": {"path": str(logs), "filename": "agent.log", "rotation-size": "1M", "backup-count": 5}},
+    )
+    agent.start(timeout=120)
+    answered: dict[str, str] = {}
+    lock = threading.Lock()
+    halfway = threading.Event()
+
+    def burst(seed: int) -> None:
+        for i in range(60):
+            if i == 20:
+                halfway.set()
+            rid = f"kill-{seed}-{i}-{uuid.uuid4().hex[:8]}"
+            try:
+                with agent.client() as api:  # a connection per request: the survivor takes them after the kill
+                    r = api.post("/folder/create", json={"volume": "nowhere", "vfid": "qs1/" + "a" * 32},
+                                 headers={"X-Request-ID": rid}, timeout=60)
+            except httpx.HTTPError:
+                continue  # in flight on the killed worker
+            assert r.status_code == 404
+            with lock:
+                answered[rid] = r.headers["X-Storage-Agent-Worker"]
+
+    try:
+        threads = [threading.Thread(target=burst, args=(n,)) for n in range(3)]
+        for t in threads:
+            t.start()
+        assert halfway.wait(120)
+        (victim,) = roles(agent)["worker 0"]
+        os.kill(victim, signal.SIGKILL)
+        for t in threads:
+            t.join(300)
+    finally:
+        assert agent.stop() == 0
+    records = [json.loads(line) for p in sorted(logs.iterdir()) for line in p.read_text().splitlines()]
+    seen: dict[str, list[str]] = {}
+    for rec in records:
+        if "[request kill-" in rec["message"]:
+            seen.setdefault(rec["message"].rsplit("[request ", 1)[1].rstrip("]"), []).append(rec["processName"])
+    assert any(w == "0" for w in answered.values())
+    for rid, worker in answered.items():
+        assert seen.get(rid) == [f"worker-{worker}"], (rid, worker, seen.get(rid))
+    assert any("HTTP worker 0" in rec["message"] and "signal 9" in rec["message"] for rec in records)
