@@ -66,6 +66,8 @@ class RelayHandler(logging.Handler):
         self.sock.setblocking(False)
         self.dropped = 0  # records dropped since the last one that got through
         self.stalled = False  # the last send found the socket full even after waiting: do not wait again
+        self._writable = select.poll()  # (not select(): a worker's descriptors may number past 1024)
+        self._writable.register(self.sock, select.POLLOUT)
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -73,17 +75,15 @@ class RelayHandler(logging.Handler):
         except Exception:
             self.handleError(record)
             return
-        if self.dropped and not self._send(self._dropped_note(record)):
+        if self.dropped and not self._send(self._dropped_note()):
             self.dropped += 1
             return
         if not self._send(data):
             self.dropped += 1
 
-    def _dropped_note(self, record: logging.LogRecord | None) -> bytes:
+    def _dropped_note(self) -> bytes:
         note = logging.makeLogRecord({
-            "name": __name__, "levelno": logging.WARNING, "levelname": "WARNING",
-            "created": time.time() if record is None else record.created,
-            "processName": self.role if record is None else record.processName,
+            "name": __name__, "levelno": logging.WARNING, "levelname": "WARNING", "processName": self.role,
             "msg": "%d log records dropped: the supervisor's log writer did not keep up", "args": (self.dropped,),
         })
         return _fit(self.format(note))
@@ -99,7 +99,7 @@ class RelayHandler(logging.Handler):
                 if left <= 0:
                     self.stalled = True
                     return False
-                select.select([], [self.sock], [], left)
+                self._writable.poll(left * 1000)
                 continue
             except OSError:  # the supervisor is gone (this child is about to be stopped too): keep the line
                 sys.stderr.write(data.decode("utf-8", "replace") + "\n")
@@ -112,7 +112,7 @@ class RelayHandler(logging.Handler):
         """At exit (logging.shutdown): what was dropped is said once more if it can be (no waiting if stalled)."""
         try:
             if self.dropped and self.sock.fileno() != -1:
-                self._send(self._dropped_note(None))
+                self._send(self._dropped_note())
             self.sock.close()
         finally:
             super().close()
