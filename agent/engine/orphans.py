@@ -50,11 +50,12 @@ class OrphanedClones:
 
     async def start(self) -> None:
         asyncio.get_running_loop().add_signal_handler(WAKE, self._wake.set)
-        await self.settle()  # workers that died while no engine ran
+        self._wake.set()  # the first look at once: workers that died while no engine ran
         self._task = asyncio.create_task(self._run(), name=self.name)
 
     async def stop(self) -> None:
         asyncio.get_running_loop().remove_signal_handler(WAKE)
+        signal.signal(WAKE, signal.SIG_IGN)  # a late word while stopping must not end the process
         await cancel_and_wait(self._task)
 
     async def _run(self) -> None:
@@ -66,7 +67,7 @@ class OrphanedClones:
             self._wake.clear()
             try:
                 await self.settle()
-            except Exception:
+            except Exception:  # the next word or period tries again
                 log.exception("settling the clones of dead HTTP workers failed")
 
     async def settle(self) -> int:
