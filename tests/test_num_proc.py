@@ -661,6 +661,7 @@ def test_workers_move_to_the_catalogue_an_engine_restarted_beside_them_rebuilt(t
             now = roles(agent)
             assert [len(now.get(r, [])) for r in ("worker 0", "worker 1")] == [1, 1], now  # replaced ones exited
             for role in ("worker 0", "worker 1", "engine"):
+                assert now.get(role), now
                 pid = now[role][0]
                 assert _holds(pid, db), (role, "does not read the new catalogue")
                 assert not any(_holds(pid, k) for k in kept), (role, "still holds the corrupt one")
