@@ -273,7 +273,7 @@ class BtrfsVolume(QuotaScopedVolume):
         """Reflinked extents are shared: the volume needs no room for the data (the scope check is below)."""
         return 0
 
-    async def clone_vfolder(self, src: VFolderID, dst: VFolderID) -> None:
+    async def clone_vfolder(self, src: VFolderID, dst: VFolderID, *, work: str | None = None) -> None:
         if src.qsid != dst.qsid:
             # A reflink into another subvolume adds the whole source to that scope's referenced bytes, but the
             # kernel charges it only at commit, after the clone "succeeded"; so check the headroom up front.
@@ -289,7 +289,7 @@ class BtrfsVolume(QuotaScopedVolume):
                         f"clone of {src} would exceed the limit of quota scope {dst.qsid!r}: needs {need} bytes, "
                         f"{room} of its {group.max_referenced} bytes left"
                     )
-        await super().clone_vfolder(src, dst)
+        await super().clone_vfolder(src, dst, work=work)
 
     # -- health and metrics -----------------------------------------------------
 

@@ -25,6 +25,16 @@ FICLONE = 0x40049409
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
+class DestinationLost(FileNotFoundError):
+    """A directory of the copy's destination was removed while the copy ran (someone else's cleanup)."""
+
+
+def _lost_if_unlinked(dfd: int) -> None:
+    """Called on ENOENT from a write into ``dfd``: a removed directory has no links left."""
+    if os.fstat(dfd).st_nlink == 0:
+        raise DestinationLost(errno.ENOENT, "a directory of the copy was removed while it ran")
+
+
 def _copy_file_data(src: int, dst: int, size: int) -> None:
     try:
         fcntl.ioctl(dst, FICLONE, src)
@@ -67,7 +77,12 @@ def _copy_entries(sfd: int, dfd: int, stack: list[tuple]) -> int:
             stack.append(("enter", sfd, dfd, name, st))
             continue
         if stat.S_ISLNK(st.st_mode):
-            os.symlink(os.readlink(name, dir_fd=sfd), name, dir_fd=dfd)
+            target = os.readlink(name, dir_fd=sfd)
+            try:
+                os.symlink(target, name, dir_fd=dfd)
+            except FileNotFoundError:
+                _lost_if_unlinked(dfd)
+                raise
             _copy_meta(st, dir_fd=dfd, name=name)
         elif stat.S_ISREG(st.st_mode):
             try:
@@ -75,7 +90,11 @@ def _copy_entries(sfd: int, dfd: int, stack: list[tuple]) -> int:
             except (FileNotFoundError, NotRegular):
                 continue  # gone, or swapped for a special file or a link since the stat: skipped
             try:
-                d = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600, dir_fd=dfd)
+                try:
+                    d = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600, dir_fd=dfd)
+                except FileNotFoundError:
+                    _lost_if_unlinked(dfd)
+                    raise
                 try:
                     _copy_file_data(s, d, st.st_size)
                     _copy_meta(st, fd=d)
@@ -112,10 +131,17 @@ def copy_tree(src_fd: int, dst_fd: int, *, progress: Callable[[int], None] | Non
                         os.close(dfd)
                 continue
             _, psfd, pdfd, name, st = item
-            os.mkdir(name, 0o700, dir_fd=pdfd)
+            try:
+                os.mkdir(name, 0o700, dir_fd=pdfd)
+            except FileNotFoundError:
+                _lost_if_unlinked(pdfd)
+                raise
             csfd = os.open(name, _DIR_FLAGS, dir_fd=psfd)
             try:
                 cdfd = os.open(name, _DIR_FLAGS, dir_fd=pdfd)
+            except FileNotFoundError:
+                os.close(csfd)
+                raise DestinationLost(errno.ENOENT, "a directory of the copy was removed while it ran") from None
             except BaseException:
                 os.close(csfd)
                 raise
@@ -130,3 +156,31 @@ def copy_tree(src_fd: int, dst_fd: int, *, progress: Callable[[int], None] | Non
                 os.close(item[2])
         raise
     return copied
+
+
+def count_entries(fd: int) -> int:
+    """Entries strictly below the directory ``fd`` (directories, files, links, others), by descriptors, links
+    never followed: what :func:`copy_tree` returned if nothing changed the copy meanwhile."""
+    count = 0
+    stack = [os.dup(fd)]
+    try:
+        while stack:
+            dfd = stack.pop()
+            try:
+                with os.scandir(dfd) as it:
+                    subdirs = []
+                    for entry in it:
+                        count += 1
+                        if entry.is_dir(follow_symlinks=False):
+                            subdirs.append(entry.name)
+                for name in subdirs:
+                    try:
+                        stack.append(os.open(name, _DIR_FLAGS, dir_fd=dfd))
+                    except FileNotFoundError:
+                        count -= 1  # gone since the listing
+            finally:
+                os.close(dfd)
+    finally:
+        for dfd in stack:
+            os.close(dfd)
+    return count

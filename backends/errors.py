@@ -66,5 +66,9 @@ class FileOpError(BackendError):
         self.paths = paths
 
 
+class StagingLost(BackendError):
+    """An operation's directory in the staging area was removed or replaced under it; nothing was published."""
+
+
 class Busy(BackendError):
     """Another lifecycle operation holds the vfolder or quota scope for longer than a request waits."""

@@ -14,20 +14,21 @@ from pathlib import Path
 
 from backends import cpu_placement
 from backends.base import FSUsage, HwInfo, Volume
-from backends.copytree import copy_tree
+from backends.copytree import DestinationLost, copy_tree, count_entries
 from backends.errors import (
     FileOpError,
     NotEnoughSpace,
     QuotaExceeded,
     QuotaScopeNotEmpty,
     QuotaScopeNotFound,
+    StagingLost,
     VFolderExists,
     VFolderNotFound,
 )
 from backends.ids import VFolderID, is_hex_part, parse_folder_id, parse_qsid
 from backends.layout import LAYOUT_VERSION, read_version
 from backends.resolver import VFolderRoot, rename_noreplace
-from backends.rmtree import remove_tree
+from backends.rmtree import remove_tree, remove_tree_at
 from backends.walk import TreeUsage, tree_usage
 
 RETRIES = 50  # a mkdir undone by a concurrent cleanup of an emptied directory is tried again this often
@@ -182,10 +183,12 @@ class MountedVolume(Volume):
             remove_tree(trash, ignore_errors=True)
         _rmdir_if_empty(staging)
 
-    async def clone_vfolder(self, src: VFolderID, dst: VFolderID) -> None:
-        await asyncio.to_thread(self._clone_vfolder, src, dst)
+    async def clone_vfolder(self, src: VFolderID, dst: VFolderID, *, work: str | None = None) -> None:
+        """``work``: the name of the clone's directory in the scope's staging area (the caller records it with
+        its job, so the leftovers of a process that died mid-copy can be found; default: a new one)."""
+        await asyncio.to_thread(self._clone_vfolder, src, dst, work)
 
-    def _clone_vfolder(self, src: VFolderID, dst: VFolderID) -> None:
+    def _clone_vfolder(self, src: VFolderID, dst: VFolderID, work_name: str | None = None) -> None:
         dst_path = self.vfolder_path(dst)
         if os.path.lexists(dst_path):
             raise VFolderExists(f"destination vfolder {dst} already exists on volume {self.name!r}")
@@ -204,43 +207,57 @@ class MountedVolume(Volume):
                     f"needs {need} bytes, {free} available"
                 )
             staging = self.staging_path(dst.qsid)
-            work = staging / f"clone-{uuid.uuid4().hex}"
+            work = staging / (work_name or f"clone-{uuid.uuid4().hex}")
+            lost = StagingLost(
+                f"the clone of {src} to {dst} was interrupted: its staging directory {dst.qsid}/{STAGING}/{work.name} "
+                "was removed or replaced while the copy ran (another process cleaned it up); nothing was "
+                "published, clone again"
+            )
+            held: _Staged | None = None
+            made = False
             try:
                 self._staging_entry(dst.qsid, work.name)
+                made = True
+                held = _Staged.hold(staging, work.name, lost)
                 src_fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY, dir_fd=root.fd)
-                dst_fd = os.open(work, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
                 try:
                     with cpu_placement.widened():  # the copy is kernel work: off the agent's pinned CPU
-                        copy_tree(src_fd, dst_fd)
+                        copied = copy_tree(src_fd, held.fd)
                 finally:
                     os.close(src_fd)
-                    os.close(dst_fd)
+                held.check(copied)
                 for _ in range(RETRIES):
                     self._make_prefix(dst)
                     try:
-                        _publish(work, dst_path)
+                        held.publish(dst_path)
                         break
                     except FileNotFoundError:  # the prefix went (a delete in the same aa/bb): again
-                        if not work.is_dir():
-                            raise
+                        held.check()
                 else:
                     raise OSError(errno.ENOENT, "the vfolder's prefix directory keeps disappearing", str(dst_path))
+            except DestinationLost:
+                _discard(held, work if made else None)
+                raise lost from None
             except FileExistsError:
-                remove_tree(work, ignore_errors=True)
+                _discard(held, work if made else None)
                 raise VFolderExists(f"destination vfolder {dst} already exists on volume {self.name!r}") from None
             except OSError as e:
-                remove_tree(work, ignore_errors=True)
+                _discard(held, work if made else None)
                 _rmdir_if_empty(dst_path.parent)
                 _rmdir_if_empty(dst_path.parent.parent)
+                if held is not None and not held.intact():
+                    raise lost from None
                 if e.errno == errno.EDQUOT:
                     raise QuotaExceeded(f"quota of scope {dst.qsid!r} exceeded while cloning {src}") from None
                 if e.errno == errno.ENOSPC:
                     raise NotEnoughSpace(f"volume {self.name!r} ran out of space while cloning {src}") from None
                 raise FileOpError(e.errno or errno.EIO, e.strerror or str(e), []) from None
-            except BaseException:  # e.g. the destination scope was removed meanwhile
-                remove_tree(work, ignore_errors=True)
+            except BaseException:  # e.g. the destination scope was removed meanwhile, or StagingLost
+                _discard(held, work if made else None)
                 raise
             finally:
+                if held is not None:
+                    held.close()
                 _rmdir_if_empty(staging)
 
     def clone_space_needed(self, src: VFolderID) -> int:
@@ -303,17 +320,85 @@ class MountedVolume(Volume):
         return sorted(found, key=str)
 
 
-def _publish(staged: Path, dst: Path) -> None:
-    """Move a finished staging directory into place; never replaces an existing one."""
-    sfd = os.open(staged.parent, os.O_PATH | os.O_DIRECTORY)
-    try:
-        dfd = os.open(dst.parent, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW)
+class _Staged:
+    """A clone's directory in the staging area, held by descriptors from its creation to its publication.
+
+    Someone else may remove or replace it while the copy runs (a start-up reconciliation of another
+    process, an operator cleaning ``.staging``): the copy then goes into a removed directory, or the name
+    comes to mean another tree. Before the publishing rename the directory found under the name must
+    still be the one made (same device and inode, still linked, in the same staging directory) and hold
+    exactly what the copy wrote; after it, the published name must be that same directory."""
+
+    def __init__(self, parent: int, name: str, fd: int, lost: StagingLost) -> None:
+        self.parent, self.name, self.fd, self.lost = parent, name, fd, lost
+        st = os.fstat(fd)
+        self.ident = (st.st_dev, st.st_ino)
+
+    @classmethod
+    def hold(cls, staging: Path, name: str, lost: StagingLost) -> _Staged:
+        parent = os.open(staging, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
-            rename_noreplace(sfd, staged.name, dfd, dst.name)
+            fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
+        except FileNotFoundError:
+            os.close(parent)
+            raise lost from None
+        except BaseException:
+            os.close(parent)
+            raise
+        return cls(parent, name, fd, lost)
+
+    def _at(self, dir_fd: int, name: str) -> tuple[int, int] | None:
+        try:
+            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return None
+        return (st.st_dev, st.st_ino)
+
+    def intact(self) -> bool:
+        return os.fstat(self.fd).st_nlink > 0 and self._at(self.parent, self.name) == self.ident
+
+    def check(self, copied: int | None = None) -> None:
+        """StagingLost unless the directory is still in place (and holds the ``copied`` entries)."""
+        if not self.intact() or (copied is not None and count_entries(self.fd) != copied):
+            raise self.lost
+
+    def publish(self, dst: Path) -> None:
+        """Move it into place with one rename that never replaces an existing directory."""
+        dfd = os.open(dst.parent, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            self.check()
+            rename_noreplace(self.parent, self.name, dfd, dst.name)
+            if self._at(dfd, dst.name) != self.ident:  # replaced in the instant between the check and the rename
+                rename_noreplace(dfd, dst.name, self.parent, self.name)  # what was published goes back
+                raise self.lost
         finally:
             os.close(dfd)
-    finally:
-        os.close(sfd)
+
+    def discard(self) -> None:
+        """Remove the copy: under its name when that is still it, else only its contents (by descriptor)."""
+        if self._at(self.parent, self.name) == self.ident:
+            remove_tree_at(self.parent, self.name)
+            return
+        with os.scandir(self.fd) as it:
+            names = [e.name for e in it]
+        for name in names:
+            remove_tree_at(self.fd, name)
+
+    def close(self) -> None:
+        os.close(self.fd)
+        os.close(self.parent)
+
+
+def _discard(held: _Staged | None, made: Path | None) -> None:
+    """Remove a failed clone's staged copy (never a tree someone else put under its name); ``made``: the
+    directory made but not held (its open failed)."""
+    try:
+        if held is not None:
+            held.discard()
+        elif made is not None:
+            remove_tree(made)
+    except OSError:
+        pass
 
 
 def _subdirs(path: Path, length: int) -> list[str]:

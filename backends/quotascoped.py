@@ -36,9 +36,9 @@ class QuotaScopedVolume(MountedVolume):
             _rmdir_if_empty(path.parent.parent)
             raise self._full(vfid.qsid, f"create vfolder {vfid}") from None
 
-    def _clone_vfolder(self, src: VFolderID, dst: VFolderID) -> None:
+    def _clone_vfolder(self, src: VFolderID, dst: VFolderID, work_name: str | None = None) -> None:
         try:
-            super()._clone_vfolder(src, dst)
+            super()._clone_vfolder(src, dst, work_name)
         except OSError as e:  # EDQUOT before the copy started (making the staging directory)
             if e.errno != errno.EDQUOT:
                 raise

@@ -541,3 +541,149 @@ def test_a_write_through_an_outside_hard_link_reaches_the_workers_answers(tmp_pa
     finally:
         agent.stop()
     assert_clean_log(agent)
+
+
+def _clone_jobs(agent: AgentProcess) -> dict[str, tuple[str, str | None, dict[str, object]]]:
+    """Clone jobs by destination: (state, error, params)."""
+    import json
+
+    rows = _catalogue(agent, "SELECT params, state, error FROM jobs WHERE kind = 'clone'")
+    out = {}
+    for params, state, error in rows:
+        p = json.loads(str(params))
+        out[str(p["dst"])] = (str(state), error if error is None else str(error), p)
+    return out
+
+
+def test_a_clone_of_a_killed_worker_is_rolled_back_while_the_live_workers_clone_completes(tmp_path: Path) -> None:
+    """Two clones at once, one on each worker; worker 0 is killed mid-copy. Its staged tree and running job
+    are settled soon after (before: they waited for the next full start), the clone on worker 1 is not
+    touched and completes."""
+    agent = make_agent(tmp_path, storage_proxy={"num-proc": 2}).start(timeout=120)
+    try:
+        with fresh(agent) as api:
+            vfid = new_vfolder(api, "qs")
+        src = _root(agent, vfid)
+        for d in range(60):
+            (src / f"d{d}").mkdir()
+            for f in range(300):
+                (src / f"d{d}" / f"f{f}").write_bytes(b"x" * (f % 7))
+        staging = agent.volume_root() / "qs" / ".staging"
+        dsts = [f"qs/{uuid.uuid4().hex}" for _ in range(2)]
+        answers: dict[int, httpx.Response | str] = {}
+
+        def clone(index: int) -> None:
+            body = {"src_volume": "local", "src_vfid": vfid, "dst_volume": "local", "dst_vfid": dsts[index]}
+            try:
+                answers[index] = on_worker(agent, index, "POST", "/folder/clone", json=body)
+            except httpx.HTTPError as e:
+                answers[index] = f"{type(e).__name__}: {e}"
+
+        threads = [threading.Thread(target=clone, args=(i,)) for i in (0, 1)]
+        for t in threads:
+            t.start()
+
+        def both_staged() -> None:
+            assert set(_clone_jobs(agent)) == set(dsts)
+            assert staging.is_dir() and len([p for p in staging.iterdir() if p.name.startswith("clone-")]) == 2
+
+        eventually(both_staged, timeout=120)
+        victim = roles(agent)["worker 0"][0]
+        live = roles(agent)["worker 1"][0]
+        os.kill(victim, signal.SIGKILL)
+
+        def settled() -> None:
+            state, error, _ = _clone_jobs(agent)[dsts[0]]
+            assert state == "failed" and "died" in str(error), (state, error)
+
+        eventually(settled, timeout=60)
+        for t in threads:
+            t.join(300)
+        assert isinstance(answers[1], httpx.Response) and answers[1].status_code == 204, answers
+        assert walk(_root(agent, dsts[1]))[:2] == walk(src)[:2]
+        assert _clone_jobs(agent)[dsts[1]][:2] == ("done", None)
+        assert not _root(agent, dsts[0]).exists()
+        assert _catalogue(agent, "SELECT count(*) FROM vfolders WHERE folder_id = ?", dsts[0][3:]) == [(0,)]
+        assert not staging.exists() or list(staging.iterdir()) == []  # the dead worker's staged copy went
+        owners = {dst: params["owner"] for dst, (_, _, params) in _clone_jobs(agent).items()}
+        assert [owners[d]["pid"] for d in dsts] == [victim, live], owners  # type: ignore[index]
+        assert f"interrupted by the death of its HTTP worker (pid {victim})" in agent.log()
+    finally:
+        agent.stop()
+    assert_clean_log(agent)
+
+
+def _holds(pid: int, path: Path) -> bool:
+    """Whether process ``pid`` has ``path`` (or a renamed copy of it: same inode) open."""
+    want = path.stat()
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except FileNotFoundError:  # it has exited since it was listed
+        return False
+    for fd in fds:
+        try:
+            st = os.stat(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) == (want.st_dev, want.st_ino):
+            return True
+    return False
+
+
+def test_workers_move_to_the_catalogue_an_engine_restarted_beside_them_rebuilt(tmp_path: Path) -> None:
+    """The catalogue goes corrupt under a running agent; the engine is killed and restarted beside the
+    workers, keeps the bad file aside and starts a new one (adopting what is on disk). The workers, which
+    held the old file open, are replaced and answer from the new one (before: from the old file for good,
+    and the new one had adopted nothing)."""
+    agent = make_agent(tmp_path, storage_proxy={"num-proc": 2}).start(timeout=120)
+    db = agent.workdir / "catalog.db"
+    try:
+        with fresh(agent) as api:
+            old_vfid = new_vfolder(api, "qs")
+        (_root(agent, old_vfid) / "a.bin").write_bytes(os.urandom(3000))
+        before = {role: pids[0] for role, pids in roles(agent).items()}
+        engine = before["engine"]
+        os.kill(engine, signal.SIGSTOP)
+        try:
+            for name in ("catalog.db", "catalog.db-wal"):  # garbage over the file and its WAL (ignored as invalid)
+                path = agent.workdir / name
+                if path.exists():
+                    path.write_bytes(os.urandom(max(path.stat().st_size, 8192)))
+        finally:
+            os.kill(engine, signal.SIGKILL)
+        eventually(lambda: _replaced(agent, "engine", engine), timeout=60)
+        for i in (0, 1):
+            eventually(lambda i=i: _replaced(agent, f"worker {i}", before[f"worker {i}"]), timeout=120)
+        kept = sorted(db.parent.glob("catalog.db.corrupt-*"))
+        assert kept, "the corrupt catalogue was not kept aside"
+
+        def only_new_file() -> None:
+            now = roles(agent)
+            assert [len(now.get(r, [])) for r in ("worker 0", "worker 1")] == [1, 1], now  # replaced ones exited
+            for role in ("worker 0", "worker 1", "engine"):
+                assert now.get(role), now
+                pid = now[role][0]
+                assert _holds(pid, db), (role, "does not read the new catalogue")
+                assert not any(_holds(pid, k) for k in kept), (role, "still holds the corrupt one")
+
+        eventually(only_new_file, timeout=120)
+        query = {"json": {"volume": "local", "vfid": old_vfid}}
+        for i in (0, 1):  # adopted from disk into the new file, measured, answered by both workers
+            eventually(lambda i=i: _usage_is(agent, i, old_vfid, 1, 3000), timeout=60)
+        new_vfid = f"qs/{uuid.uuid4().hex}"
+        r = on_worker(agent, 0, "POST", "/folder/create", json={"volume": "local", "vfid": new_vfid})
+        assert r.status_code == 204, r.text
+        r = on_worker(agent, 1, "POST", "/folder/metadata", json={"volume": "local", "vfid": new_vfid, "payload": "m"})
+        assert r.status_code == 200, r.text
+        for i in (0, 1):  # written through the engine into the new file, read by each worker from it
+            r = on_worker(agent, i, "GET", "/folder/metadata", json={"volume": "local", "vfid": new_vfid})
+            assert r.status_code == 200 and r.json()["payload"] == "m", (i, r.text)
+        assert usage(on_worker(agent, 1, "GET", "/folder/usage", **query))["file_count"] == 1
+        assert "replacing the HTTP workers" in agent.log()
+    finally:
+        agent.stop()
+
+
+def _usage_is(agent: AgentProcess, index: int, vfid: str, count: int, size: int) -> None:
+    body = usage(on_worker(agent, index, "GET", "/folder/usage", json={"volume": "local", "vfid": vfid}))
+    assert (body["file_count"], body["used_bytes"], body["stale"]) == (count, size, False), body

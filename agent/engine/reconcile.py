@@ -67,7 +67,11 @@ def _sweep_staging(vol: MountedVolume, qsid: str, keep: set[str]) -> list[str]:
     return swept
 
 
-async def reconcile(catalog: Catalog, vol: Volume, *, keep_staged: set[str] | None = None) -> Report:
+async def reconcile(
+    catalog: Catalog, vol: Volume, *, keep_staged: set[str] | None = None, sweep: bool = True
+) -> Report:
+    """``sweep=False`` (an engine restarted beside live HTTP workers, with a new catalogue file): only what is
+    on disk is adopted; staged trees, trash and running jobs may be a live worker's and are left alone."""
     report = Report()
     on_disk_scopes = await asyncio.to_thread(vol.scopes_on_disk)
     known_scopes = {s.qsid: s for s in await catalog.quota_scopes(vol.name)}
@@ -86,7 +90,7 @@ async def reconcile(catalog: Catalog, vol: Volume, *, keep_staged: set[str] | No
             on_disk.add(str(vfid))
             if await catalog.add_vfolder(vol.name, vfid.qsid, vfid.hex):
                 report.adopted_vfolders.append(str(vfid))
-        if isinstance(vol, MountedVolume):
+        if isinstance(vol, MountedVolume) and sweep:
             trash = await asyncio.to_thread(_trash_inodes, vol, qsid)
             if trash:
                 gone = {r.folder_id for k, r in known_vfolders.items() if r.qsid == qsid and k not in on_disk}
@@ -101,7 +105,7 @@ async def reconcile(catalog: Catalog, vol: Volume, *, keep_staged: set[str] | No
             await catalog.mark_vfolder_missing(vol.name, vrow.qsid, vrow.folder_id)
             report.missing_vfolders.append(key)
 
-    for job in await catalog.running_jobs():
+    for job in await catalog.running_jobs() if sweep else []:
         if job.volume != vol.name:
             continue
         dst = job.params.get("dst") if job.kind == "clone" else None

@@ -63,6 +63,7 @@ _BACKEND_MAP: dict[type[BackendError], tuple[int, str | None]] = {
     be.VolumeUnavailable: (503, "volume-unavailable"),
     be.ExternalError: (502, "external-error"),
     be.Busy: (409, "conflict"),
+    be.StagingLost: (409, "conflict"),
 }
 
 

@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import AbstractAsyncContextManager, contextmanager
 from typing import TypeVar
 
 from agent.http import uploads, usage
 from agent.http.errors import ApiError
+from agent.runtime import owner
 from agent.runtime.context import Agent
 from backends import locks
 from backends.base import ScopeUsage, Volume
@@ -165,10 +167,14 @@ async def delete_vfolder(agent: Agent, vol: Volume, vfid: VFolderID) -> None:
 
 
 async def clone_vfolder(agent: Agent, vol: Volume, src: VFolderID, dst: VFolderID) -> None:
+    """The job names the clone's staging directory and this process (``owner``): should the process die
+    mid-copy, the engine rolls the clone back as soon as it learns of the death (agent/engine/orphans.py)."""
     async with held(agent, vol, dst, source=src):
-        job = await agent.catalog.start_job("clone", vol.name, {"src": str(src), "dst": str(dst)})
+        work = f"clone-{uuid.uuid4().hex}"
+        params = {"src": str(src), "dst": str(dst), "work": work, "owner": owner.this_process()}
+        job = await agent.catalog.start_job("clone", vol.name, params)
         try:
-            await vol.clone_vfolder(src, dst)
+            await vol.clone_vfolder(src, dst, work=work)
         except BaseException as e:
             await asyncio.shield(agent.catalog.finish_job(job, error=str(e) or type(e).__name__))
             raise

@@ -23,7 +23,7 @@ from pathlib import Path
 from aiohttp import web
 
 from agent.config import Config, ConfigError, HostPort, Listener
-from agent.engine import upload_sweeper, view_supervisor, writer
+from agent.engine import orphans, upload_sweeper, view_supervisor, writer
 from agent.engine.reconcile import Report, reconcile
 from agent.http import upload_sessions, usage
 from agent.http.app import client_app, manager_app
@@ -47,7 +47,7 @@ SERVICES: list[ServiceFactory] = [
 # the engine process of num-proc = N runs them all, and beats for the workers (agent/runtime/heartbeat.py)
 # and the catalogue's writer host for the workers (last: started once the usage engine takes its requests,
 # stopped first)
-ENGINE_SERVICES: list[ServiceFactory] = [*SERVICES, heartbeat.factory, writer.factory]
+ENGINE_SERVICES: list[ServiceFactory] = [*SERVICES, orphans.factory, heartbeat.factory, writer.factory]
 # an HTTP worker's: its upload sessions' background syncs only (per request; stopped with it)
 WORKER_SERVICES: list[ServiceFactory] = [upload_sessions.service]
 WORKER_HEADER = "X-Storage-Agent-Worker"  # each answer of an HTTP worker names it (num-proc = N only)
@@ -268,8 +268,9 @@ async def _open_and_reconcile(config: Config, *, reconcile_volumes: bool = True)
     """The catalogue opened (rebuilt when corrupt, upgraded), the volumes checked and reconciled with it.
 
     Without ``reconcile_volumes`` (an engine restarted while HTTP workers keep serving) the volumes are
-    only checked: what reconciliation takes for leftovers of interrupted work (staged uploads, clones and
-    deletes under way, running jobs) may be a live worker's; it runs at the next full start."""
+    only checked (and, into a catalogue file started anew, adopted): what reconciliation takes for leftovers
+    of interrupted work (staged uploads, clones and deletes under way, running jobs) may be a live worker's;
+    it runs at the next full start, and the clones of workers that died are settled by agent/engine/orphans.py."""
     no_effect = config.no_effect_keys()
     if no_effect:
         log.info("config keys accepted with no effect here: %s", ", ".join(no_effect))
@@ -291,6 +292,8 @@ async def _open_and_reconcile(config: Config, *, reconcile_volumes: bool = True)
             log.error("volume %s is NOT served: %s", vol.name, state.info)
             continue
         if not reconcile_volumes:
+            if catalog.created:  # a new file: what is on disk is adopted, nothing of the workers' is touched
+                reports[vol.name] = await reconcile(catalog, vol, sweep=False)
             log.info("volume %s (%s) at %s: serving (engine restarted beside live HTTP workers: the start-up "
                      "reconciliation waits for the next full start)", vol.name, vol.backend, vol.root)
             continue

@@ -94,9 +94,12 @@ def _pin(config: Config, role: str, index: int) -> None:
     cpu_placement.pin(cpu)
 
 
-def _say_ready(fd: int) -> None:
+READY, REBUILT = b"ready\n", b"ready rebuilt\n"  # REBUILT: the engine started a new catalogue file
+
+
+def _say_ready(fd: int, word: bytes = READY) -> None:
     try:
-        os.write(fd, b"ready\n")
+        os.write(fd, word)
     except OSError:
         pass  # a replacement: the supervisor does not wait for it
     finally:
@@ -123,7 +126,8 @@ async def _engine(config: Config, metrics: list[socket.socket], ready: int, besi
 
     agent, runners = await start_engine(config, metrics, reconcile=not beside_workers)
     log.info("engine ready (pid %d)", os.getpid())
-    _say_ready(ready)
+    # a new file at the catalogue's path (the old one corrupt or deleted): workers still hold the old one open
+    _say_ready(ready, REBUILT if agent.catalog.created else READY)
     try:
         await until_stopped()
     finally:

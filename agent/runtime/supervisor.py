@@ -53,6 +53,7 @@ class Child:
     quick_deaths: int = 0  # consecutive deaths within STABLE seconds of a start
     due: float | None = None  # when to start it again (monotonic)
     ready_fd: int | None = None  # read end of its ready pipe, while awaited
+    ready: bool = False  # it said so
 
     @property
     def name(self) -> str:
@@ -66,6 +67,7 @@ class Supervisor:
     banner: bool = False
     log_file: logging.Handler | None = None  # the file driver's writer: the children's records go to it too
     children: list[Child] = field(default_factory=list)
+    retiring: list[subprocess.Popen[bytes]] = field(default_factory=list)  # replaced workers finishing requests
     _stopping: bool = False
 
     def __post_init__(self) -> None:
@@ -116,6 +118,7 @@ class Supervisor:
             pass  # it died at once: seen as an exit
         child.started = time.monotonic()
         child.due = None
+        child.ready = False
         if child.ready_fd is not None:
             os.close(child.ready_fd)
         child.ready_fd = read
@@ -136,10 +139,11 @@ class Supervisor:
                 return 1
             ready, _, _ = select.select(list(waiting), [], [], 0.2)
             for fd in ready:
-                said = os.read(fd, 16)
+                said = os.read(fd, 64)
                 child = waiting.pop(fd)
                 os.close(fd)
                 child.ready_fd = None
+                child.ready = bool(said)
                 if not said:  # closed without a word: it is exiting
                     assert child.proc is not None
                     try:
@@ -176,12 +180,16 @@ class Supervisor:
             if not self._stopping:
                 self._announce()
             while not self._stopping:
-                select.select([wake_r], [], [], self._next_timeout())
+                waiting = {c.ready_fd: c for c in self.children if c.ready_fd is not None}
+                readable, _, _ = select.select([wake_r, *waiting], [], [], self._next_timeout())
                 try:
                     while os.read(wake_r, 512):
                         pass
                 except BlockingIOError:
                     pass
+                for fd in readable:
+                    if fd in waiting:
+                        self._heard(waiting[fd])
                 self._reap()
                 self._restart_due()
             return 0
@@ -207,11 +215,51 @@ class Supervisor:
         if self.banner:
             print_banner(self.config, bound)
 
+    def _heard(self, child: Child) -> None:
+        """A restarted child's word on its ready pipe (nothing: it is exiting, seen by :meth:`_reap`)."""
+        assert child.ready_fd is not None
+        said = os.read(child.ready_fd, 64)
+        os.close(child.ready_fd)
+        child.ready_fd = None
+        child.ready = bool(said)
+        if child is self.engine and said.split() == spawn.REBUILT.split():
+            self._recycle_workers()
+
+    def _recycle_workers(self) -> None:
+        """The engine started a new catalogue file while the workers hold the old one open (their reads would
+        answer from it for good): each worker is replaced by a new process, which opens the new file. The
+        replacement starts first and shares the old one's sockets; the old one then gets SIGTERM, stops
+        accepting and finishes the requests it has (a clone, a download) before it exits."""
+        old = [w for w in self.workers if w.proc is not None and w.proc.poll() is None]
+        if not old:
+            return
+        log.warning("the engine started a new catalogue file: replacing the HTTP workers, which hold the old one")
+        for worker in old:
+            assert worker.proc is not None
+            before = worker.proc
+            self._spawn(worker)
+            before.send_signal(signal.SIGTERM)
+            self.retiring.append(before)
+
+    def _tell_engine(self) -> None:
+        """A worker died: the engine settles the clones it had in flight (agent/engine/orphans.py)."""
+        proc = self.engine.proc
+        if proc is not None and proc.poll() is None and self.engine.ready:
+            try:
+                proc.send_signal(signal.SIGUSR1)
+            except ProcessLookupError:
+                pass
+
     def _next_timeout(self) -> float:
         due = [c.due for c in self.children if c.due is not None]
         return max(0.0, min(due) - time.monotonic()) if due else 5.0
 
     def _reap(self) -> None:
+        for old in [p for p in self.retiring if p.poll() is not None]:
+            self.retiring.remove(old)
+            metrics.process_exited(old.pid)
+            log.info("replaced HTTP worker (pid %d) exited with %s", old.pid, old.returncode)
+            self._tell_engine()  # a retiring worker cut off mid-clone (stop timeout) leaves what a dead one does
         for child in self.children:
             proc = child.proc
             if proc is None or proc.poll() is None:
@@ -229,6 +277,8 @@ class Supervisor:
                 os.close(child.ready_fd)
                 child.ready_fd = None
             child.due = time.monotonic() + pause
+            if child.role == spawn.WORKER:
+                self._tell_engine()
 
     def _restart_due(self) -> None:
         now = time.monotonic()
@@ -242,20 +292,19 @@ class Supervisor:
         """The workers first (no new request reaches the engine's writer), then the engine."""
         self._stopping = True
         for group in (self.workers, [self.engine]):
-            running = [c for c in group if c.proc is not None and c.proc.poll() is None]
-            for child in running:
-                assert child.proc is not None
-                child.proc.send_signal(signal.SIGTERM)
+            running = [(c.name, c.proc) for c in group if c.proc is not None and c.proc.poll() is None]
+            if group is self.workers:
+                running += [("replaced HTTP worker", p) for p in self.retiring if p.poll() is None]
+            for _, proc in running:
+                proc.send_signal(signal.SIGTERM)
             deadline = time.monotonic() + STOP_TIMEOUT
-            for child in running:
-                assert child.proc is not None
+            for name, proc in running:
                 try:
-                    child.proc.wait(max(0.1, deadline - time.monotonic()))
+                    proc.wait(max(0.1, deadline - time.monotonic()))
                 except subprocess.TimeoutExpired:
-                    log.error("%s (pid %d) did not stop within %g s: killed", child.name, child.proc.pid,
-                              STOP_TIMEOUT)
-                    child.proc.kill()
-                    child.proc.wait()
+                    log.error("%s (pid %d) did not stop within %g s: killed", name, proc.pid, STOP_TIMEOUT)
+                    proc.kill()
+                    proc.wait()
             for child in group:
                 if child.ready_fd is not None:
                     os.close(child.ready_fd)

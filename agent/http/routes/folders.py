@@ -44,7 +44,7 @@ async def delete(request: web.Request, p: VFolderParams) -> web.Response:
 @routes.post("/folder/clone")
 @takes(VFolderClone)
 async def clone(request: web.Request, p: VFolderClone) -> web.Response:
-    """Copy a vfolder (staged, published only when complete)."""
+    """Copy a vfolder (staged, published only when complete; 409 if its staging was removed meanwhile)."""
     agent = agent_of(request)
     vfolders.cross_volume(p.src_volume, p.dst_volume)
     with vfolders.scope_named(p.dst_vfid.scope):
