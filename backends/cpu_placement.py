@@ -101,17 +101,18 @@ def widened() -> Iterator[None]:
         os.sched_setaffinity(0, _pinned)
 
 
-WIDE_THREADS = 16
+WIDE_THREADS = 32
 _wide: ThreadPoolExecutor | None = None
 _wide_lock = threading.Lock()
 
 
 def wide_executor() -> ThreadPoolExecutor:
-    """Threads for a transfer's kernel work (an upload's splice into its file, its fdatasync), which run on
-    every start-up CPU from their start and as ``SCHED_BATCH``. Per call, :func:`widened` costs two
-    ``sched_setaffinity``: each a migration the calling thread waits for, holding the GIL; measured as about
-    a fifth of the event loop's GIL time in an upload of 16 MiB PATCHes on their own connections. These
-    threads never go back to the pin, so nothing here may run Python that must share the event loop's CPU."""
+    """Threads for a transfer's kernel work (an upload's splice into its file, its fdatasync, a download's
+    sendfile), which run on every start-up CPU from their start and as ``SCHED_BATCH``. Per call,
+    :func:`widened` costs two ``sched_setaffinity``: each a migration the calling thread waits for, holding
+    the GIL; measured as about a fifth of the event loop's GIL time in an upload of 16 MiB PATCHes on their
+    own connections. These threads never go back to the pin: nothing here may run Python that must share
+    the event loop's CPU."""
     global _wide
     with _wide_lock:
         if _wide is None:

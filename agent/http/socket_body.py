@@ -156,15 +156,24 @@ def _move(sock: int, r: int, w: int, fd: int, pos: int, most: int, written: Call
 
 
 async def _readable(loop: asyncio.AbstractEventLoop, fd: int, timeout: float) -> None:
+    await wait_ready(loop, fd, timeout)
+
+
+async def wait_ready(
+    loop: asyncio.AbstractEventLoop, fd: int, timeout: float | None, *, write: bool = False
+) -> None:
+    """Until ``fd`` (a dup of a transport's socket: asyncio refuses a watch on the transport's own number)
+    is readable, or writable with ``write``; TimeoutError after ``timeout`` seconds (None: never)."""
     ready = loop.create_future()
 
     def wake() -> None:
         if not ready.done():
             ready.set_result(None)
 
-    loop.add_reader(fd, wake)
+    add, remove = (loop.add_writer, loop.remove_writer) if write else (loop.add_reader, loop.remove_reader)
+    add(fd, wake)
     try:
         async with asyncio.timeout(timeout):
             await ready
     finally:
-        loop.remove_reader(fd)
+        remove(fd)
