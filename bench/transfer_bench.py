@@ -11,8 +11,8 @@ at ~240 MB/s whoever writes; ``cp`` and the agent are measured alike). Each tran
 ``cp`` as a ratio of throughputs (≥ 0.6 is the target). A ceiling row times the same client sending the same
 chunks over loopback TCP to a thread that splices them into a file, with no HTTP and no sync: no upload here
 can beat it; a second one sends each --sdk-chunk-mib chunk on a connection of its own, as the SDK-style rows
-do. For the downloads, a thread sendfiles the source into a loopback connection read as the stdlib client reads
-(no HTTP): no download here can beat it. The agent's resident set size is sampled with psutil every 20 ms
+do. For the downloads, a child process sendfiles the source into a loopback connection read as the stdlib
+client reads (no HTTP): no download here can beat it. The agent's resident set size is sampled with psutil every 20 ms
 (growth < 64 MiB is the target).
 The upload ends durable (publication fdatasyncs the file before the rename; the PATCHes before it are synced
 in the background) while ``cp`` leaves its data in the page cache, so a second baseline, ``cp`` followed by
@@ -356,38 +356,39 @@ def bare_socket_copy_per_chunk(src: Path, dst: Path, chunk: int) -> float:
 
 
 def bare_sendfile(src: Path, dst: Path) -> float:
-    """The ceiling of the downloads: a thread sendfiles the file into a loopback TCP connection and the client
-    reads it as the stdlib row's does (4 MiB ``recv_into``, then ``write``) into ``dst``. No HTTP."""
+    """The ceiling of the downloads: a child process (as the agent is one) sendfiles the file into a loopback
+    TCP connection and the client reads it as the stdlib row's does (4 MiB ``recv_into``, then ``write``)
+    into ``dst``. No HTTP."""
     size = src.stat().st_size
     with socket.create_server(("127.0.0.1", 0)) as server:
-        errors: list[BaseException] = []
-
-        def send() -> None:
+        child = os.fork()
+        if child == 0:  # pragma: no cover - the sender
+            code = 0
             try:
                 conn, _ = server.accept()
                 with conn, open(src, "rb") as f:
                     sent = 0
                     while sent < size:
                         sent += os.sendfile(conn.fileno(), f.fileno(), sent, size - sent)
-            except BaseException as e:  # noqa: BLE001 - reported by the caller
-                errors.append(e)
-
-        thread = threading.Thread(target=send)
-        thread.start()
-        t0 = time.perf_counter()
-        with socket.create_connection(server.getsockname()) as sock, open(dst, "wb", buffering=0) as out:
-            buf = memoryview(bytearray(4 * MiB))
-            got = 0
-            while got < size:
-                n = sock.recv_into(buf)
-                if not n:
-                    raise SystemExit(f"connection closed with {size - got} bytes to go")
-                out.write(buf[:n])
-                got += n
-        elapsed = time.perf_counter() - t0
-        thread.join()
-    if errors:
-        raise errors[0]
+            except BaseException:  # noqa: BLE001 - the parent sees a short body
+                code = 1
+            os._exit(code)
+        try:
+            t0 = time.perf_counter()
+            with socket.create_connection(server.getsockname()) as sock, open(dst, "wb", buffering=0) as out:
+                buf = memoryview(bytearray(4 * MiB))
+                got = 0
+                while got < size:
+                    n = sock.recv_into(buf)
+                    if not n:
+                        raise SystemExit(f"connection closed with {size - got} bytes to go")
+                    out.write(buf[:n])
+                    got += n
+            elapsed = time.perf_counter() - t0
+        finally:
+            _, status = os.waitpid(child, 0)
+    if status:
+        raise SystemExit(f"the sendfile child failed ({status})")
     return elapsed
 
 
