@@ -85,6 +85,7 @@ class SocketBody:
             except OSError:  # above /proc/sys/fs/pipe-max-size: the default 64 KiB pipe only costs more calls
                 pass
             wide = cpu_placement.wide_executor()
+            moved: int | None
             while done < self.length:
                 most = min(self.length - done, HOP_BYTES)
                 if parts:  # written in the first hop, before the splices that follow them
