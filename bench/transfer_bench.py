@@ -10,7 +10,10 @@ pages the previous run's copy just freed (on this VM a write into memory the gue
 at ~240 MB/s whoever writes; ``cp`` and the agent are measured alike). Each transfer's time is compared with
 ``cp`` as a ratio of throughputs (≥ 0.6 is the target). A ceiling row times the same client sending the same
 chunks over loopback TCP to a thread that splices them into a file, with no HTTP and no sync: no upload here
-can beat it. The agent's resident set size is sampled with psutil every 20 ms (growth < 64 MiB is the target).
+can beat it; a second one sends each --sdk-chunk-mib chunk on a connection of its own, as the SDK-style rows
+do. For the downloads, a child process sendfiles the source into a loopback connection read as the stdlib
+client reads (no HTTP): no download here can beat it. The agent's resident set size is sampled with psutil every 20 ms
+(growth < 64 MiB is the target).
 The upload ends durable (publication fdatasyncs the file before the rename; the PATCHes before it are synced
 in the background) while ``cp`` leaves its data in the page cache, so a second baseline, ``cp`` followed by
 fdatasync of the copy, shows what the disk itself allows for a durable copy. The download is timed twice: with
@@ -311,6 +314,84 @@ def bare_socket_copy(src: Path, dst: Path, chunk: int) -> float:
     return elapsed
 
 
+def bare_socket_copy_per_chunk(src: Path, dst: Path, chunk: int) -> float:
+    """The ceiling of the SDK-style rows: as :func:`bare_socket_copy`, but each chunk on a TCP connection of its
+    own, answered with one byte before the next connection is opened (no HTTP, no tus, no sync)."""
+    size = src.stat().st_size
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        errors: list[BaseException] = []
+
+        def receive() -> None:
+            try:
+                fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                try:
+                    done = 0
+                    while done < size:
+                        conn, _ = server.accept()
+                        with conn:
+                            n = min(chunk, size - done)
+                            os.lseek(fd, done, os.SEEK_SET)
+                            _splice_all(conn.fileno(), fd, n)
+                            done += n
+                            conn.sendall(b"k")
+                finally:
+                    os.close(fd)
+            except BaseException as e:  # noqa: BLE001 - reported by the caller
+                errors.append(e)
+
+        thread = threading.Thread(target=receive)
+        thread.start()
+        t0 = time.perf_counter()
+        with open(src, "rb") as f:
+            while data := f.read(chunk):
+                with socket.create_connection(server.getsockname()) as sock:
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    sock.sendall(data)
+                    sock.recv(1)
+        elapsed = time.perf_counter() - t0
+        thread.join()
+    if errors:
+        raise errors[0]
+    return elapsed
+
+
+def bare_sendfile(src: Path, dst: Path) -> float:
+    """The ceiling of the downloads: a child process (as the agent is one) sendfiles the file into a loopback
+    TCP connection and the client reads it as the stdlib row's does (4 MiB ``recv_into``, then ``write``)
+    into ``dst``. No HTTP."""
+    size = src.stat().st_size
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        child = os.fork()
+        if child == 0:  # pragma: no cover - the sender
+            code = 0
+            try:
+                conn, _ = server.accept()
+                with conn, open(src, "rb") as f:
+                    sent = 0
+                    while sent < size:
+                        sent += os.sendfile(conn.fileno(), f.fileno(), sent, size - sent)
+            except BaseException:  # noqa: BLE001 - the parent sees a short body
+                code = 1
+            os._exit(code)
+        try:
+            t0 = time.perf_counter()
+            with socket.create_connection(server.getsockname()) as sock, open(dst, "wb", buffering=0) as out:
+                buf = memoryview(bytearray(4 * MiB))
+                got = 0
+                while got < size:
+                    n = sock.recv_into(buf)
+                    if not n:
+                        raise SystemExit(f"connection closed with {size - got} bytes to go")
+                    out.write(buf[:n])
+                    got += n
+            elapsed = time.perf_counter() - t0
+        finally:
+            _, status = os.waitpid(child, 0)
+    if status:
+        raise SystemExit(f"the sendfile child failed ({status})")
+    return elapsed
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size-mib", type=int, default=1024)
@@ -364,6 +445,9 @@ def main() -> int:
         cp_time = best_of(lambda: timed_cp(src, copy, durable=False), copy)
         cp_sync_time = best_of(lambda: timed_cp(src, copy, durable=True), copy)
         bare_time = best_of(lambda: bare_socket_copy(src, copy, args.chunk_mib * MiB), copy)
+        bare_sdk_time = best_of(lambda: bare_socket_copy_per_chunk(src, copy, args.sdk_chunk_mib * MiB), copy)
+        if not args.only_uploads:
+            bare_send_time = best_of(lambda: bare_sendfile(src, copy), copy)
         copy.unlink()
         landed = vfolder_path(agent, vfid) / "big.bin"
 
@@ -415,7 +499,7 @@ def main() -> int:
                 growth += f" / {other.growth / MiB:.1f}"
                 peak += f" / {other.peak / MiB:.1f}"
             return (
-                f"| {name:<46} | {secs:6.2f} | {mibs:6.0f} | {cp_time / secs:5.2f} | {cp_sync_time / secs:10.2f} "
+                f"| {name:<50} | {secs:6.2f} | {mibs:6.0f} | {cp_time / secs:5.2f} | {cp_sync_time / secs:10.2f} "
                 f"| {peak:>8} | {growth:>10} |"
             )
 
@@ -424,16 +508,18 @@ def main() -> int:
             f"transfer of {args.size_mib} MiB on one disk ({base}), agent pid {pid}, HTTP client {args.client}, "
             f"cpu-pin {args.cpu_pin}"
         )
-        print(f"| {'operation':<46} |   s    | MiB/s  | × cp  | × cp+fsync | peak RSS | RSS growth |")
-        print(f"|{'-' * 48}|--------|--------|-------|------------|----------|------------|")
+        print(f"| {'operation':<50} |   s    | MiB/s  | × cp  | × cp+fsync | peak RSS | RSS growth |")
+        print(f"|{'-' * 52}|--------|--------|-------|------------|----------|------------|")
         print(row("cp (baseline)", cp_time, None))
         print(row("cp + fdatasync (durable baseline)", cp_sync_time, None))
         print(row("bare socket → file (splice; no HTTP, no sync)", bare_time, None))
+        print(row(f"bare, a connection per {args.sdk_chunk_mib} MiB (no HTTP, no sync)", bare_sdk_time, None))
         print(row(f"tus upload, {args.chunk_mib} MiB PATCHes, durable", up_time, up_rss))
         print(row(f"SDK-style: {args.sdk_chunk_mib} MiB PATCH per connection", sdk_time, sdk_rss))
         print(row("SDK-style, PATCHes alternating over 2 processes", sdk2_time, sdk2_rss, sdk2_twin_rss))
         print(row(f"curl-like: one {args.size_mib} MiB PATCH", one_time, one_rss))
         if not args.only_uploads:
+            print(row("bare sendfile → socket → file (no HTTP)", bare_send_time, None))
             print(row(f"GET /download (sendfile), {args.client} client", dl_time, dl_rss))
             print(row("GET /download (sendfile), splice client", splice_time, splice_rss))
         print("targets: × cp ≥ 0.60 (uploads: × cp+fsync ≥ 0.60), RSS growth < 64 MiB per process (RSS in MiB)")

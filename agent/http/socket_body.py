@@ -84,12 +84,18 @@ class SocketBody:
                 fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
             except OSError:  # above /proc/sys/fs/pipe-max-size: the default 64 KiB pipe only costs more calls
                 pass
-            if parts:
-                await asyncio.to_thread(write_buffered, parts, pos)
-                done = sum(len(p) for p in parts)
+            wide = cpu_placement.wide_executor()
+            moved: int | None
             while done < self.length:
                 most = min(self.length - done, HOP_BYTES)
-                moved = await asyncio.to_thread(_move, sock, r, w, fd, pos + done, most, written)
+                if parts:  # written in the first hop, before the splices that follow them
+                    first = sum(len(p) for p in parts)
+                    moved = await loop.run_in_executor(
+                        wide, _write_then_move, write_buffered, parts, sock, r, w, fd, pos, most - first, written
+                    )
+                    parts = []
+                else:
+                    moved = await loop.run_in_executor(wide, _move, sock, r, w, fd, pos + done, most, written)
                 if moved is None:  # nothing waiting: sleep on the loop until the socket is readable
                     try:
                         await _readable(loop, sock, idle_timeout)
@@ -106,17 +112,29 @@ class SocketBody:
                 os.close(opened)
 
 
+def _write_then_move(
+    write_buffered: Callable[[list[bytes], int], Any],
+    parts: list[bytes],
+    sock: int,
+    r: int,
+    w: int,
+    fd: int,
+    pos: int,
+    most: int,
+    written: Callable[[int, int], Any],
+) -> int:
+    """The bytes aiohttp read before the handler took the socket over, then what the socket holds: one
+    thread hop for both. Never None: something was written."""
+    write_buffered(parts, pos)
+    first = sum(len(p) for p in parts)
+    return first + (_move(sock, r, w, fd, pos + first, most, written) or 0)
+
+
 def _move(sock: int, r: int, w: int, fd: int, pos: int, most: int, written: Callable[[int, int], Any]) -> int | None:
     """Move what the socket holds (at most ``most`` bytes) into ``fd`` at ``pos``. None: nothing was
-    waiting; 0: the peer closed the connection. On any CPU: the copy into the page cache is kernel work
-    that on the agent's pinned CPU would take turns with the event loop (backends/cpu_placement.py)."""
-    with cpu_placement.widened():
-        return _move_here(sock, r, w, fd, pos, most, written)
-
-
-def _move_here(
-    sock: int, r: int, w: int, fd: int, pos: int, most: int, written: Callable[[int, int], Any]
-) -> int | None:
+    waiting; 0: the peer closed the connection. On a thread of :func:`cpu_placement.wide_executor` (any
+    CPU): the copy into the page cache is kernel work that on the agent's pinned CPU would take turns
+    with the event loop."""
     done = 0
     try:
         while done < most:
@@ -139,15 +157,24 @@ def _move_here(
 
 
 async def _readable(loop: asyncio.AbstractEventLoop, fd: int, timeout: float) -> None:
+    await wait_ready(loop, fd, timeout)
+
+
+async def wait_ready(
+    loop: asyncio.AbstractEventLoop, fd: int, timeout: float | None, *, write: bool = False
+) -> None:
+    """Until ``fd`` (a dup of a transport's socket: asyncio refuses a watch on the transport's own number)
+    is readable, or writable with ``write``; TimeoutError after ``timeout`` seconds (None: never)."""
     ready = loop.create_future()
 
     def wake() -> None:
         if not ready.done():
             ready.set_result(None)
 
-    loop.add_reader(fd, wake)
+    add, remove = (loop.add_writer, loop.remove_writer) if write else (loop.add_reader, loop.remove_reader)
+    add(fd, wake)
     try:
         async with asyncio.timeout(timeout):
             await ready
     finally:
-        loop.remove_reader(fd)
+        remove(fd)

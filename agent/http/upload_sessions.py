@@ -259,7 +259,7 @@ class UploadSessions:
                 fd, offset = job
                 started = loop.time()
                 try:
-                    await asyncio.to_thread(_sync_and_close, fd)
+                    await loop.run_in_executor(cpu_placement.wide_executor(), _sync_and_close, fd)
                 except OSError as e:  # the bytes stay acknowledged; publication syncs again and reports a failure
                     log.warning("upload %s: background fdatasync failed: %s", session_id, e)
                     continue
@@ -325,8 +325,9 @@ def _settle(fut: asyncio.Future[None]) -> None:
 
 
 def _sync_and_close(fd: int) -> None:
+    """On a thread of :func:`cpu_placement.wide_executor`: already on every CPU (see :func:`sync_file`)."""
     try:
-        sync_file(fd)
+        os.fdatasync(fd)
     finally:
         os.close(fd)
 

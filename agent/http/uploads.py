@@ -379,7 +379,7 @@ async def _append_locked(
         agent.uploads.sync_later(agent, row.session_id, fd, new)
     if got:
         row = await agent.uploads.record(agent, row, received=new)
-    if new < row.size and await asyncio.to_thread(_unlinked, fd):
+    if new < row.size and _unlinked(fd):  # an fstat of an open file: no disk access, no thread hop
         raise _no_session(row.session_id)  # its vfolder was deleted meanwhile (end_sessions): nothing is left
     if new == row.size:
         await _publish(agent, dataclasses.replace(upload, row=row))
