@@ -273,13 +273,15 @@ async def _init_volume(vol: Volume) -> None:
     try:
         await asyncio.wait_for(asyncio.shield(init), CHECK_TIMEOUT)
     except TimeoutError:
-        log.error("volume %s: its preparation (init) has not finished within %g s (a hung mount?); it goes on in "
-                  "the background", vol.name, CHECK_TIMEOUT)
+        log.warning("volume %s: its preparation (init) has not finished within %g s (a hung mount? a slow "
+                    "backend?); it goes on in the background", vol.name, CHECK_TIMEOUT)
         init.add_done_callback(functools.partial(_init_done_late, vol.name))
 
 
 def _init_done_late(name: str, init: asyncio.Future[None]) -> None:
-    if not init.cancelled() and (e := init.exception()) is not None:
+    if init.cancelled():  # the process stopped first
+        return
+    if (e := init.exception()) is not None:
         log.error("volume %s: its late preparation (init) failed: %s", name, e, exc_info=e)
     else:
         log.info("volume %s: its late preparation (init) has finished", name)
