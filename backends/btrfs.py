@@ -243,7 +243,7 @@ class BtrfsVolume(QuotaScopedVolume):
         return None
 
     async def init(self) -> None:
-        if not self.root.is_dir():
+        if not await asyncio.to_thread(self.root.is_dir):  # off the loop: the mount may hang
             return  # the agent reports the missing root
         self.mount = await asyncio.to_thread(mount_of, self.root)
         problem = self._mount_problem()

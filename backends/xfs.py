@@ -176,7 +176,7 @@ class XfsVolume(QuotaScopedVolume):
         return None
 
     async def init(self) -> None:
-        if not self.root.is_dir():
+        if not await asyncio.to_thread(self.root.is_dir):  # off the loop: the mount may hang
             return
         problem = await asyncio.to_thread(self._mount_problem)
         if problem:

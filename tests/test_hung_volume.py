@@ -1,6 +1,9 @@
 """A volume whose mount hangs must not stall the agent: /volumes and /volume/hwinfo check volumes off the event
 loop, bounded (the mechanism /health uses), so they and every other route keep answering.
 
+Start-up checks each volume the same way: an agent whose volume hangs from the start still becomes ready and
+serves the others.
+
 A hung mount is played by a FIFO in place of ``version.txt``: opening it for reading blocks until a writer comes.
 """
 
@@ -9,13 +12,14 @@ from __future__ import annotations
 import os
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.support import AgentProcess, assert_clean_log, make_agent
+from tests.support import AgentProcess, assert_clean_log, eventually, make_agent
 
 
 @pytest.fixture
@@ -41,20 +45,20 @@ def _hang(root: Path) -> None:
     os.rename(fifo, root / "version.txt")
 
 
-def _release(root: Path) -> None:
-    """Give the blocked read its answer (only one: the checks do not pile up), then a real file again."""
+def _release(root: Path, answer: bytes = b"3\n") -> None:
+    """A real ``version.txt`` again, then the blocked reads their ``answer``: opening the FIFO read-write never
+    blocks and wakes every reader blocked opening it (one per agent process), each then reads ``answer`` or the
+    end of the pipe (an unreadable version: not served until the next check, which finds the file)."""
     target = root / "version.txt"
-    if target.is_fifo():
-        try:
-            fd = os.open(target, os.O_WRONLY | os.O_NONBLOCK)  # fails (ENXIO) when no reader waits
-            try:
-                os.write(fd, b"3\n")
-            finally:
-                os.close(fd)
-        except OSError:
-            pass
+    fd = os.open(target, os.O_RDWR | os.O_NONBLOCK) if target.is_fifo() else None
     (root / "version.new").write_text("3\n")
     os.rename(root / "version.new", target)
+    if fd is not None:
+        try:
+            if answer:
+                os.write(fd, answer)
+        finally:
+            os.close(fd)
 
 
 def test_volumes_and_hwinfo_answer_while_a_volume_hangs(two_volumes: tuple[AgentProcess, Path]) -> None:
@@ -138,5 +142,80 @@ def test_an_unserved_volume_looked_at_again_while_its_mount_hangs_stalls_no_othe
             assert api.post("/quota-scope", json={"volume": "old", "qsid": "qs1"}, timeout=30).status_code == 204
     finally:
         _release(roots["old"])
+        agent.stop()
+    assert_clean_log(agent)
+
+
+@pytest.mark.parametrize("num_proc", [1, 2])
+def test_an_agent_whose_volume_hangs_from_the_start_serves_the_others(tmp_path: Path, num_proc: int) -> None:
+    """The start-up check of each volume runs off the event loop, bounded, all volumes at once: a volume whose
+    mount hangs is recorded as not served ("has not answered", an error line naming it, its reconciliation
+    skipped) and the agent -- the single process, or the engine and each HTTP worker -- becomes ready and serves
+    the others. Once the mount answers, the volume is served from the next request naming it. Before, the check
+    ran on the event loop, unbounded: the agent never became ready."""
+    roots = {name: tmp_path / name for name in ("hung", "fine")}
+    for root in roots.values():
+        root.mkdir()
+        (root / "version.txt").write_text("3\n")
+    _hang(roots["hung"])
+    agent = make_agent(
+        tmp_path / "agent", volumes={name: {"backend": "vfs", "path": str(root)} for name, root in roots.items()},
+        storage_proxy={"num-proc": num_proc},
+    )
+    try:
+        # generous: the start waits at most a few bounds of 5 s per process, on a busy machine
+        agent.start(timeout=120)
+        with agent.client() as api:
+            for qsid in ("qs1", "qs2", "qs3"):  # over each worker, likely: every one serves "fine"
+                assert api.post("/quota-scope", json={"volume": "fine", "qsid": qsid}).status_code == 204
+            vfid = f"qs1/{uuid.uuid4().hex}"
+            assert api.post("/folder/create", json={"volume": "fine", "vfid": vfid}).status_code == 204
+            for _ in range(3):
+                r = api.get("/volumes")
+                assert r.status_code == 200, r.text
+                states = {v["name"]: v for v in r.json()["volumes"]}
+                assert states["fine"]["status"] == "serving", states
+                assert states["hung"]["status"] == "unavailable", states
+                assert "has not answered" in states["hung"]["status_info"], states
+            r = api.post("/quota-scope", json={"volume": "hung", "qsid": "qs1"})
+            assert r.status_code == 503 and "has not answered" in r.json()["msg"], r.text
+        errors = [line for line in agent.log().splitlines() if "volume hung is NOT served" in line]
+        assert errors and all("has not answered" in line for line in errors), agent.log()
+        # the engine says so, or the single process
+        assert any("reconciliation waits" in line for line in errors), agent.log()
+
+        # the mount answers again; the checks that hung get nothing (an unreadable version: still not served, so
+        # each process must look at the volume again to serve it)
+        _release(roots["hung"], answer=b"")
+
+        def served() -> None:
+            with agent.client() as api:
+                volumes = {v["name"]: v["status"] for v in api.get("/volumes").json()["volumes"]}
+                assert volumes == {"hung": "serving", "fine": "serving"}, volumes
+
+        for _ in range(3):  # each process answers from its own next check
+            eventually(served, timeout=60)
+        with agent.client() as api:
+            for qsid in ("qs1", "qs2", "qs3"):
+                r = api.post("/quota-scope", json={"volume": "hung", "qsid": qsid})
+                assert r.status_code == 204, r.text
+            assert (roots["hung"] / "qs3").is_dir()
+            # and measured by the usage engine (under num-proc = 2 the engine process, which no request reaches:
+            # it looks at the volume again when a worker's request about one of its vfolders arrives)
+            hexid = uuid.uuid4().hex
+            vfid = f"qs1/{hexid}"
+            assert api.post("/folder/create", json={"volume": "hung", "vfid": vfid}).status_code == 204
+            folder = roots["hung"] / "qs1" / hexid[:2] / hexid[2:4] / hexid[4:]
+            (folder / "a.bin").write_bytes(os.urandom(10_000))
+            query = {"volume": "hung", "vfid": vfid}
+            assert api.post("/folder/usage/refresh", json=query).status_code == 202
+
+            def measured() -> None:
+                body = api.request("GET", "/folder/usage", json=query).json()
+                assert (body["file_count"], body["used_bytes"], body["stale"]) == (1, 10_000, False), body
+
+            eventually(measured, timeout=60)
+    finally:
+        _release(roots["hung"])
         agent.stop()
     assert_clean_log(agent)

@@ -42,9 +42,10 @@ def initialise_if_new(name: str, root: Path) -> str | None:
 class VolumeState:
     serving: bool
     info: str | None = None
+    answered: bool = True  # False: the check did not come back within CHECK_TIMEOUT (a hung mount?)
 
 
-CHECK_TIMEOUT = 5.0  # probes, /volumes and /volume/hwinfo answer within this even when a volume's mount hangs
+CHECK_TIMEOUT = 5.0  # start-up, probes, /volumes and /volume/hwinfo go on after this even when a volume's mount hangs
 
 
 @dataclass
@@ -58,6 +59,7 @@ class Agent:
     usage: UsageSource | None = None  # set by whoever runs the usage engine or reads its figures (http/usage.py)
     worker: int | None = None  # this HTTP worker's index under num-proc = N (None: the single process)
     _checking: dict[str, asyncio.Future[VolumeState]] = field(default_factory=dict, init=False, repr=False)
+    _looked: set[str] = field(default_factory=set, init=False, repr=False)  # volumes a check came back for
     uploads: UploadSessions = field(default_factory=UploadSessions)  # this process's side of the tus sessions
     locks: LifecycleLocks = field(default=None)  # type: ignore[assignment]  # set in __post_init__
 
@@ -86,34 +88,51 @@ class Agent:
         return vol
 
     async def checked_state(self, vol: Volume) -> VolumeState:
-        """:meth:`refresh_state` off the event loop (a hung mount blocks a thread, never the loop), bounded by
-        CHECK_TIMEOUT; while an earlier check of the volume has not come back, no new one is started."""
+        """Whether ``vol`` can be served, read off the event loop (a hung mount blocks a thread, never the loop)
+        and bounded by CHECK_TIMEOUT; while an earlier check of the volume has not come back, no new one is
+        started. Recorded in :attr:`states` either way: a check that did not answer leaves the volume not
+        served (never a stale "serving") until a later check comes back."""
         pending = self._checking.get(vol.name)
         if pending is None or pending.done():
-            pending = self._checking[vol.name] = asyncio.ensure_future(asyncio.to_thread(self.refresh_state, vol))
+            pending = self._checking[vol.name] = asyncio.ensure_future(self._check(vol))
         try:
             return await asyncio.wait_for(asyncio.shield(pending), CHECK_TIMEOUT)
         except TimeoutError:
-            return VolumeState(False, f"volume root {vol.root} has not answered for {CHECK_TIMEOUT:g} s or more")
+            if pending.done() and not pending.cancelled() and pending.exception() is None:
+                return pending.result()  # came back as the bound fell: its answer is already recorded
+            state = self.states[vol.name] = VolumeState(
+                False, f"volume root {vol.root} has not answered for {CHECK_TIMEOUT:g} s or more", answered=False
+            )
+            return state
 
-    def refresh_state(self, vol: Volume) -> VolumeState:
-        """Whether ``vol`` can be served; the first call (at start-up) initialises a new, empty volume."""
-        problem = initialise_if_new(vol.name, vol.root) if vol.name not in self.states else None
-        version = vol.layout_version()
+    async def _check(self, vol: Volume) -> VolumeState:
+        """One check in a thread; its answer recorded here, on the loop, so that it always follows (and
+        replaces) the "has not answered" a bound that fell before it recorded."""
+        state = await asyncio.to_thread(self._probe, vol, vol.name not in self._looked)
+        self._looked.add(vol.name)
+        self.states[vol.name] = state
+        return state
+
+    def _probe(self, vol: Volume, first: bool = False) -> VolumeState:
+        """Whether ``vol`` can be served, read from its root (blocking: call :meth:`checked_state`). The
+        ``first`` check that comes back (at start-up, or later when the mount hung then) initialises a new,
+        empty volume."""
+        problem = initialise_if_new(vol.name, vol.root) if first else None
         if problem is not None:
-            state = VolumeState(False, problem)
-        elif not vol.root.is_dir():
-            state = VolumeState(False, f"volume root {vol.root} does not exist")
-        elif version != LAYOUT_VERSION:
-            state = VolumeState(
+            return VolumeState(False, problem)
+        if not vol.root.is_dir():
+            return VolumeState(False, f"volume root {vol.root} does not exist")
+        try:
+            version = vol.layout_version()
+        except OSError as e:  # e.g. EIO from a soft NFS mount whose server is gone
+            return VolumeState(False, f"volume root {vol.root} cannot be read: {e.strerror}")
+        if version != LAYOUT_VERSION:
+            return VolumeState(
                 False,
                 f"volume root {vol.root} has layout version {version or 2} and needs migration "
                 f"(storage-agent migrate --volume {vol.name})",
             )
-        else:
-            state = VolumeState(True)
-        self.states[vol.name] = state
-        return state
+        return VolumeState(True)
 
 
 AGENT_KEY = web.AppKey("agent", Agent)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import logging
 import os
 import resource
@@ -29,7 +30,7 @@ from agent.http import upload_sessions, usage
 from agent.http.app import client_app, manager_app
 from agent.http.metrics import standalone_app as metrics_app
 from agent.runtime import heartbeat, memory_trim
-from agent.runtime.context import Agent
+from agent.runtime.context import CHECK_TIMEOUT, Agent, VolumeState
 from agent.runtime.services import ServiceFactory
 from backends import build_volume, cpu_placement
 from backends.base import Capability, Volume
@@ -264,6 +265,42 @@ def _build_volumes(config: Config) -> dict[str, Volume]:
     return volumes
 
 
+async def _init_volume(vol: Volume) -> None:
+    """``vol.init()``, waited for at most CHECK_TIMEOUT (it may touch the disk, which may hang): past that it
+    goes on in the background and the start goes on without it. An init that fails within the bound stops
+    the start, as always."""
+    init = asyncio.ensure_future(vol.init())
+    try:
+        await asyncio.wait_for(asyncio.shield(init), CHECK_TIMEOUT)
+    except TimeoutError:
+        log.warning("volume %s: its preparation (init) has not finished within %g s (a hung mount? a slow "
+                    "backend?); it goes on in the background", vol.name, CHECK_TIMEOUT)
+        init.add_done_callback(functools.partial(_init_done_late, vol.name))
+
+
+def _init_done_late(name: str, init: asyncio.Future[None]) -> None:
+    if init.cancelled():  # the process stopped first
+        return
+    if (e := init.exception()) is not None:
+        log.error("volume %s: its late preparation (init) failed: %s", name, e, exc_info=e)
+    else:
+        log.info("volume %s: its late preparation (init) has finished", name)
+
+
+async def _check_volumes(agent: Agent) -> dict[str, VolumeState]:
+    """Each volume prepared (its init) and checked (:meth:`Agent.checked_state`), all at once and each step
+    bounded by CHECK_TIMEOUT: hung mounts cost the start at most twice the bound, however many there are,
+    and leave their volumes not served (state.answered False) while the others are."""
+
+    async def one(vol: Volume) -> VolumeState:
+        await _init_volume(vol)
+        return await agent.checked_state(vol)
+
+    names = list(agent.volumes)
+    states = await asyncio.gather(*(one(agent.volumes[name]) for name in names))
+    return dict(zip(names, states, strict=True))
+
+
 async def _open_and_reconcile(config: Config, *, reconcile_volumes: bool = True) -> Agent:
     """The catalogue opened (rebuilt when corrupt, upgraded), the volumes checked and reconciled with it.
 
@@ -282,12 +319,16 @@ async def _open_and_reconcile(config: Config, *, reconcile_volumes: bool = True)
     agent = Agent(config=config, catalog=catalog, volumes=volumes)
     keep = {f"upload-{s.session_id}" for s in await catalog.upload_sessions()}
     reports: dict[str, Report] = {}
+    states = await _check_volumes(agent)
     for vol in volumes.values():
-        await vol.init()
-        state = agent.refresh_state(vol)
+        state = states[vol.name]
         await catalog.record_volume(
             vol.name, vol.backend, str(vol.root), "serving" if state.serving else "unavailable", state.info
         )
+        if not state.answered:
+            log.error("volume %s is NOT served: %s; it is looked at again by each request naming it, and its "
+                      "start-up reconciliation waits for a full start that finds it served", vol.name, state.info)
+            continue
         if not state.serving:
             log.error("volume %s is NOT served: %s", vol.name, state.info)
             continue
@@ -384,9 +425,10 @@ async def start_worker(config: Config, index: int, sockets: Sockets) -> tuple[Ag
     _prepare_process()
     catalog = await open_worker_catalogue(config)
     agent = Agent(config=config, catalog=catalog, volumes=_build_volumes(config), worker=index)
-    for vol in agent.volumes.values():
-        await vol.init()
-        agent.refresh_state(vol)
+    for vol, state in (await _check_volumes(agent)).items():
+        if not state.answered:
+            log.error("volume %s is NOT served: %s; it is looked at again by each request naming it", vol,
+                      state.info)
     if config.usage.enabled:
         agent.usage = usage.CatalogueUsage(agent)
     await _start_services(agent, WORKER_SERVICES)

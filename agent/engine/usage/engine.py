@@ -291,10 +291,15 @@ class UsageEngine:
     async def _reconsider(self, key: VFKey) -> None:
         """A vfolder the catalogue no longer holds is forgotten; one the engine does not keep yet is
         registered (scanned at once); one with a figure is rescanned, flagged stale meanwhile (as a
-        refresh); one still being measured for the first time is left to that scan."""
+        refresh); one still being measured for the first time is left to that scan. A volume not served is
+        looked at again first (as a request naming it does in the HTTP worker that posted this)."""
         vol = self.agent.volumes.get(key[0])
+        if vol is None:
+            return
         state = self.agent.states.get(key[0])
-        if vol is None or (state is not None and not state.serving):
+        if state is not None and not state.serving:
+            state = await self.agent.checked_state(vol)
+        if state is not None and not state.serving:
             return
         vfid = VFolderID.parse(f"{key[1]}/{key[2]}")
         row = await self.agent.catalog.get_vfolder(*key)
