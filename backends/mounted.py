@@ -263,10 +263,11 @@ class MountedVolume(Volume):
                 _discard(held, work if made else None)
                 raise VFolderExists(f"destination vfolder {dst} already exists on volume {self.name!r}") from None
             except OSError as e:
+                taken = held is not None and not held.intact()  # looked at before our own removal below
                 _discard(held, work if made else None)
                 _rmdir_if_empty(dst_path.parent)
                 _rmdir_if_empty(dst_path.parent.parent)
-                if held is not None and not held.intact():
+                if taken:
                     raise lost from None
                 if e.errno == errno.EDQUOT:
                     raise QuotaExceeded(f"quota of scope {dst.qsid!r} exceeded while cloning {src}") from None
