@@ -134,6 +134,9 @@ class StorageProxy(_Section):
     # HTTP worker processes sharing the API ports, beside one engine process (agent/runtime/supervisor.py);
     # 1: everything in one process, as before
     num_proc: int = Field(default=1, ge=1, le=256, alias="num-proc")
+    # on SIGTERM/SIGINT, requests in flight get this long to end before they are cancelled (a cancelled
+    # clone stops and rolls back, or is recorded if it was already published: agent/http/vfolders.py)
+    stop_timeout: Duration = Field(default=60.0, alias="stop-timeout")
 
 
 class Listener(_Section):

@@ -17,16 +17,52 @@ import errno
 import fcntl
 import os
 import stat
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 from backends.safeopen import NotRegular, open_entry_at
 
 FICLONE = 0x40049409
+CHUNK = 1 << 28  # bytes per copy_file_range call: a cancelled copy of a big file stops within one
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 class DestinationLost(FileNotFoundError):
     """A directory of the copy's destination was removed while the copy ran (someone else's cleanup)."""
+
+
+class CopyCancelled(Exception):
+    """The copy's caller gave up on it (:meth:`CancelFlag.cancel`): the copy stopped, publishing nothing."""
+
+
+class CancelFlag:
+    """Set by the coroutine awaiting a copy in a thread when it is cancelled; the thread looks at it between
+    entries and, under its lock, right before publishing, so a cancelled copy is either already published
+    (:meth:`cancel` says so) or never will be: the caller's records can match the disk either way."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._cancelled = threading.Event()
+        self._published = False
+
+    def cancel(self) -> bool:
+        """Stop the copy; whether it had already published (then it stays published)."""
+        with self._lock:
+            self._cancelled.set()
+            return self._published
+
+    def check(self) -> None:
+        if self._cancelled.is_set():
+            raise CopyCancelled("the copy was cancelled")
+
+    @contextmanager
+    def publishing(self) -> Iterator[None]:
+        """Around the publishing step: refused once cancelled; counted as published if it returns."""
+        with self._lock:
+            self.check()
+            yield
+            self._published = True
 
 
 def _lost_if_unlinked(dfd: int) -> None:
@@ -35,7 +71,7 @@ def _lost_if_unlinked(dfd: int) -> None:
         raise DestinationLost(errno.ENOENT, "a directory of the copy was removed while it ran")
 
 
-def _copy_file_data(src: int, dst: int, size: int) -> None:
+def _copy_file_data(src: int, dst: int, size: int, cancel: CancelFlag | None = None) -> None:
     try:
         fcntl.ioctl(dst, FICLONE, src)
         return
@@ -44,7 +80,9 @@ def _copy_file_data(src: int, dst: int, size: int) -> None:
             raise
     remaining = size
     while remaining > 0:
-        n = os.copy_file_range(src, dst, min(remaining, 1 << 30))
+        if cancel is not None:
+            cancel.check()
+        n = os.copy_file_range(src, dst, min(remaining, CHUNK))
         if n == 0:
             break  # the source shrank while copying
         remaining -= n
@@ -63,12 +101,14 @@ def _copy_meta(
         os.utime(name, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=dir_fd, follow_symlinks=False)
 
 
-def _copy_entries(sfd: int, dfd: int, stack: list[tuple]) -> int:
+def _copy_entries(sfd: int, dfd: int, stack: list[tuple], cancel: CancelFlag | None = None) -> int:
     """Copy the files and links of one directory; queue its subdirectories."""
     copied = 0
     with os.scandir(sfd) as it:
         names = [e.name for e in it]
     for name in names:
+        if cancel is not None:
+            cancel.check()
         try:
             st = os.stat(name, dir_fd=sfd, follow_symlinks=False)
         except FileNotFoundError:
@@ -96,7 +136,7 @@ def _copy_entries(sfd: int, dfd: int, stack: list[tuple]) -> int:
                     _lost_if_unlinked(dfd)
                     raise
                 try:
-                    _copy_file_data(s, d, st.st_size)
+                    _copy_file_data(s, d, st.st_size, cancel)
                     _copy_meta(st, fd=d)
                 finally:
                     os.close(d)
@@ -108,17 +148,20 @@ def _copy_entries(sfd: int, dfd: int, stack: list[tuple]) -> int:
     return copied
 
 
-def copy_tree(src_fd: int, dst_fd: int, *, progress: Callable[[int], None] | None = None) -> int:
+def copy_tree(
+    src_fd: int, dst_fd: int, *, progress: Callable[[int], None] | None = None, cancel: CancelFlag | None = None
+) -> int:
     """Copy the contents of directory ``src_fd`` into the empty directory ``dst_fd``.
 
     Returns the number of entries copied. Depth-first with an explicit stack;
     a directory's mode and times are set once its whole subtree is written, and
-    only the descriptors along the current path are open (two per level).
+    only the descriptors along the current path are open (two per level). ``cancel``: looked at between
+    entries (CopyCancelled; the caller removes what was written).
     """
     copied = 0
     stack: list[tuple] = [("exit", src_fd, dst_fd, os.fstat(src_fd), False)]
     try:
-        copied += _copy_entries(src_fd, dst_fd, stack)
+        copied += _copy_entries(src_fd, dst_fd, stack, cancel)
         while stack:
             item = stack.pop()
             if item[0] == "exit":
@@ -146,7 +189,7 @@ def copy_tree(src_fd: int, dst_fd: int, *, progress: Callable[[int], None] | Non
                 os.close(csfd)
                 raise
             stack.append(("exit", csfd, cdfd, st, True))
-            copied += 1 + _copy_entries(csfd, cdfd, stack)
+            copied += 1 + _copy_entries(csfd, cdfd, stack, cancel)
             if progress is not None:
                 progress(copied)
     except BaseException:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 
 class BackendError(Exception):
     """Base of every error a backend raises on purpose. ``str()`` is the user-facing message."""
@@ -72,3 +74,12 @@ class StagingLost(BackendError):
 
 class Busy(BackendError):
     """Another lifecycle operation holds the vfolder or quota scope for longer than a request waits."""
+
+
+class CloneCancelled(asyncio.CancelledError):
+    """A clone's awaiter was cancelled and its copy stopped: ``published`` says whether the copy had already
+    been put in place (then it stays, and the caller records it) or never will be (its staged copy removed)."""
+
+    def __init__(self, published: bool) -> None:
+        super().__init__("the clone was cancelled" + (" after it was published" if published else ""))
+        self.published = published

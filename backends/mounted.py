@@ -14,8 +14,9 @@ from pathlib import Path
 
 from backends import cpu_placement
 from backends.base import FSUsage, HwInfo, Volume
-from backends.copytree import DestinationLost, copy_tree, count_entries
+from backends.copytree import CancelFlag, CopyCancelled, DestinationLost, copy_tree, count_entries
 from backends.errors import (
+    CloneCancelled,
     FileOpError,
     NotEnoughSpace,
     QuotaExceeded,
@@ -29,9 +30,11 @@ from backends.ids import VFolderID, is_hex_part, parse_folder_id, parse_qsid
 from backends.layout import LAYOUT_VERSION, read_version
 from backends.resolver import VFolderRoot, rename_noreplace
 from backends.rmtree import remove_tree, remove_tree_at
+from backends.settle import through_cancel
 from backends.walk import TreeUsage, tree_usage
 
 RETRIES = 50  # a mkdir undone by a concurrent cleanup of an emptied directory is tried again this often
+CANCEL_WAIT = 30.0  # seconds a cancelled clone waits for its copy thread to stop and remove its staged copy
 STAGING = ".staging"  # per quota scope: same filesystem (and subvolume) as its vfolders, outside every vfolder
 
 
@@ -185,10 +188,27 @@ class MountedVolume(Volume):
 
     async def clone_vfolder(self, src: VFolderID, dst: VFolderID, *, work: str | None = None) -> None:
         """``work``: the name of the clone's directory in the scope's staging area (the caller records it with
-        its job, so the leftovers of a process that died mid-copy can be found; default: a new one)."""
-        await asyncio.to_thread(self._clone_vfolder, src, dst, work)
+        its job, so the leftovers of a process that died mid-copy can be found; default: a new one).
 
-    def _clone_vfolder(self, src: VFolderID, dst: VFolderID, work_name: str | None = None) -> None:
+        Cancelled (a client gone, a stop that outwaited its grace period), it stops the copy thread and
+        raises CloneCancelled saying whether the copy had already been published: a thread left running would
+        publish a folder its caller has already recorded as failed."""
+        cancel = CancelFlag()
+        copy = asyncio.ensure_future(asyncio.to_thread(self._clone_vfolder, src, dst, work, cancel))
+        try:
+            await asyncio.shield(copy)
+        except asyncio.CancelledError:
+            published = cancel.cancel()
+            try:  # the thread removes its staged copy (or was done); its error is no news to anyone now
+                await through_cancel(copy, CANCEL_WAIT, f"the cancelled clone of {src} to {dst}")
+            except Exception:
+                pass
+            raise CloneCancelled(published) from None
+
+    def _clone_vfolder(
+        self, src: VFolderID, dst: VFolderID, work_name: str | None = None, cancel: CancelFlag | None = None
+    ) -> None:
+        cancel = cancel or CancelFlag()
         dst_path = self.vfolder_path(dst)
         if os.path.lexists(dst_path):
             raise VFolderExists(f"destination vfolder {dst} already exists on volume {self.name!r}")
@@ -222,14 +242,15 @@ class MountedVolume(Volume):
                 src_fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY, dir_fd=root.fd)
                 try:
                     with cpu_placement.widened():  # the copy is kernel work: off the agent's pinned CPU
-                        copied = copy_tree(src_fd, held.fd)
+                        copied = copy_tree(src_fd, held.fd, cancel=cancel)
                 finally:
                     os.close(src_fd)
                 held.check(copied)
                 for _ in range(RETRIES):
                     self._make_prefix(dst)
                     try:
-                        held.publish(dst_path)
+                        with cancel.publishing():  # a cancel from here on waits for the rename and is told of it
+                            held.publish(dst_path)
                         break
                     except FileNotFoundError:  # the prefix went (a delete in the same aa/bb): again
                         held.check()
@@ -242,16 +263,22 @@ class MountedVolume(Volume):
                 _discard(held, work if made else None)
                 raise VFolderExists(f"destination vfolder {dst} already exists on volume {self.name!r}") from None
             except OSError as e:
+                taken = held is not None and not held.intact()  # looked at before our own removal below
                 _discard(held, work if made else None)
                 _rmdir_if_empty(dst_path.parent)
                 _rmdir_if_empty(dst_path.parent.parent)
-                if held is not None and not held.intact():
+                if taken:
                     raise lost from None
                 if e.errno == errno.EDQUOT:
                     raise QuotaExceeded(f"quota of scope {dst.qsid!r} exceeded while cloning {src}") from None
                 if e.errno == errno.ENOSPC:
                     raise NotEnoughSpace(f"volume {self.name!r} ran out of space while cloning {src}") from None
                 raise FileOpError(e.errno or errno.EIO, e.strerror or str(e), []) from None
+            except CopyCancelled:  # the awaiter gave up: nothing published, nothing of the copy left
+                _discard(held, work if made else None)
+                _rmdir_if_empty(dst_path.parent)
+                _rmdir_if_empty(dst_path.parent.parent)
+                raise
             except BaseException:  # e.g. the destination scope was removed meanwhile, or StagingLost
                 _discard(held, work if made else None)
                 raise

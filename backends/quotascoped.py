@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import logging
 
+from backends.copytree import CancelFlag
 from backends.errors import QuotaExceeded
 from backends.ids import VFolderID
 from backends.mounted import MountedVolume, _rmdir_if_empty
@@ -36,9 +37,11 @@ class QuotaScopedVolume(MountedVolume):
             _rmdir_if_empty(path.parent.parent)
             raise self._full(vfid.qsid, f"create vfolder {vfid}") from None
 
-    def _clone_vfolder(self, src: VFolderID, dst: VFolderID, work_name: str | None = None) -> None:
+    def _clone_vfolder(
+        self, src: VFolderID, dst: VFolderID, work_name: str | None = None, cancel: CancelFlag | None = None
+    ) -> None:
         try:
-            super()._clone_vfolder(src, dst, work_name)
+            super()._clone_vfolder(src, dst, work_name, cancel)
         except OSError as e:  # EDQUOT before the copy started (making the staging directory)
             if e.errno != errno.EDQUOT:
                 raise

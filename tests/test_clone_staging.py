@@ -7,7 +7,9 @@ someone else put under its staging name. Asked again, it succeeds. A real agent,
 from __future__ import annotations
 
 import os
+import random
 import shutil
+import signal
 import sqlite3
 import threading
 import time
@@ -17,6 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from backends.copytree import CancelFlag, CopyCancelled, copy_tree
 from tests.support import AgentProcess, assert_clean_log, eventually, make_agent, new_vfolder, walk
 
 DIRS, FILES = 60, 200  # 12,060 entries: a copy of several seconds here, room to act in the middle
@@ -112,3 +115,114 @@ def test_a_clone_whose_staging_is_taken_away_fails_cleanly_and_publishes_nothing
     finally:
         agent.stop()
     assert_clean_log(agent)
+
+
+def _settled(agent: AgentProcess, dst: Path, dst_vfid: str) -> bool:
+    """Disk and catalogue agree on a cancelled clone's destination: either published, recorded and its job
+    done, or absent, unrecorded, its job failed and no staged copy left. Whether it was published."""
+    published = os.path.lexists(dst)
+    rows = _rows(agent, "SELECT count(*) FROM vfolders WHERE folder_id = ?", dst_vfid[3:])
+    jobs = _rows(agent, "SELECT state, error FROM jobs WHERE kind = 'clone'")
+    staging = agent.volume_root() / "qs" / ".staging"
+    assert rows == [(1 if published else 0,)], f"on disk: {published}, catalogue rows: {rows}, jobs: {jobs}"
+    assert len(jobs) == 1 and jobs[0][0] == ("done" if published else "failed"), (published, jobs)
+    assert not staging.exists() or os.listdir(staging) == [], os.listdir(staging)
+    return published
+
+
+@pytest.mark.parametrize("num_proc", [1, 2])
+def test_a_clone_cancelled_by_a_stop_leaves_disk_and_catalogue_agreeing(tmp_path: Path, num_proc: int) -> None:
+    """SIGTERM with a short ``stop-timeout`` cancels a clone mid-copy: its copy thread must stop and roll back
+    (or, had it published, be recorded), never publish after its job was failed; a restart changes nothing.
+    The moment of the stop is drawn from a seed (printed) over the copy's run."""
+    seed = int(os.environ.get("CLONE_CANCEL_SEED", time.time_ns() % 10**6))
+    print(f"seed {seed}")
+    rng = random.Random(seed)
+    agent = make_agent(tmp_path, storage_proxy={"stop-timeout": "1s", "num-proc": num_proc}).start(timeout=60)
+    try:
+        with agent.client() as api:
+            src_vfid = new_vfolder(api, "qs")
+        src = _root(agent, src_vfid)
+        for d in range(DIRS):
+            (src / f"d{d:03}").mkdir()
+            for f in range(FILES):
+                (src / f"d{d:03}" / f"f{f}").write_bytes(b"x" * (f % 5))
+        dst_vfid = f"qs/{uuid.uuid4().hex}"
+        dst = _root(agent, dst_vfid)
+        staging = agent.volume_root() / "qs" / ".staging"
+        body = {"src_volume": "local", "src_vfid": src_vfid, "dst_volume": "local", "dst_vfid": dst_vfid}
+        answer: list[object] = []
+
+        def clone() -> None:
+            try:
+                with agent.client() as api:
+                    answer.append(api.post("/folder/clone", json=body))
+            except httpx.HTTPError as e:  # the connection closed by the stopping agent
+                answer.append(e)
+
+        t = threading.Thread(target=clone)
+        t.start()
+        eventually(lambda: _copying(staging, rng.randint(1, DIRS // 4)), timeout=60)
+        assert agent.proc is not None
+        agent.proc.send_signal(signal.SIGTERM)
+        assert agent.proc.wait(120) == 0
+        t.join(60)
+        assert answer, "the clone request never ended"
+        published = _settled(agent, dst, dst_vfid)
+        if published:
+            assert walk(dst)[:2] == walk(src)[:2]
+        time.sleep(1)  # a copy thread left running would publish now
+        assert _settled(agent, dst, dst_vfid) == published
+        agent.start(timeout=60)  # the full start-up reconciliation finds nothing to change
+        assert _settled(agent, dst, dst_vfid) == published
+        with agent.client() as api:
+            r = api.post("/folder/clone", json=body)  # asked again: done, or refused as existing
+            assert r.status_code == (409 if published else 204), r.text
+        assert walk(dst)[:2] == walk(src)[:2]
+        assert _rows(agent, "SELECT count(*) FROM vfolders WHERE folder_id = ?", dst_vfid[3:]) == [(1,)]
+    finally:
+        agent.stop()
+    assert_clean_log(agent)
+
+
+def test_a_cancel_flag_says_exactly_whether_the_publish_happened(tmp_path: Path) -> None:
+    """Cancel racing the publishing rename, many times on real directories: what ``cancel()`` answers is
+    always what the disk shows, and a cancelled copy stops."""
+    src = tmp_path / "src"
+    (src / "d").mkdir(parents=True)
+    (src / "d" / "f").write_bytes(b"x")
+    flag = CancelFlag()
+    flag.cancel()
+    s, d = os.open(src, os.O_RDONLY | os.O_DIRECTORY), os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        with pytest.raises(CopyCancelled):
+            copy_tree(s, d, cancel=flag)
+    finally:
+        os.close(s)
+        os.close(d)
+    seed = int(os.environ.get("CLONE_CANCEL_SEED", time.time_ns() % 10**6))
+    print(f"seed {seed}")
+    rng = random.Random(seed)
+    seen = {True: 0, False: 0}
+    for i in range(200):
+        wait = rng.random() * 2e-3
+        staged, dst = tmp_path / f"staged{i}", tmp_path / f"dst{i}"
+        staged.mkdir()
+        flag = CancelFlag()
+
+        def publish(flag: CancelFlag = flag, staged: Path = staged, dst: Path = dst, wait: float = wait) -> None:
+            time.sleep(wait)
+            try:
+                with flag.publishing():
+                    os.rename(staged, dst)
+            except CopyCancelled:
+                pass
+
+        t = threading.Thread(target=publish)
+        t.start()
+        time.sleep(rng.random() * 2e-3)
+        published = flag.cancel()
+        t.join()
+        assert published == dst.exists() == (not staged.exists()), i
+        seen[published] += 1
+    print(f"published before the cancel: {seen[True]}, cancelled first: {seen[False]}")

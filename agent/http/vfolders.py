@@ -18,6 +18,7 @@ from backends import locks
 from backends.base import ScopeUsage, Volume
 from backends.errors import (
     BackendError,
+    CloneCancelled,
     FileOpError,
     QuotaExceeded,
     QuotaScopeNotEmpty,
@@ -26,10 +27,12 @@ from backends.errors import (
 )
 from backends.ids import QuotaScopeID, VFolderID
 from backends.resolver import VFolderRoot
+from backends.settle import through_cancel
 from catalog.store import UploadSessionRow
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+RECORD_WAIT = 30.0  # seconds the catalogue records of a cancelled clone may take before the handler gives up
 
 
 async def in_vfolder(vol: Volume, vfid: VFolderID, fn: Callable[..., T], *args: object, **kwargs: object) -> T:
@@ -168,19 +171,45 @@ async def delete_vfolder(agent: Agent, vol: Volume, vfid: VFolderID) -> None:
 
 async def clone_vfolder(agent: Agent, vol: Volume, src: VFolderID, dst: VFolderID) -> None:
     """The job names the clone's staging directory and this process (``owner``): should the process die
-    mid-copy, the engine rolls the clone back as soon as it learns of the death (agent/engine/orphans.py)."""
+    mid-copy, the engine rolls the clone back as soon as it learns of the death (agent/engine/orphans.py).
+    Cancelled, it ends with its job and the catalogue matching the disk (see MountedVolume.clone_vfolder)."""
+    settled = asyncio.get_running_loop().create_future()
+    agent.settling.add(settled)
+    try:
+        await _clone_held(agent, vol, src, dst)
+    finally:
+        agent.settling.discard(settled)
+        settled.set_result(None)
+
+
+async def _clone_held(agent: Agent, vol: Volume, src: VFolderID, dst: VFolderID) -> None:
     async with held(agent, vol, dst, source=src):
         work = f"clone-{uuid.uuid4().hex}"
         params = {"src": str(src), "dst": str(dst), "work": work, "owner": owner.this_process()}
         job = await agent.catalog.start_job("clone", vol.name, params)
+
+        async def recorded() -> None:
+            await agent.catalog.add_vfolder(vol.name, dst.qsid, dst.hex)
+            await usage.registered(agent, vol, dst, fresh=False)
+            await agent.catalog.finish_job(job)
+
         try:
             await vol.clone_vfolder(src, dst, work=work)
-        except BaseException as e:
-            await asyncio.shield(agent.catalog.finish_job(job, error=str(e) or type(e).__name__))
+        except CloneCancelled as e:  # the copy stopped; the records follow the disk, still under the lock
+            if e.published:
+                await through_cancel(recorded(), RECORD_WAIT, f"recording the clone {dst}")
+            else:
+                error = "cancelled (the request was abandoned or the agent stopped); its staged copy was removed"
+                await through_cancel(agent.catalog.finish_job(job, error=error), RECORD_WAIT, "failing a clone")
             raise
-        await agent.catalog.add_vfolder(vol.name, dst.qsid, dst.hex)
-        await usage.registered(agent, vol, dst, fresh=False)
-        await agent.catalog.finish_job(job)
+        except BaseException as e:
+            await through_cancel(
+                agent.catalog.finish_job(job, error=str(e) or type(e).__name__), RECORD_WAIT, "failing a clone"
+            )
+            raise
+        _, cancelled = await through_cancel(recorded(), RECORD_WAIT, f"recording the clone {dst}")
+        if cancelled:
+            raise asyncio.CancelledError
 
 
 async def new_upload_session(

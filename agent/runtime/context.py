@@ -61,6 +61,9 @@ class Agent:
     _checking: dict[str, asyncio.Future[VolumeState]] = field(default_factory=dict, init=False, repr=False)
     _looked: set[str] = field(default_factory=set, init=False, repr=False)  # volumes a check came back for
     uploads: UploadSessions = field(default_factory=UploadSessions)  # this process's side of the tus sessions
+    # lifecycle operations still settling their records (a cancelled clone): stopping waits for them
+    # before it closes the catalogue (agent/runtime/server.py stop)
+    settling: set[asyncio.Future[None]] = field(default_factory=set, init=False, repr=False)
     locks: LifecycleLocks = field(default=None)  # type: ignore[assignment]  # set in __post_init__
 
     def __post_init__(self) -> None:

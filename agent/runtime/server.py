@@ -373,7 +373,8 @@ async def _listen(
         if agent.worker is not None:
             app.on_response_prepare.append(_worker_header(agent.worker))
         timeout = listener.idle_timeout if listener is not None else 75.0
-        runner = web.AppRunner(app, access_log=None, handle_signals=False, keepalive_timeout=timeout)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False, keepalive_timeout=timeout,
+                               shutdown_timeout=agent.config.storage_proxy.stop_timeout)
         await runner.setup()
         ctx = _ssl_context(listener) if listener is not None else None
         for sock in socks:
@@ -440,9 +441,15 @@ async def start_worker(config: Config, index: int, sockets: Sockets) -> tuple[Ag
     return agent, runners, Bound(urls[0], urls[1])
 
 
+SETTLE_WAIT = 60.0  # seconds a stop waits for cancelled operations to make their records match the disk
+
+
 async def stop(agent: Agent, runners: list[web.AppRunner]) -> None:
     for runner in runners:
         await runner.cleanup()
+    if agent.settling:  # handlers cancelled by the cleanup, still recording their outcome in the catalogue
+        log.info("waiting for %d cancelled operation(s) to settle", len(agent.settling))
+        await asyncio.wait(set(agent.settling), timeout=SETTLE_WAIT)
     for service in reversed(agent.services):
         try:
             await service.stop()
