@@ -53,7 +53,7 @@ LINK_RECHECK = 1.0  # seconds between re-reads of outside-linked files in the en
 # else every LINK_RECHECK seconds while at most LOOP_CAP; beyond, its answer is flagged ``pending`` until
 # their windows pass (each directory is read once more then). Directories count as 64 entries at least.
 SETTLE_ANSWER_CAP = 1_000
-SETTLE_LOOP_CAP = 20_000
+SETTLE_LOOP_CAP = 100_000
 
 
 @dataclass(frozen=True)
@@ -89,6 +89,9 @@ class VFState:
     # relpath -> until when (wall clock) the allocation of files written there may still change with no
     # event (writeback: see ``policy.settle_window``); re-read until then, and once after
     settling: dict[str, float] = field(default_factory=dict)
+    reads: int = 0  # re-reads of directories in flight (a flush, an answer's, the once-a-second loop's)
+    # relpath -> when the read last applied began (kept while reads overlap: an older one must not win)
+    applied_at: dict[str, float] = field(default_factory=dict)
     pending: dict[str, DirAgg | None] = field(default_factory=dict)  # rows to write at the next flush
     scan_task: asyncio.Task[None] | None = None
     scan_again: bool = False
@@ -494,17 +497,36 @@ class UsageEngine:
         await self._reread(st, [r for r in rels if r in tree.dirs])
 
     async def _reread(self, st: VFState, rels: list[str]) -> None:
+        """Read directories again (no event named them); only those that changed are applied."""
         tree = st.tree
         if not rels or tree is None:
             return
+        st.reads += 1
         read_at = time.time()
         try:
-            results = await asyncio.to_thread(self._read_many, st, rels)
-        except VFolderNotFound:
-            await self._check_root(st)
-            return
-        if st.tree is tree and not st.scanning and not st.gone:
-            self._apply(st, results, read_at)
+            try:
+                results = await asyncio.to_thread(self._read_many, st, rels)
+            except VFolderNotFound:
+                await self._check_root(st)
+                return
+            if st.tree is not tree or st.scanning or st.gone:
+                return
+            changed = []
+            for rel, agg in results:
+                if agg is not None and tree.dirs.get(rel) == agg:
+                    self._settle(st, rel, agg, read_at)
+                else:
+                    changed.append((rel, agg))
+            if changed:
+                self._apply(st, changed, read_at)
+        finally:
+            self._read_done(st)
+
+    @staticmethod
+    def _read_done(st: VFState) -> None:
+        st.reads -= 1
+        if not st.reads:
+            st.applied_at.clear()  # only reads that overlap can land out of order
 
     def _window(self, st: VFState) -> float:
         w = self._windows.get(st.vol.name)
@@ -831,20 +853,24 @@ class UsageEngine:
             if not known:
                 continue
             st.applying = True
+            st.reads += 1
             read_at = time.time()
             try:
-                results = await asyncio.to_thread(self._read_many, st, known)
-            except VFolderNotFound:
-                await self._check_root(st)
-                continue
+                try:
+                    results = await asyncio.to_thread(self._read_many, st, known)
+                except VFolderNotFound:
+                    await self._check_root(st)
+                    continue
+                finally:
+                    st.applying = False
+                if st.scanning or st.tree is None or st.gone:
+                    st.dirty |= set(known)
+                    continue
+                self._follow_moved(st, results, expect)
+                self._doubt_moved(st, results, expect)
+                self._apply(st, results, read_at)
             finally:
-                st.applying = False
-            if st.scanning or st.tree is None or st.gone:
-                st.dirty |= set(known)
-                continue
-            self._follow_moved(st, results, expect)
-            self._doubt_moved(st, results, expect)
-            self._apply(st, results, read_at)
+                self._read_done(st)
         for st in list(self._vfs.values()):
             if not st.dirty and not st.subtree_jobs and not st.scanning:
                 st.deleted.clear()
@@ -919,9 +945,12 @@ class UsageEngine:
         assert tree is not None
         changed = False
         for rel, agg in results:
+            if read_at < st.applied_at.get(rel, 0.0):
+                continue  # a read of it that began later has landed already (reads overlap): never go back
             old = tree.dirs.get(rel)
             if old is None:
                 continue  # dropped by an earlier result of this batch
+            st.applied_at[rel] = read_at
             if agg is None or agg.ino != old.ino:
                 if rel:
                     st.dirty.add(split(rel)[0])  # gone or replaced: its parent's re-read settles it
