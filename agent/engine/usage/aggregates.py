@@ -151,7 +151,8 @@ def _read_py(fd: int, own: os.stat_result) -> DirAgg:
                 subdirs[entry.name] = (st.st_ino, st.st_size, blocks)
                 alloc += blocks
                 continue
-            newest = max(newest, st.st_ctime_ns * 1e-9)
+            sec, nsec = divmod(st.st_ctime_ns, 1_000_000_000)
+            newest = max(newest, sec + nsec * 1e-9)  # the C reader's arithmetic, to the last bit
             if st.st_nlink > 1:
                 links.append((st.st_dev, st.st_ino, blocks, st.st_size, st.st_nlink))
             else:
