@@ -687,3 +687,47 @@ def test_workers_move_to_the_catalogue_an_engine_restarted_beside_them_rebuilt(t
 def _usage_is(agent: AgentProcess, index: int, vfid: str, count: int, size: int) -> None:
     body = usage(on_worker(agent, index, "GET", "/folder/usage", json={"volume": "local", "vfid": vfid}))
     assert (body["file_count"], body["used_bytes"], body["stale"]) == (count, size, False), body
+
+
+def test_an_allocation_made_at_writeback_reaches_the_workers_answers(tmp_path: Path) -> None:
+    """Delayed allocation: a sparse file gains an extent-tree block when the kernel writes it back, with no
+    event (fuzzer seeds 2444, 2445). One process re-reads directories with files written lately when it
+    answers; with workers answering from the catalogue, the engine re-reads them every second and writes the
+    figure through (before: the pre-writeback figure, ``stale: false``, for good)."""
+    from tests.test_usage_regressions import _sparse
+    from tests.usage_model import du
+
+    agent = make_agent(tmp_path, storage_proxy={"num-proc": 2}).start(timeout=120)
+    try:
+        with fresh(agent) as api:
+            vfid = new_vfolder(api, "qs")
+            root = _root(agent, vfid)
+            (root / "quiet").mkdir()
+            body = {"volume": "local", "vfid": vfid}
+
+            def settled() -> None:
+                ub = usage(api.request("GET", "/folder/used-bytes", json=body))
+                assert (ub["used_bytes"], ub["stale"]) == (du(bytes(root)), False), ub
+
+            eventually(settled, timeout=60)  # measured: the file below is counted through its events
+            for attempt in range(5):  # the engine must count the file before the kernel writes it back
+                f = root / "quiet" / f"sparse{attempt}"
+                _sparse(f)
+                before = os.lstat(f).st_blocks
+                time.sleep(1.0)  # the engine has read every event of the write (a worker cannot tell)
+                eventually(settled, timeout=60)
+                if os.lstat(f).st_blocks == before:
+                    break
+            else:
+                pytest.skip("every file was written back before the engine counted it (a busy disk)")
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            if os.lstat(f).st_blocks == before:
+                pytest.skip(f"{agent.volume_root()} allocates no block at writeback (not ext4 with delalloc)")
+            eventually(settled, timeout=30)
+    finally:
+        agent.stop()
+    assert_clean_log(agent)

@@ -9,8 +9,10 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.support import AgentProcess
 from tests.test_usage_engine import _new_vfolder
@@ -91,3 +93,44 @@ def test_hard_links_made_while_a_full_scan_runs(watched: tuple[AgentProcess, htt
         for i in range(n):
             os.unlink(deep / f"g{i}")
         settled_and_right(vf, quiet=1.0)
+
+
+def _sparse(path: Path) -> None:
+    """Six 4 KiB blocks with holes between them: six extents, more than an ext4 inode holds (4), so the
+    kernel adds an extent-tree block when it allocates the delayed blocks at writeback."""
+    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    try:
+        for i in range(6):
+            os.pwrite(fd, b"s" * 4096, i * 8192)
+    finally:
+        os.close(fd)
+
+
+def test_allocation_that_changes_at_writeback(watched: tuple[AgentProcess, httpx.Client, str]) -> None:
+    """Fuzzer seeds 2444, 2445 (inotify; the sibling vfolder, allocated bytes only, settled): a file's
+    ``st_blocks`` changed after its last event. With delayed allocation the blocks of a write are reserved
+    at once and allocated when the kernel writes the pages back (up to ~35 s later), and a sparse or
+    fragmented file then gains an extent-tree block: no event says so. The engine had counted the blocks at
+    the write's events and served them as fresh for good (a quiet directory is never re-read)."""
+    agent, api, _ = watched
+    vf = _new_vfolder(api, agent)
+    p = vf.path
+    (p / "quiet").mkdir()
+    settled_and_right(vf, quiet=0.3)
+    for attempt in range(5):  # the engine must count the file before the kernel writes it back
+        f = p / "quiet" / f"sparse{attempt}"
+        _sparse(f)
+        before = os.lstat(f).st_blocks
+        settled_and_right(vf, quiet=0.3)
+        if os.lstat(f).st_blocks == before:
+            break
+    else:
+        pytest.skip("every file was written back before the engine counted it (a busy disk)")
+    fd = os.open(f, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # the writeback, now (no event reports it)
+    finally:
+        os.close(fd)
+    if os.lstat(f).st_blocks == before:
+        pytest.skip(f"{agent.volume_root()} allocates no block at writeback (not ext4 with delalloc)")
+    settled_and_right(vf)

@@ -1,13 +1,15 @@
 /* One directory's own entries, counted with the GIL released (the usage engine's hot loop).
  *
- * read(fd) -> (entries, size, alloc, subdirs, links)
+ * read(fd) -> (entries, size, alloc, subdirs, links, newest)
  *   fd       an open directory (not consumed; read through a dup)
  *   entries  number of entries (".", ".." excluded) that could be lstat'ed
  *   size     sum of their st_size
  *   alloc    sum of st_blocks*512, except non-directories with st_nlink > 1
  *   subdirs  [(name, st_ino, st_size, st_blocks*512)] of the subdirectories
  *   links    [(st_dev, st_ino, st_blocks*512, st_size, st_nlink)] of non-directories with st_nlink > 1
- * read_path(root_fd, relpath: bytes) -> (own_ino, own_size, own_alloc, entries, size, alloc, subdirs, links)
+ *   newest   the latest st_ctime (seconds, float) of the non-directories, 0.0 if none: a file written
+ *            lately may still change st_blocks at writeback, with no event (the engine re-reads it)
+ * read_path(root_fd, relpath: bytes) -> (own_ino, own_size, own_alloc, counts)
  *   the same for the directory at relpath below root_fd ("" = root_fd itself), opened with openat2
  *   RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS (never leaving the tree, never through a link); None when it is
  *   gone or is no longer a directory. One call per directory: no Python work between the syscalls.
@@ -56,6 +58,7 @@ static void drop(items *a) {
 
 typedef struct {
     unsigned long long entries, size, alloc;
+    double newest;
     items subdirs, links;
 } counts;
 
@@ -94,7 +97,12 @@ static int count_dir(int fd, counts *c) {
                 err = ENOMEM;
                 break;
             }
-        } else if (st.st_nlink > 1) {
+            continue;
+        }
+        double ct = (double)st.st_ctim.tv_sec + (double)st.st_ctim.tv_nsec * 1e-9;
+        if (ct > c->newest)
+            c->newest = ct;
+        if (st.st_nlink > 1) {
             item it = {NULL, st.st_dev, st.st_ino, (unsigned long long)st.st_size, blocks, st.st_nlink};
             if (push(&c->links, it) != 0) {
                 err = ENOMEM;
@@ -108,7 +116,7 @@ static int count_dir(int fd, counts *c) {
     return err;
 }
 
-/* (entries, size, alloc, subdirs, links) as Python objects; frees the C lists. */
+/* (entries, size, alloc, subdirs, links, newest) as Python objects; frees the C lists. */
 static PyObject *build(counts *c) {
     PyObject *sub = PyList_New((Py_ssize_t)c->subdirs.n);
     PyObject *lnk = PyList_New((Py_ssize_t)c->links.n);
@@ -133,7 +141,7 @@ static PyObject *build(counts *c) {
     }
     drop(&c->subdirs);
     drop(&c->links);
-    return Py_BuildValue("(KKKNN)", c->entries, c->size, c->alloc, sub, lnk);
+    return Py_BuildValue("(KKKNNd)", c->entries, c->size, c->alloc, sub, lnk, c->newest);
 fail:
     Py_XDECREF(sub);
     Py_XDECREF(lnk);
@@ -212,11 +220,19 @@ static PyObject *dr_read_path(PyObject *self, PyObject *args) {
 }
 
 static PyMethodDef dr_methods[] = {
-    {"read", dr_read, METH_VARARGS, "read(fd) -> (entries, size, alloc, subdirs, links) of one directory"},
+    {"read", dr_read, METH_VARARGS, "read(fd) -> (entries, size, alloc, subdirs, links, newest) of one directory"},
     {"read_path", dr_read_path, METH_VARARGS, "read_path(root_fd, relpath) -> (ino, size, alloc, counts) or None"},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef dr_module = {PyModuleDef_HEAD_INIT, "_dirread", NULL, -1, dr_methods};
 
-PyMODINIT_FUNC PyInit__dirread(void) { return PyModule_Create(&dr_module); }
+PyMODINIT_FUNC PyInit__dirread(void) {
+    PyObject *m = PyModule_Create(&dr_module);
+    /* 2: counts end with ``newest`` (aggregates.py refuses an older build and reads in Python instead) */
+    if (m && PyModule_AddIntConstant(m, "ABI", 2) != 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

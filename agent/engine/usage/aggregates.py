@@ -21,6 +21,8 @@ try:
     from agent.engine.usage import _dirread  # type: ignore[attr-defined]  # a C extension, no stub
 except ImportError:  # not built: the pure-Python loop below gives the same figures
     _dirread = None
+if _dirread is not None and getattr(_dirread, "ABI", 1) < 2:  # built from an older _dirread.c (no ``newest``)
+    _dirread = None
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -40,6 +42,10 @@ class DirAgg:
     own_size: int
     subdirs: dict[str, SubDir] = field(default_factory=dict)
     links: tuple[Link, ...] = ()
+    # the latest st_ctime of its non-directories: a file written lately may still change its st_blocks
+    # when the kernel writes it back (delayed allocation, extent-tree blocks, preallocation trimmed), which
+    # no event reports; the engine reads such a directory again until that time is long past
+    newest: float = 0.0
 
 
 def join(parent: str, name: str) -> str:
@@ -93,9 +99,9 @@ def read_dir(root_fd: int, relpath: str, on_open: Callable[[str, int], None] | N
         got = _dirread.read_path(root_fd, os.fsencode(relpath))
         if got is None:
             return None
-        ino, own_size, own_alloc, (entries, size, alloc, subs, links) = got
+        ino, own_size, own_alloc, (entries, size, alloc, subs, links, newest) = got
         subdirs = {name: (d_ino, sz, al) for name, d_ino, sz, al in subs}
-        return DirAgg(ino, entries, size, alloc, own_alloc, own_size, subdirs, tuple(links))
+        return DirAgg(ino, entries, size, alloc, own_alloc, own_size, subdirs, tuple(links), newest)
     try:
         fd = open_dir(root_fd, relpath)
     except (FileNotFoundError, NotADirectoryError):
@@ -109,7 +115,7 @@ def read_dir(root_fd: int, relpath: str, on_open: Callable[[str, int], None] | N
             on_open(relpath, fd)
         own = os.fstat(fd)
         if _dirread is not None:
-            entries, size, alloc, subs, links = _dirread.read(fd)
+            entries, size, alloc, subs, links, newest = _dirread.read(fd)
             return DirAgg(
                 own.st_ino,
                 entries,
@@ -119,6 +125,7 @@ def read_dir(root_fd: int, relpath: str, on_open: Callable[[str, int], None] | N
                 own.st_size,
                 {name: (ino, sz, al) for name, ino, sz, al in subs},
                 tuple(links),
+                newest,
             )
         return _read_py(fd, own)
     finally:
@@ -128,6 +135,7 @@ def read_dir(root_fd: int, relpath: str, on_open: Callable[[str, int], None] | N
 def _read_py(fd: int, own: os.stat_result) -> DirAgg:
     """The same as ``_dirread.read``, in Python (used when the C reader is not built)."""
     entries = size = alloc = 0
+    newest = 0.0
     subdirs: dict[str, SubDir] = {}
     links: list[Link] = []
     with os.scandir(fd) as it:
@@ -142,11 +150,14 @@ def _read_py(fd: int, own: os.stat_result) -> DirAgg:
             if stat.S_ISDIR(st.st_mode):
                 subdirs[entry.name] = (st.st_ino, st.st_size, blocks)
                 alloc += blocks
-            elif st.st_nlink > 1:
+                continue
+            sec, nsec = divmod(st.st_ctime_ns, 1_000_000_000)
+            newest = max(newest, sec + nsec * 1e-9)  # the C reader's arithmetic, to the last bit
+            if st.st_nlink > 1:
                 links.append((st.st_dev, st.st_ino, blocks, st.st_size, st.st_nlink))
             else:
                 alloc += blocks
-    return DirAgg(own.st_ino, entries, size, alloc, own.st_blocks * 512, own.st_size, subdirs, tuple(links))
+    return DirAgg(own.st_ino, entries, size, alloc, own.st_blocks * 512, own.st_size, subdirs, tuple(links), newest)
 
 
 @dataclass(slots=True)

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from agent.engine.usage.aggregates import DirAgg, VFolderTree, encode_links, join, split
-from agent.engine.usage.policy import VolumePolicy, choose
+from agent.engine.usage.policy import VolumePolicy, choose, settle_window
 from agent.engine.usage.scanner import ScanCancelled, scan
 from agent.engine.usage.watchers import Watcher, WatchLimit, pick_watcher
 from backends.base import Volume
@@ -48,6 +48,12 @@ log = logging.getLogger(__name__)
 
 SCAN_RETRY = 30  # seconds before a scan that failed unexpectedly is tried again
 LINK_RECHECK = 1.0  # seconds between re-reads of outside-linked files in the engine process of num-proc = N
+# Directories holding files written lately (their allocation may still change at writeback, with no event):
+# re-read at each answer while a vfolder has at most ANSWER_CAP entries in them (an answer stays cheap),
+# else every LINK_RECHECK seconds while at most LOOP_CAP; beyond, its answer is flagged ``pending`` until
+# their windows pass (each directory is read once more then). Directories count as 64 entries at least.
+SETTLE_ANSWER_CAP = 1_000
+SETTLE_LOOP_CAP = 100_000
 
 
 @dataclass(frozen=True)
@@ -80,6 +86,12 @@ class VFState:
     within: dict[str, int] = field(default_factory=dict)  # relpath -> moves from there seen to stay, unmatched
     recheck: set[str] = field(default_factory=set)  # directories that changed while the last full walk ran
     hunted: set[tuple[int, int]] = field(default_factory=set)  # new hard links the next scan places
+    # relpath -> until when (wall clock) the allocation of files written there may still change with no
+    # event (writeback: see ``policy.settle_window``); re-read until then, and once after
+    settling: dict[str, float] = field(default_factory=dict)
+    reads: int = 0  # re-reads of directories in flight (a flush, an answer's, the once-a-second loop's)
+    # relpath -> when the read last applied began (kept while reads overlap: an older one must not win)
+    applied_at: dict[str, float] = field(default_factory=dict)
     pending: dict[str, DirAgg | None] = field(default_factory=dict)  # rows to write at the next flush
     scan_task: asyncio.Task[None] | None = None
     scan_again: bool = False
@@ -98,7 +110,23 @@ class VFState:
     @property
     def lagging(self) -> bool:
         """Events for this vfolder are queued or being applied: its figure lags (``pending``)."""
-        return bool(self.dirty or self.subtree_jobs or self.applying or self.departed or self.unread)
+        return bool(
+            self.dirty or self.subtree_jobs or self.applying or self.departed or self.unread or self.unsettled()
+        )
+
+    def settling_load(self) -> int:
+        """Entries in the directories with files written lately (a bound, cut short past SETTLE_LOOP_CAP)."""
+        if not self.settling or self.tree is None:
+            return 0
+        if len(self.settling) * 64 > SETTLE_LOOP_CAP:
+            return len(self.settling) * 64
+        dirs = self.tree.dirs
+        return sum(max(64, agg.entries) for rel in self.settling if (agg := dirs.get(rel)) is not None)
+
+    def unsettled(self) -> bool:
+        """Too many entries written lately to re-read every second: their allocation may change at writeback
+        with no event, so the figure is flagged ``pending`` until their windows pass."""
+        return self.settling_load() > SETTLE_LOOP_CAP
 
 
 @dataclass
@@ -165,6 +193,7 @@ class UsageEngine:
         self.overflows = 0  # watcher queue overflows seen (for /metrics)
         self.scans = 0  # full scans started (for /metrics)
         self.policies: dict[str, VolumePolicy] = {}  # per volume: how its figures are kept (policy.py)
+        self._windows: dict[str, float] = {}  # per volume: policy.settle_window of its filesystem
         self.startup = StartupRescan()
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -182,8 +211,7 @@ class UsageEngine:
             self._spawn(self.watcher.run(self))
         self._spawn(self._flush_loop())
         self._spawn(self._schedule_loop())
-        if self.agent.config.storage_proxy.num_proc > 1:  # this is the engine process of num-proc = N
-            self._spawn(self._links_loop())
+        self._spawn(self._recheck_loop(workers=self.agent.config.storage_proxy.num_proc > 1))
         for vol in self._served_volumes():
             last = await self.store.all_totals(vol.name)
             for row in await self.agent.catalog.vfolders(vol.name):
@@ -458,23 +486,69 @@ class UsageEngine:
         st = self._vfs.get((vol.name, vfid.qsid, vfid.hex))
         if st is None or st.gone or st.figure is None:
             return await self.usage(vol, vfid)
-        await self._recheck_links(st)
+        await self._recheck(st)
         return self._with_lag(st)
 
-    async def _recheck_links(self, st: VFState) -> None:
+    async def _recheck(self, st: VFState, cap: int = SETTLE_ANSWER_CAP) -> None:
+        """Re-read what can change with no event of this vfolder: directories holding hard links with names
+        outside it, and directories with files written lately (allocation settles at writeback) while they
+        hold at most ``cap`` entries (more are left to :meth:`_recheck_loop`, or flagged ``pending``)."""
         tree = st.tree
         if st.mode != "watch" or tree is None or st.scanning:
             return
-        holders = [r for r in tree.escaping() if r in tree.dirs]
-        if not holders:
+        rels = tree.escaping()
+        if st.settling and st.settling_load() <= cap:
+            rels = rels | st.settling.keys()
+        await self._reread(st, [r for r in rels if r in tree.dirs])
+
+    async def _reread(self, st: VFState, rels: list[str]) -> None:
+        """Read directories again (no event named them); only those that changed are applied."""
+        tree = st.tree
+        if not rels or tree is None:
             return
+        st.reads += 1
+        read_at = time.time()
         try:
-            results = await asyncio.to_thread(self._read_many, st, holders)
-        except VFolderNotFound:
-            await self._check_root(st)
+            try:
+                results = await asyncio.to_thread(self._read_many, st, rels)
+            except VFolderNotFound:
+                await self._check_root(st)
+                return
+            if st.tree is not tree or st.scanning or st.gone:
+                return
+            changed = []
+            for rel, agg in results:
+                if agg is not None and tree.dirs.get(rel) == agg:
+                    self._settle(st, rel, agg, read_at)
+                else:
+                    changed.append((rel, agg))
+            if changed:
+                self._apply(st, changed, read_at)
+        finally:
+            self._read_done(st)
+
+    @staticmethod
+    def _read_done(st: VFState) -> None:
+        st.reads -= 1
+        if not st.reads:
+            st.applied_at.clear()  # only reads that overlap can land out of order
+
+    def _window(self, st: VFState) -> float:
+        w = self._windows.get(st.vol.name)
+        if w is None:
+            w = self._windows[st.vol.name] = settle_window(self._policy(st.vol).fstype)
+        return w
+
+    def _settle(self, st: VFState, rel: str, agg: DirAgg, read_at: float) -> None:
+        """Keep ``rel`` among the directories re-read while files there were written too lately for a read
+        at ``read_at`` to have seen their final allocation."""
+        if st.mode != "watch":
             return
-        if st.tree is tree and not st.scanning and not st.gone:
-            self._apply(st, results)
+        until = agg.newest + self._window(st)
+        if until > read_at:
+            st.settling[rel] = until
+        else:
+            st.settling.pop(rel, None)
 
     async def usage(self, vol: Volume, vfid: VFolderID) -> Usage | None:
         """The figure being served; a vfolder never measured is scanned now and waited for a bounded time
@@ -625,6 +699,8 @@ class UsageEngine:
         threads = self._policy(st.vol).scan_threads or self.settings.scan_threads
 
         reread: set[str] = set()
+        settling: dict[str, float] = {}
+        window = self._window(st) if st.mode == "watch" else None
 
         def work() -> tuple[VFolderTree, list[DirRow]]:
             # the tree and the rows are built here too: 100k directories would hold the event loop up
@@ -636,6 +712,8 @@ class UsageEngine:
                 # directories: those read earlier are read again once the tree is in place
                 reread.update(tree.put(rel, agg))
             tree.unplaced_links = False  # a full walk has placed every name
+            if window is not None:  # files written lately: their allocation may change at writeback
+                settling.update((rel, until) for rel, agg in dirs.items() if (until := agg.newest + window) > started)
             return tree, [_row(rel, agg) for rel, agg in dirs.items()]
 
         try:
@@ -652,6 +730,7 @@ class UsageEngine:
         if st.gone:
             return
         st.tree = tree
+        st.settling = settling
         st.pending.clear()
         st.dirty |= reread
         st.recheck = set(st.dirty)
@@ -709,6 +788,7 @@ class UsageEngine:
                 with st.vol.open_vfolder(st.vfid) as root:
                     return scan(root.fd, rel, threads=2, cancel=st.cancel, on_open=on_open)
 
+            read_at = time.time()
             try:
                 dirs = await asyncio.to_thread(work)
             except (VFolderNotFound, ScanCancelled):
@@ -735,6 +815,7 @@ class UsageEngine:
                 st.dirty |= tree.put(r, agg)
                 st.pending[r] = agg
                 st.departed.pop(agg.ino, None)
+                self._settle(st, r, agg, read_at)
             if tree.refresh_entry(rel, dirs[rel]):
                 st.pending[parent_rel] = tree.dirs[parent_rel]
             if tree.unplaced_links:
@@ -777,19 +858,24 @@ class UsageEngine:
             if not known:
                 continue
             st.applying = True
+            st.reads += 1
+            read_at = time.time()
             try:
-                results = await asyncio.to_thread(self._read_many, st, known)
-            except VFolderNotFound:
-                await self._check_root(st)
-                continue
+                try:
+                    results = await asyncio.to_thread(self._read_many, st, known)
+                except VFolderNotFound:
+                    await self._check_root(st)
+                    continue
+                finally:
+                    st.applying = False
+                if st.scanning or st.tree is None or st.gone:
+                    st.dirty |= set(known)
+                    continue
+                self._follow_moved(st, results, expect)
+                self._doubt_moved(st, results, expect)
+                self._apply(st, results, read_at)
             finally:
-                st.applying = False
-            if st.scanning or st.tree is None or st.gone:
-                st.dirty |= set(known)
-                continue
-            self._follow_moved(st, results, expect)
-            self._doubt_moved(st, results, expect)
-            self._apply(st, results)
+                self._read_done(st)
         for st in list(self._vfs.values()):
             if not st.dirty and not st.subtree_jobs and not st.scanning:
                 st.deleted.clear()
@@ -858,14 +944,18 @@ class UsageEngine:
         with st.vol.open_vfolder(st.vfid) as root:
             return [(rel, read_dir(root.fd, rel)) for rel in rels]
 
-    def _apply(self, st: VFState, results: list[tuple[str, DirAgg | None]]) -> None:
+    def _apply(self, st: VFState, results: list[tuple[str, DirAgg | None]], read_at: float) -> None:
+        """Apply directories re-read (from ``read_at`` on) to the tree."""
         tree = st.tree
         assert tree is not None
         changed = False
         for rel, agg in results:
+            if read_at < st.applied_at.get(rel, 0.0):
+                continue  # a read of it that began later has landed already (reads overlap): never go back
             old = tree.dirs.get(rel)
             if old is None:
                 continue  # dropped by an earlier result of this batch
+            st.applied_at[rel] = read_at
             if agg is None or agg.ino != old.ino:
                 if rel:
                     st.dirty.add(split(rel)[0])  # gone or replaced: its parent's re-read settles it
@@ -892,6 +982,7 @@ class UsageEngine:
                     appeared.append(join(rel, name))
             others = tree.put(rel, agg)
             st.pending[rel] = agg
+            self._settle(st, rel, agg, read_at)
             if rel in st.recheck:
                 # changed while the full walk ran: a hard link it saw here may have been made after it read
                 # the older name's directory (counted there as a plain file, twice in all): look for it
@@ -951,21 +1042,29 @@ class UsageEngine:
                 await self.store.put_totals(st.key, t)
             await asyncio.sleep(self.settings.fast_poll_interval)
 
-    async def _links_loop(self) -> None:
-        """With HTTP workers answering from the catalogue, no answer passes through :meth:`answer` here, which
-        re-reads hard links that also have names outside their vfolder: they are re-read on a short schedule
-        instead, so a write through an outside name reaches the served figure within about a second."""
+    async def _recheck_loop(self, *, workers: bool) -> None:
+        """Every second: what changes with no event is re-read (:meth:`_recheck`, up to SETTLE_LOOP_CAP
+        entries written lately), and directories whose settle window has passed are read once more (their
+        final allocation; this also ends a ``pending`` flag of :meth:`VFState.unsettled`). So a writeback in
+        a vfolder too busy for the answer's own re-read, and (with HTTP workers answering from the catalogue,
+        ``workers``, where no answer passes through :meth:`answer`) a write through an outside name, reach
+        the served figure within about a second."""
         while True:
             await asyncio.sleep(LINK_RECHECK)
             for st in list(self._vfs.values()):
-                if st.tree is None or st.gone or not st.tree.escaping():
+                tree = st.tree
+                if tree is None or st.gone or st.mode != "watch" or not (st.settling or workers and tree.escaping()):
                     continue
                 try:
-                    await self._recheck_links(st)
+                    for rel in [r for r in st.settling if r not in tree.dirs]:
+                        del st.settling[rel]
+                    if workers or st.settling:
+                        await self._recheck(st, SETTLE_LOOP_CAP)
+                    now = time.time()
+                    await self._reread(st, [r for r, until in st.settling.items() if until <= now])
                 except Exception:
-                    log.exception("usage engine: re-reading the hard links of %s failed", st.vfid)
-                if st.pending:
-                    self._wake.set()  # the flush writes the new figure through for the workers
+                    log.exception("usage engine: re-reading directories of %s failed", st.vfid)
+                self._wake.set()  # the flush writes a new figure (or the end of ``pending``) through
 
     async def _schedule_loop(self) -> None:
         """Rescans on a schedule (network filesystems, vfolders not fully watched), and the requests of the

@@ -80,4 +80,26 @@ def choose(
     return VolumePolicy("watch", fs_name, False, interval, 0, f"{why}: every change raises an event here")
 
 
-__all__ = ["VolumePolicy", "choose"]
+def _proc_number(path: str, default: float) -> float:
+    try:
+        with open(path) as f:
+            return float(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return default
+
+
+def settle_window(fs_name: str) -> float:
+    """Seconds after a file's last change during which its ``st_blocks`` may still change with no event:
+    the kernel allocates delayed blocks (and the extent-tree blocks a fragmented or sparse file needs) when it
+    writes the dirty pages back, after ``vm.dirty_expire_centisecs`` plus a flusher period at the latest
+    (30 + 5 s by default); XFS also trims speculative preallocation past EOF in the background, every
+    ``fs.xfs.speculative_prealloc_lifetime`` (300 s). A margin covers a slow writeback."""
+    expire = _proc_number("/proc/sys/vm/dirty_expire_centisecs", 3000) / 100
+    flusher = _proc_number("/proc/sys/vm/dirty_writeback_centisecs", 500) / 100
+    window = expire + 2 * max(flusher, 1.0) + 5.0
+    if fs_name == "xfs":
+        window += 2 * _proc_number("/proc/sys/fs/xfs/speculative_prealloc_lifetime", 300)
+    return window
+
+
+__all__ = ["VolumePolicy", "choose", "settle_window"]
