@@ -205,7 +205,9 @@ def count_entries(fd: int) -> int:
     """Entries strictly below the directory ``fd`` (directories, files, links, others), by descriptors, links
     never followed: what :func:`copy_tree` returned if nothing changed the copy meanwhile."""
     count = 0
-    stack = [os.dup(fd)]
+    # a fresh open, not a dup: btrfs fixes a directory description's end at open, so one opened before the copy
+    # wrote its entries (the held staging directory) lists none of them until rewound
+    stack = [os.open(".", _DIR_FLAGS, dir_fd=fd)]
     try:
         while stack:
             dfd = stack.pop()

@@ -406,8 +406,12 @@ class _Staged:
         if self._at(self.parent, self.name) == self.ident:
             remove_tree_at(self.parent, self.name)
             return
-        with os.scandir(self.fd) as it:
-            names = [e.name for e in it]
+        fresh = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self.fd)  # see count_entries
+        try:
+            with os.scandir(fresh) as it:
+                names = [e.name for e in it]
+        finally:
+            os.close(fresh)
         for name in names:
             remove_tree_at(self.fd, name)
 

@@ -444,7 +444,8 @@ def _tables(db: Path) -> set[str]:
 
 def _tables_at(version: int, tmp: Path) -> set[str]:
     ref = tmp / f"ref-{version}.db"
-    con = sqlite3.connect(ref)
+    con = sqlite3.connect(ref, isolation_level=None)  # each step as it runs (a data step's implicit transaction
+    # would otherwise be rolled back at close, with every statement after it: step 9's DROP among them)
     for step in STEPS[:version]:
         for ddl in step:
             con.execute(ddl)
@@ -499,7 +500,7 @@ def engine(p):
 
     @event.listens_for(eng, "before_cursor_execute")
     def before(conn, cursor, statement, parameters, context, executemany):
-        if statement.lstrip().startswith(("CREATE", "ALTER", "UPDATE", "PRAGMA user_version =")):
+        if statement.lstrip().startswith(("CREATE", "ALTER", "UPDATE", "DROP", "PRAGMA user_version =")):
             if seen[0] == target:
                 stop_here(statement)
             seen[0] += 1
