@@ -9,10 +9,12 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from pathlib import Path
 
 import httpx
+import pytest
 
-from tests.support import AgentProcess
+from tests.support import WATCHERS, AgentProcess, assert_clean_log, make_agent
 from tests.test_usage_engine import _new_vfolder
 from tests.test_usage_races import _scans, settled_and_right
 
@@ -91,3 +93,64 @@ def test_hard_links_made_while_a_full_scan_runs(watched: tuple[AgentProcess, htt
         for i in range(n):
             os.unlink(deep / f"g{i}")
         settled_and_right(vf, quiet=1.0)
+
+
+def test_a_directory_out_and_back_is_not_a_move_within(watched: tuple[AgentProcess, httpx.Client, str]) -> None:
+    """Fuzzer seed 2085 (both watchers): ``ln k/w a/d/hl; mv a/d outside``, an append through the outside
+    name, ``mv outside b/back``, then ``hl`` replaced by a rename, all before the engine re-read ``a``. Finding
+    ``d`` again (same inode) was taken for a move within, so nothing was doubted, and the growth of ``k/w``
+    (whose directory saw no event) was never counted. Only a rename the watcher saw stay in the vfolder
+    makes a move within now; anything else is doubted and rescanned."""
+    agent, api, _ = watched
+    vf = _new_vfolder(api, agent)
+    p = vf.path
+    for d in ("k", "a/d", "b"):
+        (p / d).mkdir(parents=True)
+    (p / "k" / "w").write_bytes(b"w" * 4000)
+    settled_and_right(vf, quiet=0.5)
+    away = p.parent / f"{p.name}-away"
+    try:
+        os.link(p / "k" / "w", p / "a" / "d" / "hl")
+        os.rename(p / "a" / "d", away)
+        with open(away / "hl", "ab") as f:
+            f.write(b"x" * 26_151)
+        os.rename(away, p / "b" / "back")
+        (p / "b" / "back" / "hl.tmp").write_bytes(b"t" * 10_557)
+        os.rename(p / "b" / "back" / "hl.tmp", p / "b" / "back" / "hl")
+        settled_and_right(vf, quiet=1.0)
+    finally:
+        shutil.rmtree(away, ignore_errors=True)
+
+
+@pytest.mark.parametrize("watcher", WATCHERS)
+def test_a_subtree_walk_older_than_a_full_walk_is_not_merged(watcher: str, tmp_path: Path) -> None:
+    """A settled answer missing 2,999 directories (the hard-link guard above, twice, with the out-and-back
+    fix): the walk of a new subtree began, a full walk started and landed while it ran, and the subtree
+    walk, ending last, put its older reads over the full walk's: ``big`` as it held one directory, after
+    the full walk had counted the ones made since and the re-read their events asked for had found nothing
+    new. No event was left to repair it. A subtree walk whose tree was replaced meanwhile is dropped now
+    (the full walk read that subtree after the job began). Many scan threads make the full walk overtake
+    the subtree's two; it is tried a few times, as the overtaking depends on the machine's load."""
+    agent = make_agent(tmp_path / "agent", usage={"watcher": watcher, "scan-threads": 32}).start()
+    try:
+        with agent.client() as api:
+            vf = _new_vfolder(api, agent)
+            p = vf.path
+            (p / "k").mkdir()
+            settled_and_right(vf, quiet=0.5)
+            stage = p.parent / f"{p.name}-stage"
+            for attempt in range(4):
+                big = stage / f"big{attempt}"
+                for i in range(20_000):  # a subtree that takes its walk a while
+                    (big / "c0" / f"d{i}").mkdir(parents=True)
+                os.rename(big, p / big.name)  # the engine walks it as a new subtree
+                time.sleep(0.3)  # it has read big itself (one subdirectory) and is below it now
+                for i in range(1, 50):
+                    (p / big.name / f"c{i}").mkdir()
+                r = api.post("/folder/usage/refresh", json={"volume": "local", "vfid": vf.vfid})
+                assert r.status_code == 202, r.text
+                settled_and_right(vf, quiet=1.0)
+    finally:
+        agent.stop()
+        shutil.rmtree(tmp_path / "agent" / "volume", ignore_errors=True)
+    assert_clean_log(agent)

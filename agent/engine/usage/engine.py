@@ -74,7 +74,8 @@ class VFState:
     expect: dict[str, set[int]] = field(default_factory=dict)  # dirty relpath -> inodes the events named
     applying: bool = False  # a flush is re-reading this vfolder's directories
     deleted: set[str] = field(default_factory=set)  # relpaths of directories reported removed (not moved)
-    departed: dict[int, str] = field(default_factory=dict)  # inode -> relpath of directories moved away
+    departed: dict[int, str] = field(default_factory=dict)  # inode -> relpath of read directories moved out
+    stayed: dict[str, int] = field(default_factory=dict)  # relpath -> moves of read directories seen to stay
     # relpath -> directories never read that moved away from there, not known to have stayed in the vfolder
     unread: dict[str, int] = field(default_factory=dict)
     within: dict[str, int] = field(default_factory=dict)  # relpath -> moves from there seen to stay, unmatched
@@ -504,7 +505,7 @@ class UsageEngine:
         """A directory was renamed away from ``relpath`` (within the vfolder or out of it)."""
         st: VFState = vf  # type: ignore[assignment]
         if st.gone or st.tree is None or relpath in st.tree.dirs:
-            return  # a directory the engine read: its parent's re-read follows it by inode
+            return  # a directory the engine read: its parent's re-read sees it leave (``departed``)
         # made and moved before the engine read it: out of the vfolder unless the watcher saw the same move
         # land in it (:meth:`moved_within`, before or after this call)
         if not _take(st.within, relpath):
@@ -516,7 +517,10 @@ class UsageEngine:
         within from a move out for a directory the engine never read: a walk of some new directory does not
         (it may be one just made, while the moved one took hard links to files that stay out of the vfolder)."""
         st: VFState = vf  # type: ignore[assignment]
-        if st.gone or st.tree is None or relpath in st.tree.dirs:
+        if st.gone or st.tree is None:
+            return
+        if relpath in st.tree.dirs:  # a directory the engine read: its parent's re-read will see it left
+            st.stayed[relpath] = st.stayed.get(relpath, 0) + 1
             return
         if not _take(st.unread, relpath):
             st.within[relpath] = st.within.get(relpath, 0) + 1
@@ -653,6 +657,7 @@ class UsageEngine:
         st.departed.clear()
         st.unread.clear()
         st.within.clear()
+        st.stayed.clear()
         self._links_from_elsewhere(st)
         st.stale = st.scan_again  # events were lost during this walk: another one follows, stale till then
         st.incomplete_watches = bool(state["full"])
@@ -693,10 +698,14 @@ class UsageEngine:
         await asyncio.sleep(SCAN_RETRY)
         self.request_scan(st)
 
-    async def _scan_subtree(self, st: VFState, rel: str) -> None:
-        """A directory appeared (created, or moved in with its contents): walk it and merge it in.
-        The caller counts the job in ``subtree_jobs`` when it spawns it (a move within the vfolder must not
-        look like a move out in between)."""
+    async def _scan_subtree(self, st: VFState, rel: str, tree: VFolderTree) -> None:
+        """A directory appeared (created, or moved in with its contents): walk it and merge it into
+        ``tree`` (the vfolder's tree when the job was spawned). The caller counts the job in
+        ``subtree_jobs`` when it spawns it (a move within the vfolder must not look like a move out in
+        between). A full walk that landed meanwhile replaced the tree and read this directory after this job
+        began: its reads and the events since are newer, and merging this walk's older ones over them would
+        lose what changed in between (a subtree walked when it held one directory put back over a full walk
+        that saw 3,000, with no event left to repair it)."""
         try:
             on_open, state = self._on_open(st)
 
@@ -710,14 +719,11 @@ class UsageEngine:
                 return
             if state["full"]:
                 st.incomplete_watches = True
-            tree = st.tree
             parent_rel, name = split(rel)
-            if tree is None or st.scanning or st.gone:
+            if st.tree is not tree or st.scanning or st.gone:
                 return
             parent = tree.dirs.get(parent_rel)
             rec = parent.subdirs.get(name) if parent is not None else None
-            if rec is not None and (rel not in dirs or rec[0] != dirs[rel].ino) and rel not in st.deleted:
-                st.departed[rec[0]] = rel  # left before it was walked: moved within (walked there) or out?
             if rel not in dirs or rec is None or rec[0] != dirs[rel].ino or not _consistent(dirs):
                 # gone, replaced, or moved while it was walked: the parent's re-read decides (it walks
                 # the directory again if the tree still lacks it)
@@ -729,7 +735,6 @@ class UsageEngine:
             for r, agg in dirs.items():
                 st.dirty |= tree.put(r, agg)
                 st.pending[r] = agg
-                st.departed.pop(agg.ino, None)
             if tree.refresh_entry(rel, dirs[rel]):
                 st.pending[parent_rel] = tree.dirs[parent_rel]
             if tree.unplaced_links:
@@ -772,6 +777,7 @@ class UsageEngine:
             if not known:
                 continue
             st.applying = True
+            tree = st.tree
             try:
                 results = await asyncio.to_thread(self._read_many, st, known)
             except VFolderNotFound:
@@ -779,7 +785,7 @@ class UsageEngine:
                 continue
             finally:
                 st.applying = False
-            if st.scanning or st.tree is None or st.gone:
+            if st.scanning or st.tree is not tree or st.gone:  # a full walk began (or landed) meanwhile
                 st.dirty |= set(known)
                 continue
             self._follow_moved(st, results, expect)
@@ -790,6 +796,7 @@ class UsageEngine:
                 st.deleted.clear()
                 st.within.clear()
                 st.recheck.clear()
+                st.stayed.clear()
                 if st.departed or st.unread:
                     # a directory left the vfolder: names created in it just before (hard links to files
                     # that stay) reached no event the engine could read, so it looks again
@@ -872,8 +879,11 @@ class UsageEngine:
             for name, rec in old.subdirs.items():
                 new = agg.subdirs.get(name)
                 if new is None or new[0] != rec[0]:
-                    if join(rel, name) not in st.deleted and join(rel, name) in tree.dirs:
-                        st.departed[rec[0]] = join(rel, name)  # moved: within (walked again) or out?
+                    moved = join(rel, name)
+                    if moved not in st.deleted and moved in tree.dirs and not _take(st.stayed, moved):
+                        # moved, and the watcher saw no rename keep it in the vfolder: out, maybe back since
+                        # (finding it again proves nothing: hard links in it may have been written outside)
+                        st.departed[rec[0]] = moved
                     held = tree.subtree(join(rel, name))
                     for r in tree.drop(join(rel, name)):
                         st.pending[r] = None
@@ -903,7 +913,7 @@ class UsageEngine:
                 st.pending[parent_rel] = tree.dirs[parent_rel]
             for sub in appeared:
                 st.subtree_jobs += 1
-                self._spawn(self._scan_subtree(st, sub))
+                self._spawn(self._scan_subtree(st, sub, tree))
             changed = True
         if tree.unplaced_links:
             self._hunt_links(st)
