@@ -47,6 +47,8 @@ def main() -> None:
     ap.add_argument("--replay", type=int, default=None, help="replay this seed of a run from --first-seed")
     ap.add_argument("--live", type=int, default=0, help="with --replay: seeds before it run with the agent")
     ap.add_argument("--repeat", type=int, default=1, help="with --replay: how many times")
+    ap.add_argument("--workdir", default=None, help="keep the agent's directory (log, catalogue) here")
+    ap.add_argument("--engine-debug", action="store_true", help="the agent logs at DEBUG")
     args = ap.parse_args()
     watchers = ["inotify", "fanotify"] if args.watcher == "both" else [args.watcher]
     rows = []
@@ -77,10 +79,12 @@ def main() -> None:
             live_from = max(args.first_seed, args.replay - args.live)
             offline, seeds = list(range(args.first_seed, live_from)), list(range(live_from, args.replay + 1))
         started = time.monotonic()
-        for _ in range(args.repeat if args.replay is not None else 1):
+        config = {"logging": {"level": "DEBUG"}} if args.engine_debug else None
+        for n in range(args.repeat if args.replay is not None else 1):
             with tempfile.TemporaryDirectory(prefix="usage-fuzz-") as tmp:
+                work = Path(args.workdir) / f"{watcher}-{n}" if args.workdir else Path(tmp) / "agent"
                 try:
-                    run_rounds(watcher, seeds, Path(tmp) / "agent", ops=args.ops, on_round=on_round, offline=offline)
+                    run_rounds(watcher, seeds, work, ops=args.ops, on_round=on_round, offline=offline, config=config)
                 except Budget:
                     break
         rounds = len({r.seed for r in seen}) if args.replay is None else len(seen) // (2 * len(seeds))

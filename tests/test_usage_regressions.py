@@ -122,6 +122,36 @@ def test_a_directory_out_and_back_is_not_a_move_within(watched: tuple[AgentProce
         shutil.rmtree(away, ignore_errors=True)
 
 
+def test_a_subdirectory_moved_out_of_a_directory_that_moved_within(
+    watched: tuple[AgentProcess, httpx.Client, str],
+) -> None:
+    """Fuzzer seed 1779 (inotify; replayed with ``bench/usage_fuzz.py --replay 1779``): ``mv a b`` (a move
+    within, seen as one), ``ln k/w b/sub/hl; mv b/sub outside``, an append through the outside name, all
+    before the engine re-read anything. The parent's re-read dropped ``a`` with ``a/sub`` below it, and the
+    walk of ``b`` found no ``sub``: no re-read ever saw ``sub`` leave its parent, and the watcher's report of
+    it (by the path ``a/sub`` its parent's watch still had) named a directory the tree held, which was left
+    to that re-read. ``k/w``'s growth was never counted. A directory the watcher saw leave and not land in
+    the vfolder is doubted now, read or not."""
+    agent, api, _ = watched
+    vf = _new_vfolder(api, agent)
+    p = vf.path
+    for d in ("k", "a/sub"):
+        (p / d).mkdir(parents=True)
+    (p / "k" / "w").write_bytes(b"w" * 4000)
+    (p / "a" / "sub" / "f").write_bytes(b"f" * 100)
+    settled_and_right(vf, quiet=0.5)
+    away = p.parent / f"{p.name}-away"
+    try:
+        os.rename(p / "a", p / "b")
+        os.link(p / "k" / "w", p / "b" / "sub" / "hl")
+        os.rename(p / "b" / "sub", away)
+        with open(away / "hl", "ab") as f:
+            f.write(b"x" * 30_000)
+        settled_and_right(vf, quiet=1.0)
+    finally:
+        shutil.rmtree(away, ignore_errors=True)
+
+
 @pytest.mark.parametrize("watcher", WATCHERS)
 def test_a_subtree_walk_older_than_a_full_walk_is_not_merged(watcher: str, tmp_path: Path) -> None:
     """A settled answer missing 2,999 directories (the hard-link guard above, twice, with the out-and-back

@@ -357,6 +357,7 @@ def run_rounds(
     ops: int = 25,
     on_round: Callable[[RoundResult], None] | None = None,
     offline: list[int] | None = None,
+    config: dict[str, Any] | None = None,
 ) -> list[RoundResult]:
     """One agent watching with ``watcher``; each seed is one burst on the same two vfolders (the tree is
     trimmed now and then), compared after it settles. ``offline``: seeds applied to the tree first with the
@@ -364,7 +365,7 @@ def run_rounds(
     (the agent's start-up scan reads the tree the offline seeds left)."""
     from tests.support import make_agent
 
-    agent = make_agent(workdir, usage={"watcher": watcher}).start()
+    agent = make_agent(workdir, **{"usage": {"watcher": watcher}, **(config or {})}).start()
     results: list[RoundResult] = []
     outside = b""
     try:

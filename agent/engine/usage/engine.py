@@ -76,8 +76,8 @@ class VFState:
     deleted: set[str] = field(default_factory=set)  # relpaths of directories reported removed (not moved)
     departed: dict[int, str] = field(default_factory=dict)  # inode -> relpath of read directories moved out
     stayed: dict[str, int] = field(default_factory=dict)  # relpath -> moves of read directories seen to stay
-    # relpath -> directories never read that moved away from there, not known to have stayed in the vfolder
-    unread: dict[str, int] = field(default_factory=dict)
+    # relpath -> directories the watcher saw move away from there, not (yet) seen to land in the vfolder
+    leaving: dict[str, int] = field(default_factory=dict)
     within: dict[str, int] = field(default_factory=dict)  # relpath -> moves from there seen to stay, unmatched
     recheck: set[str] = field(default_factory=set)  # directories that changed while the last full walk ran
     hunted: set[tuple[int, int]] = field(default_factory=set)  # new hard links the next scan places
@@ -99,7 +99,7 @@ class VFState:
     @property
     def lagging(self) -> bool:
         """Events for this vfolder are queued or being applied: its figure lags (``pending``)."""
-        return bool(self.dirty or self.subtree_jobs or self.applying or self.departed or self.unread)
+        return bool(self.dirty or self.subtree_jobs or self.applying or self.departed or self.leaving)
 
 
 @dataclass
@@ -502,27 +502,30 @@ class UsageEngine:
         self._wake.set()
 
     def moved_away(self, vf: object, relpath: str) -> None:
-        """A directory was renamed away from ``relpath`` (within the vfolder or out of it)."""
+        """A directory was renamed away from ``relpath`` (within the vfolder or out of it): out of the vfolder
+        unless the watcher saw the same move land in it (:meth:`moved_within`, before or after this call).
+        Read or not: a directory the engine read is not always seen leaving by a re-read of its parent (its
+        parent may have moved within first, be dropped and walked again at its new place without it, while
+        its watch still names it by the old path), and one that left may have taken hard links to files that
+        stay, written through outside names since."""
         st: VFState = vf  # type: ignore[assignment]
-        if st.gone or st.tree is None or relpath in st.tree.dirs:
-            return  # a directory the engine read: its parent's re-read sees it leave (``departed``)
-        # made and moved before the engine read it: out of the vfolder unless the watcher saw the same move
-        # land in it (:meth:`moved_within`, before or after this call)
+        if st.gone or st.tree is None:
+            return
         if not _take(st.within, relpath):
-            st.unread[relpath] = st.unread.get(relpath, 0) + 1
+            st.leaving[relpath] = st.leaving.get(relpath, 0) + 1
 
     def moved_within(self, vf: object, relpath: str) -> None:
         """The watcher saw a directory renamed away from ``relpath`` land in the same vfolder (inotify: the
         MOVED_TO paired by its cookie; fanotify: FAN_RENAME with both ends in it). Only this tells a move
-        within from a move out for a directory the engine never read: a walk of some new directory does not
-        (it may be one just made, while the moved one took hard links to files that stay out of the vfolder)."""
+        within from a move out: finding the directory again does not (a walk of some new directory may find
+        one just made; one found again by its inode may have been out and back, and writes through its hard
+        links while it was out reached no event)."""
         st: VFState = vf  # type: ignore[assignment]
         if st.gone or st.tree is None:
             return
         if relpath in st.tree.dirs:  # a directory the engine read: its parent's re-read will see it left
             st.stayed[relpath] = st.stayed.get(relpath, 0) + 1
-            return
-        if not _take(st.unread, relpath):
+        if not _take(st.leaving, relpath):
             st.within[relpath] = st.within.get(relpath, 0) + 1
 
     def lost(self, vf: object, relpath: str, deleted: bool = False) -> None:
@@ -655,7 +658,7 @@ class UsageEngine:
         st.dirty |= reread
         st.recheck = set(st.dirty)
         st.departed.clear()
-        st.unread.clear()
+        st.leaving.clear()
         st.within.clear()
         st.stayed.clear()
         self._links_from_elsewhere(st)
@@ -797,11 +800,11 @@ class UsageEngine:
                 st.within.clear()
                 st.recheck.clear()
                 st.stayed.clear()
-                if st.departed or st.unread:
+                if st.departed or st.leaving:
                     # a directory left the vfolder: names created in it just before (hard links to files
                     # that stay) reached no event the engine could read, so it looks again
                     st.departed.clear()
-                    st.unread.clear()
+                    st.leaving.clear()
                     self._doubt(st, "a directory moved out of the vfolder")
         changes = []
         for st in self._vfs.values():
