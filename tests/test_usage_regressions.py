@@ -152,6 +152,40 @@ def test_a_subdirectory_moved_out_of_a_directory_that_moved_within(
         shutil.rmtree(away, ignore_errors=True)
 
 
+def test_a_directory_moved_out_while_a_full_walk_runs(watched: tuple[AgentProcess, httpx.Client, str]) -> None:
+    """Fuzzer seed 1779 (inotify), its other interleaving: a full walk runs; it has read the root (``w`` a plain
+    file) when ``ln w deep/sub/hl; mv deep/sub outside`` and an append through the outside name happen, and
+    reads ``deep`` after (no ``sub``). The watcher's report of the move out came during the walk, and the walk
+    landing forgot it (as if the walk had seen everything before its end): ``w``'s growth never counted.
+    Moves seen while a walk runs outlive its landing now; only those seen before it began are dropped.
+    A guard, not a proof: it did not catch the defect on the engine before the fix (the walk's order and
+    timing decide); the evidence is ``bench/usage_fuzz.py --replay 1779`` (failing in most replays before)."""
+    agent, api, _ = watched
+    vf = _new_vfolder(api, agent)
+    p = vf.path
+    (p / "w").write_bytes(b"w" * 4000)  # the walk reads the root first
+    deep = p.joinpath(*[f"d{i}" for i in range(30)])
+    (deep / "sub").mkdir(parents=True)
+    for i in range(3000):  # read before the deep directory: the walk takes a while to get there
+        (p / "wide" / f"w{i}" / "x").mkdir(parents=True)
+    settled_and_right(vf, quiet=0.5)
+    away = p.parent / f"{p.name}-away"
+    try:
+        for attempt in range(3):
+            r = api.post("/folder/usage/refresh", json={"volume": "local", "vfid": vf.vfid})
+            assert r.status_code == 202, r.text
+            time.sleep(0.1)
+            os.link(p / "w", deep / "sub" / f"hl{attempt}")
+            os.rename(deep / "sub", away)
+            with open(away / f"hl{attempt}", "ab") as f:
+                f.write(b"x" * 30_000)
+            settled_and_right(vf, quiet=1.0)
+            os.rename(away, deep / "sub")
+            settled_and_right(vf, quiet=1.0)
+    finally:
+        shutil.rmtree(away, ignore_errors=True)
+
+
 @pytest.mark.parametrize("watcher", WATCHERS)
 def test_a_subtree_walk_older_than_a_full_walk_is_not_merged(watcher: str, tmp_path: Path) -> None:
     """A settled answer missing 2,999 directories (the hard-link guard above, twice, with the out-and-back

@@ -622,6 +622,13 @@ class UsageEngine:
         st.cancel = threading.Event()
         cancel = st.cancel
         on_open, state = self._on_open(st)
+        # moves seen so far are settled by this walk; those seen while it runs are not (it may have read a
+        # hard link's older name before the link was made, and the moved directory after it left), so they
+        # outlive its landing and are doubted once the vfolder is quiet
+        st.departed.clear()
+        st.leaving.clear()
+        st.within.clear()
+        st.stayed.clear()
         started = time.time()
         self.scans += 1
         threads = self._policy(st.vol).scan_threads or self.settings.scan_threads
@@ -657,10 +664,6 @@ class UsageEngine:
         st.pending.clear()
         st.dirty |= reread
         st.recheck = set(st.dirty)
-        st.departed.clear()
-        st.leaving.clear()
-        st.within.clear()
-        st.stayed.clear()
         self._links_from_elsewhere(st)
         st.stale = st.scan_again  # events were lost during this walk: another one follows, stale till then
         st.incomplete_watches = bool(state["full"])
