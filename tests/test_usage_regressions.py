@@ -186,6 +186,37 @@ def test_a_directory_moved_out_while_a_full_walk_runs(watched: tuple[AgentProces
         shutil.rmtree(away, ignore_errors=True)
 
 
+def test_a_hard_link_in_a_new_directory_moved_out_before_it_was_read(
+    watched: tuple[AgentProcess, httpx.Client, str], request: pytest.FixtureRequest
+) -> None:
+    """What fuzzer seed 1779 (inotify) really was, found with ``--replay 1779`` and the engine's decisions
+    logged: ``mkdir -p c/new/sub; ln k/w c/new/sub/hl; mv c/new/sub outside``, an append through the outside
+    name, all before the engine read ``c/new``. fanotify sees every step (its mark covers the filesystem) and
+    the move out is doubted. inotify sees none: the events happened in directories not yet watched, and a
+    new link to ``k/w`` reaches no watch of ``k`` (the kernel tells only the inode); the walk of ``c/new``
+    finds it empty. No event tells the engine, so ``k/w``'s growth is uncounted until a rescan: an inotify
+    limit, marked as an expected failure (the README says so)."""
+    agent, api, watcher = watched
+    if watcher == "inotify":
+        request.applymarker(pytest.mark.xfail(reason="inotify reports nothing of it (see the docstring)", strict=False))
+    vf = _new_vfolder(api, agent)
+    p = vf.path
+    for d in ("k", "c"):
+        (p / d).mkdir()
+    (p / "k" / "w").write_bytes(b"w" * 4000)
+    settled_and_right(vf, quiet=0.5)
+    away = p.parent / f"{p.name}-away"
+    try:
+        (p / "c" / "new" / "sub").mkdir(parents=True)
+        os.link(p / "k" / "w", p / "c" / "new" / "sub" / "hl")
+        os.rename(p / "c" / "new" / "sub", away)
+        with open(away / "hl", "ab") as f:
+            f.write(b"x" * 30_000)
+        settled_and_right(vf, quiet=1.0)
+    finally:
+        shutil.rmtree(away, ignore_errors=True)
+
+
 @pytest.mark.parametrize("watcher", WATCHERS)
 def test_a_subtree_walk_older_than_a_full_walk_is_not_merged(watcher: str, tmp_path: Path) -> None:
     """A settled answer missing 2,999 directories (the hard-link guard above, twice, with the out-and-back
