@@ -125,8 +125,8 @@ def test_a_directory_out_and_back_is_not_a_move_within(watched: tuple[AgentProce
 def test_a_subdirectory_moved_out_of_a_directory_that_moved_within(
     watched: tuple[AgentProcess, httpx.Client, str],
 ) -> None:
-    """Fuzzer seed 1779 (inotify; replayed with ``bench/usage_fuzz.py --replay 1779``): ``mv a b`` (a move
-    within, seen as one), ``ln k/w b/sub/hl; mv b/sub outside``, an append through the outside name, all
+    """Found while chasing fuzzer seed 1779 (which turned out to be the inotify limit tested below): ``mv a b``
+    (a move within, seen as one), ``ln k/w b/sub/hl; mv b/sub outside``, an append through the outside name, all
     before the engine re-read anything. The parent's re-read dropped ``a`` with ``a/sub`` below it, and the
     walk of ``b`` found no ``sub``: no re-read ever saw ``sub`` leave its parent, and the watcher's report of
     it (by the path ``a/sub`` its parent's watch still had) named a directory the tree held, which was left
@@ -153,13 +153,12 @@ def test_a_subdirectory_moved_out_of_a_directory_that_moved_within(
 
 
 def test_a_directory_moved_out_while_a_full_walk_runs(watched: tuple[AgentProcess, httpx.Client, str]) -> None:
-    """Fuzzer seed 1779 (inotify), its other interleaving: a full walk runs; it has read the root (``w`` a plain
-    file) when ``ln w deep/sub/hl; mv deep/sub outside`` and an append through the outside name happen, and
-    reads ``deep`` after (no ``sub``). The watcher's report of the move out came during the walk, and the walk
-    landing forgot it (as if the walk had seen everything before its end): ``w``'s growth never counted.
-    Moves seen while a walk runs outlive its landing now; only those seen before it began are dropped.
-    A guard, not a proof: it did not catch the defect on the engine before the fix (the walk's order and
-    timing decide); the evidence is ``bench/usage_fuzz.py --replay 1779`` (failing in most replays before)."""
+    """Found while chasing fuzzer seed 1779, by reading the engine: a full walk runs; it has read the root
+    (``w`` a plain file) when ``ln w deep/sub/hl; mv deep/sub outside`` and an append through the outside name
+    happen, and it reads ``deep`` after (no ``sub``). The watcher reported the move out during the walk, and
+    the walk's landing forgot it with the moves seen before it began: nothing doubted ``w``. Moves seen while
+    a walk runs outlive its landing now. A guard, not a proof: it did not fail on the engine before that
+    change (another rescan or the walk's order covered it every time here)."""
     agent, api, _ = watched
     vf = _new_vfolder(api, agent)
     p = vf.path
