@@ -8,6 +8,14 @@ the answers to settle and a comparison with the disk (see ``tests/usage_model.py
 watcher: rounds run, mismatches, mismatches not flagged stale (failures) and their seeds. Rounds of one
 watcher share one agent and one tree, so a failing seed is replayed with the same ``--first-seed`` and
 enough rounds to reach it. ``--minutes`` bounds each watcher's run; the table says how many rounds fit.
+
+    .venv/bin/python bench/usage_fuzz.py --replay S [--live K] [--repeat N] [--first-seed F] --watcher W
+
+replays seed S of a long run alone: the tree before a round depends only on the seeds before it (the engine
+never writes it), so seeds F..S-K-1 are applied to the disk with the agent stopped (seconds), then the
+agent starts (its start-up scan reads that tree) and watches the last K seeds and S itself (``--live``,
+default 0), each compared after it settles as in a run. ``--repeat`` replays it N times (timing decides
+many failures); the table counts replays, and the seeds column lists the seeds that failed.
 """
 
 from __future__ import annotations
@@ -36,6 +44,11 @@ def main() -> None:
     ap.add_argument("--ops", type=int, default=25, help="operations per burst")
     ap.add_argument("--minutes", type=float, default=0.0, help="time budget per watcher (0: none)")
     ap.add_argument("--verbose", action="store_true", help="print the operations of each failing round")
+    ap.add_argument("--replay", type=int, default=None, help="replay this seed of a run from --first-seed")
+    ap.add_argument("--live", type=int, default=0, help="with --replay: seeds before it run with the agent")
+    ap.add_argument("--repeat", type=int, default=1, help="with --replay: how many times")
+    ap.add_argument("--workdir", default=None, help="keep the agent's directory (log, catalogue) here")
+    ap.add_argument("--engine-debug", action="store_true", help="the agent logs at DEBUG")
     args = ap.parse_args()
     watchers = ["inotify", "fanotify"] if args.watcher == "both" else [args.watcher]
     rows = []
@@ -50,6 +63,9 @@ def main() -> None:
             r: RoundResult, seen: list[RoundResult] = seen, end: float | None = end, watcher: str = watcher
         ) -> None:
             seen.append(r)
+            if args.replay is not None and r.seed == args.replay:
+                state = "ok" if r.outcome.ok else "FLAGGED" if r.outcome.flagged else "FAILED"
+                print(f"{watcher}: replay of seed {r.seed} ({r.vfolder}): {state}", flush=True)
             if not r.outcome.ok and not r.outcome.flagged:
                 print(f"{watcher}: seed {r.seed} ({r.vfolder}) {r.outcome.detail}", flush=True)
                 if args.verbose:
@@ -58,13 +74,20 @@ def main() -> None:
                 raise Budget
 
         seeds = list(range(args.first_seed, args.first_seed + args.rounds))
+        offline: list[int] = []
+        if args.replay is not None:
+            live_from = max(args.first_seed, args.replay - args.live)
+            offline, seeds = list(range(args.first_seed, live_from)), list(range(live_from, args.replay + 1))
         started = time.monotonic()
-        with tempfile.TemporaryDirectory(prefix="usage-fuzz-") as tmp:
-            try:
-                run_rounds(watcher, seeds, Path(tmp) / "agent", ops=args.ops, on_round=on_round)
-            except Budget:
-                pass
-        rounds = len({r.seed for r in seen})
+        config = {"logging": {"level": "DEBUG"}} if args.engine_debug else None
+        for n in range(args.repeat if args.replay is not None else 1):
+            with tempfile.TemporaryDirectory(prefix="usage-fuzz-") as tmp:
+                work = Path(args.workdir) / f"{watcher}-{n}" if args.workdir else Path(tmp) / "agent"
+                try:
+                    run_rounds(watcher, seeds, work, ops=args.ops, on_round=on_round, offline=offline, config=config)
+                except Budget:
+                    break
+        rounds = len({r.seed for r in seen}) if args.replay is None else len(seen) // (2 * len(seeds))
         mism = [r for r in seen if not r.outcome.ok]
         bad = sorted({r.seed for r in mism if not r.outcome.flagged})
         note = f"{time.monotonic() - started:.0f} s"

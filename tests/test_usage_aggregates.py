@@ -146,3 +146,20 @@ def test_catalogue_rows_replace_and_apply_deltas(tmp_path: Path) -> None:
             await cat.close()
 
     asyncio.run(main())
+
+
+def test_a_scan_reads_every_directory_of_a_wide_tree(tmp_path: Path) -> None:
+    """A full walk served as settled lacked 2,999 of 3,000 sibling directories (their entries uncounted):
+    a reader queued the children of a wide directory before counting them, and another reader, taking the
+    first child and its own child meanwhile, brought the count of directories left to zero and queued the
+    ends; the children queued after the ends were never read, and the scan returned as complete."""
+    for i in range(3000):
+        (tmp_path / "wide" / f"w{i}" / "x").mkdir(parents=True)
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for attempt in range(30):
+            dirs = scan(fd, "", threads=2 + attempt % 3)
+            assert len(dirs) == 2 + 2 * 3000, (attempt, len(dirs))
+            assert sum(agg.entries for agg in dirs.values()) == 1 + 2 * 3000, attempt
+    finally:
+        os.close(fd)

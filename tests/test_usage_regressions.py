@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.support import AgentProcess
+from tests.support import WATCHERS, AgentProcess, assert_clean_log, make_agent
 from tests.test_usage_engine import _new_vfolder
 from tests.test_usage_races import _scans, settled_and_right
 
@@ -134,3 +134,158 @@ def test_allocation_that_changes_at_writeback(watched: tuple[AgentProcess, httpx
     if os.lstat(f).st_blocks == before:
         pytest.skip(f"{agent.volume_root()} allocates no block at writeback (not ext4 with delalloc)")
     settled_and_right(vf)
+
+
+def test_a_directory_out_and_back_is_not_a_move_within(watched: tuple[AgentProcess, httpx.Client, str]) -> None:
+    """Fuzzer seed 2085 (both watchers): ``ln k/w a/d/hl; mv a/d outside``, an append through the outside
+    name, ``mv outside b/back``, then ``hl`` replaced by a rename, all before the engine re-read ``a``. Finding
+    ``d`` again (same inode) was taken for a move within, so nothing was doubted, and the growth of ``k/w``
+    (whose directory saw no event) was never counted. Only a rename the watcher saw stay in the vfolder
+    makes a move within now; anything else is doubted and rescanned."""
+    agent, api, _ = watched
+    vf = _new_vfolder(api, agent)
+    p = vf.path
+    for d in ("k", "a/d", "b"):
+        (p / d).mkdir(parents=True)
+    (p / "k" / "w").write_bytes(b"w" * 4000)
+    settled_and_right(vf, quiet=0.5)
+    away = p.parent / f"{p.name}-away"
+    try:
+        os.link(p / "k" / "w", p / "a" / "d" / "hl")
+        os.rename(p / "a" / "d", away)
+        with open(away / "hl", "ab") as f:
+            f.write(b"x" * 26_151)
+        os.rename(away, p / "b" / "back")
+        (p / "b" / "back" / "hl.tmp").write_bytes(b"t" * 10_557)
+        os.rename(p / "b" / "back" / "hl.tmp", p / "b" / "back" / "hl")
+        settled_and_right(vf, quiet=1.0)
+    finally:
+        shutil.rmtree(away, ignore_errors=True)
+
+
+def test_a_subdirectory_moved_out_of_a_directory_that_moved_within(
+    watched: tuple[AgentProcess, httpx.Client, str],
+) -> None:
+    """Found while chasing fuzzer seed 1779 (which turned out to be the inotify limit tested below): ``mv a b``
+    (a move within, seen as one), ``ln k/w b/sub/hl; mv b/sub outside``, an append through the outside name, all
+    before the engine re-read anything. The parent's re-read dropped ``a`` with ``a/sub`` below it, and the
+    walk of ``b`` found no ``sub``: no re-read ever saw ``sub`` leave its parent, and the watcher's report of
+    it (by the path ``a/sub`` its parent's watch still had) named a directory the tree held, which was left
+    to that re-read. ``k/w``'s growth was never counted. A directory the watcher saw leave and not land in
+    the vfolder is doubted now, read or not."""
+    agent, api, _ = watched
+    vf = _new_vfolder(api, agent)
+    p = vf.path
+    for d in ("k", "a/sub"):
+        (p / d).mkdir(parents=True)
+    (p / "k" / "w").write_bytes(b"w" * 4000)
+    (p / "a" / "sub" / "f").write_bytes(b"f" * 100)
+    settled_and_right(vf, quiet=0.5)
+    away = p.parent / f"{p.name}-away"
+    try:
+        os.rename(p / "a", p / "b")
+        os.link(p / "k" / "w", p / "b" / "sub" / "hl")
+        os.rename(p / "b" / "sub", away)
+        with open(away / "hl", "ab") as f:
+            f.write(b"x" * 30_000)
+        settled_and_right(vf, quiet=1.0)
+    finally:
+        shutil.rmtree(away, ignore_errors=True)
+
+
+def test_a_directory_moved_out_while_a_full_walk_runs(watched: tuple[AgentProcess, httpx.Client, str]) -> None:
+    """Found while chasing fuzzer seed 1779, by reading the engine: a full walk runs; it has read the root
+    (``w`` a plain file) when ``ln w deep/sub/hl; mv deep/sub outside`` and an append through the outside name
+    happen, and it reads ``deep`` after (no ``sub``). The watcher reported the move out during the walk, and
+    the walk's landing forgot it with the moves seen before it began: nothing doubted ``w``. Moves seen while
+    a walk runs outlive its landing now. A guard, not a proof: it did not fail on the engine before that
+    change (another rescan or the walk's order covered it every time here)."""
+    agent, api, _ = watched
+    vf = _new_vfolder(api, agent)
+    p = vf.path
+    (p / "w").write_bytes(b"w" * 4000)  # the walk reads the root first
+    deep = p.joinpath(*[f"d{i}" for i in range(30)])
+    (deep / "sub").mkdir(parents=True)
+    for i in range(3000):  # read before the deep directory: the walk takes a while to get there
+        (p / "wide" / f"w{i}" / "x").mkdir(parents=True)
+    settled_and_right(vf, quiet=0.5)
+    away = p.parent / f"{p.name}-away"
+    try:
+        for attempt in range(3):
+            r = api.post("/folder/usage/refresh", json={"volume": "local", "vfid": vf.vfid})
+            assert r.status_code == 202, r.text
+            time.sleep(0.1)
+            os.link(p / "w", deep / "sub" / f"hl{attempt}")
+            os.rename(deep / "sub", away)
+            with open(away / f"hl{attempt}", "ab") as f:
+                f.write(b"x" * 30_000)
+            settled_and_right(vf, quiet=1.0)
+            os.rename(away, deep / "sub")
+            settled_and_right(vf, quiet=1.0)
+    finally:
+        shutil.rmtree(away, ignore_errors=True)
+
+
+def test_a_hard_link_in_a_new_directory_moved_out_before_it_was_read(
+    watched: tuple[AgentProcess, httpx.Client, str], request: pytest.FixtureRequest
+) -> None:
+    """What fuzzer seed 1779 (inotify) really was, found with ``--replay 1779`` and the engine's decisions
+    logged: ``mkdir -p c/new/sub; ln k/w c/new/sub/hl; mv c/new/sub outside``, an append through the outside
+    name, all before the engine read ``c/new``. fanotify sees every step (its mark covers the filesystem) and
+    the move out is doubted. inotify sees none: the events happened in directories not yet watched, and a
+    new link to ``k/w`` reaches no watch of ``k`` (the kernel tells only the inode); the walk of ``c/new``
+    finds it empty. No event tells the engine, so ``k/w``'s growth is uncounted until a rescan: an inotify
+    limit, marked as an expected failure (the README says so)."""
+    agent, api, watcher = watched
+    if watcher == "inotify":
+        request.applymarker(pytest.mark.xfail(reason="inotify reports nothing of it (see the docstring)", strict=False))
+    vf = _new_vfolder(api, agent)
+    p = vf.path
+    for d in ("k", "c"):
+        (p / d).mkdir()
+    (p / "k" / "w").write_bytes(b"w" * 4000)
+    settled_and_right(vf, quiet=0.5)
+    away = p.parent / f"{p.name}-away"
+    try:
+        (p / "c" / "new" / "sub").mkdir(parents=True)
+        os.link(p / "k" / "w", p / "c" / "new" / "sub" / "hl")
+        os.rename(p / "c" / "new" / "sub", away)
+        with open(away / "hl", "ab") as f:
+            f.write(b"x" * 30_000)
+        settled_and_right(vf, quiet=1.0)
+    finally:
+        shutil.rmtree(away, ignore_errors=True)
+
+
+@pytest.mark.parametrize("watcher", WATCHERS)
+def test_a_subtree_walk_older_than_a_full_walk_is_not_merged(watcher: str, tmp_path: Path) -> None:
+    """A settled answer missing 2,999 directories (the hard-link guard above, twice, with the out-and-back
+    fix): the walk of a new subtree began, a full walk started and landed while it ran, and the subtree
+    walk, ending last, put its older reads over the full walk's: ``big`` as it held one directory, after
+    the full walk had counted the ones made since and the re-read their events asked for had found nothing
+    new. No event was left to repair it. A subtree walk whose tree was replaced meanwhile is dropped now
+    (the full walk read that subtree after the job began). Many scan threads make the full walk overtake
+    the subtree's two; it is tried a few times, as the overtaking depends on the machine's load."""
+    agent = make_agent(tmp_path / "agent", usage={"watcher": watcher, "scan-threads": 32}).start()
+    try:
+        with agent.client() as api:
+            vf = _new_vfolder(api, agent)
+            p = vf.path
+            (p / "k").mkdir()
+            settled_and_right(vf, quiet=0.5)
+            stage = p.parent / f"{p.name}-stage"
+            for attempt in range(4):
+                big = stage / f"big{attempt}"
+                for i in range(20_000):  # a subtree that takes its walk a while
+                    (big / "c0" / f"d{i}").mkdir(parents=True)
+                os.rename(big, p / big.name)  # the engine walks it as a new subtree
+                time.sleep(0.3)  # it has read big itself (one subdirectory) and is below it now
+                for i in range(1, 50):
+                    (p / big.name / f"c{i}").mkdir()
+                r = api.post("/folder/usage/refresh", json={"volume": "local", "vfid": vf.vfid})
+                assert r.status_code == 202, r.text
+                settled_and_right(vf, quiet=1.0)
+    finally:
+        agent.stop()
+        shutil.rmtree(tmp_path / "agent" / "volume", ignore_errors=True)
+    assert_clean_log(agent)

@@ -48,6 +48,7 @@ class Model:
     sibling: bytes | None  # another vfolder (hard links across vfolders)
     rng: random.Random
     log: list[str] = field(default_factory=list)
+    pauses: bool = True  # False: applying seeds offline (a pause changes nothing on disk)
 
     # -- picking --------------------------------------------------------------------------------
 
@@ -202,7 +203,9 @@ class Model:
             os.chmod(self.rng.choice(fs), self.rng.choice([0o644, 0o600, 0o755, 0o700]))
 
     def op_pause(self) -> None:
-        time.sleep(self.rng.choice([0.01, 0.05, 0.2]))
+        pause = self.rng.choice([0.01, 0.05, 0.2])
+        if self.pauses:
+            time.sleep(pause)
 
     OPS: tuple[tuple[str, int], ...] = (
         ("create", 10), ("append", 6), ("truncate", 3), ("overwrite_by_rename", 3), ("mkdir", 6),
@@ -334,6 +337,18 @@ def _answers(api: Any, vfid: str) -> Callable[[], tuple[dict[str, Any], dict[str
     return get
 
 
+def prepare(root: bytes, outside: bytes, sibling: bytes, seed: int) -> Model:
+    """The trims that precede the burst of ``seed`` (the tree before a round depends only on the seeds
+    before it: nothing the engine does writes the tree)."""
+    model = Model(root, outside, sibling, random.Random(seed))
+    model.trim()
+    Model(sibling, outside, None, random.Random(seed)).trim(200)
+    if len(model.files(outside)) > 200:
+        shutil.rmtree(outside)
+        os.makedirs(outside)
+    return model
+
+
 def run_rounds(
     watcher: str,
     seeds: list[int],
@@ -341,38 +356,45 @@ def run_rounds(
     *,
     ops: int = 25,
     on_round: Callable[[RoundResult], None] | None = None,
+    offline: list[int] | None = None,
+    config: dict[str, Any] | None = None,
 ) -> list[RoundResult]:
     """One agent watching with ``watcher``; each seed is one burst on the same two vfolders (the tree is
-    trimmed now and then), compared after it settles."""
+    trimmed now and then), compared after it settles. ``offline``: seeds applied to the tree first with the
+    agent stopped (fast: no settling), so a seed of a long run can be replayed with only the last few live
+    (the agent's start-up scan reads the tree the offline seeds left)."""
     from tests.support import make_agent
 
-    agent = make_agent(workdir, usage={"watcher": watcher}).start()
+    agent = make_agent(workdir, **{"usage": {"watcher": watcher}, **(config or {})}).start()
     results: list[RoundResult] = []
+    outside = b""
     try:
         with agent.client() as api:
             vfid, root = _vfolder(api, agent)
             sib_vfid, sibling = _vfolder(api, agent)
-            outside = root + b"-outside"
-            os.makedirs(outside, exist_ok=True)
-            try:
-                for seed in seeds:
-                    model = Model(root, outside, sibling, random.Random(seed))
-                    model.trim()
-                    Model(sibling, outside, None, random.Random(seed)).trim(200)
-                    if len(model.files(outside)) > 200:
-                        shutil.rmtree(outside)
-                        os.makedirs(outside)
-                    settle_and_compare(_answers(api, vfid), root)  # the trim itself is not under test
-                    settle_and_compare(_answers(api, sib_vfid), sibling)
-                    model.burst(ops)
-                    for name, vid, path in (("main", vfid, root), ("sibling", sib_vfid, sibling)):
-                        why = functools.partial(diagnose, agent.workdir / "catalog.db", vid, path)
-                        res = RoundResult(seed, name, settle_and_compare(_answers(api, vid), path, why=why), model.log)
-                        results.append(res)
-                        if on_round is not None:
-                            on_round(res)
-            finally:
-                shutil.rmtree(outside, ignore_errors=True)
+        outside = root + b"-outside"
+        os.makedirs(outside, exist_ok=True)
+        if offline:
+            agent.stop()
+            for seed in offline:
+                model = prepare(root, outside, sibling, seed)
+                model.pauses = False
+                model.burst(ops)
+            agent.start()
+        with agent.client() as api:
+            for seed in seeds:
+                model = prepare(root, outside, sibling, seed)
+                settle_and_compare(_answers(api, vfid), root)  # the trim itself is not under test
+                settle_and_compare(_answers(api, sib_vfid), sibling)
+                model.burst(ops)
+                for name, vid, path in (("main", vfid, root), ("sibling", sib_vfid, sibling)):
+                    why = functools.partial(diagnose, agent.workdir / "catalog.db", vid, path)
+                    res = RoundResult(seed, name, settle_and_compare(_answers(api, vid), path, why=why), model.log)
+                    results.append(res)
+                    if on_round is not None:
+                        on_round(res)
     finally:
+        if outside:
+            shutil.rmtree(outside, ignore_errors=True)
         agent.stop()
     return results

@@ -80,9 +80,10 @@ class VFState:
     expect: dict[str, set[int]] = field(default_factory=dict)  # dirty relpath -> inodes the events named
     applying: bool = False  # a flush is re-reading this vfolder's directories
     deleted: set[str] = field(default_factory=set)  # relpaths of directories reported removed (not moved)
-    departed: dict[int, str] = field(default_factory=dict)  # inode -> relpath of directories moved away
-    # relpath -> directories never read that moved away from there, not known to have stayed in the vfolder
-    unread: dict[str, int] = field(default_factory=dict)
+    departed: dict[int, str] = field(default_factory=dict)  # inode -> relpath of read directories moved out
+    stayed: dict[str, int] = field(default_factory=dict)  # relpath -> moves of read directories seen to stay
+    # relpath -> directories the watcher saw move away from there, not (yet) seen to land in the vfolder
+    leaving: dict[str, int] = field(default_factory=dict)
     within: dict[str, int] = field(default_factory=dict)  # relpath -> moves from there seen to stay, unmatched
     recheck: set[str] = field(default_factory=set)  # directories that changed while the last full walk ran
     hunted: set[tuple[int, int]] = field(default_factory=set)  # new hard links the next scan places
@@ -111,7 +112,7 @@ class VFState:
     def lagging(self) -> bool:
         """Events for this vfolder are queued or being applied: its figure lags (``pending``)."""
         return bool(
-            self.dirty or self.subtree_jobs or self.applying or self.departed or self.unread or self.unsettled()
+            self.dirty or self.subtree_jobs or self.applying or self.departed or self.leaving or self.unsettled()
         )
 
     def settling_load(self) -> int:
@@ -580,24 +581,30 @@ class UsageEngine:
         self._wake.set()
 
     def moved_away(self, vf: object, relpath: str) -> None:
-        """A directory was renamed away from ``relpath`` (within the vfolder or out of it)."""
+        """A directory was renamed away from ``relpath`` (within the vfolder or out of it): out of the vfolder
+        unless the watcher saw the same move land in it (:meth:`moved_within`, before or after this call).
+        Read or not: a directory the engine read is not always seen leaving by a re-read of its parent (its
+        parent may have moved within first, be dropped and walked again at its new place without it, while
+        its watch still names it by the old path), and one that left may have taken hard links to files that
+        stay, written through outside names since."""
         st: VFState = vf  # type: ignore[assignment]
-        if st.gone or st.tree is None or relpath in st.tree.dirs:
-            return  # a directory the engine read: its parent's re-read follows it by inode
-        # made and moved before the engine read it: out of the vfolder unless the watcher saw the same move
-        # land in it (:meth:`moved_within`, before or after this call)
+        if st.gone or st.tree is None:
+            return
         if not _take(st.within, relpath):
-            st.unread[relpath] = st.unread.get(relpath, 0) + 1
+            st.leaving[relpath] = st.leaving.get(relpath, 0) + 1
 
     def moved_within(self, vf: object, relpath: str) -> None:
         """The watcher saw a directory renamed away from ``relpath`` land in the same vfolder (inotify: the
         MOVED_TO paired by its cookie; fanotify: FAN_RENAME with both ends in it). Only this tells a move
-        within from a move out for a directory the engine never read: a walk of some new directory does not
-        (it may be one just made, while the moved one took hard links to files that stay out of the vfolder)."""
+        within from a move out: finding the directory again does not (a walk of some new directory may find
+        one just made; one found again by its inode may have been out and back, and writes through its hard
+        links while it was out reached no event)."""
         st: VFState = vf  # type: ignore[assignment]
-        if st.gone or st.tree is None or relpath in st.tree.dirs:
+        if st.gone or st.tree is None:
             return
-        if not _take(st.unread, relpath):
+        if relpath in st.tree.dirs:  # a directory the engine read: its parent's re-read will see it left
+            st.stayed[relpath] = st.stayed.get(relpath, 0) + 1
+        if not _take(st.leaving, relpath):
             st.within[relpath] = st.within.get(relpath, 0) + 1
 
     def lost(self, vf: object, relpath: str, deleted: bool = False) -> None:
@@ -694,6 +701,13 @@ class UsageEngine:
         st.cancel = threading.Event()
         cancel = st.cancel
         on_open, state = self._on_open(st)
+        # moves seen so far are settled by this walk; those seen while it runs are not (it may have read a
+        # hard link's older name before the link was made, and the moved directory after it left), so they
+        # outlive its landing and are doubted once the vfolder is quiet
+        st.departed.clear()
+        st.leaving.clear()
+        st.within.clear()
+        st.stayed.clear()
         started = time.time()
         self.scans += 1
         threads = self._policy(st.vol).scan_threads or self.settings.scan_threads
@@ -734,9 +748,6 @@ class UsageEngine:
         st.pending.clear()
         st.dirty |= reread
         st.recheck = set(st.dirty)
-        st.departed.clear()
-        st.unread.clear()
-        st.within.clear()
         self._links_from_elsewhere(st)
         st.stale = st.scan_again  # events were lost during this walk: another one follows, stale till then
         st.incomplete_watches = bool(state["full"])
@@ -777,10 +788,14 @@ class UsageEngine:
         await asyncio.sleep(SCAN_RETRY)
         self.request_scan(st)
 
-    async def _scan_subtree(self, st: VFState, rel: str) -> None:
-        """A directory appeared (created, or moved in with its contents): walk it and merge it in.
-        The caller counts the job in ``subtree_jobs`` when it spawns it (a move within the vfolder must not
-        look like a move out in between)."""
+    async def _scan_subtree(self, st: VFState, rel: str, tree: VFolderTree) -> None:
+        """A directory appeared (created, or moved in with its contents): walk it and merge it into
+        ``tree`` (the vfolder's tree when the job was spawned). The caller counts the job in
+        ``subtree_jobs`` when it spawns it (a move within the vfolder must not look like a move out in
+        between). A full walk that landed meanwhile replaced the tree and read this directory after this job
+        began: its reads and the events since are newer, and merging this walk's older ones over them would
+        lose what changed in between (a subtree walked when it held one directory put back over a full walk
+        that saw 3,000, with no event left to repair it)."""
         try:
             on_open, state = self._on_open(st)
 
@@ -795,14 +810,11 @@ class UsageEngine:
                 return
             if state["full"]:
                 st.incomplete_watches = True
-            tree = st.tree
             parent_rel, name = split(rel)
-            if tree is None or st.scanning or st.gone:
+            if st.tree is not tree or st.scanning or st.gone:
                 return
             parent = tree.dirs.get(parent_rel)
             rec = parent.subdirs.get(name) if parent is not None else None
-            if rec is not None and (rel not in dirs or rec[0] != dirs[rel].ino) and rel not in st.deleted:
-                st.departed[rec[0]] = rel  # left before it was walked: moved within (walked there) or out?
             if rel not in dirs or rec is None or rec[0] != dirs[rel].ino or not _consistent(dirs):
                 # gone, replaced, or moved while it was walked: the parent's re-read decides (it walks
                 # the directory again if the tree still lacks it)
@@ -814,7 +826,6 @@ class UsageEngine:
             for r, agg in dirs.items():
                 st.dirty |= tree.put(r, agg)
                 st.pending[r] = agg
-                st.departed.pop(agg.ino, None)
                 self._settle(st, r, agg, read_at)
             if tree.refresh_entry(rel, dirs[rel]):
                 st.pending[parent_rel] = tree.dirs[parent_rel]
@@ -860,6 +871,7 @@ class UsageEngine:
             st.applying = True
             st.reads += 1
             read_at = time.time()
+            tree = st.tree
             try:
                 try:
                     results = await asyncio.to_thread(self._read_many, st, known)
@@ -868,7 +880,7 @@ class UsageEngine:
                     continue
                 finally:
                     st.applying = False
-                if st.scanning or st.tree is None or st.gone:
+                if st.scanning or st.tree is None or st.tree is not tree or st.gone:  # a full walk began or landed
                     st.dirty |= set(known)
                     continue
                 self._follow_moved(st, results, expect)
@@ -881,11 +893,12 @@ class UsageEngine:
                 st.deleted.clear()
                 st.within.clear()
                 st.recheck.clear()
-                if st.departed or st.unread:
+                st.stayed.clear()
+                if st.departed or st.leaving:
                     # a directory left the vfolder: names created in it just before (hard links to files
                     # that stay) reached no event the engine could read, so it looks again
                     st.departed.clear()
-                    st.unread.clear()
+                    st.leaving.clear()
                     self._doubt(st, "a directory moved out of the vfolder")
         changes = []
         for st in self._vfs.values():
@@ -967,8 +980,11 @@ class UsageEngine:
             for name, rec in old.subdirs.items():
                 new = agg.subdirs.get(name)
                 if new is None or new[0] != rec[0]:
-                    if join(rel, name) not in st.deleted and join(rel, name) in tree.dirs:
-                        st.departed[rec[0]] = join(rel, name)  # moved: within (walked again) or out?
+                    moved = join(rel, name)
+                    if moved not in st.deleted and moved in tree.dirs and not _take(st.stayed, moved):
+                        # moved, and the watcher saw no rename keep it in the vfolder: out, maybe back since
+                        # (finding it again proves nothing: hard links in it may have been written outside)
+                        st.departed[rec[0]] = moved
                     held = tree.subtree(join(rel, name))
                     for r in tree.drop(join(rel, name)):
                         st.pending[r] = None
@@ -999,7 +1015,7 @@ class UsageEngine:
                 st.pending[parent_rel] = tree.dirs[parent_rel]
             for sub in appeared:
                 st.subtree_jobs += 1
-                self._spawn(self._scan_subtree(st, sub))
+                self._spawn(self._scan_subtree(st, sub, tree))
             changed = True
         if tree.unplaced_links:
             self._hunt_links(st)

@@ -82,11 +82,14 @@ def scan(
                     if progress is not None:
                         progress.dirs += 1
                         progress.entries += agg.entries
-            for child in children:
-                work.put(child)
+            # the children are counted before they are queued: counted after, another reader could take one
+            # (and its own children) and bring the count to zero first, queue the ends, and every child queued
+            # after the ends was never read (a scan that returned a subtree short, as if complete)
             with lock:
                 outstanding += len(children) - 1
                 done = outstanding == 0
+            for child in children:
+                work.put(child)
             if done:
                 for _ in range(threads):
                     work.put(None)
