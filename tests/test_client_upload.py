@@ -27,7 +27,7 @@ from tests.client_helpers import (
     upload_token,
     vfolder_path,
 )
-from tests.support import AgentProcess, assert_clean_log, make_agent
+from tests.support import AgentProcess, assert_clean_log, eventually, make_agent
 
 
 @pytest.fixture
@@ -238,10 +238,14 @@ def test_max_upload_size_and_expiry_sweep(tmp_path):
             assert not staged.exists(), "expired session's staged bytes were not swept"
             assert 400 <= head(cli, token).status_code < 500
             assert not (vfolder_path(agent, vfid) / "partial.bin").exists()
+
+            def logged() -> None:  # the sweeper logs its round once the staged bytes are gone: wait for it
+                assert "swept 1 expired upload session" in agent.log()
+
+            eventually(logged, timeout=15)
     finally:
         agent.stop()
     assert_clean_log(agent)
-    assert "swept 1 expired upload session" in agent.log()
 
 
 def test_tuspy_zero_byte_upload_lands(agent, api, vfid):
