@@ -38,6 +38,21 @@ def _rows(agent: AgentProcess, sql: str, *args: object) -> list[tuple[object, ..
         con.close()
 
 
+def _big_clone(agent: AgentProcess) -> tuple[Path, str, Path, Path, dict[str, str]]:
+    """A source vfolder of DIRS x FILES entries and what a clone of it needs: (source root, destination
+    vfid, destination root, the scope's staging directory, the clone request's body)."""
+    with agent.client() as api:
+        src_vfid = new_vfolder(api, "qs")
+    src = _root(agent, src_vfid)
+    for d in range(DIRS):
+        (src / f"d{d:03}").mkdir()
+        for f in range(FILES):
+            (src / f"d{d:03}" / f"f{f}").write_bytes(b"x" * (f % 5))
+    dst_vfid = f"qs/{uuid.uuid4().hex}"
+    body = {"src_volume": "local", "src_vfid": src_vfid, "dst_volume": "local", "dst_vfid": dst_vfid}
+    return src, dst_vfid, _root(agent, dst_vfid), agent.volume_root() / "qs" / ".staging", body
+
+
 def _copying(staging: Path, at_least: int) -> Path:
     """The clone's staging directory once the copy has written ``at_least`` of its top-level directories."""
     works = [p for p in staging.iterdir() if p.name.startswith("clone-")] if staging.is_dir() else []
@@ -50,17 +65,7 @@ def _copying(staging: Path, at_least: int) -> Path:
 def test_a_clone_whose_staging_is_taken_away_fails_cleanly_and_publishes_nothing(tmp_path: Path, how: str) -> None:
     agent = make_agent(tmp_path).start(timeout=60)
     try:
-        with agent.client() as api:
-            src_vfid = new_vfolder(api, "qs")
-        src = _root(agent, src_vfid)
-        for d in range(DIRS):
-            (src / f"d{d:03}").mkdir()
-            for f in range(FILES):
-                (src / f"d{d:03}" / f"f{f}").write_bytes(b"x" * (f % 5))
-        dst_vfid = f"qs/{uuid.uuid4().hex}"
-        dst = _root(agent, dst_vfid)
-        staging = agent.volume_root() / "qs" / ".staging"
-        body = {"src_volume": "local", "src_vfid": src_vfid, "dst_volume": "local", "dst_vfid": dst_vfid}
+        src, dst_vfid, dst, staging, body = _big_clone(agent)
         answer: list[httpx.Response] = []
         seen_published: list[int] = []  # entries of the destination whenever it was seen (it never may be)
         done = threading.Event()
@@ -140,17 +145,7 @@ def test_a_clone_cancelled_by_a_stop_leaves_disk_and_catalogue_agreeing(tmp_path
     rng = random.Random(seed)
     agent = make_agent(tmp_path, storage_proxy={"stop-timeout": "1s", "num-proc": num_proc}).start(timeout=60)
     try:
-        with agent.client() as api:
-            src_vfid = new_vfolder(api, "qs")
-        src = _root(agent, src_vfid)
-        for d in range(DIRS):
-            (src / f"d{d:03}").mkdir()
-            for f in range(FILES):
-                (src / f"d{d:03}" / f"f{f}").write_bytes(b"x" * (f % 5))
-        dst_vfid = f"qs/{uuid.uuid4().hex}"
-        dst = _root(agent, dst_vfid)
-        staging = agent.volume_root() / "qs" / ".staging"
-        body = {"src_volume": "local", "src_vfid": src_vfid, "dst_volume": "local", "dst_vfid": dst_vfid}
+        src, dst_vfid, dst, staging, body = _big_clone(agent)
         answer: list[object] = []
 
         def clone() -> None:

@@ -694,7 +694,7 @@ def test_an_allocation_made_at_writeback_reaches_the_workers_answers(tmp_path: P
     event (fuzzer seeds 2444, 2445). One process re-reads directories with files written lately when it
     answers; with workers answering from the catalogue, the engine re-reads them every second and writes the
     figure through (before: the pre-writeback figure, ``stale: false``, for good)."""
-    from tests.test_usage_regressions import _sparse
+    from tests.test_usage_regressions import counted_then_written_back
     from tests.usage_model import du
 
     agent = make_agent(tmp_path, storage_proxy={"num-proc": 2}).start(timeout=120)
@@ -710,23 +710,12 @@ def test_an_allocation_made_at_writeback_reaches_the_workers_answers(tmp_path: P
                 assert (ub["used_bytes"], ub["stale"]) == (du(bytes(root)), False), ub
 
             eventually(settled, timeout=60)  # measured: the file below is counted through its events
-            for attempt in range(5):  # the engine must count the file before the kernel writes it back
-                f = root / "quiet" / f"sparse{attempt}"
-                _sparse(f)
-                before = os.lstat(f).st_blocks
+
+            def counted() -> None:
                 time.sleep(1.0)  # the engine has read every event of the write (a worker cannot tell)
                 eventually(settled, timeout=60)
-                if os.lstat(f).st_blocks == before:
-                    break
-            else:
-                pytest.skip("every file was written back before the engine counted it (a busy disk)")
-            fd = os.open(f, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            if os.lstat(f).st_blocks == before:
-                pytest.skip(f"{agent.volume_root()} allocates no block at writeback (not ext4 with delalloc)")
+
+            counted_then_written_back(root / "quiet", counted, agent.volume_root())
             eventually(settled, timeout=30)
     finally:
         agent.stop()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -106,6 +107,28 @@ def _sparse(path: Path) -> None:
         os.close(fd)
 
 
+def counted_then_written_back(where: Path, counted: Callable[[], None], volume: Path) -> None:
+    """A sparse file in ``where``, counted (``counted`` returns once the answer is settled and right) before the
+    kernel writes it back, then written back now with ``fsync`` (no event reports it). Skips where that
+    cannot be arranged: a disk so busy every file was written back first, or no block allocated at writeback."""
+    for attempt in range(5):  # the engine must count the file before the kernel writes it back
+        f = where / f"sparse{attempt}"
+        _sparse(f)
+        before = os.lstat(f).st_blocks
+        counted()
+        if os.lstat(f).st_blocks == before:
+            break
+    else:
+        pytest.skip("every file was written back before the engine counted it (a busy disk)")
+    fd = os.open(f, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    if os.lstat(f).st_blocks == before:
+        pytest.skip(f"{volume} allocates no block at writeback (not ext4 with delalloc)")
+
+
 def test_allocation_that_changes_at_writeback(watched: tuple[AgentProcess, httpx.Client, str]) -> None:
     """Fuzzer seeds 2444, 2445 (inotify; the sibling vfolder, allocated bytes only, settled): a file's
     ``st_blocks`` changed after its last event. With delayed allocation the blocks of a write are reserved
@@ -117,22 +140,7 @@ def test_allocation_that_changes_at_writeback(watched: tuple[AgentProcess, httpx
     p = vf.path
     (p / "quiet").mkdir()
     settled_and_right(vf, quiet=0.3)
-    for attempt in range(5):  # the engine must count the file before the kernel writes it back
-        f = p / "quiet" / f"sparse{attempt}"
-        _sparse(f)
-        before = os.lstat(f).st_blocks
-        settled_and_right(vf, quiet=0.3)
-        if os.lstat(f).st_blocks == before:
-            break
-    else:
-        pytest.skip("every file was written back before the engine counted it (a busy disk)")
-    fd = os.open(f, os.O_RDONLY)
-    try:
-        os.fsync(fd)  # the writeback, now (no event reports it)
-    finally:
-        os.close(fd)
-    if os.lstat(f).st_blocks == before:
-        pytest.skip(f"{agent.volume_root()} allocates no block at writeback (not ext4 with delalloc)")
+    counted_then_written_back(p / "quiet", lambda: settled_and_right(vf, quiet=0.3), agent.volume_root())
     settled_and_right(vf)
 
 
