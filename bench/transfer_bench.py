@@ -45,6 +45,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -280,79 +281,82 @@ def _splice_all(src_fd: int, dst_fd: int, length: int) -> None:
         os.close(w)
 
 
-def bare_socket_copy(src: Path, dst: Path, chunk: int) -> float:
-    """The ceiling of any upload here: the same client reads and sends the chunks over loopback TCP, and a
-    thread splices them into the file. No HTTP, no tus, no sync: what the kernel allows for socket → file."""
-    size = src.stat().st_size
+def _timed_bare(receive: Callable[[socket.socket], None], send: Callable[[tuple], None]) -> float:
+    """Seconds ``send(address)`` takes against a loopback listener that a thread serves with ``receive``
+    (whose error, if any, is raised here)."""
     with socket.create_server(("127.0.0.1", 0)) as server:
         errors: list[BaseException] = []
 
-        def receive() -> None:
+        def serve() -> None:
             try:
-                conn, _ = server.accept()
-                with conn:
-                    fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-                    try:
-                        _splice_all(conn.fileno(), fd, size)
-                    finally:
-                        os.close(fd)
-                    conn.sendall(b"k")
+                receive(server)
             except BaseException as e:  # noqa: BLE001 - reported by the caller
                 errors.append(e)
 
-        thread = threading.Thread(target=receive)
+        thread = threading.Thread(target=serve)
         thread.start()
         t0 = time.perf_counter()
-        with socket.create_connection(server.getsockname()) as sock, open(src, "rb") as f:
-            while data := f.read(chunk):
-                sock.sendall(data)
-            sock.recv(1)
+        send(server.getsockname())
         elapsed = time.perf_counter() - t0
         thread.join()
     if errors:
         raise errors[0]
     return elapsed
+
+
+def bare_socket_copy(src: Path, dst: Path, chunk: int) -> float:
+    """The ceiling of any upload here: the same client reads and sends the chunks over loopback TCP, and a
+    thread splices them into the file. No HTTP, no tus, no sync: what the kernel allows for socket → file."""
+    size = src.stat().st_size
+
+    def receive(server: socket.socket) -> None:
+        conn, _ = server.accept()
+        with conn:
+            fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                _splice_all(conn.fileno(), fd, size)
+            finally:
+                os.close(fd)
+            conn.sendall(b"k")
+
+    def send(address: tuple) -> None:
+        with socket.create_connection(address) as sock, open(src, "rb") as f:
+            while data := f.read(chunk):
+                sock.sendall(data)
+            sock.recv(1)
+
+    return _timed_bare(receive, send)
 
 
 def bare_socket_copy_per_chunk(src: Path, dst: Path, chunk: int) -> float:
     """The ceiling of the SDK-style rows: as :func:`bare_socket_copy`, but each chunk on a TCP connection of its
     own, answered with one byte before the next connection is opened (no HTTP, no tus, no sync)."""
     size = src.stat().st_size
-    with socket.create_server(("127.0.0.1", 0)) as server:
-        errors: list[BaseException] = []
 
-        def receive() -> None:
-            try:
-                fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-                try:
-                    done = 0
-                    while done < size:
-                        conn, _ = server.accept()
-                        with conn:
-                            n = min(chunk, size - done)
-                            os.lseek(fd, done, os.SEEK_SET)
-                            _splice_all(conn.fileno(), fd, n)
-                            done += n
-                            conn.sendall(b"k")
-                finally:
-                    os.close(fd)
-            except BaseException as e:  # noqa: BLE001 - reported by the caller
-                errors.append(e)
+    def receive(server: socket.socket) -> None:
+        fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            done = 0
+            while done < size:
+                conn, _ = server.accept()
+                with conn:
+                    n = min(chunk, size - done)
+                    os.lseek(fd, done, os.SEEK_SET)
+                    _splice_all(conn.fileno(), fd, n)
+                    done += n
+                    conn.sendall(b"k")
+        finally:
+            os.close(fd)
 
-        thread = threading.Thread(target=receive)
-        thread.start()
-        t0 = time.perf_counter()
+    def send(address: tuple) -> None:
         with open(src, "rb") as f:
             while data := f.read(chunk):
-                with socket.create_connection(server.getsockname()) as sock:
+                with socket.create_connection(address) as sock:
                     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                     sock.sendall(data)
                     sock.recv(1)
-        elapsed = time.perf_counter() - t0
-        thread.join()
-    if errors:
-        raise errors[0]
-    return elapsed
+
+    return _timed_bare(receive, send)
 
 
 def bare_sendfile(src: Path, dst: Path) -> float:
