@@ -13,7 +13,8 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from agent.http.upload_sessions import Held, boot_id, settle_held
+from agent.http.upload_sessions import Held, settle_held
+from agent.runtime.owner import boot_id
 from agent.runtime.services import Periodic
 from backends.mounted import MountedVolume
 

@@ -20,9 +20,9 @@ import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from functools import cache
 from typing import TYPE_CHECKING
 
+from agent.runtime.owner import boot_id
 from backends import cpu_placement
 from backends.mounted import STAGING, MountedVolume
 from backends.resolver import RESOLVE_BENEATH, RESOLVE_NO_SYMLINKS, openat2
@@ -39,16 +39,6 @@ STAGED_FLAGS = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
 
 def staged_name(session_id: str) -> str:
     return PREFIX + session_id
-
-
-@cache
-def boot_id() -> str | None:
-    """This boot's id: bytes a process wrote in the same boot are still in the page cache after it was killed."""
-    try:
-        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
-            return f.read().strip() or None
-    except OSError:  # pragma: no cover - no procfs: every restart is treated as a reboot
-        return None
 
 
 BUSY = "another PATCH for this upload is in progress; HEAD for the offset and retry"

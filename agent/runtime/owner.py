@@ -10,9 +10,18 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from functools import cache
 from typing import Any
 
-from agent.http.upload_sessions import boot_id
+
+@cache
+def boot_id() -> str | None:
+    """This boot's id: bytes a process wrote in the same boot are still in the page cache after it was killed."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
+            return f.read().strip() or None
+    except OSError:  # pragma: no cover - no procfs: every restart is treated as a reboot
+        return None
 
 
 def _stat(pid: int | str) -> tuple[str, int] | None:
