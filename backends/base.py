@@ -115,7 +115,9 @@ class Volume(ABC):
     async def create_vfolder(self, vfid: VFolderID) -> None: ...
 
     @abstractmethod
-    async def delete_vfolder(self, vfid: VFolderID) -> None: ...
+    async def delete_vfolder(self, vfid: VFolderID, *, work: str | None = None) -> None:
+        """``work``: the name of the trash directory the tree is moved to in the scope's staging area (the caller
+        records it with its job, so the engine can finish a delete whose process died mid-removal)."""
 
     @abstractmethod
     async def clone_vfolder(self, src: VFolderID, dst: VFolderID, *, work: str | None = None) -> None: ...

@@ -153,10 +153,10 @@ class MountedVolume(Volume):
                 continue
         raise OSError(errno.ENOENT, "the staging directory keeps disappearing", str(staging))
 
-    async def delete_vfolder(self, vfid: VFolderID) -> None:
-        await asyncio.to_thread(self._delete_vfolder, vfid)
+    async def delete_vfolder(self, vfid: VFolderID, *, work: str | None = None) -> None:
+        await asyncio.to_thread(self._delete_vfolder, vfid, work)
 
-    def _delete_vfolder(self, vfid: VFolderID) -> None:
+    def _delete_vfolder(self, vfid: VFolderID, work: str | None = None) -> None:
         """Move the tree aside atomically (so no half-deleted folder is ever visible), then remove it.
 
         Once the tree is in the staging area the delete has happened: an agent killed before the removal
@@ -167,7 +167,7 @@ class MountedVolume(Volume):
         if not os.path.lexists(path):
             raise VFolderNotFound(f"vfolder {vfid} does not exist on volume {self.name!r}")
         staging = self.staging_path(vfid.qsid)
-        trash = staging / f"trash-{uuid.uuid4().hex}"
+        trash = staging / (work or f"trash-{uuid.uuid4().hex}")
         for _ in range(RETRIES):
             _mkdir_racy(staging, 0o700)
             try:

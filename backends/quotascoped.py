@@ -48,9 +48,9 @@ class QuotaScopedVolume(MountedVolume):
             _rmdir_if_empty(self.staging_path(dst.qsid))
             raise QuotaExceeded(f"quota of scope {dst.qsid!r} exceeded while cloning {src}") from None
 
-    def _delete_vfolder(self, vfid: VFolderID) -> None:
+    def _delete_vfolder(self, vfid: VFolderID, work: str | None = None) -> None:
         try:
-            super()._delete_vfolder(vfid)
+            super()._delete_vfolder(vfid, work)
         except OSError as e:
             if e.errno != errno.EDQUOT:
                 raise

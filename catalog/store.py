@@ -621,6 +621,11 @@ class Catalog:
             .values(state="failed" if error else "done", error=error, updated_at=time.time())
         )
 
+    async def forget_finished_jobs(self, *, before: float) -> int:
+        """Drop the jobs that finished (done or failed) before ``before``; how many were."""
+        stmt = jobs.delete().where(jobs.c.state != "running", jobs.c.updated_at < before)
+        return await self.db.run_write(lambda conn: conn.execute(stmt).rowcount)
+
     async def running_jobs(self, kind: str | None = None) -> list[JobRow]:
         stmt = sa.select(jobs).where(jobs.c.state == "running")
         if kind is not None:

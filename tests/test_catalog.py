@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sqlite3
+import time
 from pathlib import Path
 
 import pytest
@@ -193,3 +194,24 @@ def test_schema_8_with_a_scope_usage_row_upgrades_and_the_scope_figure_is_its_vf
     tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     con.close()
     assert "scope_usage" not in tables and {"vfolders", "vfolder_usage"} <= tables
+
+
+def test_finished_jobs_are_forgotten_after_their_keep_time_running_ones_never(tmp_path: Path) -> None:
+    """Every clone and delete records a job; the engine forgets the finished ones after a while (the table
+    would otherwise grow with every delete), never a running one however old."""
+
+    async def main() -> list[tuple[str, str]]:
+        cat = await Catalog.open(tmp_path / "c.db")
+        try:
+            old_done, old_running, new_done = [await cat.start_job("delete", "v", {"n": n}) for n in range(3)]
+            await cat.finish_job(old_done)
+            await cat.finish_job(new_done, error="boom")
+            cutoff = time.time() + 1  # every job so far finished "before" the cutoff ...
+            assert await cat.forget_finished_jobs(before=cutoff - 3600) == 0  # ... but none an hour before it
+            assert await cat.forget_finished_jobs(before=cutoff) == 2
+            return [(j.id, j.state) for j in await cat.running_jobs()] + [(old_running, "")]
+        finally:
+            await cat.close()
+
+    (kept, _), (running, _) = run(main())
+    assert kept == running

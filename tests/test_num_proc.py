@@ -613,6 +613,59 @@ def test_a_clone_of_a_killed_worker_is_rolled_back_while_the_live_workers_clone_
     assert_clean_log(agent)
 
 
+def test_a_delete_of_a_killed_worker_is_finished_by_the_engine(tmp_path: Path) -> None:
+    """Worker 0 is stopped, then killed, while it removes a deleted vfolder's tree (moved aside into the
+    staging area). The engine finishes that delete soon after (before: the trash and the catalogue row waited
+    for the next full start): the trash removed, the vfolder forgotten, the job done."""
+    agent = make_agent(tmp_path, storage_proxy={"num-proc": 2}).start(timeout=120)
+    try:
+        with fresh(agent) as api:
+            vfid = new_vfolder(api, "qs")
+        src = _root(agent, vfid)
+        for d in range(40):
+            (src / f"d{d}").mkdir()
+            for f in range(500):
+                (src / f"d{d}" / f"f{f}").write_bytes(b"x")
+        staging = agent.volume_root() / "qs" / ".staging"
+        victim = roles(agent)["worker 0"][0]
+        answer: list[object] = []
+
+        def delete() -> None:
+            try:
+                answer.append(on_worker(agent, 0, "POST", "/folder/delete", json={"volume": "local", "vfid": vfid}))
+            except httpx.HTTPError as e:
+                answer.append(e)
+
+        thread = threading.Thread(target=delete)
+        thread.start()
+        deadline = time.monotonic() + 120
+        while not (staging.is_dir() and any(p.name.startswith("trash-") for p in staging.iterdir())):
+            assert time.monotonic() < deadline and thread.is_alive(), ("the delete never moved the tree aside", answer)
+            time.sleep(0.001)
+        os.kill(victim, signal.SIGSTOP)
+        [trash] = [p for p in staging.iterdir() if p.name.startswith("trash-")]
+        assert any(trash.iterdir()), "the removal had finished before the stop"
+        os.kill(victim, signal.SIGKILL)
+        thread.join(60)
+        assert answer and isinstance(answer[0], httpx.HTTPError), answer  # its worker died: no answer
+
+        def finished() -> None:
+            jobs = _catalogue(agent, "SELECT state, error FROM jobs WHERE kind = 'delete'")
+            assert jobs == [("done", None)], jobs
+
+        eventually(finished, timeout=60)
+        assert not trash.exists() and not src.exists()
+        assert _catalogue(agent, "SELECT count(*) FROM vfolders WHERE folder_id = ?", vfid[3:]) == [(0,)]
+        assert f"the delete of vfolder {vfid} was interrupted by the death of its HTTP worker (pid {victim}); " \
+               "finished it (removed its trash)" in agent.log()
+        with fresh(agent) as api:
+            assert api.request("GET", "/folder/usage", json={"volume": "local", "vfid": vfid}).status_code == 404
+            assert api.post("/folder/delete", json={"volume": "local", "vfid": vfid}).status_code == 404
+    finally:
+        agent.stop()
+    assert_clean_log(agent)
+
+
 def _holds(pid: int, path: Path) -> bool:
     """Whether process ``pid`` has ``path`` (or a renamed copy of it: same inode) open."""
     want = path.stat()

@@ -7,7 +7,8 @@ area as the trash of a delete the restart interrupted (same inode as the root
 the last usage scan recorded): that delete is finished instead. Leftovers of
 interrupted work (clone and trash directories under a scope's staging area,
 jobs still marked running) are cleaned up; a clone whose destination was
-already published when the agent stopped is recorded as done.
+already published when the agent stopped is recorded as done, and so is a
+delete whose job names the vfolder's incarnation and whose tree was moved aside.
 """
 
 from __future__ import annotations
@@ -108,10 +109,21 @@ async def reconcile(
     for job in await catalog.running_jobs() if sweep else []:
         if job.volume != vol.name:
             continue
-        dst = job.params.get("dst") if job.kind == "clone" else None
-        if dst is not None and dst in on_disk:  # published before the stop: only the bookkeeping was left
+        dst = job.params.get("dst") if job.kind in ("clone", "delete") else None
+        if job.kind == "clone" and dst in on_disk:  # published before the stop: only the bookkeeping was left
             await catalog.finish_job(job.id)
             report.finished_clones.append(f"{job.params.get('src')} -> {dst}")
+        elif job.kind == "delete" and isinstance(dst, str) and dst not in on_disk:  # moved aside: it happened
+            qsid, _, folder_id = dst.partition("/")
+            vf = await catalog.get_vfolder(vol.name, qsid, folder_id)
+            if vf is not None and vf.incarnation == job.params.get("incarnation"):
+                await catalog.remove_vfolder(vol.name, qsid, folder_id)  # its trash went with the sweep above
+                report.missing_vfolders = [k for k in report.missing_vfolders if k != dst]
+                report.finished_deletes.append(dst)
+            await catalog.finish_job(job.id)
+        elif job.kind == "delete":
+            await catalog.finish_job(job.id, error="interrupted by an agent restart before the tree was moved "
+                                                   "aside; the vfolder is kept")
         elif job.kind == "usage-rescan":  # the usage engine starts a new one; nothing was staged
             await catalog.finish_job(job.id, error="interrupted by an agent restart; a new rescan was started")
         else:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import os
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import AbstractAsyncContextManager, contextmanager
@@ -156,17 +157,47 @@ async def create_vfolder(
 
 
 async def delete_vfolder(agent: Agent, vol: Volume, vfid: VFolderID) -> None:
-    """Delete the tree, end the vfolder's upload sessions (staged bytes too), forget it."""
+    """Delete the tree, end the vfolder's upload sessions (staged bytes too), forget it.
+
+    The job names the trash directory and this process (``owner``), like a clone's: should the process die
+    mid-removal, the engine finishes the delete as soon as it learns of the death (agent/engine/orphans.py)
+    instead of leaving the trash and the catalogue row to the next full start. A cancelled delete (the agent
+    stopping) leaves its job running for the same reason: the removal thread cannot be stopped."""
     async with held(agent, vol, vfid):
+        row = await agent.catalog.get_vfolder(vol.name, vfid.qsid, vfid.hex)
+        if row is None and not await asyncio.to_thread(os.path.lexists, vol.vfolder_path(vfid)):
+            raise VFolderNotFound(f"vfolder {vfid} does not exist on volume {vol.name!r}")  # no job for a 404
+        work = f"trash-{uuid.uuid4().hex}"
+        params = {"dst": str(vfid), "work": work, "owner": owner.this_process(),
+                  "incarnation": row.incarnation if row is not None else None}
+        job = await agent.catalog.start_job("delete", vol.name, params)
         try:
-            await vol.delete_vfolder(vfid)
-        except VFolderNotFound:
-            if await agent.catalog.get_vfolder(vol.name, vfid.qsid, vfid.hex) is None:
-                raise
-            log.info("vfolder %s on %s was already gone from disk; forgetting it", vfid, vol.name)
-        await uploads.end_sessions(agent, vol, vfid)
-        await agent.catalog.remove_vfolder(vol.name, vfid.qsid, vfid.hex)
-        await usage.unregistered(agent, vol, vfid)
+            try:
+                await vol.delete_vfolder(vfid, work=work)
+            except VFolderNotFound:
+                if row is None:
+                    raise
+                log.info("vfolder %s on %s was already gone from disk; forgetting it", vfid, vol.name)
+            await forget(agent, vol, vfid, row.incarnation if row is not None else None)
+        except Exception as e:
+            await through_cancel(
+                agent.catalog.finish_job(job, error=str(e) or type(e).__name__), RECORD_WAIT, "failing a delete"
+            )
+            raise
+        await agent.catalog.finish_job(job)
+
+
+async def forget(agent: Agent, vol: Volume, vfid: VFolderID, incarnation: str | None) -> bool:
+    """After its tree went: end the vfolder's upload sessions, drop its row and its figure. Only the
+    incarnation the delete was for (``None``: whichever row there is): a vfolder created anew under the
+    same id after a delete whose process died is not forgotten by the engine finishing that delete."""
+    row = await agent.catalog.get_vfolder(vol.name, vfid.qsid, vfid.hex)
+    if row is not None and incarnation is not None and row.incarnation != incarnation:
+        return False
+    await uploads.end_sessions(agent, vol, vfid)
+    await agent.catalog.remove_vfolder(vol.name, vfid.qsid, vfid.hex)
+    await usage.unregistered(agent, vol, vfid)
+    return True
 
 
 async def clone_vfolder(agent: Agent, vol: Volume, src: VFolderID, dst: VFolderID) -> None:
