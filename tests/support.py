@@ -188,6 +188,19 @@ def new_vfolder(api: httpx.Client, qsid: str) -> str:
     return value
 
 
+def filled_vfolder(agent: AgentProcess, api: httpx.Client, dirs: int, files: int) -> tuple[str, Path]:
+    """A new vfolder (scope ``qs``) of ``dirs`` x ``files`` small files, long to copy or to remove: its vfid
+    and its root on disk."""
+    vfid = new_vfolder(api, "qs")
+    qsid, folder = vfid.split("/")
+    root = agent.volume_root() / qsid / folder[:2] / folder[2:4] / folder[4:]
+    for d in range(dirs):
+        (root / f"d{d:03}").mkdir()
+        for f in range(files):
+            (root / f"d{d:03}" / f"f{f}").write_bytes(b"x" * (f % 7))
+    return vfid, root
+
+
 # the usage engine's watchers, fanotify skipped where the kernel or the capabilities lack it
 WATCHERS = [
     "inotify",

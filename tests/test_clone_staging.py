@@ -20,7 +20,7 @@ import httpx
 import pytest
 
 from backends.copytree import CancelFlag, CopyCancelled, copy_tree
-from tests.support import AgentProcess, assert_clean_log, eventually, make_agent, new_vfolder, walk
+from tests.support import AgentProcess, assert_clean_log, eventually, filled_vfolder, make_agent, walk
 
 DIRS, FILES = 60, 200  # 12,060 entries: a copy of several seconds here, room to act in the middle
 
@@ -42,12 +42,7 @@ def _big_clone(agent: AgentProcess) -> tuple[Path, str, Path, Path, dict[str, st
     """A source vfolder of DIRS x FILES entries and what a clone of it needs: (source root, destination
     vfid, destination root, the scope's staging directory, the clone request's body)."""
     with agent.client() as api:
-        src_vfid = new_vfolder(api, "qs")
-    src = _root(agent, src_vfid)
-    for d in range(DIRS):
-        (src / f"d{d:03}").mkdir()
-        for f in range(FILES):
-            (src / f"d{d:03}" / f"f{f}").write_bytes(b"x" * (f % 5))
+        src_vfid, src = filled_vfolder(agent, api, DIRS, FILES)
     dst_vfid = f"qs/{uuid.uuid4().hex}"
     body = {"src_volume": "local", "src_vfid": src_vfid, "dst_volume": "local", "dst_vfid": dst_vfid}
     return src, dst_vfid, _root(agent, dst_vfid), agent.volume_root() / "qs" / ".staging", body

@@ -19,7 +19,16 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.support import AUTH_HEADER, AgentProcess, assert_clean_log, eventually, make_agent, new_vfolder, walk
+from tests.support import (
+    AUTH_HEADER,
+    AgentProcess,
+    assert_clean_log,
+    eventually,
+    filled_vfolder,
+    make_agent,
+    new_vfolder,
+    walk,
+)
 
 HEADER = "X-Storage-Agent-Worker"
 CHUNK = 2 * 1024 * 1024  # a tus PATCH of the upload test (half of one is held in flight by the race)
@@ -482,12 +491,7 @@ def test_an_engine_restarted_beside_workers_leaves_their_clone_in_flight_alone(t
     agent = make_agent(tmp_path, storage_proxy={"num-proc": 2}).start(timeout=120)
     try:
         with fresh(agent) as api:
-            vfid = new_vfolder(api, "qs")
-        src = _root(agent, vfid)
-        for d in range(100):
-            (src / f"d{d}").mkdir()
-            for f in range(400):
-                (src / f"d{d}" / f"f{f}").write_bytes(b"x" * (f % 7))
+            vfid, src = filled_vfolder(agent, api, 100, 400)
         staging = agent.volume_root() / "qs" / ".staging"
         dst = f"qs/{uuid.uuid4().hex}"
         answer: list[httpx.Response] = []
@@ -562,12 +566,7 @@ def test_a_clone_of_a_killed_worker_is_rolled_back_while_the_live_workers_clone_
     agent = make_agent(tmp_path, storage_proxy={"num-proc": 2}).start(timeout=120)
     try:
         with fresh(agent) as api:
-            vfid = new_vfolder(api, "qs")
-        src = _root(agent, vfid)
-        for d in range(60):
-            (src / f"d{d}").mkdir()
-            for f in range(300):
-                (src / f"d{d}" / f"f{f}").write_bytes(b"x" * (f % 7))
+            vfid, src = filled_vfolder(agent, api, 60, 300)
         staging = agent.volume_root() / "qs" / ".staging"
         dsts = [f"qs/{uuid.uuid4().hex}" for _ in range(2)]
         answers: dict[int, httpx.Response | str] = {}
@@ -620,12 +619,7 @@ def test_a_delete_of_a_killed_worker_is_finished_by_the_engine(tmp_path: Path) -
     agent = make_agent(tmp_path, storage_proxy={"num-proc": 2}).start(timeout=120)
     try:
         with fresh(agent) as api:
-            vfid = new_vfolder(api, "qs")
-        src = _root(agent, vfid)
-        for d in range(40):
-            (src / f"d{d}").mkdir()
-            for f in range(500):
-                (src / f"d{d}" / f"f{f}").write_bytes(b"x")
+            vfid, src = filled_vfolder(agent, api, 40, 500)
         staging = agent.volume_root() / "qs" / ".staging"
         victim = roles(agent)["worker 0"][0]
         answer: list[object] = []
