@@ -618,6 +618,8 @@ def sampler_cpu(pid: int) -> dict[str, float]:
     supervisor), ``engine``, ``workers``; the commands it ran and reaped count for the process that ran them."""
     import psutil
 
+    from agent.runtime.spawn import ENGINE, WORKER
+
     def cpu(p: psutil.Process) -> float:
         try:
             t = p.cpu_times()
@@ -633,7 +635,7 @@ def sampler_cpu(pid: int) -> dict[str, float]:
             tree = [child, *child.children(recursive=True)]
         except psutil.NoSuchProcess:
             continue
-        role = "engine" if "engine" in cmd else "workers" if "worker" in cmd else "main"
+        role = "engine" if ENGINE in cmd else "workers" if WORKER in cmd else "main"
         total[role] += sum(cpu(p) for p in tree)
     return total
 
