@@ -504,7 +504,7 @@ class Sampler:
                     rss += child.memory_info().rss
                 self.rss.append((now, rss))
                 if n % 4 == 0:  # every 2 s: counting sockets is dearer than reading the RSS
-                    est = [c for c in self.proc.net_connections("tcp") if c.status == psutil.CONN_ESTABLISHED]
+                    est = established(self.proc, psutil)
                     self.conns.append((now, *(sum(c.laddr.port == p for c in est) for p in self.ports)))
             except psutil.NoSuchProcess:
                 return
@@ -518,6 +518,17 @@ class Sampler:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
+
+
+def established(proc: Any, psutil: Any) -> list[Any]:
+    """The agent's established TCP connections: its own and its children's (num-proc's workers hold them)."""
+    out = []
+    for p in (proc, *proc.children()):
+        try:
+            out += [c for c in p.net_connections("tcp") if c.status == psutil.CONN_ESTABLISHED]
+        except psutil.NoSuchProcess:
+            continue
+    return out
 
 
 class Probe:
