@@ -60,8 +60,8 @@ What the rows mean on a 2-core machine (measured 2026-12-03, wrk generator, 30 s
 machine shared with other engineers' tests and benches, load average 4-10: the absolute figures move a
 lot between runs, the CPU per request much less):
 
-* the generators take 0.05-0.18 cores (wrk 0.03-0.06 ms per request; the Python side 2-3.6 ms per request
-  of file operations and 1 MiB transfers), so ~1.85 cores are left to the agent;
+* the generators take 0.05-0.18 cores (wrk 0.03-0.06 ms per request at saturation; the Python side 1.1-3.6 ms
+  per request of file operations and 1 MiB transfers), so ~1.85 cores are left to the agent;
 * saturation: one process 361-561 req/s, engine + 2 workers 1,872-2,677 req/s (3.4-6.2x, target 1.6x met).
   The gap is larger than the second core alone: the one process spends 1.0-1.3 ms of CPU per answered
   request, the workers 0.34-0.36 ms (engine 0.02-0.04): the single process answers usage from the live
@@ -73,7 +73,7 @@ lot between runs, the CPU per request much less):
   is not met and is not measurable here; at that load the agent needs 0.25-0.45 cores, and its p99 is the
   time it waits for a CPU that other processes hold;
 * on paper for 8 cores: workers 0.34-0.36 ms of CPU per request of the wrk mix, busy 12% each at 2,000
-  req/s, usage p99 ~ 2 ms; with the CPU per request of a lightly loaded worker (1.0-1.1 ms: fewer answers
+  req/s, usage p99 ~ 2 ms; with the CPU per request of a lightly loaded worker (0.9-1.1 ms: fewer answers
   per wake-up) 37% busy and ~ 8 ms, still under 10 ms; with the whole mix of the Python generator (the
   transfers' bytes included) see the README.
 """
