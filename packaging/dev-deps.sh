@@ -10,6 +10,7 @@ if [[ "${1:-}" == "--test" ]]; then
     APT_PACKAGES+=(btrfs-progs xfsprogs e2fsprogs util-linux openssl)  # openssl: self-signed certs for the TLS tests
     APT_PACKAGES+=(postgresql systemd)  # migration tests (a throwaway cluster); systemd-analyze for the .deb test
     APT_PACKAGES+=(nfs-kernel-server bindfs)  # usage on volumes other nodes write to: a loopback NFS export, a FUSE mount
+    APT_PACKAGES+=(wrk)  # bench/load_bench.py's default load generator (C: leaves the CPU to the agent)
 fi
 
 missing=()

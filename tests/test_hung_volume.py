@@ -10,6 +10,8 @@ A hung mount is played by a FIFO in place of ``version.txt``: opening it for rea
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 import threading
 import time
 import uuid
@@ -219,3 +221,36 @@ def test_an_agent_whose_volume_hangs_from_the_start_serves_the_others(tmp_path: 
         _release(roots["hung"])
         agent.stop()
     assert_clean_log(agent)
+
+
+@pytest.mark.parametrize("num_proc", [1, 2])
+def test_stop_is_bounded_while_a_volume_check_hangs(tmp_path: Path, num_proc: int) -> None:
+    """SIGTERM while a volume's check is stuck in a hung mount: ``serve`` stops (exit 0) without waiting for
+    the mount, and under num-proc = 2 every child stops by itself (none is killed by the supervisor). Before,
+    the check ran in the default executor, whose threads ``asyncio.run`` and the interpreter join at exit: the
+    single process never stopped; the engine and workers were killed after the supervisor's bound."""
+    roots = {name: tmp_path / name for name in ("hung", "fine")}
+    for root in roots.values():
+        root.mkdir()
+        (root / "version.txt").write_text("3\n")
+    _hang(roots["hung"])
+    agent = make_agent(
+        tmp_path / "agent", volumes={name: {"backend": "vfs", "path": str(root)} for name, root in roots.items()},
+        storage_proxy={"num-proc": num_proc, "stop-timeout": 2},
+    )
+    try:
+        agent.start(timeout=120)
+        with agent.client() as api:  # each process's start-up check is still blocked opening the FIFO
+            states = {v["name"]: v["status"] for v in api.get("/volumes").json()["volumes"]}
+            assert states == {"hung": "unavailable", "fine": "serving"}, states
+        assert agent.proc is not None
+        agent.proc.send_signal(signal.SIGTERM)
+        try:
+            code = agent.proc.wait(90)  # generous (a busy machine); a stop that waits for the mount never ends
+        except subprocess.TimeoutExpired:
+            code = None
+        assert code == 0, f"serve did not stop while the mount hung (exit {code}):\n{agent.log()[-3000:]}"
+        assert "did not stop within" not in agent.log(), agent.log()
+    finally:
+        _release(roots["hung"])
+        agent.stop()

@@ -767,3 +767,59 @@ def test_an_allocation_made_at_writeback_reaches_the_workers_answers(tmp_path: P
     finally:
         agent.stop()
     assert_clean_log(agent)
+
+
+
+def test_a_request_in_flight_at_sigterm_gets_the_whole_stop_timeout(tmp_path: Path) -> None:
+    """``[storage-proxy] stop-timeout`` is the one bound of a stop: a worker's request in flight at SIGTERM may
+    take all of it (here a download whose client stops reading for 25 s), and the supervisor kills a child only
+    after stop-timeout + its margin (agent/runtime/supervisor.py ``stop_bound``). Before, the supervisor killed
+    every child 20 s after SIGTERM whatever stop-timeout said (60 s here, the default): that download was cut
+    off and its worker killed."""
+    from tests.client_helpers import download_token, vfolder_path
+
+    agent = make_agent(tmp_path, storage_proxy={"num-proc": 2, "stop-timeout": 60}).start(timeout=120)
+    try:
+        with agent.client() as api:
+            vfid = new_vfolder(api, "qs" + uuid.uuid4().hex[:8])
+            data = os.urandom(32 * CHUNK)  # far more than the socket buffers hold: the handler waits for the reader
+            (vfolder_path(agent, vfid) / "big.bin").write_bytes(data)
+            token = download_token(api, vfid, "big.bin")
+        reading, release = threading.Event(), threading.Event()
+        got: list[tuple[int, bytes, str | None] | BaseException] = []
+
+        def download() -> None:
+            try:
+                with httpx.Client(base_url=agent.client_url, timeout=120) as cli, \
+                        cli.stream("GET", "/download", params={"token": token}) as r:
+                    body = bytearray()
+                    for chunk in r.iter_bytes():
+                        body += chunk
+                        if not reading.is_set():
+                            reading.set()
+                            release.wait(120)
+                    got.append((r.status_code, bytes(body), r.headers.get(HEADER)))
+            except httpx.HTTPError as e:
+                got.append(e)
+
+        thread = threading.Thread(target=download)
+        thread.start()
+        try:
+            assert reading.wait(60), "the download did not start"
+            workers = [pid for role, pids in roles(agent).items() if role.startswith("worker") for pid in pids]
+            assert agent.proc is not None
+            agent.proc.send_signal(signal.SIGTERM)
+            # longer than the supervisor's former fixed bound (20 s), well within stop-timeout (60 s); the worker
+            # of the download is still there (the other, idle, has stopped)
+            time.sleep(25)
+            assert any(os.path.exists(f"/proc/{pid}") for pid in workers), "the worker of the download was killed"
+        finally:
+            release.set()
+            thread.join(120)
+        assert got and not isinstance(got[0], BaseException), got
+        status, body, _ = got[0]
+        assert status == 200 and body == data, (status, len(body))
+        assert agent.proc.wait(120) == 0
+    finally:
+        agent.stop()
+    assert "did not stop within" not in agent.log(), agent.log()

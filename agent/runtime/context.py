@@ -13,6 +13,7 @@ from aiohttp import web
 from agent.config import Config
 from agent.http.errors import ApiError
 from agent.http.upload_sessions import UploadSessions
+from agent.runtime.daemon_call import daemon_call
 from agent.runtime.services import Service
 from backends import layout
 from backends.base import Volume
@@ -109,9 +110,11 @@ class Agent:
             return state
 
     async def _check(self, vol: Volume) -> VolumeState:
-        """One check in a thread; its answer recorded here, on the loop, so that it always follows (and
+        """One check in a daemon thread of its own (agent/runtime/daemon_call.py: a check stuck in a hung mount
+        never holds the process's stop); its answer recorded here, on the loop, so that it always follows (and
         replaces) the "has not answered" a bound that fell before it recorded."""
-        state = await asyncio.to_thread(self._probe, vol, vol.name not in self._looked)
+        first = vol.name not in self._looked
+        state = await daemon_call(lambda: self._probe(vol, first), f"storage-agent-check-{vol.name}")
         self._looked.add(vol.name)
         self.states[vol.name] = state
         return state

@@ -35,7 +35,15 @@ log = logging.getLogger(__name__)
 STABLE = 10.0  # seconds a child must have run for its next death to count as a first one again
 BACKOFF = (0.0, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)  # pause before restarting after the 1st, 2nd, ... quick death
 START_TIMEOUT = 600.0  # seconds the engine may take to start (an upgrade, a big reconciliation)
-STOP_TIMEOUT = 20.0  # seconds a child may take to stop on SIGTERM before it is killed
+# On SIGTERM a child's requests in flight get [storage-proxy] stop-timeout to end (aiohttp's shutdown), then
+# it stops its services and closes the catalogue: it is killed only after stop-timeout + STOP_MARGIN
+# (stop_bound). The workers get that bound, then the engine does; the packaged unit's TimeoutStopSec covers both.
+STOP_MARGIN = 15.0
+
+
+def stop_bound(config: Config) -> float:
+    """Seconds a child may take to stop on SIGTERM before it is killed: the one rule, from stop-timeout."""
+    return config.storage_proxy.stop_timeout + STOP_MARGIN
 
 
 def metrics_dir(catalog_path: Path) -> Path:
@@ -147,7 +155,7 @@ class Supervisor:
                 if not said:  # closed without a word: it is exiting
                     assert child.proc is not None
                     try:
-                        code = child.proc.wait(STOP_TIMEOUT)
+                        code = child.proc.wait(stop_bound(self.config))
                     except subprocess.TimeoutExpired:
                         code = 1
                     log.error("%s exited with %s while starting", child.name, code)
@@ -297,12 +305,14 @@ class Supervisor:
                 running += [("replaced HTTP worker", p) for p in self.retiring if p.poll() is None]
             for _, proc in running:
                 proc.send_signal(signal.SIGTERM)
-            deadline = time.monotonic() + STOP_TIMEOUT
+            bound = stop_bound(self.config)
+            deadline = time.monotonic() + bound
             for name, proc in running:
                 try:
                     proc.wait(max(0.1, deadline - time.monotonic()))
                 except subprocess.TimeoutExpired:
-                    log.error("%s (pid %d) did not stop within %g s: killed", name, proc.pid, STOP_TIMEOUT)
+                    log.error("%s (pid %d) did not stop within %g s (stop-timeout + %g s): killed", name, proc.pid,
+                              bound, STOP_MARGIN)
                     proc.kill()
                     proc.wait()
             for child in group:
