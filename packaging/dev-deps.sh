@@ -10,6 +10,8 @@ if [[ "${1:-}" == "--test" ]]; then
     APT_PACKAGES+=(btrfs-progs xfsprogs e2fsprogs util-linux openssl)  # openssl: self-signed certs for the TLS tests
     APT_PACKAGES+=(postgresql systemd)  # migration tests (a throwaway cluster); systemd-analyze for the .deb test
     APT_PACKAGES+=(nfs-kernel-server bindfs)  # usage on volumes other nodes write to: a loopback NFS export, a FUSE mount
+    # a kernel without an NFS server runs the NFS test in a QEMU guest booting Debian's kernel (tests/guest.py)
+    APT_PACKAGES+=(qemu-system-x86 busybox-static kmod)
 fi
 
 missing=()
@@ -25,6 +27,11 @@ if ((${#missing[@]})); then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# the guest kernel, fetched (not installed) only where this kernel has no NFS server to load
+if [[ "${1:-}" == "--test" ]] && ! grep -qw nfsd /proc/filesystems && ! modprobe -n -q nfsd 2>/dev/null; then
+    packaging/guest-kernel.sh
 fi
 
 PY=${PYTHON:-python3}
