@@ -249,7 +249,7 @@ def test_an_nfs_volume_written_through_the_export_is_rescanned(tmp_path: Path) -
 # -- NFS under Debian's kernel, in a guest, when this kernel has no NFS server (see tests/guest.py) ------
 
 NFS_TEST = "tests/test_usage_remote.py::test_an_nfs_volume_written_through_the_export_is_rescanned"
-GUEST_TIMEOUT = 900.0  # seconds for the whole guest run: about 6 minutes under TCG on 2 busy cores
+GUEST_TIMEOUT = 900.0  # seconds for the whole guest run: 5½ minutes under TCG on 2 busy cores (~40x slower)
 
 
 def _guest_unavailable() -> str | None:
@@ -258,7 +258,7 @@ def _guest_unavailable() -> str | None:
     why = guest.unavailable()
     if why is None and not guest.kvm_usable() and not os.environ.get("STORAGE_AGENT_GUEST_TCG"):
         why = ("no hardware-assisted KVM here (no vmx/svm, or /dev/kvm refuses a VM: PVM's kvm_pvm runs only "
-               "PVM-built kernels); emulated (TCG) the guest run takes about 6 minutes: "
+               "PVM-built kernels); emulated (TCG) the guest run takes about 5½ minutes: "
                "STORAGE_AGENT_GUEST_TCG=1 runs it anyway")
     return why and f"{_nfs_unavailable()}, and no guest kernel can run it: {why}"
 
