@@ -11,6 +11,8 @@ if [[ "${1:-}" == "--test" ]]; then
     APT_PACKAGES+=(postgresql systemd)  # migration tests (a throwaway cluster); systemd-analyze for the .deb test
     APT_PACKAGES+=(nfs-kernel-server bindfs)  # usage on volumes other nodes write to: a loopback NFS export, a FUSE mount
     APT_PACKAGES+=(wrk)  # bench/load_bench.py's default load generator (C: leaves the CPU to the agent)
+    # a kernel without an NFS server runs the NFS test in a QEMU guest booting Debian's kernel (tests/guest.py)
+    APT_PACKAGES+=(qemu-system-x86 busybox-static kmod)
 fi
 
 missing=()
@@ -26,6 +28,11 @@ if ((${#missing[@]})); then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# the guest kernel, fetched (not installed) only where this kernel has no NFS server to load
+if [[ "${1:-}" == "--test" ]] && ! grep -qw nfsd /proc/filesystems && ! modprobe -n -q nfsd 2>/dev/null; then
+    packaging/guest-kernel.sh
 fi
 
 PY=${PYTHON:-python3}
