@@ -6,6 +6,13 @@ inside the kernel instead. The price: aiohttp's parser never sees the rest of th
 connection cannot carry another request and the answer closes it (``Connection: close``; tus clients open
 a new one). Only for plain TCP with a Content-Length; TLS and chunked bodies take the usual path.
 
+The receive buffer of such a connection is raised to RCVBUF_BYTES as soon as the PATCH is seen (after its
+token is verified, before the catalogue is asked): a new connection starts with a small one (``tcp_rmem``'s
+default, 128 KiB here) that the kernel grows only as the application reads, so while the handler looked up
+the session and took its lock (a few ms, more on a busy CPU) the client stalled after its first 128 KiB. The
+Backend.AI SDK opens a connection per 16 MiB PATCH, so it paid that stall on every one; with the bigger buffer
+it keeps sending (up to ``net.core.rmem_max`` twice over) while the handler does its bookkeeping.
+
 Waiting for the socket happens on the event loop (no thread is held by a slow client); each burst of
 arrived bytes is moved by one worker-thread call, so the event loop never copies page-cache pages itself.
 """
@@ -16,6 +23,7 @@ import asyncio
 import errno
 import fcntl
 import os
+import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -26,6 +34,7 @@ from backends import cpu_placement
 
 MIN_BYTES = 2 << 20  # smaller bodies keep their connection: the usual path costs them little
 PIPE_BYTES = 1 << 20
+RCVBUF_BYTES = 16 << 20  # asked for a spliced body's connection (the kernel caps it at net.core.rmem_max x 2)
 HOP_BYTES = 16 << 20  # at most this much moved per worker-thread call (a fast client has more waiting)
 
 
@@ -40,7 +49,8 @@ class SocketBody:
 
     @classmethod
     def of(cls, request: web.Request) -> SocketBody | None:
-        """The body as a SocketBody when it is worth it and possible, else None (read it the usual way)."""
+        """The body as a SocketBody when it is worth it and possible, else None (read it the usual way).
+        Called as early as possible (see the module docstring: it raises the connection's receive buffer)."""
         length = request.content_length
         transport = request.transport
         if length is None or length < MIN_BYTES or transport is None or not hasattr(os, "splice"):
@@ -50,6 +60,11 @@ class SocketBody:
         sock = transport.get_extra_info("socket")
         if sock is None:
             return None
+        try:  # never lowered: a body smaller than the buffer the kernel already gave is left alone
+            if sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) < min(length, RCVBUF_BYTES):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, min(length, RCVBUF_BYTES))
+        except OSError:  # an optimisation only
+            pass
         return cls(request, transport, sock.fileno(), length)  # asked before anything read the body
 
     async def copy_to(
