@@ -6,6 +6,16 @@ inside the kernel instead. The price: aiohttp's parser never sees the rest of th
 connection cannot carry another request and the answer closes it (``Connection: close``; tus clients open
 a new one). Only for plain TCP with a Content-Length; TLS and chunked bodies take the usual path.
 
+The receive buffer of such a connection is raised to RCVBUF_BYTES as soon as the PATCH is seen (after its
+token is verified, before the catalogue is asked): a new connection starts with a small one (``tcp_rmem``'s
+default, 128 KiB) that the kernel grows only as the application reads, so while the handler looked up the
+session and took its lock (a few ms, more on a busy CPU) the client stalled after its first 128 KiB. The
+Backend.AI SDK opens a connection per 16 MiB PATCH, so it paid that stall on every one; with the bigger buffer
+it keeps sending while the handler does its bookkeeping. A buffer set by the application is never grown by the
+kernel again (``SO_RCVBUF`` turns autotuning off), so it is only set where that costs nothing: for a body of at
+most EARLY_MAX_BYTES (a long one pays the first stall once, and keeps autotuning for a long-distance link), and
+only when ``net.core.rmem_max`` lets it reach RCVBUF_MIN_BYTES (the default 208 KiB would cap a fast link).
+
 Waiting for the socket happens on the event loop (no thread is held by a slow client); each burst of
 arrived bytes is moved by one worker-thread call, so the event loop never copies page-cache pages itself.
 """
@@ -15,7 +25,9 @@ from __future__ import annotations
 import asyncio
 import errno
 import fcntl
+import functools
 import os
+import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -26,6 +38,9 @@ from backends import cpu_placement
 
 MIN_BYTES = 2 << 20  # smaller bodies keep their connection: the usual path costs them little
 PIPE_BYTES = 1 << 20
+RCVBUF_BYTES = 16 << 20  # asked for a spliced body's connection (the kernel gives min(this, rmem_max) x 2)
+RCVBUF_MIN_BYTES = 4 << 20  # ... unless what the kernel would give is smaller than this
+EARLY_MAX_BYTES = 64 << 20  # ... or the body is longer than this
 HOP_BYTES = 16 << 20  # at most this much moved per worker-thread call (a fast client has more waiting)
 
 
@@ -40,7 +55,8 @@ class SocketBody:
 
     @classmethod
     def of(cls, request: web.Request) -> SocketBody | None:
-        """The body as a SocketBody when it is worth it and possible, else None (read it the usual way)."""
+        """The body as a SocketBody when it is worth it and possible, else None (read it the usual way).
+        Called as early as possible (see the module docstring: it raises the connection's receive buffer)."""
         length = request.content_length
         transport = request.transport
         if length is None or length < MIN_BYTES or transport is None or not hasattr(os, "splice"):
@@ -50,6 +66,7 @@ class SocketBody:
         sock = transport.get_extra_info("socket")
         if sock is None:
             return None
+        _raise_rcvbuf(sock, length)
         return cls(request, transport, sock.fileno(), length)  # asked before anything read the body
 
     async def copy_to(
@@ -110,6 +127,28 @@ class SocketBody:
             content.feed_eof()  # aiohttp must not wait to read the rest of this body itself
             for opened in fds:
                 os.close(opened)
+
+
+def _raise_rcvbuf(sock: socket.socket, length: int) -> None:
+    """The connection's receive buffer raised for a body of ``length`` bytes (see the module docstring)."""
+    want = min(length, RCVBUF_BYTES)
+    if length > EARLY_MAX_BYTES or min(want, _rmem_max()) * 2 < RCVBUF_MIN_BYTES:
+        return
+    try:
+        if sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) < want:  # never lowered
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, want)
+    except OSError:  # an optimisation only
+        pass
+
+
+@functools.cache
+def _rmem_max() -> int:
+    """``net.core.rmem_max`` (read once: a sysctl of the host, not of a request); 0 when it cannot be read."""
+    try:
+        with open("/proc/sys/net/core/rmem_max") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 0
 
 
 def _write_then_move(

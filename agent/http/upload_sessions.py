@@ -15,6 +15,7 @@ import collections
 import dataclasses
 import errno
 import fcntl
+import functools
 import logging
 import os
 from collections.abc import AsyncIterator, Callable
@@ -185,10 +186,15 @@ class UploadSessions:
                 return
             async with lock:
                 held = Held(vol, qsid, session_id)
+                # on the transfer threads, which run on any CPU: a PATCH's client waits for this step (see
+                # cpu_placement.wide_executor), and the pinned pool's SCHED_BATCH threads wait for the end of
+                # the time slice of whatever runs on the agent's CPU (measured: 5-7 ms a PATCH on a busy node)
+                loop = asyncio.get_running_loop()
+                wide = cpu_placement.wide_executor()
                 if take is None:
-                    taking = asyncio.ensure_future(asyncio.to_thread(lock_staged, held, create=create))
+                    taking = loop.run_in_executor(wide, functools.partial(lock_staged, held, create=create))
                 else:
-                    taking = asyncio.ensure_future(asyncio.to_thread(take, held))
+                    taking = loop.run_in_executor(wide, take, held)
                 try:
                     await asyncio.shield(taking)
                 except _Busy:

@@ -220,8 +220,8 @@ async def upload_patch(request: web.Request) -> web.Response:
         )
     offset = strict.uint(request.headers.get("Upload-Offset"), "the Upload-Offset header")
     agent = agent_of(request)
+    spliced = SocketBody.of(request)  # before the first await: the client keeps sending meanwhile (socket_body.py)
     upload = await uploads.open_upload(agent, claims, _dst_dir(request), check=False)
-    spliced = SocketBody.of(request)
     try:
         new = await uploads.append(agent, upload, offset, request.content, request.content_length, spliced)
     except (ConnectionError, HttpProcessingError):  # the body broke off; what arrived was kept and HEAD reports it
