@@ -25,6 +25,9 @@ ROOT = Path(__file__).resolve().parent.parent
 AUTH_HEADER = "X-BackendAI-Storage-Auth-Token"
 
 
+WORKER_HEADER = "X-Storage-Agent-Worker"  # names the HTTP worker that answered (num-proc > 1)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -113,11 +116,18 @@ class AgentProcess:
                 cwd=self.workdir,
             )
         deadline = time.monotonic() + timeout
+        # num-proc > 1: one worker's answer is not all of them ready (a test that breaks something at once would
+        # break a worker's start): each must have answered, on connections of their own (the kernel spreads them)
+        workers = int(self.config.get("storage-proxy", {}).get("num-proc", 1))
+        answered: set[str | None] = set()
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"agent exited with {self.proc.returncode}:\n{self.log()}")
             try:
-                if httpx.get(self.manager_url + "/status", timeout=1).status_code == 200:
+                r = httpx.get(self.manager_url + "/status", timeout=1)
+                if r.status_code == 200:
+                    answered.add(r.headers.get(WORKER_HEADER))
+                if r.status_code == 200 and (workers <= 1 or len(answered - {None}) >= workers):
                     return self
             except httpx.HTTPError:
                 pass
