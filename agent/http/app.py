@@ -9,7 +9,7 @@ from aiohttp import web
 from pydantic import SecretStr
 
 from agent import __version__
-from agent.http import metrics, openapi
+from agent.http import drain, metrics, openapi
 from agent.http.auth import manager_auth
 from agent.http.errors import error_middleware
 from agent.http.params import MAX_METADATA
@@ -22,7 +22,7 @@ MANAGER_MAX_BODY = MAX_METADATA + 2**20  # a metadata payload at the cap plus it
 def manager_app(agent: Agent) -> web.Application:
     secret = agent.config.api.manager.secret.get_secret_value()
     app = web.Application(
-        middlewares=[metrics.middleware("manager"), error_middleware, manager_auth(secret)],
+        middlewares=[drain.middleware, metrics.middleware("manager"), error_middleware, manager_auth(secret)],
         client_max_size=MANAGER_MAX_BODY,
     )
     app[AGENT_KEY] = agent
@@ -34,7 +34,7 @@ def manager_app(agent: Agent) -> web.Application:
 
 
 def client_app(agent: Agent) -> web.Application:
-    app = web.Application(middlewares=[metrics.middleware("client"), error_middleware])
+    app = web.Application(middlewares=[drain.middleware, metrics.middleware("client"), error_middleware])
     app[AGENT_KEY] = agent
     app.add_routes(client.routes)
     openapi.add_route(app, "client")

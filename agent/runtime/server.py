@@ -28,6 +28,7 @@ from agent.engine import orphans, upload_sweeper, view_supervisor, writer
 from agent.engine.reconcile import Report, reconcile
 from agent.http import upload_sessions, usage
 from agent.http.app import client_app, manager_app
+from agent.http.drain import CANCEL_GRACE
 from agent.http.metrics import standalone_app as metrics_app
 from agent.runtime import heartbeat, memory_trim
 from agent.runtime.context import CHECK_TIMEOUT, Agent, VolumeState
@@ -373,8 +374,10 @@ async def _listen(
         if agent.worker is not None:
             app.on_response_prepare.append(_worker_header(agent.worker))
         timeout = listener.idle_timeout if listener is not None else 75.0
+        # stop() drains the requests first (agent/http/drain.py); the runner's own shutdown then only closes
+        # what is left, and waits that long for a cancelled handler that has not ended yet
         runner = web.AppRunner(app, access_log=None, handle_signals=False, keepalive_timeout=timeout,
-                               shutdown_timeout=agent.config.storage_proxy.stop_timeout)
+                               shutdown_timeout=CANCEL_GRACE)
         await runner.setup()
         ctx = _ssl_context(listener) if listener is not None else None
         for sock in socks:
@@ -445,6 +448,7 @@ SETTLE_WAIT = 60.0  # seconds a stop waits for cancelled operations to make thei
 
 
 async def stop(agent: Agent, runners: list[web.AppRunner]) -> None:
+    await agent.drain.stop(runners, agent.config.storage_proxy.stop_timeout)
     for runner in runners:
         await runner.cleanup()
     if agent.settling:  # handlers cancelled by the cleanup, still recording their outcome in the catalogue
