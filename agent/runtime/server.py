@@ -17,7 +17,6 @@ import resource
 import signal
 import socket
 import ssl
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,6 +34,7 @@ from agent.runtime.context import CHECK_TIMEOUT, Agent, VolumeState
 from agent.runtime.services import ServiceFactory
 from backends import build_volume, cpu_placement
 from backends.base import Capability, Volume
+from backends.daemon_pool import DaemonPool
 from catalog import Catalog
 from catalog import db as catalog_db
 from catalog.recovery import LOST
@@ -250,8 +250,8 @@ def _prepare_process() -> None:
     _raise_fd_limit()
     catalog_db.set_thread_hook(cpu_placement.background_thread)
     asyncio.get_running_loop().set_default_executor(
-        ThreadPoolExecutor(
-            WORKER_THREADS, thread_name_prefix="storage-agent-io", initializer=cpu_placement.background_thread
+        DaemonPool(  # never joined past its bound: a call stuck in a hung mount does not hold the stop
+            WORKER_THREADS, "storage-agent-io", initializer=cpu_placement.background_thread, join_timeout=CANCEL_GRACE
         )
     )
 
