@@ -26,6 +26,7 @@ def manager_app(agent: Agent) -> web.Application:
         client_max_size=MANAGER_MAX_BODY,
     )
     app[AGENT_KEY] = agent
+    app[drain.DRAIN_KEY] = agent.drain
     for module in (service, quota, folders, files):
         app.add_routes(module.routes)
     metrics.add_route(app)
@@ -36,6 +37,7 @@ def manager_app(agent: Agent) -> web.Application:
 def client_app(agent: Agent) -> web.Application:
     app = web.Application(middlewares=[drain.middleware, metrics.middleware("client"), error_middleware])
     app[AGENT_KEY] = agent
+    app[drain.DRAIN_KEY] = agent.drain
     app.add_routes(client.routes)
     openapi.add_route(app, "client")
     app.on_response_prepare.append(client.add_cors_headers)
@@ -45,7 +47,8 @@ def client_app(agent: Agent) -> web.Application:
 def documents() -> dict[str, dict[str, Any]]:
     """Both listeners' OpenAPI documents, built from the apps without a running agent (for docs/api.md)."""
     stand_in: Any = SimpleNamespace(
-        config=SimpleNamespace(api=SimpleNamespace(manager=SimpleNamespace(secret=SecretStr("unused"))))
+        config=SimpleNamespace(api=SimpleNamespace(manager=SimpleNamespace(secret=SecretStr("unused")))),
+        drain=drain.Drain(),
     )
     return {
         "manager": openapi.build(manager_app(stand_in), "manager", __version__),

@@ -78,17 +78,14 @@ class Drain:
                         CANCEL_GRACE)
 
 
-def of(request: web.Request) -> Drain:
-    from agent.runtime.context import AGENT_KEY  # here: agent.runtime.context imports this module
-
-    return request.app[AGENT_KEY].drain
+DRAIN_KEY = web.AppKey("drain", Drain)  # each app's process-wide Drain (the Agent's), set by its builder
 
 
 @web.middleware
 async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Outermost in every app: tracks the request while its handler runs; once the stop began, refuses new
     requests (503) and closes each connection after its answer."""
-    drain = of(request)
+    drain = request.app[DRAIN_KEY]
     if drain.stopping:
         log.info("%s %s -> 503 (stopping)", request.method, request.path)
         response: web.StreamResponse = problem_response(ApiError(503, STOPPING, "agent-stopping"))

@@ -326,5 +326,6 @@ def standalone_app(agent: Agent) -> web.Application:
     must not hold the key to every user's data. Nothing else is served there."""
     app = web.Application(middlewares=[drain.middleware, middleware("metrics"), error_middleware])
     app[AGENT_KEY] = agent
+    app[drain.DRAIN_KEY] = agent.drain
     add_route(app)
     return app
