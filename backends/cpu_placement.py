@@ -33,8 +33,9 @@ import logging
 import os
 import threading
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+
+from backends.daemon_pool import DaemonPool
 
 log = logging.getLogger(__name__)
 
@@ -102,11 +103,11 @@ def widened() -> Iterator[None]:
 
 
 WIDE_THREADS = 32
-_wide: ThreadPoolExecutor | None = None
+_wide: DaemonPool | None = None
 _wide_lock = threading.Lock()
 
 
-def wide_executor() -> ThreadPoolExecutor:
+def wide_executor() -> DaemonPool:
     """Threads for a transfer's kernel work (an upload's splice into its file, its fdatasync, a download's
     sendfile), which run on every start-up CPU from their start and as ``SCHED_BATCH``. Per call,
     :func:`widened` costs two ``sched_setaffinity``: each a migration the calling thread waits for, holding
@@ -116,7 +117,7 @@ def wide_executor() -> ThreadPoolExecutor:
     global _wide
     with _wide_lock:
         if _wide is None:
-            _wide = ThreadPoolExecutor(WIDE_THREADS, thread_name_prefix="storage-agent-wide", initializer=_wide_thread)
+            _wide = DaemonPool(WIDE_THREADS, "storage-agent-wide", initializer=_wide_thread)  # never joined at exit
         return _wide
 
 

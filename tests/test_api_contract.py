@@ -40,8 +40,11 @@ def _registered(listener: str) -> set[tuple[str, str]]:
 
     from pydantic import SecretStr
 
+    from agent.http.drain import Drain
+
     stand_in: Any = SimpleNamespace(
-        config=SimpleNamespace(api=SimpleNamespace(manager=SimpleNamespace(secret=SecretStr("unused"))))
+        config=SimpleNamespace(api=SimpleNamespace(manager=SimpleNamespace(secret=SecretStr("unused")))),
+        drain=Drain(),
     )
     app = (manager_app if listener == "manager" else client_app)(stand_in)
     return {(r.resource.canonical, r.method.lower()) for r in app.router.routes() if r.resource is not None}

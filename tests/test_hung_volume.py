@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -253,4 +254,67 @@ def test_stop_is_bounded_while_a_volume_check_hangs(tmp_path: Path, num_proc: in
         assert "did not stop within" not in agent.log(), agent.log()
     finally:
         _release(roots["hung"])
+        agent.stop()
+
+
+def test_single_process_stop_is_bounded_while_a_listing_hangs_in_a_fuse_mount(tmp_path: Path) -> None:
+    """num-proc = 1, SIGTERM while a listing is stuck in a hung FUSE mount (tests/hang_fuse.py: READDIR never
+    answers): its request is cancelled after stop-timeout, the catalogue is closed, the pool's thread still in
+    the mount is named and left behind, and ``serve`` is done (its pid file removed): the process ends as soon
+    as the kernel lets that thread go (a FUSE request already with its server waits uninterruptibly: here when
+    the FUSE server dies), exit 0. Before, the listing's thread was one of the default executor's, which
+    ``asyncio.run`` and the interpreter join at exit: ``serve`` waited for the mount forever (no supervisor to
+    kill it)."""
+    if os.geteuid() != 0 or not os.path.exists("/dev/fuse"):
+        pytest.skip("a FUSE mount needs root and /dev/fuse")
+    from tests.support import new_vfolder
+
+    pid_file = tmp_path / "agent.pid"
+    agent = make_agent(tmp_path / "agent", storage_proxy={"stop-timeout": 2, "pid-file": str(pid_file)},
+                       usage={"enabled": False})
+    mnt: Path | None = None
+    fuse: subprocess.Popen[bytes] | None = None
+    try:
+        agent.start(timeout=120)
+        with agent.client() as api:
+            vfid = new_vfolder(api, "qs1")
+        qsid, hexid = vfid.split("/")
+        mnt = agent.volume_root() / qsid / hexid[:2] / hexid[2:4] / hexid[4:] / "mnt"
+        mnt.mkdir()
+        fuse = subprocess.Popen([sys.executable, "-m", "tests.hang_fuse", str(mnt)], stdout=subprocess.PIPE)
+        assert fuse.stdout is not None and fuse.stdout.readline() == b"mounted\n"
+        results: list[object] = []
+
+        def listing() -> None:
+            try:
+                with agent.client() as api:
+                    results.append(api.post("/folder/file/list", json={"volume": "local", "vfid": vfid,
+                                                                        "relpath": "mnt"}, timeout=120))
+            except httpx.HTTPError as e:
+                results.append(e)
+
+        pending = threading.Thread(target=listing)
+        pending.start()
+        time.sleep(1.0)  # not a bound: lets the listing reach the mount
+        assert not results, results  # it hangs
+        assert agent.proc is not None and pid_file.exists()
+        agent.proc.send_signal(signal.SIGTERM)
+
+        def done() -> None:  # generous (a busy machine); a stop that joins the thread never gets there
+            assert not pid_file.exists(), f"serve did not finish while the mount hung:\n{agent.log()[-3000:]}"
+
+        eventually(done, timeout=90)
+        log = agent.log()
+        assert "still busy" in log and "storage-agent-io" in log and "in_vfolder" in log, log[-3000:]
+        assert "Traceback" not in log, log
+        fuse.kill()  # the mount answers at last (ENOTCONN): the thread returns, the process ends
+        fuse.wait()
+        assert agent.proc.wait(60) == 0
+        pending.join(60)
+    finally:
+        if fuse is not None:
+            fuse.kill()
+            fuse.wait()
+        if mnt is not None:
+            subprocess.run(["umount", "-l", str(mnt)], check=False)
         agent.stop()

@@ -41,6 +41,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from agent.http import drain
 from agent.http.errors import Handler, error_middleware
 from agent.http.params import documented
 from agent.runtime.context import AGENT_KEY, Agent, agent_of
@@ -323,7 +324,8 @@ def add_route(app: web.Application) -> None:
 def standalone_app(agent: Agent) -> web.Application:
     """``[metrics] service-addr``: ``GET /metrics`` alone, without the manager secret, for a scraper that
     must not hold the key to every user's data. Nothing else is served there."""
-    app = web.Application(middlewares=[middleware("metrics"), error_middleware])
+    app = web.Application(middlewares=[drain.middleware, middleware("metrics"), error_middleware])
     app[AGENT_KEY] = agent
+    app[drain.DRAIN_KEY] = agent.drain
     add_route(app)
     return app

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 from agent.config import Config
+from agent.http.drain import Drain
 from agent.http.errors import ApiError
 from agent.http.upload_sessions import UploadSessions
 from agent.runtime.daemon_call import daemon_call
@@ -65,6 +66,7 @@ class Agent:
     # lifecycle operations still settling their records (a cancelled clone): stopping waits for them
     # before it closes the catalogue (agent/runtime/server.py stop)
     settling: set[asyncio.Future[None]] = field(default_factory=set, init=False, repr=False)
+    drain: Drain = field(default_factory=Drain, init=False, repr=False)  # requests in flight; the listeners' stop
     locks: LifecycleLocks = field(default=None)  # type: ignore[assignment]  # set in __post_init__
 
     def __post_init__(self) -> None:

@@ -17,7 +17,6 @@ import resource
 import signal
 import socket
 import ssl
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,12 +27,14 @@ from agent.engine import orphans, upload_sweeper, view_supervisor, writer
 from agent.engine.reconcile import Report, reconcile
 from agent.http import upload_sessions, usage
 from agent.http.app import client_app, manager_app
+from agent.http.drain import CANCEL_GRACE
 from agent.http.metrics import standalone_app as metrics_app
 from agent.runtime import heartbeat, memory_trim
 from agent.runtime.context import CHECK_TIMEOUT, Agent, VolumeState
 from agent.runtime.services import ServiceFactory
 from backends import build_volume, cpu_placement
 from backends.base import Capability, Volume
+from backends.daemon_pool import DaemonPool
 from catalog import Catalog
 from catalog import db as catalog_db
 from catalog.recovery import LOST
@@ -249,8 +250,8 @@ def _prepare_process() -> None:
     _raise_fd_limit()
     catalog_db.set_thread_hook(cpu_placement.background_thread)
     asyncio.get_running_loop().set_default_executor(
-        ThreadPoolExecutor(
-            WORKER_THREADS, thread_name_prefix="storage-agent-io", initializer=cpu_placement.background_thread
+        DaemonPool(  # never joined past its bound: a call stuck in a hung mount does not hold the stop
+            WORKER_THREADS, "storage-agent-io", initializer=cpu_placement.background_thread, join_timeout=CANCEL_GRACE
         )
     )
 
@@ -373,8 +374,10 @@ async def _listen(
         if agent.worker is not None:
             app.on_response_prepare.append(_worker_header(agent.worker))
         timeout = listener.idle_timeout if listener is not None else 75.0
+        # stop() drains the requests first (agent/http/drain.py); the runner's own shutdown then only closes
+        # what is left, and waits that long for a cancelled handler that has not ended yet
         runner = web.AppRunner(app, access_log=None, handle_signals=False, keepalive_timeout=timeout,
-                               shutdown_timeout=agent.config.storage_proxy.stop_timeout)
+                               shutdown_timeout=CANCEL_GRACE)
         await runner.setup()
         ctx = _ssl_context(listener) if listener is not None else None
         for sock in socks:
@@ -445,6 +448,7 @@ SETTLE_WAIT = 60.0  # seconds a stop waits for cancelled operations to make thei
 
 
 async def stop(agent: Agent, runners: list[web.AppRunner]) -> None:
+    await agent.drain.stop(runners, agent.config.storage_proxy.stop_timeout)
     for runner in runners:
         await runner.cleanup()
     if agent.settling:  # handlers cancelled by the cleanup, still recording their outcome in the catalogue
