@@ -968,14 +968,19 @@ class UsageEngine:
             old = tree.dirs.get(rel)
             if old is None:
                 continue  # dropped by an earlier result of this batch
-            st.applied_at[rel] = read_at
             if agg is None or agg.ino != old.ino:
                 if rel:
-                    st.dirty.add(split(rel)[0])  # gone or replaced: its parent's re-read settles it
+                    # gone or replaced (a read says nothing of the directory the tree holds there): its
+                    # parent's re-read settles it, and it is read again too. A rotation that ends where it
+                    # began brings the same directory back: the parent then sees nothing to walk, and what
+                    # made this one dirty (its events, a walk below it that found it moving) would be lost
+                    st.dirty.add(split(rel)[0])
+                    st.dirty.add(rel)
                     self._wake.set()
                 else:
                     self._spawn(self._check_root(st))
                 continue
+            st.applied_at[rel] = read_at
             appeared = []
             for name, rec in old.subdirs.items():
                 new = agg.subdirs.get(name)
