@@ -1,8 +1,8 @@
 """The model-based fuzzer of the usage engine (issue 22) on a fixed seed set, with each watcher.
 
 Any settled answer that disagrees with the disk fails, with the seed to replay (``bench/usage_fuzz.py
---replay N --first-seed 1 --watcher W`` rebuilds the tree of the seeds before it and replays that round). A longer run: ``bench/usage_fuzz.py
---rounds 2000``.
+--replay N --first-seed 1 --watcher W`` rebuilds the tree of the seeds before it and replays that round).
+A longer run: ``bench/usage_fuzz.py --rounds 2000``.
 """
 
 from __future__ import annotations
