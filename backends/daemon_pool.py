@@ -50,12 +50,12 @@ class DaemonPool(ThreadPoolExecutor):
     ) -> None:  # ThreadPoolExecutor.__init__ is not called: its threads would be joined at exit
         self._max = max_workers
         self._prefix = thread_name_prefix
-        self._initializer = initializer
+        self._init_fn = initializer
         self.join_timeout = join_timeout
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._idle = threading.Semaphore(0)
         self._lock = threading.Lock()
-        self._threads: list[threading.Thread] = []
+        self._daemons: list[threading.Thread] = []
         self._running: dict[str, tuple[str, float]] = {}  # thread name -> (what it runs, since when)
         self._shut = False
 
@@ -65,19 +65,19 @@ class DaemonPool(ThreadPoolExecutor):
             if self._shut:
                 raise RuntimeError("cannot schedule new futures after shutdown")
             self._queue.put((future, fn, args, kwargs))
-            if not self._idle.acquire(blocking=False) and len(self._threads) < self._max:
+            if not self._idle.acquire(blocking=False) and len(self._daemons) < self._max:
                 thread = threading.Thread(
-                    target=self._work, name=f"{self._prefix}_{len(self._threads)}", daemon=True
+                    target=self._work, name=f"{self._prefix}_{len(self._daemons)}", daemon=True
                 )
                 thread.start()
-                self._threads.append(thread)
+                self._daemons.append(thread)
         return future
 
     def _work(self) -> None:
         name = threading.current_thread().name
-        if self._initializer is not None:
+        if self._init_fn is not None:
             try:
-                self._initializer()
+                self._init_fn()
             except Exception:
                 log.exception("thread %s: its initializer failed", name)
         while True:
@@ -120,7 +120,7 @@ class DaemonPool(ThreadPoolExecutor):
         if not wait:
             return
         deadline = time.monotonic() + self.join_timeout
-        for thread in list(self._threads):
+        for thread in list(self._daemons):
             thread.join(max(0.0, deadline - time.monotonic()))
         stuck = self.busy()
         if stuck:
