@@ -149,13 +149,8 @@ def test_an_unserved_volume_looked_at_again_while_its_mount_hangs_stalls_no_othe
     assert_clean_log(agent)
 
 
-@pytest.mark.parametrize("num_proc", [1, 2])
-def test_an_agent_whose_volume_hangs_from_the_start_serves_the_others(tmp_path: Path, num_proc: int) -> None:
-    """The start-up check of each volume runs off the event loop, bounded, all volumes at once: a volume whose
-    mount hangs is recorded as not served ("has not answered", an error line naming it, its reconciliation
-    skipped) and the agent -- the single process, or the engine and each HTTP worker -- becomes ready and serves
-    the others. Once the mount answers, the volume is served from the next request naming it. Before, the check
-    ran on the event loop, unbounded: the agent never became ready."""
+def _hung_and_fine(tmp_path: Path, storage_proxy: dict[str, object]) -> tuple[dict[str, Path], AgentProcess]:
+    """An agent (not started) of two vfs volumes: ``hung``, whose root hangs whoever opens it, and ``fine``."""
     roots = {name: tmp_path / name for name in ("hung", "fine")}
     for root in roots.values():
         root.mkdir()
@@ -163,8 +158,19 @@ def test_an_agent_whose_volume_hangs_from_the_start_serves_the_others(tmp_path: 
     _hang(roots["hung"])
     agent = make_agent(
         tmp_path / "agent", volumes={name: {"backend": "vfs", "path": str(root)} for name, root in roots.items()},
-        storage_proxy={"num-proc": num_proc},
+        storage_proxy=storage_proxy,
     )
+    return roots, agent
+
+
+@pytest.mark.parametrize("num_proc", [1, 2])
+def test_an_agent_whose_volume_hangs_from_the_start_serves_the_others(tmp_path: Path, num_proc: int) -> None:
+    """The start-up check of each volume runs off the event loop, bounded, all volumes at once: a volume whose
+    mount hangs is recorded as not served ("has not answered", an error line naming it, its reconciliation
+    skipped) and the agent -- the single process, or the engine and each HTTP worker -- becomes ready and serves
+    the others. Once the mount answers, the volume is served from the next request naming it. Before, the check
+    ran on the event loop, unbounded: the agent never became ready."""
+    roots, agent = _hung_and_fine(tmp_path, {"num-proc": num_proc})
     try:
         # generous: the start waits at most a few bounds of 5 s per process, on a busy machine
         agent.start(timeout=120)
@@ -230,15 +236,7 @@ def test_stop_is_bounded_while_a_volume_check_hangs(tmp_path: Path, num_proc: in
     the mount, and under num-proc = 2 every child stops by itself (none is killed by the supervisor). Before,
     the check ran in the default executor, whose threads ``asyncio.run`` and the interpreter join at exit: the
     single process never stopped; the engine and workers were killed after the supervisor's bound."""
-    roots = {name: tmp_path / name for name in ("hung", "fine")}
-    for root in roots.values():
-        root.mkdir()
-        (root / "version.txt").write_text("3\n")
-    _hang(roots["hung"])
-    agent = make_agent(
-        tmp_path / "agent", volumes={name: {"backend": "vfs", "path": str(root)} for name, root in roots.items()},
-        storage_proxy={"num-proc": num_proc, "stop-timeout": 2},
-    )
+    roots, agent = _hung_and_fine(tmp_path, {"num-proc": num_proc, "stop-timeout": 2})
     try:
         agent.start(timeout=120)
         with agent.client() as api:  # each process's start-up check is still blocked opening the FIFO
