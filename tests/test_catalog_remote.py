@@ -541,7 +541,12 @@ def test_unavailable_engine_is_a_503_naming_it(tmp_path: Path) -> None:
 
 # -- which methods are remote writes ----------------------------------------------------------------------------
 
-ENGINE_ONLY = {"UsageStore.apply", "UsageStore.forget_orphans", "UsageStore.take_rescan_requests"}
+ENGINE_ONLY = {
+    "Catalog.forget_finished_jobs",  # agent/engine/orphans.py
+    "UsageStore.apply",
+    "UsageStore.forget_orphans",
+    "UsageStore.take_rescan_requests",
+}
 
 
 def _writers() -> Iterator[tuple[str, bool]]:
