@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Fetch Debian's kernel (linux-image-amd64's current image) into var/guest-kernel, unpacked, not installed:
 # tests/guest.py boots it under QEMU to run the tests the host kernel cannot (an NFS server, see README
-# "Tests that need another kernel"). Only from the package archive apt already uses; idempotent.
+# "The NFS test and kernels without an NFS server"). Only from the package archive apt already uses; idempotent.
 #   packaging/guest-kernel.sh [DIR]
 set -euo pipefail
 cd "$(dirname "$0")/.."
