@@ -18,6 +18,12 @@ only when ``net.core.rmem_max`` lets it reach RCVBUF_MIN_BYTES (the default 208 
 
 Waiting for the socket happens on the event loop (no thread is held by a slow client); each burst of
 arrived bytes is moved by one worker-thread call, so the event loop never copies page-cache pages itself.
+A fast client's socket runs dry many times per PATCH (the splice drains it faster than a sender fills it):
+after a burst of at least LINGER_MIN_BYTES the thread waits up to LINGER_MS for the next one itself, as
+each hand-back to the loop and hop out again cost more than the wait. So a thread is held only while bytes
+come fast; a slow client (small bursts, or pauses past LINGER_MS) still waits on the loop. Measured with
+``bench/transfer_bench.py``, interleaved runs: SDK-style 16 MiB PATCHes 0.61–0.72x ``cp`` + fdatasync
+against 0.58–0.60x without the wait, 8 MiB PATCHes 0.52–0.75x against 0.48x.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import errno
 import fcntl
 import functools
 import os
+import select
 import socket
 from collections.abc import Callable
 from typing import Any
@@ -42,6 +49,10 @@ RCVBUF_BYTES = 16 << 20  # asked for a spliced body's connection (the kernel giv
 RCVBUF_MIN_BYTES = 4 << 20  # ... unless what the kernel would give is smaller than this
 EARLY_MAX_BYTES = 64 << 20  # ... or the body is longer than this
 HOP_BYTES = 16 << 20  # at most this much moved per worker-thread call (a fast client has more waiting)
+# a fast client's socket runs dry between its bursts: after a burst of at least LINGER_MIN_BYTES the thread
+# waits up to LINGER_MS for the next one instead of handing the wait back to the event loop (see _move)
+LINGER_MIN_BYTES = 256 << 10
+LINGER_MS = 2
 
 
 class SocketBody:
@@ -175,14 +186,19 @@ def _move(sock: int, r: int, w: int, fd: int, pos: int, most: int, written: Call
     CPU): the copy into the page cache is kernel work that on the agent's pinned CPU would take turns
     with the event loop."""
     done = 0
+    burst = 0  # bytes moved since the socket last ran dry
     try:
         while done < most:
             try:
                 n = os.splice(sock, w, min(most - done, PIPE_BYTES), flags=os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK)
             except BlockingIOError:
-                return done or None
+                if burst < LINGER_MIN_BYTES or not _refilled(sock):
+                    return done or None
+                burst = 0
+                continue
             if n == 0:
                 return done
+            burst += n
             while n:
                 k = os.splice(r, fd, n, offset_dst=pos + done, flags=os.SPLICE_F_MOVE)
                 if k == 0:
@@ -193,6 +209,13 @@ def _move(sock: int, r: int, w: int, fd: int, pos: int, most: int, written: Call
     finally:
         if done:
             written(pos, done)
+
+
+def _refilled(sock: int) -> bool:
+    """Whether the socket has bytes again within LINGER_MS (see :func:`_move`)."""
+    p = select.poll()
+    p.register(sock, select.POLLIN)
+    return bool(p.poll(LINGER_MS))
 
 
 async def _readable(loop: asyncio.AbstractEventLoop, fd: int, timeout: float) -> None:
