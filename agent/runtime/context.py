@@ -14,10 +14,10 @@ from agent.config import Config
 from agent.http.drain import Drain
 from agent.http.errors import ApiError
 from agent.http.upload_sessions import UploadSessions
-from agent.runtime.daemon_call import daemon_call
 from agent.runtime.services import Service
-from backends import layout
+from backends import cpu_placement, layout
 from backends.base import Volume
+from backends.daemon_pool import DaemonPool
 from backends.errors import VolumeUnavailable
 from backends.layout import LAYOUT_VERSION
 from backends.locks import LifecycleLocks
@@ -69,7 +69,14 @@ class Agent:
     drain: Drain = field(default_factory=Drain, init=False, repr=False)  # requests in flight; the listeners' stop
     locks: LifecycleLocks = field(default=None)  # type: ignore[assignment]  # set in __post_init__
 
+    # a thread per volume for its checks (at most one in flight each): a check stuck in a hung mount holds
+    # neither a thread the requests need nor the process's stop (daemon threads, never joined past a bound)
+    _checks: DaemonPool = field(default=None, init=False, repr=False)  # type: ignore[assignment]
+
     def __post_init__(self) -> None:
+        self._checks = DaemonPool(
+            max(1, len(self.volumes)), "storage-agent-check", initializer=cpu_placement.background_thread
+        )
         if self.locks is None:  # lock files beside the catalogue: shared by every agent process of this node
             path = self.config.catalog.path
             self.locks = LifecycleLocks(path.with_name(path.name + ".locks"))
@@ -112,11 +119,10 @@ class Agent:
             return state
 
     async def _check(self, vol: Volume) -> VolumeState:
-        """One check in a daemon thread of its own (agent/runtime/daemon_call.py: a check stuck in a hung mount
-        never holds the process's stop); its answer recorded here, on the loop, so that it always follows (and
-        replaces) the "has not answered" a bound that fell before it recorded."""
+        """One check on the volumes' own daemon threads (``_checks``); its answer recorded here, on the loop, so
+        that it always follows (and replaces) the "has not answered" a bound that fell before it recorded."""
         first = vol.name not in self._looked
-        state = await daemon_call(lambda: self._probe(vol, first), f"storage-agent-check-{vol.name}")
+        state = await asyncio.get_running_loop().run_in_executor(self._checks, self._probe, vol, first)
         self._looked.add(vol.name)
         self.states[vol.name] = state
         return state
