@@ -64,7 +64,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tests.client_helpers import TUS, RssSampler, create_vfolder, download_token, upload_token, vfolder_path  # noqa: E402
-from tests.support import AgentProcess, make_agent  # noqa: E402
+from tests.support import make_agent, worker_pids  # noqa: E402
 
 MiB = 1 << 20
 
@@ -407,28 +407,6 @@ def bare_sendfile(src: Path, dst: Path) -> float:
     return elapsed
 
 
-def _workers_of(agent: AgentProcess) -> list[int]:
-    """The pids of a num-proc agent's HTTP workers (children of its supervisor started as ``_worker``)."""
-    assert agent.proc is not None
-    found: list[int] = []
-    deadline = time.monotonic() + 60  # the supervisor starts the workers once the engine is ready
-    while len(found) < 2 and time.monotonic() < deadline:
-        found = _children_running(agent.proc.pid, b"_worker")
-        time.sleep(0.2)
-    if len(found) < 2:
-        raise SystemExit(f"the num-proc = 2 agent runs {len(found)} worker(s)")
-    return sorted(found)
-
-
-def _children_running(pid: int, role: bytes) -> list[int]:
-    found = []
-    for task in os.listdir(f"/proc/{pid}/task"):
-        for child in Path(f"/proc/{pid}/task/{task}/children").read_text().split():
-            if role in Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0"):
-                found.append(int(child))
-    return found
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size-mib", type=int, default=1024)
@@ -450,8 +428,6 @@ def main() -> int:
         expected = make_source(src, size)
         pin = int(args.cpu_pin) if args.cpu_pin.isdigit() else args.cpu_pin
         agent = make_agent(base / "agent", usage={"watcher": args.watcher}, storage_proxy={"cpu-pin": pin}).start()
-        # a second process on the same catalogue and volume (as an HTTP worker of num-proc = 2 would be; no
-        # usage engine of its own), for SDK-style uploads whose PATCHes alternate between the two
         # num-proc = 2 as configured on a node: a supervisor, an engine and two HTTP workers on one port (the
         # kernel spreads the connections over them), placed by the same cpu-pin
         workers = make_agent(
@@ -462,7 +438,7 @@ def main() -> int:
         with workers.client() as api:
             workers_vfid = create_vfolder(api)
         pid = agent.proc.pid
-        worker_pids = _workers_of(workers)
+        workers_pids = worker_pids(workers)  # all of them answered before start() returned
 
         # Every row is the best of RUNS runs, each writing into pages the previous run's copy just gave back.
         # On a VM whose free memory is handed back to the host (free page reporting), a write into pages the
@@ -515,7 +491,7 @@ def main() -> int:
             return upload_sdk([workers.client_url], token, src, sdk)
 
         workers_landed = vfolder_path(workers, workers_vfid) / "big.bin"
-        with RssSampler(worker_pids[0]) as sdk2_rss, RssSampler(worker_pids[1]) as sdk2_other_rss:
+        with RssSampler(workers_pids[0]) as sdk2_rss, RssSampler(workers_pids[1]) as sdk2_other_rss:
             sdk2_time = best_of(sdk_upload_workers, workers_landed)
         workers_landed.unlink()
         with RssSampler(pid) as one_rss:

@@ -28,6 +28,39 @@ AUTH_HEADER = "X-BackendAI-Storage-Auth-Token"
 WORKER_HEADER = "X-Storage-Agent-Worker"  # names the HTTP worker that answered (num-proc > 1)
 
 
+def children(pid: int) -> list[int]:
+    out: list[int] = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        text = Path(f"/proc/{pid}/task/{task}/children").read_text()
+        out += [int(p) for p in text.split()]
+    return out
+
+
+def cmdline(pid: int) -> list[str]:
+    return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+
+
+def roles(agent: AgentProcess) -> dict[str, list[int]]:
+    """The supervisor's children by role: ``engine`` and ``worker <i>``."""
+    assert agent.proc is not None
+    out: dict[str, list[int]] = {}
+    for pid in children(agent.proc.pid):
+        try:
+            args = cmdline(pid)
+        except (FileNotFoundError, ProcessLookupError):  # gone, or a zombie being reaped (ESRCH on read)
+            continue
+        if "_engine" in args:
+            out.setdefault("engine", []).append(pid)
+        elif "_worker" in args:
+            out.setdefault(f"worker {args[args.index('--index') + 1]}", []).append(pid)
+    return out
+
+
+def worker_pids(agent: AgentProcess) -> list[int]:
+    """The pids of a num-proc agent's HTTP workers."""
+    return sorted(pid for role, pids in roles(agent).items() if role.startswith("worker") for pid in pids)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

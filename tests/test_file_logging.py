@@ -176,7 +176,7 @@ def test_a_stalled_log_writer_never_stalls_a_worker_and_what_was_dropped_is_coun
 def test_lines_of_a_killed_worker_are_kept(tmp_path: Path) -> None:
     """A worker killed with SIGKILL mid-burst: every request it answered has its line in the file (a line is
     in the kernel's queue before the answer leaves; the supervisor reads it after the worker is gone)."""
-    from tests.test_num_proc import roles
+    from tests.support import roles
 
     logs = tmp_path / "logs"
     agent = make_agent(

@@ -23,43 +23,18 @@ from tests.support import (
     AUTH_HEADER,
     AgentProcess,
     assert_clean_log,
+    cmdline,
     eventually,
     filled_vfolder,
     make_agent,
     new_vfolder,
+    roles,
     walk,
+    worker_pids,
 )
 
 HEADER = "X-Storage-Agent-Worker"
 CHUNK = 2 * 1024 * 1024  # a tus PATCH of the upload test (half of one is held in flight by the race)
-
-
-def children(pid: int) -> list[int]:
-    out: list[int] = []
-    for task in os.listdir(f"/proc/{pid}/task"):
-        text = Path(f"/proc/{pid}/task/{task}/children").read_text()
-        out += [int(p) for p in text.split()]
-    return out
-
-
-def cmdline(pid: int) -> list[str]:
-    return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
-
-
-def roles(agent: AgentProcess) -> dict[str, list[int]]:
-    """The supervisor's children by role: ``engine`` and ``worker <i>``."""
-    assert agent.proc is not None
-    out: dict[str, list[int]] = {}
-    for pid in children(agent.proc.pid):
-        try:
-            args = cmdline(pid)
-        except (FileNotFoundError, ProcessLookupError):  # gone, or a zombie being reaped (ESRCH on read)
-            continue
-        if "_engine" in args:
-            out.setdefault("engine", []).append(pid)
-        elif "_worker" in args:
-            out.setdefault(f"worker {args[args.index('--index') + 1]}", []).append(pid)
-    return out
 
 
 def listening_inodes(port: int) -> set[int]:
@@ -769,7 +744,6 @@ def test_an_allocation_made_at_writeback_reaches_the_workers_answers(tmp_path: P
     assert_clean_log(agent)
 
 
-
 def test_a_request_in_flight_at_sigterm_gets_the_whole_stop_timeout(tmp_path: Path) -> None:
     """``[storage-proxy] stop-timeout`` is the one bound of a stop: a worker's request in flight at SIGTERM may
     take all of it (here a download whose client stops reading for 25 s), and the supervisor kills a child only
@@ -806,7 +780,7 @@ def test_a_request_in_flight_at_sigterm_gets_the_whole_stop_timeout(tmp_path: Pa
         thread.start()
         try:
             assert reading.wait(60), "the download did not start"
-            workers = [pid for role, pids in roles(agent).items() if role.startswith("worker") for pid in pids]
+            workers = worker_pids(agent)
             assert agent.proc is not None
             agent.proc.send_signal(signal.SIGTERM)
             # longer than the supervisor's former fixed bound (20 s), well within stop-timeout (60 s); the worker

@@ -263,8 +263,11 @@ def _guest_unavailable() -> str | None:
     return why and f"{_nfs_unavailable()}, and no guest kernel can run it: {why}"
 
 
+_GUEST_UNAVAILABLE = _guest_unavailable()  # probed once, at collection
+
+
 @pytest.mark.timeout(GUEST_TIMEOUT + 120)
-@pytest.mark.skipif(_guest_unavailable() is not None, reason=str(_guest_unavailable()))
+@pytest.mark.skipif(_GUEST_UNAVAILABLE is not None, reason=str(_GUEST_UNAVAILABLE))
 def test_the_nfs_test_passes_under_a_guest_kernel(tmp_path: Path) -> None:
     """The NFS test, run by pytest inside a QEMU guest booted with Debian's kernel (nfsd, nfsv4), on this
     checkout and venv; it must pass there, not skip. The guest's own run never boots another guest."""
