@@ -80,18 +80,22 @@ def test_nothing_waiting_answers_none_and_a_closed_peer_zero(wire: tuple[socket.
 def test_after_a_big_burst_the_thread_waits_for_the_next(
     wire: tuple[socket.socket, int, int, int, int], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A burst of LINGER_MIN_BYTES or more, the socket dry, the next burst 0.2 s later: one call takes both
-    (the wait made long here so that a busy machine cannot make the second burst late)."""
-    monkeypatch.setattr(socket_body, "LINGER_MS", 10_000)
+    """A burst of LINGER_MIN_BYTES or more, the socket dry, the next burst 0.2 s later: the same call waits for
+    it and takes what arrived of it (the wait made long here so that a busy machine cannot make the second burst
+    late; it may arrive in pieces, and a piece smaller than LINGER_MIN_BYTES ends the call, as from a slow
+    client: found by CI, 95,232 of its 100,000 bytes in the first piece)."""
+    monkeypatch.setattr(socket_body, "LINGER_MS", 3_000)
     client, sock, r, w, fd = wire
     first, second = os.urandom(socket_body.LINGER_MIN_BYTES), os.urandom(100_000)
     client.sendall(first)
     time.sleep(0.05)  # all of it in the receive buffer
     sender = _send_later(client, second, 0.2)
-    moved = socket_body._move(sock, r, w, fd, 0, len(first) + len(second), lambda p, n: None)
+    total = len(first) + len(second)
+    moved = socket_body._move(sock, r, w, fd, 0, total, lambda p, n: None)
     sender.join()
-    assert moved == len(first) + len(second)
-    assert os.pread(fd, len(first) + len(second), 0) == first + second
+    assert moved is not None and len(first) < moved <= total
+    _drain(sock, r, w, fd, moved, total - moved)
+    assert os.pread(fd, total, 0) == first + second
 
 
 def test_after_a_small_burst_the_wait_goes_back_to_the_loop(
