@@ -66,7 +66,7 @@ runs with nothing else on the machine, 2026-12-03; the README has the table):
 * usage p99 at a fixed offered load: two workers 1.1-3.1 ms at every load up to ~3,300 req/s; one process
   2.4-4.3 ms up to ~830 req/s, 4.2-11.0 ms at ~2,000 and 8.8-21.4 ms at ~3,100. The 1/3 ratio holds where
   one process queues (0.14-0.29 at ~3,100 req/s; 0.18 and 0.49 at ~2,000) and not below (0.38-0.54), where
-  neither layout queues and a worker's p99 is a few answers' time behind the transfers sharing its loop;
+  neither layout queues (0.51 with no file operations or transfers at all: 1.0 against 2.0 ms);
 * on paper for 8 cores: workers 0.29-0.61 ms of CPU per request of the wrk mix, busy 10-20% each at 2,000
   req/s, usage p99 ~ 1.5-3.5 ms; with the whole mix of the Python generator (the transfers' bytes included)
   see the README. Runs with other engineers' tests on the machine (load average 4-10) measured 4-5x the
