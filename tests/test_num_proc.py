@@ -21,6 +21,7 @@ import pytest
 
 from tests.support import (
     AUTH_HEADER,
+    WORKER_HEADER,
     AgentProcess,
     assert_clean_log,
     cmdline,
@@ -33,7 +34,6 @@ from tests.support import (
     worker_pids,
 )
 
-HEADER = "X-Storage-Agent-Worker"
 CHUNK = 2 * 1024 * 1024  # a tus PATCH of the upload test (half of one is held in flight by the race)
 
 
@@ -80,10 +80,10 @@ def on_worker(
     base, headers = (agent.client_url, {}) if client_api else (agent.manager_url, {AUTH_HEADER: agent.secret})
     for _ in range(500):
         with httpx.Client(base_url=base, headers=headers, timeout=60) as api:
-            if api.get("/openapi.json").headers.get(HEADER) != str(index):
+            if api.get("/openapi.json").headers.get(WORKER_HEADER) != str(index):
                 continue
             r = api.request(method, path, **kw)  # type: ignore[arg-type]
-            assert r.headers.get(HEADER) == str(index), r.headers
+            assert r.headers.get(WORKER_HEADER) == str(index), r.headers
             return r
     raise AssertionError(f"no answer from worker {index} in 500 connections")
 
@@ -123,12 +123,12 @@ def test_three_workers_each_hold_a_socket_of_each_port_and_name_themselves(three
         for _ in range(300):
             r = api.get("/status")
             assert r.status_code == 200
-            seen.add(r.headers[HEADER])
+            seen.add(r.headers[WORKER_HEADER])
             if seen == {"0", "1", "2"}:
                 break
     assert seen == {"0", "1", "2"}
     with httpx.Client(base_url=three.client_url, headers={"Connection": "close"}, timeout=60) as client:
-        assert client.get("/openapi.json").headers[HEADER] in {"0", "1", "2"}
+        assert client.get("/openapi.json").headers[WORKER_HEADER] in {"0", "1", "2"}
 
 
 def test_sigterm_stops_every_process(three: AgentProcess) -> None:
@@ -343,7 +343,7 @@ def test_root_start_every_process_runs_as_the_configured_user(tmp_path: Path) ->
         while seen != {"0", "1"}:
             r = httpx.get(f"{agent.client_url}/openapi.json", headers={"Connection": "close"}, timeout=60)
             assert r.status_code == 200
-            seen.add(r.headers[HEADER])
+            seen.add(r.headers[WORKER_HEADER])
             assert len(seen) == 2 or time.monotonic() < deadline
         qsid = "qs" + uuid.uuid4().hex[:8]
         assert on_worker(agent, 1, "POST", "/quota-scope", json={"volume": "local", "qsid": qsid}).status_code == 204
@@ -450,7 +450,7 @@ def test_metrics_from_any_worker_count_every_worker(three: AgentProcess) -> None
         while answered != {"0", "1", "2"} or sent < 30:
             r = api.get("/volumes")
             assert r.status_code == 200
-            answered.add(r.headers[HEADER])
+            answered.add(r.headers[WORKER_HEADER])
             sent += 1
     assert count() == sent
     victim = roles(three)["worker 2"][0]
@@ -772,7 +772,7 @@ def test_a_request_in_flight_at_sigterm_gets_the_whole_stop_timeout(tmp_path: Pa
                         if not reading.is_set():
                             reading.set()
                             release.wait(120)
-                    got.append((r.status_code, bytes(body), r.headers.get(HEADER)))
+                    got.append((r.status_code, bytes(body), r.headers.get(WORKER_HEADER)))
             except httpx.HTTPError as e:
                 got.append(e)
 

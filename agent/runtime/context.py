@@ -118,6 +118,10 @@ class Agent:
             )
             return state
 
+    def stop_checks(self) -> None:
+        """At the stop: idle check threads end; one stuck in a hung mount is left to the kernel at exit."""
+        self._checks.shutdown(wait=False)
+
     async def _check(self, vol: Volume) -> VolumeState:
         """One check on the volumes' own daemon threads (``_checks``); its answer recorded here, on the loop, so
         that it always follows (and replaces) the "has not answered" a bound that fell before it recorded."""

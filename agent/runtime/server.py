@@ -459,6 +459,7 @@ async def stop(agent: Agent, runners: list[web.AppRunner]) -> None:
             await service.stop()
         except Exception:
             log.exception("stopping %s failed", service.name)
+    agent.stop_checks()
     for vol in agent.volumes.values():
         await vol.shutdown()
     if isinstance(agent.usage, usage.CatalogueUsage):
