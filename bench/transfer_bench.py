@@ -21,7 +21,9 @@ fdatasync of the copy, shows what the disk itself allows for a durable copy. The
 times: with the HTTP client (4 MiB ``write()``\\ s; curl writes 16 KiB ones), with a minimal client that reads
 the body exactly as the bare sendfile row's client does (so the two rows differ by the agent's HTTP alone), and
 with a minimal client that splices the body from the socket into the file (no copy through user space, as
-``cp`` has none). A last line times the
+``cp`` has none), and as the Backend.AI SDK downloads (aiohttp, --sdk-chunk-mib reads handed to a writer thread
+through a queue of four). Beside each download row, the CPU the client (this process) spent in its best run:
+where it is about the row's time, the client is what limits the row. A last line times the
 download into /dev/null next to ``cat`` of the file into /dev/null: the server alone.
 
 Uploads the way real tus clients send them (issue 21): SDK-style, each --sdk-chunk-mib (16) MiB PATCH on a new
@@ -42,7 +44,8 @@ once: the bare sendfile row is the socket client's ceiling, and the splice clien
 ``cp``. The stdlib client reads through http.client's buffered reader (each ``readinto`` fills the whole
 4 MiB, on a socket with a timeout: a poll before every recv), which costs it more than the agent's side:
 measured 2026-12-03, 1 GiB, the socket client 0.40-0.42 s through the agent, as fast as the bare row
-(0.40-0.42 s), the stdlib client 0.62-0.86 s.
+(0.40-0.42 s), the stdlib client 0.62-0.86 s. The SDK-style client spends 0.8-1.2 s of its own CPU per GiB
+(aiohttp's parser, a join of the buffered pieces, a queue, the write): 0.26-0.33x ``cp`` whatever serves it.
 
     .venv/bin/python bench/transfer_bench.py [--size-mib 1024] [--chunk-mib 8] [--runs 3] [--dir D] \\
         [--client stdlib|curl|httpx] [--sdk-chunk-mib 16] [--only-uploads]
@@ -51,11 +54,14 @@ measured 2026-12-03, 1 GiB, the socket client 0.40-0.42 s through the agent, as 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import fcntl
 import hashlib
 import http.client
 import os
+import queue
+import resource
 import shutil
 import socket
 import subprocess
@@ -67,6 +73,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
+import aiohttp
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -90,6 +97,12 @@ def make_source(path: Path, size: int) -> str:
             written += len(chunk)
             i += 1
     return digest.hexdigest()
+
+
+def own_cpu() -> float:
+    """CPU seconds (user + system) this process has spent: the in-process clients' cost."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def sha256_of(path: Path) -> str:
@@ -251,6 +264,41 @@ def download(client_url: str, token: str, dst: Path, client: str) -> float:
             for chunk in r.iter_raw(4 * MiB):
                 f.write(chunk)
     return time.perf_counter() - t0
+
+
+def download_sdk(client_url: str, token: str, dst: Path, chunk: int) -> float:
+    """As the Backend.AI SDK downloads (``VFolder.download``): aiohttp, the body read ``chunk`` bytes at a time
+    (``content.read``) and handed through a queue of at most SDK_INFLIGHT chunks to a thread writing the file."""
+    t0 = time.perf_counter()
+    asyncio.run(_sdk_download(client_url + "/download?token=" + token, dst, chunk))
+    return time.perf_counter() - t0
+
+
+SDK_INFLIGHT = 4  # the SDK's MAX_INFLIGHT_CHUNKS
+
+
+async def _sdk_download(url: str, dst: Path, chunk: int) -> None:
+    chunks: queue.Queue[bytes | None] = queue.Queue(SDK_INFLIGHT)
+
+    def write() -> None:
+        with open(dst, "wb") as f:
+            while (data := chunks.get()) is not None:
+                f.write(data)
+
+    loop = asyncio.get_running_loop()
+    writer = loop.run_in_executor(None, write)
+    try:
+        async with aiohttp.ClientSession() as session, session.get(url) as r:
+            if r.status != 200:
+                raise SystemExit(f"GET /download answered {r.status}")
+            while data := await r.content.read(chunk):
+                try:
+                    chunks.put_nowait(data)
+                except queue.Full:  # the writer is behind: wait for it off the loop, as janus's put does
+                    await loop.run_in_executor(None, chunks.put, data)
+    finally:
+        await loop.run_in_executor(None, chunks.put, None)
+        await writer
 
 
 def download_splice(client_url: str, token: str, dst: Path) -> float:
@@ -473,12 +521,20 @@ def main() -> int:
         # On a VM whose free memory is handed back to the host (free page reporting), a write into pages the
         # guest has not touched lately runs at ~240 MB/s whoever writes, while one into just-freed pages runs
         # at GB/s: ``cp`` best of three was measured in the second regime, so every transfer is too.
-        def best_of(run, dst: Path, verify: bool = True) -> float:
+        # and for the downloads, the CPU this process (the client) spent in the best run: a client whose CPU
+        # is about its elapsed time is bound by itself, not by the agent
+        client_cpu: dict[str, float] = {}
+
+        def best_of(run, dst: Path, verify: bool = True, cpu_key: str | None = None) -> float:
             best = float("inf")
             for _ in range(args.runs):
                 subprocess.run(["sync"], check=True)
                 dst.unlink(missing_ok=True)
-                best = min(best, run())
+                cpu0 = own_cpu()
+                elapsed = run()
+                if elapsed < best and cpu_key is not None:
+                    client_cpu[cpu_key] = own_cpu() - cpu0
+                best = min(best, elapsed)
                 if verify:
                     assert sha256_of(dst) == expected, f"{dst} differs from the source"
             return best
@@ -489,7 +545,7 @@ def main() -> int:
         bare_time = best_of(lambda: bare_socket_copy(src, copy, args.chunk_mib * MiB), copy)
         bare_sdk_time = best_of(lambda: bare_socket_copy_per_chunk(src, copy, args.sdk_chunk_mib * MiB), copy)
         if not args.only_uploads:
-            bare_send_time = best_of(lambda: bare_sendfile(src, copy), copy)
+            bare_send_time = best_of(lambda: bare_sendfile(src, copy), copy, cpu_key="bare")
         copy.unlink()
         landed = vfolder_path(agent, vfid) / "big.bin"
 
@@ -530,11 +586,15 @@ def main() -> int:
                 dl_token = download_token(api, vfid, "big.bin")
             dst = base / "downloaded.bin"
             with RssSampler(pid) as dl_rss:
-                dl_time = best_of(lambda: download(agent.client_url, dl_token, dst, args.client), dst)
+                # curl is a child process, not this one: no client CPU figure for it
+                dl_key = None if args.client == "curl" else "dl"
+                dl_time = best_of(lambda: download(agent.client_url, dl_token, dst, args.client), dst, cpu_key=dl_key)
+            with RssSampler(pid) as sdk_dl_rss:
+                sdk_dl_time = best_of(lambda: download_sdk(agent.client_url, dl_token, dst, sdk), dst, cpu_key="sdk")
             with RssSampler(pid) as splice_rss:
-                splice_time = best_of(lambda: download_splice(agent.client_url, dl_token, dst), dst)
+                splice_time = best_of(lambda: download_splice(agent.client_url, dl_token, dst), dst, cpu_key="splice")
             with RssSampler(pid) as socket_rss:
-                socket_time = best_of(lambda: download_socket(agent.client_url, dl_token, dst), dst)
+                socket_time = best_of(lambda: download_socket(agent.client_url, dl_token, dst), dst, cpu_key="socket")
             dst.unlink()
             # the server alone: the same download into /dev/null, next to reading the file into /dev/null
             null_time = download(agent.client_url, dl_token, Path(os.devnull), args.client)
@@ -542,8 +602,11 @@ def main() -> int:
             subprocess.run(["cat", str(landed)], check=True, stdout=subprocess.DEVNULL)
             cat_time = time.perf_counter() - t0
 
-        def row(name: str, secs: float, rss: RssSampler | None, other: RssSampler | None = None) -> str:
+        def row(
+            name: str, secs: float, rss: RssSampler | None, other: RssSampler | None = None, cpu: str | None = None
+        ) -> str:
             mibs = args.size_mib / secs
+            cpu_s = f"{client_cpu[cpu]:.2f}" if cpu in client_cpu else "-"
             growth = "-" if rss is None else f"{rss.growth / MiB:.1f}"
             peak = "-" if rss is None else f"{rss.peak / MiB:.1f}"
             if other is not None:  # two processes: each one's figure
@@ -551,7 +614,7 @@ def main() -> int:
                 peak += f" / {other.peak / MiB:.1f}"
             return (
                 f"| {name:<50} | {secs:6.2f} | {mibs:6.0f} | {cp_time / secs:5.2f} | {cp_sync_time / secs:10.2f} "
-                f"| {peak:>8} | {growth:>10} |"
+                f"| {peak:>8} | {growth:>10} | {cpu_s:>10} |"
             )
 
         print()
@@ -559,8 +622,8 @@ def main() -> int:
             f"transfer of {args.size_mib} MiB on one disk ({base}), agent pid {pid}, HTTP client {args.client}, "
             f"cpu-pin {args.cpu_pin}"
         )
-        print(f"| {'operation':<50} |   s    | MiB/s  | × cp  | × cp+fsync | peak RSS | RSS growth |")
-        print(f"|{'-' * 52}|--------|--------|-------|------------|----------|------------|")
+        print(f"| {'operation':<50} |   s    | MiB/s  | × cp  | × cp+fsync | peak RSS | RSS growth | client CPU |")
+        print(f"|{'-' * 52}|--------|--------|-------|------------|----------|------------|------------|")
         print(row("cp (baseline)", cp_time, None))
         print(row("cp + fdatasync (durable baseline)", cp_sync_time, None))
         print(row("bare socket → file (splice; no HTTP, no sync)", bare_time, None))
@@ -570,11 +633,15 @@ def main() -> int:
         print(row("SDK-style, num-proc = 2 (RSS: each worker)", sdk2_time, sdk2_rss, sdk2_other_rss))
         print(row(f"curl-like: one {args.size_mib} MiB PATCH", one_time, one_rss))
         if not args.only_uploads:
-            print(row("bare sendfile → socket → file (no HTTP)", bare_send_time, None))
-            print(row(f"GET /download (sendfile), {args.client} client", dl_time, dl_rss))
-            print(row("GET /download (sendfile), socket client (as bare)", socket_time, socket_rss))
-            print(row("GET /download (sendfile), splice client", splice_time, splice_rss))
+            print(row("bare sendfile → socket → file (no HTTP)", bare_send_time, None, cpu="bare"))
+            print(row(f"GET /download (sendfile), {args.client} client", dl_time, dl_rss, cpu="dl"))
+            print(row(f"GET /download, SDK-style ({args.sdk_chunk_mib} MiB reads, aiohttp)", sdk_dl_time, sdk_dl_rss,
+                      cpu="sdk"))
+            print(row("GET /download (sendfile), socket client (as bare)", socket_time, socket_rss, cpu="socket"))
+            print(row("GET /download (sendfile), splice client", splice_time, splice_rss, cpu="splice"))
         print("targets: × cp ≥ 0.60 (uploads: × cp+fsync ≥ 0.60), RSS growth < 64 MiB per process (RSS in MiB)")
+        print("client CPU: seconds of CPU the downloading client (this process) spent in the row's best run; "
+              "near the row's time, the client is what limits it")
         if not args.only_uploads:
             print(
                 f"server alone: GET /download into /dev/null {args.size_mib / null_time:.0f} MiB/s, "
