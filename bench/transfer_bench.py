@@ -57,6 +57,7 @@ import argparse
 import asyncio
 import contextlib
 import fcntl
+import functools
 import hashlib
 import http.client
 import os
@@ -275,6 +276,7 @@ def download_sdk(client_url: str, token: str, dst: Path, chunk: int) -> float:
 
 
 SDK_INFLIGHT = 4  # the SDK's MAX_INFLIGHT_CHUNKS
+WRITER_WAIT = 120.0  # seconds a full queue is waited on before the download is given up (queue.Full)
 
 
 async def _sdk_download(url: str, dst: Path, chunk: int) -> None:
@@ -295,9 +297,10 @@ async def _sdk_download(url: str, dst: Path, chunk: int) -> None:
                 try:
                     chunks.put_nowait(data)
                 except queue.Full:  # the writer is behind: wait for it off the loop, as janus's put does
-                    await loop.run_in_executor(None, chunks.put, data)
+                    await loop.run_in_executor(None, functools.partial(chunks.put, data, timeout=WRITER_WAIT))
     finally:
-        await loop.run_in_executor(None, chunks.put, None)
+        if not writer.done():  # a writer that failed takes no more (its error is raised below)
+            await loop.run_in_executor(None, functools.partial(chunks.put, None, timeout=WRITER_WAIT))
         await writer
 
 
