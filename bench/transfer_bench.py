@@ -241,8 +241,13 @@ def upload_curl(client_url: str, token: str, src: Path, chunk: int) -> float:
             piece.unlink()
 
 
+def download_url(client_url: str, token: str) -> httpx.URL:
+    """``GET /download``'s URL for ``token`` (query-encoded), as every download client here asks it."""
+    return httpx.URL(client_url + "/download", params={"token": token})
+
+
 def download(client_url: str, token: str, dst: Path, client: str) -> float:
-    url = httpx.URL(client_url + "/download", params={"token": token})
+    url = download_url(client_url, token)
     t0 = time.perf_counter()
     if client == "curl":
         subprocess.run(["curl", "-sS", "--fail", "-o", str(dst), str(url)], check=True)
@@ -271,7 +276,7 @@ def download_sdk(client_url: str, token: str, dst: Path, chunk: int) -> float:
     """As the Backend.AI SDK downloads (``VFolder.download``): aiohttp, the body read ``chunk`` bytes at a time
     (``content.read``) and handed through a queue of at most SDK_INFLIGHT chunks to a thread writing the file."""
     t0 = time.perf_counter()
-    asyncio.run(_sdk_download(client_url + "/download?token=" + token, dst, chunk))
+    asyncio.run(_sdk_download(str(download_url(client_url, token)), dst, chunk))
     return time.perf_counter() - t0
 
 
@@ -329,7 +334,7 @@ def download_socket(client_url: str, token: str, dst: Path) -> float:
 @contextlib.contextmanager
 def _download_body(client_url: str, token: str) -> Iterator[tuple[socket.socket, int]]:
     """``GET /download`` on a new connection; yields the socket positioned at the body, and its length."""
-    url = httpx.URL(client_url + "/download", params={"token": token})
+    url = download_url(client_url, token)
     with socket.create_connection((url.host, url.port)) as sock:
         target = url.raw_path.decode()
         sock.sendall(f"GET {target} HTTP/1.1\r\nHost: {url.host}\r\nConnection: close\r\n\r\n".encode())
